@@ -1,0 +1,340 @@
+"""
+CLIP (Radford et al. 2021), vision transformer variants only, written from scratch for reading and for speed.
+
+Two towers map an image and a text to vectors in one embedding space:
+  image (N, 3, R, R) -> patches -> ViT -> class token -> ln_post -> @ proj            -> (N, D)
+  ids   (N, L)       -> tokens  -> causal transformer -> token at EOT -> @ text_projection -> (N, D)
+and `logit_scale` is the learned inverse temperature of the cosine similarities.
+
+Parameter names and shapes are OpenAI's, so an OpenAI state dict loads with `load_state_dict(strict=True)` and no
+rename table; every size is read off the state dict's shapes, as OpenAI's `build_model` does. What differs from
+OpenAI's model.py is how the math runs:
+- batch-first tensors and `F.scaled_dot_product_attention` (flash / memory-efficient kernels on GPU) instead of
+  `nn.MultiheadAttention`; the packed `in_proj_weight` is kept, so one matmul makes q, k and v;
+- the text side is causal through `is_causal=True` and stops at the last EOT of the batch: with causal attention no
+  token after EOT can reach the EOT output, so cutting the padding is exact and turns 77 tokens into ~10-20;
+- fp32 parameters that run under `torch.autocast` (bf16/fp16), optional activation checkpointing per block, and
+  positional embeddings interpolated when the input size differs from the checkpoint's.
+
+Both encoders take optional deep prompts (a list, one (n, width) tensor per layer from the first): the hook that
+ViFi-CLIP's "bridge and prompt" stage needs (vifi.py). Without them this is plain CLIP.
+
+`load(name_or_path)` downloads OpenAI's release by name (sha256 checked) or reads a TorchScript archive, a state
+dict or a checkpoint of this project.
+"""
+import hashlib
+import math
+import os
+import urllib.error
+import urllib.request
+import zipfile
+import pickle
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
+
+# OpenAI's public releases; the folder name in each URL is the file's sha256.
+MODELS = {
+    "ViT-B/32": "https://openaipublic.azureedge.net/clip/models/40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af/ViT-B-32.pt",
+    "ViT-B/16": "https://openaipublic.azureedge.net/clip/models/5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt",
+    "ViT-L/14": "https://openaipublic.azureedge.net/clip/models/b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836/ViT-L-14.pt",
+    "ViT-L/14@336px": "https://openaipublic.azureedge.net/clip/models/3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02/ViT-L-14-336px.pt",
+}
+
+
+@dataclass
+class CLIPConfig:
+    embed_dim: int = 512           # D, the joint embedding size
+    image_resolution: int = 224    # R, the size the positional embedding was trained at
+    vision_layers: int = 12
+    vision_width: int = 768
+    patch_size: int = 16
+    context_length: int = 77
+    vocab_size: int = 49408
+    text_width: int = 512
+    text_layers: int = 12
+
+    @classmethod
+    def from_state_dict(cls, sd):
+        """Every size from the tensors' shapes (OpenAI's checkpoints carry no config)."""
+        def layers(prefix):  # count the distinct block indices under prefix
+            return len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})
+        grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+        patch = sd["visual.conv1.weight"].shape[-1]
+        return cls(embed_dim=sd["text_projection"].shape[1], image_resolution=patch * grid,
+                   vision_layers=layers("visual.transformer.resblocks."), vision_width=sd["visual.conv1.weight"].shape[0],
+                   patch_size=patch, context_length=sd["positional_embedding"].shape[0],
+                   vocab_size=sd["token_embedding.weight"].shape[0], text_width=sd["ln_final.weight"].shape[0],
+                   text_layers=layers("transformer.resblocks."))
+
+
+class QuickGELU(nn.Module):
+    """The GELU approximation CLIP was trained with; the exact GELU would change the pretrained outputs."""
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with OpenAI's packed parameters, computed by SDPA on (B, L, width) tensors."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.heads = width // 64  # OpenAI's rule: 64 channels per head
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+
+    def forward(self, x, causal):
+        B, L, W = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        q, k, v = qkv.view(B, L, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)  # (B, L, 3W) -> 3 x (B, h, L, W/h)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        y = y.transpose(1, 2).reshape(B, L, W)  # (B, h, L, W/h) -> (B, L, W)
+        return self.out_proj(y)
+
+
+class ResidualAttentionBlock(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width)
+        self.attn = Attention(width)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential()  # named children, so the keys are OpenAI's mlp.c_fc / mlp.c_proj
+        self.mlp.add_module("c_fc", nn.Linear(width, 4 * width))
+        self.mlp.add_module("gelu", QuickGELU())
+        self.mlp.add_module("c_proj", nn.Linear(4 * width, width))
+
+    def forward(self, x, causal=False):
+        x = x + self.attn(self.ln_1(x), causal)
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, width, layers):
+        super().__init__()
+        self.resblocks = nn.ModuleList(ResidualAttentionBlock(width) for _ in range(layers))
+        self.grad_checkpointing = False
+
+    def forward(self, x, causal=False, deep_prompts=(), prompt_start=0):
+        """x: (B, L, width). deep_prompts[i-1] (n, width) replaces tokens prompt_start..prompt_start+n before block i."""
+        for i, block in enumerate(self.resblocks):
+            if 0 < i <= len(deep_prompts):
+                p = deep_prompts[i - 1].to(x.dtype).expand(x.shape[0], -1, -1)  # (n, W) -> (B, n, W)
+                x = torch.cat([x[:, :prompt_start], p, x[:, prompt_start + p.shape[1]:]], dim=1)
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                # Keep only each block's input; recompute the inside in backward. Long clips fit, ~30% slower.
+                x = checkpoint(block, x, causal, use_reentrant=False)
+            else:
+                x = block(x, causal)
+        return x
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        w, self.patch_size = cfg.vision_width, cfg.patch_size
+        scale = w ** -0.5
+        self.conv1 = nn.Conv2d(3, w, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False)
+        self.class_embedding = nn.Parameter(scale * torch.randn(w))
+        self.positional_embedding = nn.Parameter(scale * torch.randn((cfg.image_resolution // cfg.patch_size) ** 2 + 1, w))
+        self.ln_pre = nn.LayerNorm(w)
+        self.transformer = Transformer(w, cfg.vision_layers)
+        self.ln_post = nn.LayerNorm(w)
+        self.proj = nn.Parameter(scale * torch.randn(w, cfg.embed_dim))
+
+    def position_embedding(self, gh, gw):
+        """The (1 + gh*gw, width) positional embedding, bicubic-resized on the patch grid if the input size differs."""
+        pos = self.positional_embedding
+        g = round((pos.shape[0] - 1) ** 0.5)
+        if (gh, gw) == (g, g):
+            return pos
+        grid = pos[1:].reshape(1, g, g, -1).permute(0, 3, 1, 2)  # (g*g, W) -> (1, W, g, g)
+        grid = F.interpolate(grid, size=(gh, gw), mode="bicubic", align_corners=False)
+        return torch.cat([pos[:1], grid.permute(0, 2, 3, 1).reshape(gh * gw, -1)])  # (1, W, gh, gw) -> (gh*gw, W)
+
+    def forward(self, x, prompts=None):
+        """x: (N, 3, H, W) normalized pixels -> (N, D). prompts: [layer-0 tokens appended, then one per later block]."""
+        x = self.conv1(x)  # (N, 3, H, W) -> (N, W, gh, gw)
+        gh, gw = x.shape[-2:]
+        x = x.flatten(2).transpose(1, 2)  # (N, W, gh, gw) -> (N, gh*gw, W)
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + self.position_embedding(gh, gw).to(x.dtype)  # (N, 1 + gh*gw, W)
+        start = x.shape[1]
+        if prompts:  # visual prompt tokens go after the patches, as in the official ViFi-CLIP code
+            x = torch.cat([x, prompts[0].to(x.dtype).expand(x.shape[0], -1, -1)], dim=1)
+        x = self.ln_pre(x)
+        x = self.transformer(x, deep_prompts=prompts[1:] if prompts else (), prompt_start=start)
+        return self.ln_post(x[:, 0]) @ self.proj  # the class token
+
+
+class CLIP(nn.Module):
+    def __init__(self, cfg: CLIPConfig):
+        super().__init__()
+        self.config = cfg
+        self.visual = VisionTransformer(cfg)
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.text_width)
+        self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.text_width))
+        self.transformer = Transformer(cfg.text_width, cfg.text_layers)
+        self.ln_final = nn.LayerNorm(cfg.text_width)
+        self.text_projection = nn.Parameter(torch.empty(cfg.text_width, cfg.embed_dim))
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.init_weights()
+
+    def init_weights(self):
+        """OpenAI's initialization, for models trained from scratch (loading pretrained weights overwrites it)."""
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        nn.init.normal_(self.text_projection, std=self.config.text_width ** -0.5)
+        for tower in (self.transformer, self.visual.transformer):
+            width, depth = tower.resblocks[0].ln_1.weight.shape[0], len(tower.resblocks)
+            proj_std = width ** -0.5 * (2 * depth) ** -0.5
+            for b in tower.resblocks:
+                nn.init.normal_(b.attn.in_proj_weight, std=width ** -0.5)
+                nn.init.normal_(b.attn.out_proj.weight, std=proj_std)
+                nn.init.normal_(b.mlp.c_fc.weight, std=(2 * width) ** -0.5)
+                nn.init.normal_(b.mlp.c_proj.weight, std=proj_std)
+
+    def set_grad_checkpointing(self, enabled=True):
+        self.visual.transformer.grad_checkpointing = self.transformer.grad_checkpointing = enabled
+
+    def encode_image(self, images, prompts=None):
+        return self.visual(images, prompts)
+
+    def encode_text(self, ids, prompts=None):
+        """ids: (N, L) token ids, EOT the largest id of each row -> (N, D). prompts[0] replaces tokens 1..n (after SOT)."""
+        if not torch.compiler.is_compiling():
+            # Causal attention: nothing after the batch's last EOT can change an EOT output, so drop it (exact).
+            # Under torch.compile the caller passes ids already cut (vifi.py does), to keep a static graph.
+            ids = ids[:, : int(ids.argmax(dim=-1).max()) + 1]
+        x = self.token_embedding(ids) + self.positional_embedding[: ids.shape[1]]  # (N, L) -> (N, L, W)
+        if prompts:
+            p = prompts[0].to(x.dtype).expand(x.shape[0], -1, -1)
+            x = torch.cat([x[:, :1], p, x[:, 1 + p.shape[1]:]], dim=1)
+        x = self.transformer(x, causal=True, deep_prompts=prompts[1:] if prompts else (), prompt_start=1)
+        x = self.ln_final(x)
+        eot = x[torch.arange(x.shape[0], device=x.device), ids.argmax(dim=-1)]  # (N, L, W) -> (N, W)
+        return eot @ self.text_projection
+
+    def forward(self, images, ids):
+        img = F.normalize(self.encode_image(images), dim=-1)
+        txt = F.normalize(self.encode_text(ids), dim=-1)
+        logits_per_image = self.logit_scale.exp() * img @ txt.t()
+        return logits_per_image, logits_per_image.t()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading
+
+class CheckpointError(RuntimeError):
+    """A file that cannot be turned into CLIP weights; the message says which file, why, and what to do."""
+
+
+def cache_dir():
+    return os.environ.get("VIFI_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "vifi")
+
+
+def download(url, path, sha256):
+    """Fetch url to path through a temp file, renamed into place only when its sha256 matches."""
+    if os.path.isfile(path):
+        return path
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp, digest = path + ".part", hashlib.sha256()
+    try:
+        with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
+            total = int(r.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=os.path.basename(path)) as bar:
+                while chunk := r.read(1 << 20):
+                    f.write(chunk)
+                    digest.update(chunk)
+                    bar.update(len(chunk))
+    except (urllib.error.URLError, OSError) as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise CheckpointError(f"could not download {url} ({e}). Without network, fetch it elsewhere and place it "
+                              f"at {path} (or set VIFI_CACHE to the folder that holds it).") from None
+    if digest.hexdigest() != sha256:
+        os.remove(tmp)
+        raise CheckpointError(f"download of {url} is corrupt (sha256 {digest.hexdigest()}, expected {sha256}); "
+                              f"nothing was written to {path}. Try again.")
+    os.replace(tmp, path)
+    return path
+
+
+def read_state_dict(path):
+    """A TorchScript archive (OpenAI's format), a plain state dict, or a checkpoint holding one under 'model'."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such file. Expected a CLIP checkpoint or one of the names {list(MODELS)}.")
+    try:
+        is_jit = zipfile.is_zipfile(path) and any(n.endswith("/constants.pkl") for n in zipfile.ZipFile(path).namelist())
+        if is_jit:
+            return torch.jit.load(path, map_location="cpu").state_dict()
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path} holds Python objects beyond tensors, which a weights-only load refuses "
+                              f"({str(e).splitlines()[0][:160]}). An official ViFi-CLIP checkpoint? Load it with "
+                              "vifi.load_official_checkpoint or pass it to --checkpoint.") from None
+    except Exception as e:
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {str(e)[:200]}). "
+                              "If it was downloaded, it may be truncated: delete it and download it again.") from None
+    return obj.get("model", obj) if isinstance(obj, dict) else obj
+
+
+def clip_state_dict(sd, path="<state dict>"):
+    """Strip any prefix ('module.', 'clip.') in front of OpenAI's names; fp32 tensors; drop the non-tensor extras."""
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"{path}: expected a dict of tensors, found {type(sd).__name__}")
+    anchor = "visual.conv1.weight"
+    prefixes = [k[: -len(anchor)] for k in sd if isinstance(k, str) and k.endswith(anchor)]
+    if not prefixes:
+        raise CheckpointError(f"{path}: not a CLIP ViT state dict (no key ending in '{anchor}'; found e.g. "
+                              f"{list(sd)[:3]}). Official ViFi-CLIP checkpoints load through vifi.load_official_checkpoint.")
+    p = prefixes[0]
+    out = {k[len(p):]: v.float() for k, v in sd.items() if k.startswith(p) and torch.is_tensor(v)}
+    for extra in ("input_resolution", "context_length", "vocab_size"):  # OpenAI's archives carry these; unused
+        out.pop(extra, None)
+    if "visual.proj" not in out:
+        raise CheckpointError(f"{path}: a ResNet CLIP (no 'visual.proj'); only the ViT models are supported.")
+    return out
+
+
+def build(sd, path="<state dict>"):
+    """A CLIP whose sizes are read off sd's shapes, holding sd's weights; errors name the first offending key."""
+    sd = clip_state_dict(sd, path)
+    try:
+        cfg = CLIPConfig.from_state_dict(sd)
+    except KeyError as e:
+        raise CheckpointError(f"{path}: missing key {e.args[0]!r} of a CLIP state dict") from None
+    with torch.device("meta"):  # no memory, no init: every tensor comes from sd
+        model = CLIP(cfg)
+    expected = model.state_dict()
+    for k, v in expected.items():
+        if k not in sd:
+            raise CheckpointError(f"{path}: missing key {k!r} (expected shape {tuple(v.shape)})")
+        if sd[k].shape != v.shape:
+            raise CheckpointError(f"{path}: key {k!r} has shape {tuple(sd[k].shape)}, expected {tuple(v.shape)} "
+                                  f"for the model its other shapes describe ({cfg})")
+    unexpected = [k for k in sd if k not in expected]
+    if unexpected:
+        raise CheckpointError(f"{path}: unexpected key {unexpected[0]!r} ({len(unexpected)} in all) for a CLIP ViT")
+    model.load_state_dict(sd, strict=True, assign=True)
+    return model
+
+
+def load(name_or_path, device="cpu"):
+    """A model name of MODELS (downloaded once into $VIFI_CACHE or ~/.cache/vifi) or a checkpoint path -> fp32 CLIP."""
+    if name_or_path in MODELS:
+        url = MODELS[name_or_path]
+        path = download(url, os.path.join(cache_dir(), os.path.basename(url)), sha256=url.split("/")[-2])
+    else:
+        path = name_or_path
+    return build(read_state_dict(path), path).to(device).eval()
+
+
+if __name__ == "__main__":
+    import sys
+    m = load(sys.argv[1] if len(sys.argv) > 1 else "ViT-B/16")
+    print(m.config, f"{sum(p.numel() for p in m.parameters()) / 1e6:.1f}M parameters", sep="\n")
