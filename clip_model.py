@@ -268,14 +268,18 @@ def read_state_dict(path):
     """A TorchScript archive (OpenAI's format), a plain state dict, or a checkpoint holding one under 'model'."""
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such file. Expected a CLIP checkpoint or one of the names {list(MODELS)}.")
+    if not zipfile.is_zipfile(path):  # torch.save and TorchScript both write zip archives
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint (not a zip archive). If it was downloaded, it may "
+                              "be truncated: delete it and download it again.")
     try:
-        is_jit = zipfile.is_zipfile(path) and any(n.endswith("/constants.pkl") for n in zipfile.ZipFile(path).namelist())
+        with zipfile.ZipFile(path) as z:
+            is_jit = any(n.endswith("/constants.pkl") for n in z.namelist())
         if is_jit:
             return torch.jit.load(path, map_location="cpu").state_dict()
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(f"{path} holds Python objects beyond tensors, which a weights-only load refuses "
-                              f"({str(e).splitlines()[0][:160]}). An official ViFi-CLIP checkpoint? Load it with "
+                              f"({str(e).splitlines()[0][:120]}...). An official ViFi-CLIP checkpoint? Load it with "
                               "vifi.load_official_checkpoint or pass it to --checkpoint.") from None
     except Exception as e:
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {str(e)[:200]}). "

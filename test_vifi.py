@@ -1,0 +1,235 @@
+"""
+The test suite: CPU only, a few minutes on two cores. `python -m pytest -q test_vifi.py`
+
+Parity tests read the reference fixtures (outputs of openai/CLIP and of the official ViFi-CLIP code) from
+$VIFI_FIXTURES, else from ../shared/fixtures beside the checkout; with neither they are skipped with a reason.
+When $VIFI_FIXTURES is set (as CI sets it), a missing fixture fails instead of skipping.
+"""
+import json
+import os
+import urllib.error
+import urllib.request
+
+import pytest
+import torch
+
+import clip_model
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def fixture(name):
+    """Path of a shared fixture file, or a skip (a failure when VIFI_FIXTURES names a folder without it)."""
+    folder = os.environ.get("VIFI_FIXTURES")
+    if folder:
+        path = os.path.join(folder, name)
+        assert os.path.exists(path), f"VIFI_FIXTURES={folder} has no {name}"
+        return path
+    path = os.path.join(HERE, "..", "shared", "fixtures", name)
+    if not os.path.exists(path):
+        pytest.skip(f"parity fixture {name} not found: set VIFI_FIXTURES to the shared fixtures folder")
+    return path
+
+
+@pytest.fixture(scope="module")
+def expected():
+    with open(fixture("clip_tiny_expected.json")) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def tiny_clip():
+    return clip_model.load(fixture("clip_tiny_openai_jit.pt"))
+
+
+def small_clip(**kw):
+    """A random CLIP small enough for CPU tests."""
+    cfg = dict(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=64, patch_size=8,
+               context_length=77, vocab_size=600, text_width=64, text_layers=2)
+    torch.manual_seed(0)
+    return clip_model.CLIP(clip_model.CLIPConfig(**{**cfg, **kw})).eval()
+
+
+def random_ids(n, lengths, vocab=600):
+    """(n, 77) ids: SOT=vocab-2, random words, EOT=vocab-1 (the largest id) at the given positions, zero padding."""
+    ids = torch.zeros(n, 77, dtype=torch.long)
+    for i, eot in enumerate(lengths):
+        ids[i, 0] = vocab - 2
+        ids[i, 1:eot] = torch.randint(1, vocab - 2, (eot - 1,))
+        ids[i, eot] = vocab - 1
+    return ids
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# clip_model.py
+
+def test_clip_parity_with_openai(tiny_clip, expected):
+    images, ids = torch.tensor(expected["images"]), torch.tensor(expected["text_ids"])
+    with torch.no_grad():
+        img, txt = tiny_clip.encode_image(images), tiny_clip.encode_text(ids)
+        logits, logits_t = tiny_clip(images, ids)
+    torch.testing.assert_close(img, torch.tensor(expected["image_features"]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(txt, torch.tensor(expected["text_features"]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(logits, torch.tensor(expected["logits_per_image"]), atol=1e-4, rtol=0)
+    assert torch.equal(logits_t, logits.t())
+    assert all(p.dtype == torch.float32 for p in tiny_clip.parameters())
+
+
+def test_text_truncation_after_eot_is_exact(monkeypatch):
+    model = small_clip()
+    ids = random_ids(4, [3, 9, 5, 14])
+    with torch.no_grad():
+        cut = model.encode_text(ids)
+        # Under torch.compile encode_text skips the cut; pretending to compile runs all 77 positions.
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        full = model.encode_text(ids)
+        alone = torch.cat([model.encode_text(ids[i:i + 1]) for i in range(4)])
+    torch.testing.assert_close(cut, full, atol=1e-5, rtol=0)
+    torch.testing.assert_close(alone, full, atol=1e-5, rtol=0)
+
+
+def openai_shapes(width, layers, patch, resolution, embed, text_width, text_layers):
+    """The keys and shapes of an OpenAI ViT CLIP release, listed from its published architecture."""
+    shapes = {"visual.class_embedding": (width,), "visual.positional_embedding": ((resolution // patch) ** 2 + 1, width),
+              "visual.proj": (width, embed), "visual.conv1.weight": (width, 3, patch, patch),
+              "visual.ln_pre.weight": (width,), "visual.ln_pre.bias": (width,), "visual.ln_post.weight": (width,),
+              "visual.ln_post.bias": (width,), "positional_embedding": (77, text_width),
+              "text_projection": (text_width, embed), "logit_scale": (), "token_embedding.weight": (49408, text_width),
+              "ln_final.weight": (text_width,), "ln_final.bias": (text_width,)}
+    for prefix, w, n in (("visual.transformer", width, layers), ("transformer", text_width, text_layers)):
+        for i in range(n):
+            b = f"{prefix}.resblocks.{i}."
+            shapes.update({b + "attn.in_proj_weight": (3 * w, w), b + "attn.in_proj_bias": (3 * w,),
+                           b + "attn.out_proj.weight": (w, w), b + "attn.out_proj.bias": (w,),
+                           b + "ln_1.weight": (w,), b + "ln_1.bias": (w,), b + "ln_2.weight": (w,), b + "ln_2.bias": (w,),
+                           b + "mlp.c_fc.weight": (4 * w, w), b + "mlp.c_fc.bias": (4 * w,),
+                           b + "mlp.c_proj.weight": (w, 4 * w), b + "mlp.c_proj.bias": (w,)})
+    return shapes
+
+
+@pytest.mark.parametrize("name,args", [("ViT-B/16", (768, 12, 16, 224, 512, 512, 12)),
+                                       ("ViT-L/14", (1024, 24, 14, 224, 768, 768, 12))])
+def test_real_sizes_build_and_load_strictly(name, args):
+    torch.manual_seed(0)
+    sd = {k: torch.randn(s, dtype=torch.float16) * 0.02 for k, s in openai_shapes(*args).items()}
+    sd.update(input_resolution=torch.tensor(224), context_length=torch.tensor(77), vocab_size=torch.tensor(49408))
+    model = clip_model.build(sd, name)
+    width, layers, patch, res, embed, tw, tl = args
+    assert model.config == clip_model.CLIPConfig(embed, res, layers, width, patch, 77, 49408, tw, tl)
+    assert model.visual.transformer.resblocks[0].attn.heads == width // 64
+    model.load_state_dict({k: v.float() for k, v in sd.items() if k in model.state_dict()}, strict=True)
+    with torch.no_grad():
+        logits, _ = model(torch.randn(2, 3, 224, 224), random_ids(3, [4, 6, 5], vocab=49408))
+    assert logits.shape == (2, 3) and torch.isfinite(logits).all()
+
+
+def test_positional_embedding_interpolation():
+    model = small_clip()
+    with torch.no_grad():
+        assert model.encode_image(torch.randn(2, 3, 48, 40)).shape == (2, 32)
+        vis = model.visual
+        assert vis.position_embedding(4, 4) is vis.positional_embedding  # native size: untouched
+        vis.positional_embedding[1:] = 0.5  # a constant grid stays constant after bicubic resizing
+        pos = vis.position_embedding(6, 5)
+    assert pos.shape == (31, 64)
+    torch.testing.assert_close(pos[1:], torch.full((30, 64), 0.5))
+    torch.testing.assert_close(pos[0], vis.positional_embedding[0])
+
+
+def test_grad_checkpointing_gives_same_outputs_and_grads():
+    images, ids = torch.randn(2, 3, 32, 32), random_ids(2, [4, 7])
+    grads = []
+    for enabled in (False, True):
+        model = small_clip().train()
+        model.set_grad_checkpointing(enabled)
+        logits, _ = model(images, ids)
+        logits.sum().backward()
+        grads.append((logits.detach(), [p.grad.clone() for p in model.parameters()]))
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    for a, b in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_autocast_bf16_keeps_fp32_parameters():
+    model = small_clip()
+    images, ids = torch.randn(2, 3, 32, 32), random_ids(2, [4, 7])
+    with torch.no_grad():
+        ref, _ = model(images, ids)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low, _ = model(images, ids)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), ref, atol=0.1, rtol=0.05)
+
+
+def test_compile_has_no_graph_breaks():
+    model = small_clip()
+    images, ids = torch.randn(2, 3, 32, 32), random_ids(2, [4, 7])[:, :8]  # ids already cut, as vifi.py passes them
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager", fullgraph=True)  # fullgraph: any graph break raises
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(images, ids)[0], model(images, ids)[0])
+
+
+def test_load_plain_state_dict_and_project_checkpoint(tmp_path, tiny_clip):
+    sd = tiny_clip.state_dict()
+    torch.save(sd, tmp_path / "plain.pt")
+    torch.save({"model": {"clip." + k: v for k, v in sd.items()}, "epoch": 3}, tmp_path / "own.pt")
+    for name in ("plain.pt", "own.pt"):
+        loaded = clip_model.load(str(tmp_path / name))
+        assert all(torch.equal(loaded.state_dict()[k], v) for k, v in sd.items())
+
+
+def test_load_errors_name_the_file_and_the_key(tmp_path, tiny_clip):
+    with pytest.raises(clip_model.CheckpointError, match="no such file"):
+        clip_model.load(str(tmp_path / "missing.pt"))
+    (tmp_path / "notes.pt").write_text("not a checkpoint")
+    with pytest.raises(clip_model.CheckpointError, match="notes.pt is not a PyTorch checkpoint"):
+        clip_model.load(str(tmp_path / "notes.pt"))
+    data = open(fixture("clip_tiny_openai_jit.pt"), "rb").read()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(clip_model.CheckpointError, match="truncated"):
+        clip_model.load(str(tmp_path / "cut.pt"))
+    sd = tiny_clip.state_dict()
+    sd["transformer.resblocks.1.mlp.c_fc.weight"] = torch.zeros(10, 128)
+    torch.save(sd, tmp_path / "shapes.pt")
+    with pytest.raises(clip_model.CheckpointError, match=r"'transformer.resblocks.1.mlp.c_fc.weight' has shape \(10, 128\)"):
+        clip_model.load(str(tmp_path / "shapes.pt"))
+    torch.save({"weight": torch.zeros(3)}, tmp_path / "other.pt")
+    with pytest.raises(clip_model.CheckpointError, match="not a CLIP ViT state dict"):
+        clip_model.load(str(tmp_path / "other.pt"))
+    with pytest.raises(clip_model.CheckpointError, match="vifi.load_official_checkpoint"):
+        clip_model.load(fixture("vifi_official_finetune_ckpt.pth"))
+
+
+def test_download_without_network_names_url_and_path(tmp_path, monkeypatch):
+    monkeypatch.setenv("VIFI_CACHE", str(tmp_path))
+
+    def offline(*a, **k):
+        raise urllib.error.URLError("no network")
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(clip_model.CheckpointError) as e:
+        clip_model.load("ViT-B/32")
+    assert clip_model.MODELS["ViT-B/32"] in str(e.value) and str(tmp_path / "ViT-B-32.pt") in str(e.value)
+    assert os.listdir(tmp_path) == []
+
+
+def test_corrupt_download_leaves_nothing(tmp_path, monkeypatch):
+    class FakeResponse:
+        headers = {"Content-Length": "4"}
+
+        def __init__(self):
+            self.chunks = [b"oops", b""]
+
+        def read(self, n):
+            return self.chunks.pop(0)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            return False
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: FakeResponse())
+    with pytest.raises(clip_model.CheckpointError, match="corrupt"):
+        clip_model.download("https://example.invalid/abc/x.pt", str(tmp_path / "x.pt"), sha256="abc")
+    assert os.listdir(tmp_path) == []
