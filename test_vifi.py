@@ -5,15 +5,19 @@ Parity tests read the reference fixtures (outputs of openai/CLIP and of the offi
 $VIFI_FIXTURES, else from ../shared/fixtures beside the checkout; with neither they are skipped with a reason.
 When $VIFI_FIXTURES is set (as CI sets it), a missing fixture fails instead of skipping.
 """
+import io
 import json
 import os
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 import torch
 
 import clip_model
+import tokenizer
+from tokenizer import BPE_FILE, BPE_URL, Tokenizer, tokenize
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -214,22 +218,127 @@ def test_download_without_network_names_url_and_path(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []
 
 
+class FakeResponse(io.BytesIO):
+    headers = {}
+
+
 def test_corrupt_download_leaves_nothing(tmp_path, monkeypatch):
-    class FakeResponse:
-        headers = {"Content-Length": "4"}
-
-        def __init__(self):
-            self.chunks = [b"oops", b""]
-
-        def read(self, n):
-            return self.chunks.pop(0)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *a):
-            return False
-    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: FakeResponse())
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: FakeResponse(b"oops"))
     with pytest.raises(clip_model.CheckpointError, match="corrupt"):
         clip_model.download("https://example.invalid/abc/x.pt", str(tmp_path / "x.pt"), sha256="abc")
     assert os.listdir(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tokenizer.py
+
+@pytest.fixture(scope="module")
+def bpe():
+    """OpenAI's merges file from $VIFI_BPE (it must exist when set), else ../shared/assets, else None."""
+    if os.environ.get("VIFI_BPE"):
+        assert os.path.isfile(os.environ["VIFI_BPE"]), f"VIFI_BPE={os.environ['VIFI_BPE']} does not exist"
+        return Path(os.environ["VIFI_BPE"])
+    path = Path(HERE, "..", "shared", "assets", BPE_FILE)
+    return path if path.exists() else None
+
+
+@pytest.fixture(scope="module")
+def clip_tok(bpe):
+    return Tokenizer(bpe) if bpe else None
+
+
+NO_BPE = "no BPE vocab (set $VIFI_BPE to bpe_simple_vocab_16e6.txt.gz)"
+
+
+def test_tokenizer_ids_match_openai_parity(clip_tok):
+    if clip_tok is None:
+        pytest.skip(f"tokenizer parity: {NO_BPE}")
+    with open(fixture("tokenizer_cases.json")) as f:
+        cases = json.load(f)["cases"]
+    assert (clip_tok.sot, clip_tok.eot, clip_tok.vocab_size) == (49406, 49407, 49408)
+    rows = tokenize([c["text"] for c in cases], tokenizer=clip_tok)
+    for case, row in zip(cases, rows):
+        assert clip_tok.encode(case["text"]) == case["bpe"], case["text"]
+        assert row[row != 0].tolist() == case["ids77"], case["text"]
+
+
+def test_decode_round_trips(clip_tok):
+    if clip_tok is None:
+        pytest.skip(NO_BPE)
+    for text in ["a photo of a cat", "naïve café résumé", "数字 动作 识别", "😀 emoji 🎉 test"]:
+        assert clip_tok.decode(clip_tok.encode(text)) == text
+
+
+def test_byte_level_tokenizer_offline(monkeypatch):
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: pytest.fail("byte-level must not download"))
+    tok = Tokenizer(byte_level=True)
+    assert (tok.sot, tok.eot, tok.vocab_size) == (512, 513, 514)
+    ids = tok.encode("Hi  数字 😀!")
+    assert len(ids) == len("hi 数字 😀!".replace(" ", "").encode())  # one token per byte, no merges
+    assert tok.decode(ids) == "hi 数字 😀!"
+
+
+def test_truncation_keeps_eot_and_strict_mode_raises():
+    tok = Tokenizer(byte_level=True)
+    row = tokenize("x" * 100, tokenizer=tok)[0]
+    assert row.shape == (77,) and row[0] == tok.sot and row[-1] == tok.eot and (row != 0).all()
+    assert tokenize(["ab", "c"], tokenizer=tok)[1, :3].tolist() == [tok.sot, tok.encode("c")[0], tok.eot]
+    with pytest.raises(ValueError, match=r"'xxxx.*102 tokens.*context_length=77"):
+        tokenize("x" * 100, truncate=False, tokenizer=tok)
+
+
+def test_bad_vocab_path_names_the_file(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="nowhere.txt.gz"):
+        Tokenizer(str(tmp_path / "nowhere.txt.gz"))
+    not_gzip = tmp_path / "vocab.txt.gz"
+    not_gzip.write_text("i n\n")
+    monkeypatch.setenv("VIFI_BPE", str(not_gzip))
+    with pytest.raises(ValueError, match="vocab.txt.gz"):
+        Tokenizer()
+
+
+def offline_cache(tmp_path, monkeypatch, urlopen):
+    """An empty $VIFI_CACHE, no $VIFI_BPE, and urlopen replaced."""
+    monkeypatch.delenv("VIFI_BPE", raising=False)
+    monkeypatch.setenv("VIFI_CACHE", str(tmp_path))
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    return tmp_path
+
+
+def test_no_network_error_names_url_and_cache_path(tmp_path, monkeypatch):
+    def no_network(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    cache = offline_cache(tmp_path, monkeypatch, no_network)
+    with pytest.raises(RuntimeError) as err:
+        Tokenizer()
+    assert BPE_URL in str(err.value) and str(cache / BPE_FILE) in str(err.value) and "$VIFI_BPE" in str(err.value)
+    assert os.listdir(cache) == []  # no temp file left behind
+
+
+def test_download_checks_sha256(bpe, tmp_path, monkeypatch):
+    cache = offline_cache(tmp_path, monkeypatch, lambda *a, **k: FakeResponse(b"not the vocab"))
+    with pytest.raises(RuntimeError, match="Checksum mismatch"):
+        Tokenizer()
+    assert os.listdir(cache) == []
+    if bpe is None:
+        pytest.skip(f"{NO_BPE} to serve as a good download")
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: FakeResponse(bpe.read_bytes()))
+    assert Tokenizer().vocab_size == 49408
+    assert os.listdir(cache) == [BPE_FILE] and (cache / BPE_FILE).read_bytes() == bpe.read_bytes()
+
+
+def test_default_tokenizer_is_built_once(bpe, monkeypatch):
+    if bpe is None:
+        pytest.skip(NO_BPE)
+    monkeypatch.setenv("VIFI_BPE", str(bpe))
+    tokenizer.default_tokenizer.cache_clear()
+    tokenize("a cat")
+    tokenize("a dog")
+    assert tokenizer.default_tokenizer.cache_info().misses == 1
+
+
+def test_clean_like_clip():
+    # ftfy repairs mojibake (and leaves entities alone once the text holds a "<"), entities are then unescaped
+    # twice, whitespace collapses, then lower-case
+    assert tokenizer.clean("  Ã©tÃ© <I>\t&amp;lt;B&amp;gt;\n ") == "été <i> <b>"
