@@ -210,10 +210,11 @@ class CLIP(nn.Module):
             # Causal attention: nothing after the batch's last EOT can change an EOT output, so drop it (exact).
             # Under torch.compile the caller passes ids already cut (vifi.py does), to keep a static graph.
             ids = ids[:, : int(ids.argmax(dim=-1).max()) + 1]
-        x = self.token_embedding(ids) + self.positional_embedding[: ids.shape[1]]  # (N, L) -> (N, L, W)
-        if prompts:
+        x = self.token_embedding(ids)  # (N, L) -> (N, L, W)
+        if prompts:  # the prompt tokens take the place of the placeholder words and get their positions too
             p = prompts[0].to(x.dtype).expand(x.shape[0], -1, -1)
             x = torch.cat([x[:, :1], p, x[:, 1 + p.shape[1]:]], dim=1)
+        x = x + self.positional_embedding[: ids.shape[1]]
         x = self.transformer(x, causal=True, deep_prompts=prompts[1:] if prompts else (), prompt_start=1)
         x = self.ln_final(x)
         eot = x[torch.arange(x.shape[0], device=x.device), ids.argmax(dim=-1)]  # (N, L, W) -> (N, W)

@@ -1,0 +1,253 @@
+"""
+ViFi-CLIP: "Fine-tuned CLIP Models are Efficient Video Learners" (Rasheed et al., CVPR 2023, arXiv 2212.03640).
+
+The whole method is CLIP applied to frames, with nothing added for time:
+  video (B, T, 3, H, W) -> every frame through CLIP's image encoder in one batch -> (B, T, D)
+                        -> mean over T (temporal pooling)                        -> (B, D)   video embedding
+  class names -> prompts "a photo of a {name}." -> CLIP's text encoder           -> (C, D)   class embeddings
+  logits = exp(logit_scale) * cos(video, class)                                  -> (B, C)
+Fine-tuning both towers on video with cross-entropy over these logits ("ViFi-CLIP", paper Sec. 3) is enough to
+bridge the image-to-video gap: the frame-level features learn motion cues through the averaged loss. Mean pooling
+works because each frame embedding already describes its scene and pose; the average keeps what the clip's frames
+agree on, and fine-tuning teaches the encoder to make frame features whose average is discriminative.
+
+For low-data regimes, "bridge and prompt" (Sec. 3.2): freeze the video-fine-tuned model and learn deep prompts,
+n tokens per layer on each side (text: right after SOT; vision: after the patch tokens), replaced before every
+layer up to a depth. The design copies the official code's, so its prompt checkpoints load here.
+
+Letters in shape comments: B clips, T frames, C classes, D joint embedding size, L text tokens, n prompt tokens.
+
+Run on a video: `python vifi.py VIDEO --labels "class a,class b" [--model ViT-B/16] [--checkpoint FILE]`.
+"""
+import argparse
+import os
+import pickle
+import re
+import sys
+import types
+import zipfile
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import clip_model
+from tokenizer import Tokenizer, default_tokenizer, tokenize
+
+MODES = ("finetune", "prompt", "zeroshot")
+TOWERS = ("both", "image", "text")
+
+
+def tokenizer_for(clip):
+    """CLIP's BPE for OpenAI's vocabulary; the byte-level tokenizer for a model trained from scratch with it."""
+    byte_level = Tokenizer(byte_level=True)
+    return byte_level if clip.config.vocab_size == byte_level.vocab_size else default_tokenizer()
+
+
+def clean_classname(name):
+    """'ApplyEyeMakeup' -> 'apply eye makeup', 'brush_hair' -> 'brush hair': words the text encoder knows."""
+    name = name.replace("_", " ")
+    name = re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", " ", name)  # split CamelCase
+    return " ".join(name.split()).lower()
+
+
+class ViFiCLIP(nn.Module):
+    """
+    clip: a clip_model.CLIP; classnames: the labels, in class-id order; mode: one of MODES.
+    finetune: the towers named by `towers` train ('both' is ViFi-CLIP; 'image' and 'text' are the paper's ablations).
+    prompt: every CLIP weight frozen; deep text and vision prompts train (n_ctx_* tokens, depth_* layers).
+    zeroshot: vanilla CLIP, nothing trains.
+    """
+
+    def __init__(self, clip, classnames, mode="finetune", towers="both", template="a photo of a {}.",
+                 clean_names=True, n_ctx_text=10, n_ctx_vision=10, depth_text=12, depth_vision=12, tokenizer=None):
+        super().__init__()
+        if mode not in MODES or towers not in TOWERS:
+            raise ValueError(f"mode must be one of {MODES} and towers one of {TOWERS}; got {mode!r}, {towers!r}")
+        self.clip, self.mode, self.towers = clip, mode, towers
+        self.template, self.clean_names = template, clean_names
+        self.tokenizer = tokenizer or tokenizer_for(clip)
+        self.text_prompts = nn.ParameterList()
+        self.vision_prompts = nn.ParameterList()
+        if mode == "prompt":
+            cfg = clip.config
+            if not (0 < depth_text <= cfg.text_layers and 0 < depth_vision <= cfg.vision_layers):
+                raise ValueError(f"prompt depths must be in 1..{cfg.text_layers} (text) and 1..{cfg.vision_layers} "
+                                 f"(vision); got {depth_text}, {depth_vision}")
+            # One (n, width) prompt per layer up to the depth; std 0.02 as the official initialization.
+            self.text_prompts.extend(nn.Parameter(0.02 * torch.randn(n_ctx_text, cfg.text_width)) for _ in range(depth_text))
+            self.vision_prompts.extend(nn.Parameter(0.02 * torch.randn(n_ctx_vision, cfg.vision_width))
+                                       for _ in range(depth_vision))
+        trainable = {id(p) for p in self.trainable_parameters()}
+        for p in self.parameters():
+            p.requires_grad_(id(p) in trainable)
+        self.set_classnames(classnames)
+
+    def trainable_parameters(self):
+        """The parameters this mode trains; all others are frozen by the constructor."""
+        if self.mode == "prompt":
+            return [*self.text_prompts, *self.vision_prompts]
+        if self.mode == "zeroshot":
+            return []
+        c = self.clip
+        # As the official code: the token embedding stays frozen (it embeds the prompts once, outside the trained
+        # text encoder); logit_scale trains only when both towers do.
+        text = [c.positional_embedding, c.text_projection, *c.transformer.parameters(), *c.ln_final.parameters()]
+        image = list(c.visual.parameters())
+        return {"both": image + text + [c.logit_scale], "image": image, "text": text}[self.towers]
+
+    # --- text side --------------------------------------------------------------------------------------------
+
+    def prompts_for(self, classnames):
+        names = [clean_classname(n) if self.clean_names else n for n in classnames]
+        if self.mode == "prompt":  # n placeholder tokens, replaced by the learned text prompts after embedding
+            return [" ".join(["X"] * len(self.text_prompts[0])) + f" {name}." for name in names]
+        return [self.template.format(name) for name in names]
+
+    def set_classnames(self, classnames):
+        """Switch the class list (for example base -> novel classes); the text cache starts again."""
+        self.classnames = list(classnames)
+        ids = tokenize(self.prompts_for(self.classnames), self.clip.config.context_length,
+                                 tokenizer=self.tokenizer)
+        ids = ids[:, : int(ids.argmax(dim=-1).max()) + 1]  # (C, 77) -> (C, L): cut after the last EOT, once
+        device = self.clip.logit_scale.device
+        self.register_buffer("text_ids", ids.to(device), persistent=False)
+        self.text_cache = None
+
+    def text_trains(self):
+        return any(p.requires_grad for p in [*self.text_prompts, *self.clip.transformer.parameters()])
+
+    def text_features(self):
+        """(C, D). Computed once and cached unless the text side is being trained right now; the official code
+        re-encodes every class prompt for every batch, even in evaluation."""
+        if self.training and self.text_trains() and torch.is_grad_enabled():
+            return self.clip.encode_text(self.text_ids, list(self.text_prompts))
+        if self.text_cache is None or self.text_cache.device != self.text_ids.device:
+            with torch.no_grad():
+                self.text_cache = self.clip.encode_text(self.text_ids, list(self.text_prompts))
+        return self.text_cache
+
+    def train(self, mode=True):
+        self.text_cache = None  # weights may change in training, or have changed: encode again when next asked
+        return super().train(mode)
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        self.text_cache = None
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    # --- video side -------------------------------------------------------------------------------------------
+
+    def encode_video(self, video):
+        B, T = video.shape[:2]
+        frames = video.flatten(0, 1)  # (B, T, 3, H, W) -> (B*T, 3, H, W): all frames in one batched pass
+        feats = self.clip.encode_image(frames, list(self.vision_prompts))  # (B*T, D)
+        return feats.view(B, T, -1).mean(dim=1)  # (B*T, D) -> (B, T, D) -> (B, D): temporal mean pooling
+
+    def forward(self, video):
+        """video: (B, T, 3, H, W) normalized pixels -> logits (B, C)."""
+        v = F.normalize(self.encode_video(video), dim=-1)
+        t = F.normalize(self.text_features(), dim=-1)
+        return self.clip.logit_scale.exp() * v @ t.t().to(v.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints: the official releases and this project's own
+
+class _CfgNode(dict):
+    """Stands in for yacs.config.CfgNode (a dict subclass) so official checkpoints unpickle without yacs."""
+
+
+class _AllowListUnpickler(pickle.Unpickler):
+    """Unpickles only tensors, plain containers and yacs config nodes: an official checkpoint cannot run code."""
+    ALLOWED = {("collections", "OrderedDict"), ("builtins", "set"), ("__builtin__", "set"),
+               ("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_parameter")}
+
+    def find_class(self, module, name):
+        if (module, name) == ("yacs.config", "CfgNode"):
+            return _CfgNode
+        if (module, name) in self.ALLOWED or (module == "torch" and name.endswith("Storage")):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: not part of a ViFi-CLIP checkpoint")
+
+
+def read_checkpoint(path):
+    """The dict in a checkpoint file: weights-only for ours, the allow-list unpickler for the official ones."""
+    if not os.path.isfile(path) or not zipfile.is_zipfile(path):
+        raise clip_model.CheckpointError(f"{path}: {'not a PyTorch checkpoint (maybe truncated)' if os.path.isfile(path) else 'no such file'}; "
+                                         "expected an official ViFi-CLIP checkpoint or one written by train.py")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # official: a yacs config inside
+        pass
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False,
+                          pickle_module=types.SimpleNamespace(__name__="allow_list", Unpickler=_AllowListUnpickler, load=pickle.load))
+    except Exception as e:
+        raise clip_model.CheckpointError(f"{path}: not a ViFi-CLIP checkpoint ({type(e).__name__}: {e})") from None
+
+
+def load_official_checkpoint(path, clip, classnames, clean_names=False, **kw):
+    """A ViFiCLIP holding an official ViFi-CLIP release (fine-tuned or prompt-learned). `clip` is the base CLIP it
+    was trained from: it supplies the token embedding, which the official checkpoints do not store. Official models
+    were trained on raw class names (clean_names=False) and ImageNet mean/std pixels."""
+    ck = read_checkpoint(path)
+    sd = ck.get("model", ck) if isinstance(ck, dict) else {}
+    sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    if "image_encoder.conv1.weight" not in sd:
+        raise clip_model.CheckpointError(
+            f"{path}: not an official ViFi-CLIP checkpoint: expected keys 'image_encoder.*', 'text_encoder.*', "
+            f"'logit_scale' under 'model', found e.g. {list(sd)[:3]}. Checkpoints of train.py load with load_checkpoint.")
+    deep = re.compile(r"(image|text)_encoder\.transformer\.resblocks\.(\d+)\.VPT_shallow")
+    mapped, text_p, vision_p = {"logit_scale": sd["logit_scale"]}, {}, {}
+    for k, v in sd.items():
+        if m := deep.fullmatch(k):
+            (vision_p if m[1] == "image" else text_p)[int(m[2])] = v
+        elif k == "image_encoder.VPT":
+            vision_p[0] = v
+        elif k == "prompt_learner.ctx":
+            text_p[0] = v
+        elif k.startswith("image_encoder."):
+            mapped["visual." + k.removeprefix("image_encoder.")] = v
+        elif k.startswith("text_encoder."):
+            mapped[k.removeprefix("text_encoder.")] = v
+        # prompt_learner.token_prefix/suffix/complete_text_embeddings: the training class list's embedded prompts;
+        # prompts are embedded again here for the classes asked for.
+    arch = ((ck.get("config") or {}).get("MODEL") or {}).get("ARCH", "the model it was trained from")
+    base = clip.state_dict()
+    try:
+        model_clip = clip_model.build({**base, **mapped, "token_embedding.weight": base["token_embedding.weight"]}, path)
+    except clip_model.CheckpointError as e:
+        raise clip_model.CheckpointError(f"{e}. Does the base CLIP match the checkpoint? Its config says {arch}.") from None
+    prompted = dict(mode="prompt", n_ctx_text=len(text_p[0]), n_ctx_vision=len(vision_p[0]),
+                    depth_text=len(text_p), depth_vision=len(vision_p)) if text_p else dict(mode="finetune")
+    model = ViFiCLIP(model_clip.to(clip.logit_scale.device), classnames, clean_names=clean_names, **{**prompted, **kw})
+    with torch.no_grad():
+        for params, found in ((model.text_prompts, text_p), (model.vision_prompts, vision_p)):
+            for i, p in enumerate(params):
+                p.copy_(found[i])
+    return model.eval()
+
+
+def checkpoint_config(model):
+    """What load_checkpoint needs to rebuild a ViFiCLIP around its saved weights."""
+    return dict(mode=model.mode, towers=model.towers, template=model.template, clean_names=model.clean_names,
+                classnames=model.classnames,
+                n_ctx_text=len(model.text_prompts[0]) if model.text_prompts else 0, depth_text=len(model.text_prompts),
+                n_ctx_vision=len(model.vision_prompts[0]) if model.vision_prompts else 0,
+                depth_vision=len(model.vision_prompts))
+
+
+def load_checkpoint(path, clip=None, classnames=None, tokenizer=None, **kw):
+    """Any checkpoint: this project's ({'model': state dict, 'vifi': checkpoint_config(...)}, self-contained) or
+    an official one (needs the base `clip`). `classnames` replaces the saved class list."""
+    ck = read_checkpoint(path)
+    if not (isinstance(ck, dict) and "vifi" in ck):
+        if clip is None:
+            raise clip_model.CheckpointError(f"{path} is an official ViFi-CLIP checkpoint: pass the base CLIP (--model)")
+        return load_official_checkpoint(path, clip, classnames, **kw)
+    cfg = {**ck["vifi"], **kw}
+    names = classnames or cfg.pop("classnames")
+    cfg.pop("classnames", None)
+    model = ViFiCLIP(clip_model.build(ck["model"], path), names, tokenizer=tokenizer, **cfg)
+    model.load_state_dict(ck["model"])
+    return model.eval()
