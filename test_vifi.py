@@ -342,3 +342,147 @@ def test_clean_like_clip():
     # ftfy repairs mojibake (and leaves entities alone once the text holds a "<"), entities are then unescaped
     # twice, whitespace collapses, then lower-case
     assert tokenizer.clean("  Ã©tÃ© <I>\t&amp;lt;B&amp;gt;\n ") == "été <i> <b>"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# vifi.py
+
+import vifi  # noqa: E402  (grouped with its tests)
+
+CLASSES = ["ApplyEyeMakeup", "brush_hair", "red square moving left", "YoYo"]
+
+
+def byte_clip():
+    """A small random CLIP whose vocabulary is the byte-level tokenizer's (no BPE file needed)."""
+    return small_clip(vocab_size=Tokenizer(byte_level=True).vocab_size)
+
+
+def test_vifi_zeroshot_parity_with_official(tiny_clip, expected):
+    model = vifi.ViFiCLIP(tiny_clip, expected["classes"], mode="zeroshot", clean_names=False).eval()
+    assert model.prompts_for(expected["classes"]) == expected["prompts"]
+    with torch.no_grad():
+        logits = model(torch.tensor(expected["video"]))
+    torch.testing.assert_close(logits, torch.tensor(expected["vifi_logits"]), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["finetune", "prompt"])
+def test_official_checkpoint_parity(tiny_clip, expected, kind):
+    ref = expected["official_checkpoints"][kind]
+    model = vifi.load_official_checkpoint(fixture(ref["file"]), tiny_clip, expected["classes"])
+    assert model.mode == kind and len(model.text_prompts) == ref["depth"] == len(model.vision_prompts)
+    assert all(p.shape[0] == ref["n_ctx"] for p in [*model.text_prompts, *model.vision_prompts])
+    with torch.no_grad():
+        logits = model(torch.tensor(expected["video"]))
+    torch.testing.assert_close(logits, torch.tensor(ref["logits"]), atol=1e-4, rtol=0)
+    # the base CLIP is left as it was: the checkpoint's weights went into a new model
+    assert torch.equal(tiny_clip.visual.conv1.weight, clip_model.load(fixture("clip_tiny_openai_jit.pt")).visual.conv1.weight)
+
+
+def test_official_checkpoint_errors(tmp_path, tiny_clip, expected):
+    with pytest.raises(clip_model.CheckpointError, match="no such file"):
+        vifi.load_official_checkpoint(str(tmp_path / "nope.pth"), tiny_clip, expected["classes"])
+    torch.save({"model": tiny_clip.state_dict()}, tmp_path / "clip_only.pt")
+    with pytest.raises(clip_model.CheckpointError, match="not an official ViFi-CLIP checkpoint.*image_encoder"):
+        vifi.load_official_checkpoint(str(tmp_path / "clip_only.pt"), tiny_clip, expected["classes"])
+    other_base = small_clip(vocab_size=49408)  # width 64: not the base the checkpoint was trained from
+    with pytest.raises(clip_model.CheckpointError, match="Does the base CLIP match.*ViT-B/16"):
+        vifi.load_official_checkpoint(fixture("vifi_official_finetune_ckpt.pth"), other_base, expected["classes"])
+
+
+class Exploit:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_official_loader_refuses_code_in_pickles(tmp_path, expected, tiny_clip):
+    torch.save({"model": {}, "config": Exploit()}, tmp_path / "evil.pth")
+    with pytest.raises(clip_model.CheckpointError, match="refusing to load.*system"):
+        vifi.load_official_checkpoint(str(tmp_path / "evil.pth"), tiny_clip, expected["classes"])
+
+
+def test_clean_classname():
+    assert [vifi.clean_classname(n) for n in CLASSES] == ["apply eye makeup", "brush hair", "red square moving left", "yo yo"]
+    assert vifi.clean_classname("PlayingDaf") == "playing daf" and vifi.clean_classname("TaiChi") == "tai chi"
+
+
+def trainable_names(model):
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_trainable_parameters_per_mode():
+    names = {n for n, _ in vifi.ViFiCLIP(byte_clip(), CLASSES).named_parameters()}
+    visual = {n for n in names if n.startswith("clip.visual.")}
+    text = {n for n in names if n.startswith(("clip.transformer.", "clip.ln_final.", "clip.positional_embedding",
+                                              "clip.text_projection"))}
+    expect = {("finetune", "both"): visual | text | {"clip.logit_scale"}, ("finetune", "image"): visual,
+              ("finetune", "text"): text, ("zeroshot", "both"): set()}
+    for (mode, towers), want in expect.items():
+        model = vifi.ViFiCLIP(byte_clip(), CLASSES, mode=mode, towers=towers)
+        assert trainable_names(model) == want, (mode, towers)
+        assert {id(p) for p in model.trainable_parameters()} == {id(p) for p in model.parameters() if p.requires_grad}
+    prompt = vifi.ViFiCLIP(byte_clip(), CLASSES, mode="prompt", n_ctx_text=3, n_ctx_vision=4, depth_text=2, depth_vision=1)
+    assert trainable_names(prompt) == {"text_prompts.0", "text_prompts.1", "vision_prompts.0"}
+    assert prompt.text_prompts[0].shape == (3, 64) and prompt.vision_prompts[0].shape == (4, 64)
+    with pytest.raises(ValueError, match="prompt depths"):
+        vifi.ViFiCLIP(byte_clip(), CLASSES, mode="prompt", depth_text=3)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        vifi.ViFiCLIP(byte_clip(), CLASSES, mode="linear")
+
+
+def test_prompt_training_step_changes_only_prompts():
+    model = vifi.ViFiCLIP(byte_clip(), CLASSES, mode="prompt", depth_text=2, depth_vision=2).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)
+    loss = torch.nn.functional.cross_entropy(model(torch.randn(2, 3, 3, 32, 32)), torch.tensor([0, 2]))
+    loss.backward()
+    opt.step()
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == {"text_prompts.0", "text_prompts.1", "vision_prompts.0", "vision_prompts.1"}
+
+
+def test_text_features_cached_and_invalidated(monkeypatch):
+    calls = []
+    model = vifi.ViFiCLIP(byte_clip(), CLASSES, mode="finetune", towers="image")
+    encode = model.clip.encode_text
+    monkeypatch.setattr(model.clip, "encode_text", lambda *a: calls.append(1) or encode(*a))
+    video = torch.randn(2, 2, 3, 32, 32)
+    model.train()  # text frozen: one encoding serves every training step
+    model(video), model(video)
+    assert len(calls) == 1
+    model.eval()
+    with torch.no_grad():
+        first = model(video)
+        assert torch.equal(model(video), first) and len(calls) == 2
+        model.set_classnames(CLASSES[:2])  # base -> novel: new classes, new features
+        assert model(video).shape == (2, 2) and len(calls) == 3
+        torch.testing.assert_close(model(video), first[:, :2])
+    both = vifi.ViFiCLIP(byte_clip(), CLASSES).train()  # text trains: encoded on every step, with gradients
+    encode_both = both.clip.encode_text
+    monkeypatch.setattr(both.clip, "encode_text", lambda *a: calls.append(1) or encode_both(*a))
+    both(video).sum().backward()
+    both(video)
+    assert len(calls) == 5 and both.clip.transformer.resblocks[0].mlp.c_fc.weight.grad is not None
+
+
+@pytest.mark.parametrize("T", [1, 8, 32])
+def test_video_shapes(T):
+    model = vifi.ViFiCLIP(byte_clip(), CLASSES).eval()
+    video = torch.randn(2, T, 3, 32, 32)
+    with torch.no_grad():
+        logits = model(video)
+        frames = model.clip.encode_image(video.flatten(0, 1)).view(2, T, -1).mean(1)
+    assert logits.shape == (2, len(CLASSES))
+    torch.testing.assert_close(model.encode_video(video), frames)
+
+
+@pytest.mark.parametrize("mode", ["finetune", "prompt"])
+def test_own_checkpoint_round_trip(tmp_path, mode):
+    model = vifi.ViFiCLIP(byte_clip(), CLASSES, mode=mode, depth_text=2, depth_vision=2, n_ctx_text=3).eval()
+    torch.save({"model": model.state_dict(), "vifi": vifi.checkpoint_config(model), "epoch": 1}, tmp_path / "own.pt")
+    assert "vifi" in torch.load(tmp_path / "own.pt", weights_only=True)  # plain data: weights-only loading works
+    loaded = vifi.load_checkpoint(str(tmp_path / "own.pt"))
+    video = torch.randn(1, 2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(video), model(video))
+    assert loaded.classnames == CLASSES and loaded.mode == mode
+    assert vifi.load_checkpoint(str(tmp_path / "own.pt"), classnames=["a", "b"]).classnames == ["a", "b"]
