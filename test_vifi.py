@@ -7,7 +7,10 @@ When $VIFI_FIXTURES is set (as CI sets it), a missing fixture fails instead of s
 """
 import io
 import json
+import math
 import os
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -288,12 +291,12 @@ def test_truncation_keeps_eot_and_strict_mode_raises():
 
 
 def test_bad_vocab_path_names_the_file(tmp_path, monkeypatch):
-    with pytest.raises(FileNotFoundError, match="nowhere.txt.gz"):
+    with pytest.raises(tokenizer.VocabError, match="nowhere.txt.gz"):
         Tokenizer(str(tmp_path / "nowhere.txt.gz"))
     not_gzip = tmp_path / "vocab.txt.gz"
     not_gzip.write_text("i n\n")
     monkeypatch.setenv("VIFI_BPE", str(not_gzip))
-    with pytest.raises(ValueError, match="vocab.txt.gz"):
+    with pytest.raises(tokenizer.VocabError, match="vocab.txt.gz"):
         Tokenizer()
 
 
@@ -310,7 +313,7 @@ def test_no_network_error_names_url_and_cache_path(tmp_path, monkeypatch):
         raise urllib.error.URLError("no network")
 
     cache = offline_cache(tmp_path, monkeypatch, no_network)
-    with pytest.raises(RuntimeError) as err:
+    with pytest.raises(tokenizer.VocabError) as err:
         Tokenizer()
     assert BPE_URL in str(err.value) and str(cache / BPE_FILE) in str(err.value) and "$VIFI_BPE" in str(err.value)
     assert os.listdir(cache) == []  # no temp file left behind
@@ -318,7 +321,7 @@ def test_no_network_error_names_url_and_cache_path(tmp_path, monkeypatch):
 
 def test_download_checks_sha256(bpe, tmp_path, monkeypatch):
     cache = offline_cache(tmp_path, monkeypatch, lambda *a, **k: FakeResponse(b"not the vocab"))
-    with pytest.raises(RuntimeError, match="Checksum mismatch"):
+    with pytest.raises(tokenizer.VocabError, match="Checksum mismatch"):
         Tokenizer()
     assert os.listdir(cache) == []
     if bpe is None:
@@ -486,3 +489,55 @@ def test_own_checkpoint_round_trip(tmp_path, mode):
         torch.testing.assert_close(loaded(video), model(video))
     assert loaded.classnames == CLASSES and loaded.mode == mode
     assert vifi.load_checkpoint(str(tmp_path / "own.pt"), classnames=["a", "b"]).classnames == ["a", "b"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bench.py
+
+import bench  # noqa: E402
+
+
+def test_image_flops_match_the_published_vit_b16_count():
+    # ViT-B/16 at 224 is 17.6 GMACs per image (timm's table), i.e. ~35.2 GFLOPs at 2 FLOPs per multiply-add
+    assert 34.5e9 < bench.image_flops(clip_model.CLIPConfig(), 224) < 35.5e9
+
+
+def test_random_tokens_give_realistic_prompt_lengths():
+    names = bench.class_names(400)
+    assert len(set(names)) == 400
+    tok = bench.RandomTokens(49408)
+    ids = tokenize([f"a photo of a {n}." for n in names], tokenizer=tok)
+    lengths = (ids.argmax(dim=-1) + 1).tolist()  # up to and including EOT, the largest id
+    assert set(lengths) == {9} and (ids.max(dim=-1).values == tok.eot).all()  # SOT a photo of a verb noun . EOT
+
+
+def test_bench_small_runs_and_writes_finite_numbers(tmp_path):
+    out = tmp_path / "bench.json"
+    # One thread: other test processes may share the cores, and OpenMP's spinning threads crawl when oversubscribed.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "bench.py", "--small", "--device", "cpu", "--json", str(out)], cwd=HERE,
+                         env=env, capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "frames/s" in run.stdout and "pipeline clips/s" in run.stdout
+    res = json.loads(out.read_text())
+
+    def positive(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+    assert res["device_type"] == "cpu" and res["torch"] and res["date"] and res["small"] is True
+    assert positive(res["peak_tflops"]) and res["peak_dtype"] == "float32"
+    classes = res["config"]["classes"]
+    expected = {"vision_train", "vision_infer", "memory_ckpt", "memory_no_ckpt"}
+    expected |= {f"vifi_{kind}_c{c}" for kind in ("train", "eval") for c in classes}
+    assert set(res["model"]) == expected
+    for key, row in res["model"].items():
+        for metric in ("ms", "frames_per_s", "tflops", "mfu"):
+            assert positive(row[metric]), (key, metric, row)
+    if os.access("/proc/self/clear_refs", os.W_OK):  # the CPU peak-memory measurement needs it
+        assert positive(res["model"]["memory_ckpt"]["peak_mb"]) and positive(res["model"]["memory_no_ckpt"]["peak_mb"])
+        assert positive(res["memory_ratio"])
+    assert set(res["data"]) == {f"{v}_t{t}" for v in ("ucf101", "kinetics") for t in res["config"]["data_T"]}
+    for key, rates in res["data"].items():
+        assert all(positive(rates[m]) for m in ("decode_clips_per_s", "pipeline_clips_per_s", "pipeline_over_decode"))
+    feed = res["data_feed"]
+    assert positive(feed["pipeline_clips_per_s"]) and positive(feed["train_clips_per_s"])

@@ -50,6 +50,10 @@ PIECES = regex.compile(
 )
 
 
+class VocabError(RuntimeError):
+    """The merges file cannot be found, fetched or read; the message says where to put it."""
+
+
 def bytes_to_unicode():
     """Byte value -> printable character. The dict's order fixes the ids of the first 256 tokens (as in CLIP)."""
     keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
@@ -83,12 +87,12 @@ def download_vocab(dest):
                             digest.update(chunk)
                             bar.update(len(chunk))
             except OSError as e:  # URLError, timeouts, resets
-                raise RuntimeError(
+                raise VocabError(
                     f"Could not download the BPE vocab from {BPE_URL} ({e}). Without network, download it "
                     f"elsewhere and place it at {dest}, or set $VIFI_BPE to its path."
                 ) from e
         if digest.hexdigest() != BPE_SHA256:
-            raise RuntimeError(
+            raise VocabError(
                 f"Checksum mismatch for {BPE_URL}: expected sha256 {BPE_SHA256}, got {digest.hexdigest()}. "
                 f"The download was discarded; retry, or place a good copy at {dest}."
             )
@@ -103,7 +107,7 @@ def find_vocab(bpe_path=None):
     path = bpe_path or os.environ.get("VIFI_BPE")
     if path:
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"BPE vocab {path} does not exist; expected OpenAI's {BPE_FILE} ({BPE_URL}).")
+            raise VocabError(f"BPE vocab {path} does not exist; expected OpenAI's {BPE_FILE} ({BPE_URL}).")
         return path
     path = os.path.join(cache_dir(), BPE_FILE)
     if not os.path.isfile(path):
@@ -116,10 +120,10 @@ def load_merges(path):
         with gzip.open(path, "rt", encoding="utf-8") as f:
             lines = f.read().split("\n")
     except (OSError, EOFError, UnicodeDecodeError) as e:  # not gzip, truncated, or not text
-        raise ValueError(f"BPE vocab {path} is not a readable gzip file ({e}); expected OpenAI's {BPE_FILE}.") from e
+        raise VocabError(f"BPE vocab {path} is not a readable gzip file ({e}); expected OpenAI's {BPE_FILE}.") from e
     merges = [tuple(line.split()) for line in lines[1 : N_MERGES + 1]]
     if "#version" not in lines[0] or any(len(m) != 2 for m in merges):
-        raise ValueError(f"BPE vocab {path} is not a merges file (a version line, then one pair per line).")
+        raise VocabError(f"BPE vocab {path} is not a merges file (a version line, then one pair per line).")
     return merges
 
 

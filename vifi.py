@@ -57,15 +57,18 @@ class ViFiCLIP(nn.Module):
     finetune: the towers named by `towers` train ('both' is ViFi-CLIP; 'image' and 'text' are the paper's ablations).
     prompt: every CLIP weight frozen; deep text and vision prompts train (n_ctx_* tokens, depth_* layers).
     zeroshot: vanilla CLIP, nothing trains.
+    norm names the pixel normalization the inputs need (data.py's CLIP or ImageNet constants).
     """
 
     def __init__(self, clip, classnames, mode="finetune", towers="both", template="a photo of a {}.",
-                 clean_names=True, n_ctx_text=10, n_ctx_vision=10, depth_text=12, depth_vision=12, tokenizer=None):
+                 clean_names=True, n_ctx_text=10, n_ctx_vision=10, depth_text=12, depth_vision=12, tokenizer=None,
+                 norm="clip"):
         super().__init__()
         if mode not in MODES or towers not in TOWERS:
             raise ValueError(f"mode must be one of {MODES} and towers one of {TOWERS}; got {mode!r}, {towers!r}")
         self.clip, self.mode, self.towers = clip, mode, towers
         self.template, self.clean_names = template, clean_names
+        self.norm = norm  # the pixel mean/std ('clip' or 'imagenet') the model expects: metadata for its users
         self.tokenizer = tokenizer or tokenizer_for(clip)
         self.text_prompts = nn.ParameterList()
         self.vision_prompts = nn.ParameterList()
@@ -220,7 +223,8 @@ def load_official_checkpoint(path, clip, classnames, clean_names=False, **kw):
         raise clip_model.CheckpointError(f"{e}. Does the base CLIP match the checkpoint? Its config says {arch}.") from None
     prompted = dict(mode="prompt", n_ctx_text=len(text_p[0]), n_ctx_vision=len(vision_p[0]),
                     depth_text=len(text_p), depth_vision=len(vision_p)) if text_p else dict(mode="finetune")
-    model = ViFiCLIP(model_clip.to(clip.logit_scale.device), classnames, clean_names=clean_names, **{**prompted, **kw})
+    model = ViFiCLIP(model_clip.to(clip.logit_scale.device), classnames, clean_names=clean_names, norm="imagenet",
+                     **{**prompted, **kw})
     with torch.no_grad():
         for params, found in ((model.text_prompts, text_p), (model.vision_prompts, vision_p)):
             for i, p in enumerate(params):
@@ -231,7 +235,7 @@ def load_official_checkpoint(path, clip, classnames, clean_names=False, **kw):
 def checkpoint_config(model):
     """What load_checkpoint needs to rebuild a ViFiCLIP around its saved weights."""
     return dict(mode=model.mode, towers=model.towers, template=model.template, clean_names=model.clean_names,
-                classnames=model.classnames,
+                norm=model.norm, classnames=model.classnames,
                 n_ctx_text=len(model.text_prompts[0]) if model.text_prompts else 0, depth_text=len(model.text_prompts),
                 n_ctx_vision=len(model.vision_prompts[0]) if model.vision_prompts else 0,
                 depth_vision=len(model.vision_prompts))
