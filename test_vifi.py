@@ -5,6 +5,7 @@ Parity tests read the reference fixtures (outputs of openai/CLIP and of the offi
 $VIFI_FIXTURES, else from ../shared/fixtures beside the checkout; with neither they are skipped with a reason.
 When $VIFI_FIXTURES is set (as CI sets it), a missing fixture fails instead of skipping.
 """
+import argparse
 import io
 import json
 import math
@@ -541,3 +542,123 @@ def test_bench_small_runs_and_writes_finite_numbers(tmp_path):
         assert all(positive(rates[m]) for m in ("decode_clips_per_s", "pipeline_clips_per_s", "pipeline_over_decode"))
     feed = res["data_feed"]
     assert positive(feed["pipeline_clips_per_s"]) and positive(feed["train_clips_per_s"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# train.py
+
+import data  # noqa: E402
+import train  # noqa: E402
+
+# A few seconds per epoch on a CPU: 2 synthetic clips per base class, a micro-batch of 6, mixup and cutmix on so
+# that resuming must restore the random state too.
+TINY_RUN = ["--dataset", "synthetic", "--shots", "2", "--batch-size", "6", "--micro-batch", "3", "--epochs", "2",
+            "--mixup", "0.8", "--cutmix", "1.0", "--label-smoothing", "0.1", "--device", "cpu"]
+
+
+def run_cli(*argv, env=None, timeout=300):
+    return subprocess.run([sys.executable, *argv], cwd=HERE, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def test_presets_follow_the_protocol_and_flags_win():
+    args = train.get_args(["--dataset", "ucf101", "--root", "x", "--shots", "8"])
+    assert (args.protocol, args.frames, args.batch_size, args.lr, args.epochs, args.eval_every) == ("few-shot", 32, 64, 2e-6, 50, 10)
+    args = train.get_args(["--dataset", "hmdb51", "--root", "x", "--base-novel", "--mode", "prompt", "--lr", "0.01"])
+    assert (args.protocol, args.lr, args.n_ctx, args.depth, args.epochs) == ("base-novel-prompt", 0.01, [16], [9], 11)
+    args = train.get_args(["--dataset", "k400", "--root", "x"])
+    assert (args.protocol, args.frames, args.batch_size, args.views) == ("supervised", 16, 512, "4x3")
+    args = train.get_args(["--dataset", "k400", "--root", "x", "--eval-datasets", "ucf101,hmdb51,k600"])
+    assert (args.protocol, args.batch_size, args.lr) == ("zero-shot", 256, 8e-6)
+    args = train.get_args(["--dataset", "ucf101", "--root", "x", "--mode", "zeroshot"])
+    assert args.protocol == "vanilla-zero-shot" and args.eval_only
+
+
+def test_lr_schedule_warms_up_then_decays_to_a_hundredth():
+    f = [train.lr_factor(s, 10, 100) for s in range(101)]
+    assert f[0] == 0 and f[5] == 0.5 and f[10] == 1.0 and abs(f[100] - 0.01) < 1e-9
+    assert all(a >= b for a, b in zip(f[10:], f[11:]))
+
+
+def test_mix_targets_sum_to_one_and_keep_frames_aligned():
+    args = argparse.Namespace(label_smoothing=0.1, mixup=0.8, cutmix=1.0, mix_switch=0.5)
+    video = torch.arange(4.0).view(4, 1, 1, 1, 1).expand(4, 3, 3, 8, 8)
+    for _ in range(10):
+        mixed, target = train.mix(video, torch.tensor([0, 1, 2, 3]), 5, args)
+        torch.testing.assert_close(target.sum(1), torch.ones(4))
+        assert torch.equal(mixed[:, :1].expand_as(mixed), mixed)  # the same mix for every frame of a clip
+        assert target.max() <= 0.9 + 0.1 / 5 + 1e-6
+
+
+def test_sampler_counts_every_test_video_once_and_shuffles_per_epoch():
+    shares = [train.EpochSampler(11, r, 3, shuffle=False).indices() for r in range(3)]
+    assert sorted(i for s in shares for i in s) == list(range(11))
+    s = train.EpochSampler(11, 0, 2, shuffle=True, seed=1)
+    first = s.indices()
+    s.epoch = 1
+    assert len(first) == len(s.indices()) == 5 and first != s.indices()
+
+
+def test_resume_gives_identical_weights(tmp_path, monkeypatch):
+    straight = train.main(train.get_args(TINY_RUN + ["--out", str(tmp_path / "a")]))
+    calls = []
+
+    def stop_after_first_epoch(*a):  # as if the job were killed right after epoch 1's checkpoint
+        calls.append(1)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, "write_curves", stop_after_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(train.get_args(TINY_RUN + ["--out", str(tmp_path / "b")]))
+    monkeypatch.undo()
+    resumed = train.main(train.get_args(TINY_RUN + ["--out", str(tmp_path / "b"), "--resume", str(tmp_path / "b" / "last.pt")]))
+    a = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 1 and a["step"] == b["step"] > 0
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    assert straight == resumed
+    outs = set(os.listdir(tmp_path / "a"))
+    assert {"results.json", "log.jsonl", "last.pt", "best.pt", "curves.svg", "train_list.txt"} <= outs
+    log = [json.loads(line) for line in open(tmp_path / "a" / "log.jsonl")]
+    assert [r["epoch"] for r in log] == [1, 2] and {"loss", "lr", "clips_per_s", "top1"} <= set(log[-1])
+    res = json.load(open(tmp_path / "a" / "results.json"))
+    assert res["results"]["base"]["videos"] == res["results"]["novel"]["videos"] == 9 * 16
+    assert res["train_videos"] == 18 and "harmonic_mean" in res["results"]
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    normalize, calls = data.normalize, []
+
+    def poisoned(video, *a):  # the second epoch's first batch turns to NaN
+        calls.append(1)
+        out = normalize(video, *a)
+        return out * float("nan") if len(calls) == 7 else out
+    monkeypatch.setattr(data, "normalize", poisoned)
+    with pytest.raises(FloatingPointError, match=r"at optimizer step 4 \(epoch 2\).*last.pt"):
+        train.main(train.get_args(TINY_RUN + ["--out", str(tmp_path), "--eval-every", "0"]))
+    ck = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert ck["epoch"] == 0 and all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+
+
+def test_cli_errors_exit_2_with_a_clear_message(tmp_path):
+    run = run_cli("train.py", "--dataset", "ucf101", "--root", str(tmp_path), "--shots", "2", "--model", "scratch")
+    assert run.returncode == 2 and "ucfTrainTestlist" in run.stderr and "Traceback" not in run.stderr
+    run = run_cli("train.py", "--dataset", "synthetic", "--model", "ViT-B/32", env={"VIFI_CACHE": str(tmp_path)})
+    assert run.returncode == 2 and clip_model.MODELS["ViT-B/32"] in run.stderr and "Traceback" not in run.stderr
+
+
+def test_eval_only_official_checkpoint(tmp_path, expected):
+    out = tmp_path / "ev"
+    results = train.main(train.get_args(["--dataset", "synthetic", "--eval-only", "--model", fixture("clip_tiny_openai_jit.pt"),
+                                         "--checkpoint", fixture("vifi_official_prompt_ckpt.pth"), "--out", str(out),
+                                         "--device", "cpu", "--frames", "2"]))
+    assert results["base"]["videos"] == 144 and 0 <= results["base"]["top1"] <= 100
+    assert json.load(open(out / "results.json"))["norm"] == "imagenet"  # official models were trained with it
+
+
+def test_distributed_two_processes_count_every_video_once(tmp_path):
+    run = run_cli("-m", "torch.distributed.run", "--nproc_per_node", "2", "train.py", *TINY_RUN, "--epochs", "1",
+                  "--out", str(tmp_path), timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    res = json.load(open(tmp_path / "results.json"))
+    assert res["results"]["base"]["videos"] == 144 and res["results"]["novel"]["videos"] == 144

@@ -189,11 +189,12 @@ def read_checkpoint(path):
         raise clip_model.CheckpointError(f"{path}: not a ViFi-CLIP checkpoint ({type(e).__name__}: {e})") from None
 
 
-def load_official_checkpoint(path, clip, classnames, clean_names=False, **kw):
+def load_official_checkpoint(path, clip, classnames, clean_names=False, ck=None, **kw):
     """A ViFiCLIP holding an official ViFi-CLIP release (fine-tuned or prompt-learned). `clip` is the base CLIP it
     was trained from: it supplies the token embedding, which the official checkpoints do not store. Official models
-    were trained on raw class names (clean_names=False) and ImageNet mean/std pixels."""
-    ck = read_checkpoint(path)
+    were trained on raw class names (clean_names=False) and ImageNet mean/std pixels. `ck`: the file's contents, if
+    already read."""
+    ck = read_checkpoint(path) if ck is None else ck
     sd = ck.get("model", ck) if isinstance(ck, dict) else {}
     sd = {k.removeprefix("module."): v for k, v in sd.items()}
     if "image_encoder.conv1.weight" not in sd:
@@ -241,14 +242,15 @@ def checkpoint_config(model):
                 depth_vision=len(model.vision_prompts))
 
 
-def load_checkpoint(path, clip=None, classnames=None, tokenizer=None, **kw):
+def load_checkpoint(path, clip=None, classnames=None, tokenizer=None, ck=None, **kw):
     """Any checkpoint: this project's ({'model': state dict, 'vifi': checkpoint_config(...)}, self-contained) or
-    an official one (needs the base `clip`). `classnames` replaces the saved class list."""
-    ck = read_checkpoint(path)
+    an official one (needs the base `clip`). `classnames` replaces the saved class list; `ck`: the file's contents,
+    if already read."""
+    ck = read_checkpoint(path) if ck is None else ck
     if not (isinstance(ck, dict) and "vifi" in ck):
         if clip is None:
             raise clip_model.CheckpointError(f"{path} is an official ViFi-CLIP checkpoint: pass the base CLIP (--model)")
-        return load_official_checkpoint(path, clip, classnames, **kw)
+        return load_official_checkpoint(path, clip, classnames, ck=ck, **kw)
     cfg = {**ck["vifi"], **kw}
     names = classnames or cfg.pop("classnames")
     cfg.pop("classnames", None)

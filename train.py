@@ -1,0 +1,487 @@
+"""
+Train and evaluate ViFi-CLIP on every protocol of the paper, from one command.
+
+    python train.py --dataset synthetic                             # offline demo: a small CLIP from scratch, CPU
+    python train.py --dataset ucf101 --root DIR --shots 8           # few-shot fine-tuning (Table 4)
+    python train.py --dataset hmdb51 --root DIR --base-novel --seed 1 --mode prompt --checkpoint K400.pth
+    torchrun --nproc_per_node 8 train.py --dataset k400 --root DIR  # fully supervised, 8 GPUs
+
+The protocol follows from the flags (see `protocol()`); its settings come from PRESETS and any flag overrides
+them. `--batch-size` is the effective batch of one optimizer step over all processes; `--micro-batch` is what one
+device holds at once, and gradients accumulate over the difference, so the paper's batch holds on any number of
+GPUs. Writes `results.json`, `log.jsonl`, `last.pt`, `best.pt`, `curves.svg` and the split lists to `--out`.
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import clip_model
+import data
+import tokenizer
+import vifi
+
+# Paper settings per protocol (Sec. 4 and the official configs). Any flag given on the command line wins.
+PRESETS = {
+    "few-shot":          dict(frames=32, batch_size=64, lr=2e-6, epochs=50, eval_every=10),
+    "few-shot-prompt":   dict(frames=32, batch_size=64, lr=8e-3, epochs=50, eval_every=10, n_ctx=[10], depth=[12]),
+    "base-novel":        dict(frames=32, batch_size=64, lr=2e-6, epochs=11, shots=16),
+    "base-novel-prompt": dict(frames=32, batch_size=64, lr=4e-2, epochs=11, shots=16, n_ctx=[16], depth=[9]),
+    "zero-shot":         dict(frames=32, batch_size=256, lr=8e-6, epochs=10),
+    "supervised":        dict(frames=16, batch_size=512, lr=2.2e-5, epochs=30, views="4x3"),
+    "vanilla-zero-shot": dict(frames=32, epochs=0),
+    # The offline demo: a small CLIP from scratch with the byte-level tokenizer on rendered clips; its base
+    # classes train, its novel classes (unseen combinations of seen words) are only evaluated.
+    "synthetic":         dict(model="scratch", frames=8, batch_size=32, micro_batch=32, lr=2e-3, epochs=12,
+                              warmup_epochs=1, label_smoothing=0.0, mixup=0.0, cutmix=0.0, shots=0, workers=0),
+}
+DEFAULTS = dict(model="ViT-B/16", frames=32, batch_size=64, micro_batch=8, lr=2e-6, epochs=10, eval_every=0,
+                warmup_epochs=5, weight_decay=0.001, label_smoothing=0.1, mixup=0.8, cutmix=1.0, mix_switch=0.5,
+                views="1x1", shots=16, n_ctx=[10], depth=[12], workers=min(8, os.cpu_count() or 1))
+SCRATCH = clip_model.CLIPConfig(embed_dim=64, image_resolution=32, vision_layers=2, vision_width=128, patch_size=4,
+                                context_length=32, vocab_size=tokenizer.Tokenizer(byte_level=True).vocab_size,
+                                text_width=128, text_layers=2)
+
+
+def protocol(args):
+    if args.dataset == "synthetic":
+        return "synthetic"
+    if args.mode == "zeroshot":
+        return "vanilla-zero-shot"
+    prompt = "-prompt" if args.mode == "prompt" else ""
+    if args.base_novel:
+        return "base-novel" + prompt
+    if args.shots:
+        return "few-shot" + prompt
+    return "zero-shot" if args.eval_datasets else "supervised"
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default="synthetic", help="synthetic, ucf101, hmdb51, k400, k600, ssv2 or list")
+    g.add_argument("--root", help="folder the dataset unpacks into (see README for each layout)")
+    g.add_argument("--fold", type=int, default=1, help="UCF101 / HMDB51 split 1-3")
+    g.add_argument("--shots", type=int, help="few-shot: videos per class (2, 4, 8, 16); 0 = all")
+    g.add_argument("--base-novel", action="store_true", help="base-to-novel: train on base classes, test both halves")
+    g.add_argument("--seed", type=int, default=1, help="few-shot / base-novel draw and training seed")
+    g.add_argument("--eval-datasets", help="zero-shot: comma list of ucf101,hmdb51,k600 evaluated after training")
+    g.add_argument("--eval-roots", default="", help="their roots: ucf101=DIR,hmdb51=DIR,k600=DIR")
+    g.add_argument("--train-list", help="--dataset list: 'path label' lines (e.g. the paper's split files)")
+    g.add_argument("--test-list", help="--dataset list: the test list")
+    g.add_argument("--labels", help="--dataset list: the 'id,name' labels CSV")
+    g.add_argument("--frames", type=int, help="frames per clip (T)")
+    g.add_argument("--input-size", type=int, help="pixels (default: the model's own resolution)")
+    g.add_argument("--views", help="test views as CLIPSxCROPS, e.g. 4x3")
+    g.add_argument("--norm", choices=["clip", "imagenet"], help="pixel mean/std (default: the checkpoint's; imagenet "
+                                                              "for official ones, which were trained with it; else clip)")
+    g.add_argument("--workers", type=int, help="DataLoader worker processes per GPU")
+    g = p.add_argument_group("model")
+    g.add_argument("--mode", default="finetune", choices=vifi.MODES)
+    g.add_argument("--towers", default="both", choices=vifi.TOWERS, help="finetune: which encoders train")
+    g.add_argument("--model", help="CLIP name (ViT-B/16, ...), checkpoint path, or 'scratch'")
+    g.add_argument("--checkpoint", help="start from (or with --eval-only, evaluate) an own or official checkpoint")
+    g.add_argument("--n-ctx", type=int, nargs="+", help="prompt tokens: one value, or text and vision")
+    g.add_argument("--depth", type=int, nargs="+", help="prompt depth: one value, or text and vision")
+    g.add_argument("--template", default="a photo of a {}.", help="text prompt of a class name")
+    g = p.add_argument_group("optimization")
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--lr", type=float, help="peak learning rate, for the effective batch")
+    g.add_argument("--batch-size", type=int, help="effective batch: clips per optimizer step over all processes")
+    g.add_argument("--micro-batch", type=int, help="clips per forward on one device")
+    g.add_argument("--weight-decay", type=float)
+    g.add_argument("--warmup-epochs", type=float)
+    g.add_argument("--label-smoothing", type=float)
+    g.add_argument("--mixup", type=float, help="mixup alpha (0 = off)")
+    g.add_argument("--cutmix", type=float, help="cutmix alpha (0 = off)")
+    g.add_argument("--mix-switch", type=float, help="probability of cutmix instead of mixup when both are on")
+    g.add_argument("--eval-every", type=int, help="epochs between evaluations (0 = at the end only)")
+    g = p.add_argument_group("runtime")
+    g.add_argument("--device", help="cuda, cpu, ... (default: the best available)")
+    g.add_argument("--precision", choices=["bf16", "fp16", "fp32"], help="autocast dtype (default: bf16 on GPU)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations: less memory")
+    g.add_argument("--out", help="output folder (default: runs/<dataset>-<protocol>)")
+    g.add_argument("--resume", help="continue from DIR/last.pt")
+    g.add_argument("--eval-only", action="store_true")
+    args = p.parse_args(argv)
+    args.protocol = protocol(args)
+    given = {k: v for k, v in vars(args).items() if v is not None}
+    for k, v in {**DEFAULTS, **PRESETS[args.protocol], **given}.items():
+        setattr(args, k, v)
+    if args.protocol == "vanilla-zero-shot":
+        args.eval_only = True
+    args.out = args.out or os.path.join("runs", f"{args.dataset}-{args.protocol}")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data
+
+def datasets(args):
+    """(train set or None, {name: test set}) for the protocol; splits are applied here."""
+    views = [int(v) for v in args.views.split("x")]
+    common = dict(frames=args.frames, size=args.input_size, clips=views[0], crops=views[1], seed=args.seed)
+
+    def build(name, root, split, fold=args.fold, **kw):
+        if name == "list":
+            return data.build_dataset("list", root, split, list_file=kw.pop("list_file"), labels_file=args.labels,
+                                      **common, **kw)
+        return data.build_dataset(name, root, split, fold=fold, **common, **kw)
+
+    lists = dict(train=dict(list_file=args.train_list), test=dict(list_file=args.test_list)) if args.dataset == "list" \
+        else dict(train={}, test={})
+    test = build(args.dataset, args.root, "test", **lists["test"])
+    train = None if args.eval_only else build(args.dataset, args.root, "train", **lists["train"])
+    tests = {"test": test}
+    if args.base_novel or args.protocol == "synthetic":
+        base, novel = data.base_novel_classes(train or build(args.dataset, args.root, "train", **lists["train"]))
+        train = train and data.subset_classes(train, base)
+        tests = {"base": data.subset_classes(test, base), "novel": data.subset_classes(test, novel)}
+    if train is not None and args.shots:
+        train = data.few_shot(train, args.shots, args.seed)
+    roots = dict(kv.split("=", 1) for kv in args.eval_roots.split(",") if kv)
+    for name in filter(None, (args.eval_datasets or "").split(",")):
+        if name not in roots:
+            raise data.DatasetError(f"--eval-datasets {name} needs its folder: --eval-roots {name}=DIR")
+        if name == "k600":  # Kinetics-600 classes absent from Kinetics-400, three seeded subsets of 160
+            k600 = build("k600", roots[name], "test")
+            for s in (1, 2, 3):
+                tests[f"k600-subset{s}"] = data.k600_novel_subset(k600, (train or test).classnames, seed=s)
+        else:
+            for fold in (1, 2, 3):
+                tests[f"{name}-fold{fold}"] = build(name, roots[name], "test", fold=fold)
+    return train, tests
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """This process's share of the indices: shuffled by (seed, epoch) for training, so a resumed run sees the same
+    order; in order and never padded for evaluation, so every video counts exactly once on any number of GPUs."""
+
+    def __init__(self, n, rank, world, shuffle, seed=0):
+        self.n, self.rank, self.world, self.shuffle, self.seed, self.epoch = n, rank, world, shuffle, seed, 0
+
+    def indices(self):
+        if not self.shuffle:
+            return list(range(self.rank, self.n, self.world))
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1000 + self.epoch))
+        keep = max(self.n // self.world, 1) * self.world  # equal shares: every process makes the same steps
+        return order.repeat(math.ceil(keep / self.n))[:keep][self.rank::self.world].tolist()
+
+    def __iter__(self):
+        return iter(self.indices())
+
+    def __len__(self):
+        return len(self.indices())
+
+
+def loader(dataset, args, rank, world, train):
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=args.micro_batch, sampler=EpochSampler(len(dataset), rank, world, train, args.seed),
+        num_workers=args.workers, pin_memory=args.device.startswith("cuda"), persistent_workers=args.workers > 0,
+        prefetch_factor=4 if args.workers > 0 else None)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model, loss, schedule
+
+def load_clip(args):
+    if args.model == "scratch":
+        torch.manual_seed(args.seed)
+        return clip_model.CLIP(SCRATCH)
+    return clip_model.load(args.model)
+
+
+def build_model(args, clip, classnames, own=None, ck=None):
+    """The ViFiCLIP to train or evaluate, and the pixel mean/std it expects. own: the model of an own --checkpoint;
+    ck: the contents of an official one (its weights go onto `clip`)."""
+    kw = dict(mode=args.mode, towers=args.towers, template=args.template, n_ctx_text=args.n_ctx[0],
+              n_ctx_vision=args.n_ctx[-1], depth_text=args.depth[0], depth_vision=args.depth[-1])
+    if not args.checkpoint:
+        model = vifi.ViFiCLIP(clip, classnames, **kw)
+    else:
+        loaded = own or vifi.load_official_checkpoint(args.checkpoint, clip, classnames, ck=ck)
+        loaded.set_classnames(classnames)
+        # Evaluate it as it is, continue its own mode, or build the asked-for mode on its (video-fine-tuned) CLIP,
+        # as "bridge and prompt" starts prompting from a fine-tuned model.
+        keep = args.eval_only or loaded.mode == args.mode
+        model = loaded if keep else vifi.ViFiCLIP(loaded.clip, classnames, norm=loaded.norm, **kw)
+    model.norm = args.norm or model.norm
+    mean, std = (data.IMAGENET_MEAN, data.IMAGENET_STD) if model.norm == "imagenet" else (data.CLIP_MEAN, data.CLIP_STD)
+    if args.grad_checkpointing:
+        model.clip.set_grad_checkpointing(True)
+    return model, (mean, std)
+
+
+def mix(video, labels, num_classes, args):
+    """Mixup / CutMix with label smoothing (as timm's, which the official code uses); the same box for every frame.
+    video: (B, T, 3, H, W) float, labels: (B,) -> mixed video, soft targets (B, C)."""
+    off = args.label_smoothing / num_classes
+    target = torch.full((len(labels), num_classes), off, device=video.device)
+    target.scatter_(1, labels[:, None], 1 - args.label_smoothing + off)
+    use_cutmix = args.cutmix > 0 and (args.mixup <= 0 or random.random() < args.mix_switch)
+    alpha = args.cutmix if use_cutmix else args.mixup
+    if alpha <= 0:
+        return video, target
+    lam = random.betavariate(alpha, alpha)
+    if use_cutmix:
+        H, W = video.shape[-2:]
+        h, w = int(H * math.sqrt(1 - lam)), int(W * math.sqrt(1 - lam))
+        y, x = random.randint(0, H - h), random.randint(0, W - w)
+        video = video.clone()
+        video[..., y:y + h, x:x + w] = video.flip(0)[..., y:y + h, x:x + w]
+        lam = 1 - h * w / (H * W)  # the exact share of the pixels kept
+    else:
+        video = lam * video + (1 - lam) * video.flip(0)
+    return video, lam * target + (1 - lam) * target.flip(0)
+
+
+def lr_factor(step, warmup, total):
+    """Linear warm-up from 0, then cosine down to 1/100 of the peak, per optimizer step."""
+    if step < warmup:
+        return step / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation
+
+@torch.no_grad()
+def evaluate(model, dataset, args, norm, device, autocast, rank, world, desc):
+    """Softmax per view, averaged over views; top-1 / top-5 over every video exactly once, summed over processes."""
+    model.eval()
+    failures = data.FailureLog(len(dataset))
+    counts = torch.zeros(3, device=device)  # top-1 hits, top-5 hits, videos
+    for batch in tqdm(loader(dataset, args, rank, world, train=False), desc=desc, leave=False, disable=rank > 0):
+        failures.update(batch["failed"])
+        video = data.normalize(batch["video"].to(device, non_blocking=True), *norm)
+        if video.dim() == 5:
+            video = video[:, None]  # one view: (B, T, 3, H, W) -> (B, 1, T, 3, H, W)
+        B, V = video.shape[:2]
+        with autocast:
+            logits = model(video.flatten(0, 1))  # (B, V, T, 3, H, W) -> (B*V, T, 3, H, W) -> (B*V, C)
+        probs = logits.float().softmax(-1).view(B, V, -1).mean(1)  # (B*V, C) -> (B, C)
+        top5 = probs.topk(min(5, probs.shape[1]), dim=-1).indices.cpu()
+        labels = batch["label"][:, None]
+        counts += torch.tensor([(top5[:, :1] == labels).sum(), (top5 == labels).sum(), B], device=device)
+    if world > 1:
+        dist.all_reduce(counts)
+    hits1, hits5, n = counts.tolist()
+    return dict(top1=100 * hits1 / n, top5=100 * hits5 / n, videos=int(n), classes=len(dataset.classnames),
+                views=args.views, failures=len(failures.failures), failed_first=list(failures.failures)[:5])
+
+
+def evaluate_all(model, tests, args, norm, device, autocast, rank, world):
+    results = {}
+    for name, dataset in tests.items():
+        model.set_classnames(dataset.classnames)  # base / novel / other datasets: the text cache follows
+        results[name] = evaluate(model, dataset, args, norm, device, autocast, rank, world, f"eval {name}")
+    if "base" in results:  # base-to-novel: the harmonic mean of the two halves
+        b, n = results["base"]["top1"], results["novel"]["top1"]
+        results["harmonic_mean"] = 2 * b * n / (b + n) if b + n else 0.0
+    for group in {k.rsplit("-", 1)[0] for k in results if k.rsplit("-", 1)[-1].startswith(("fold", "subset"))}:
+        accs = torch.tensor([v["top1"] for k, v in results.items() if k.startswith(group + "-")])
+        results[group] = dict(mean_top1=accs.mean().item(), std_top1=accs.std(unbiased=False).item())
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Outputs
+
+def save_atomic(obj, path):
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)  # a crash mid-write never leaves a half checkpoint under the real name
+
+
+def write_curves(log, path):
+    """loss and top-1 per epoch as a dependency-free SVG line chart."""
+    W, H, pad = 640, 320, 40
+    series = [("loss", "#d62728", [(r["epoch"], r["loss"]) for r in log if "loss" in r]),
+              ("top-1 %", "#1f77b4", [(r["epoch"], r["top1"]) for r in log if "top1" in r])]
+    last = max([e for _, _, pts in series for e, _ in pts] + [1])
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">',
+           f'<rect width="{W}" height="{H}" fill="white"/>',
+           f'<line x1="{pad}" y1="{H - pad}" x2="{W - pad}" y2="{H - pad}" stroke="black"/>',
+           f'<text x="{W / 2}" y="{H - 10}" text-anchor="middle">epoch (1..{last})</text>']
+    for i, (name, colour, pts) in enumerate(series):
+        if not pts:
+            continue
+        top = max(v for _, v in pts) or 1  # each series scaled to its own maximum, named in the legend
+        xy = " ".join(f"{pad + (W - 2 * pad) * e / last:.1f},{H - pad - (H - 2 * pad) * v / top:.1f}" for e, v in pts)
+        out += [f'<polyline points="{xy}" fill="none" stroke="{colour}" stroke-width="2"/>',
+                f'<text x="{pad + 10}" y="{20 + 16 * i}" fill="{colour}">{name} (max {top:.3g})</text>']
+    with open(path, "w") as f:
+        f.write("\n".join(out + ["</svg>"]))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+def main(args):
+    t_start = time.time()
+    distributed = "RANK" in os.environ
+    if distributed:
+        dist.init_process_group("nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(f"cuda:{local}" if args.device == "cuda" and distributed else args.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[args.precision]
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+    random.seed(args.seed + rank)
+    torch.manual_seed(args.seed + rank)
+
+    # An own checkpoint holds its whole model; an official one needs the base CLIP (--model) it was trained from.
+    ck = vifi.read_checkpoint(args.checkpoint) if args.checkpoint else None
+    own = vifi.load_checkpoint(args.checkpoint, ck=ck) if ck and "vifi" in ck else None
+    clip = own.clip if own else load_clip(args)
+    args.input_size = args.input_size or clip.config.image_resolution  # the model's own resolution by default
+    train_set, tests = datasets(args)
+    classnames = (train_set or next(iter(tests.values()))).classnames
+    model, norm = build_model(args, clip, classnames, own, ck)
+    del ck  # an own checkpoint's optimizer state is not needed any more
+    model.to(device)
+    os.makedirs(args.out, exist_ok=True)
+    if rank == 0:
+        for name, ds in {"train": train_set, **tests}.items():
+            if ds is not None:
+                data.write_list(ds, os.path.join(args.out, f"{name}_list.txt"), os.path.join(args.out, f"{name}_labels.csv"))
+
+    log, best, epoch0, step, results = [], -1.0, 0, 0, None
+    if not args.eval_only:
+        accum = max(1, args.batch_size // (args.micro_batch * world))
+        train_loader = loader(train_set, args, rank, world, train=True)
+        steps_per_epoch = math.ceil(len(train_loader) / accum)
+        params = model.trainable_parameters()
+        optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.98), eps=1e-8, weight_decay=args.weight_decay,
+                                      fused=device.type == "cuda")
+        warmup, total = args.warmup_epochs * steps_per_epoch, args.epochs * steps_per_epoch
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total))
+        scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
+        if args.resume:
+            ck = torch.load(args.resume, map_location="cpu", weights_only=True)
+            model.load_state_dict(ck["model"])
+            optimizer.load_state_dict(ck["optimizer"])
+            scheduler.load_state_dict(ck["scheduler"])
+            scaler.load_state_dict(ck["scaler"])
+            epoch0, step, best, log = ck["epoch"] + 1, ck["step"], ck["best_top1"], ck["log"]
+            random.setstate(ck["rng"]["python"])
+            torch.set_rng_state(ck["rng"]["torch"])
+        train_model = torch.compile(model) if args.compile else model
+        if distributed:
+            train_model = torch.nn.parallel.DistributedDataParallel(
+                train_model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def checkpoint(epoch):
+        rng = {"python": random.getstate(), "torch": torch.get_rng_state()}
+        return {"model": model.state_dict(), "vifi": vifi.checkpoint_config(model), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch, "step": step,
+                "best_top1": best, "log": log, "rng": rng, "args": {k: v for k, v in vars(args).items()}}
+
+    epochs = [] if args.eval_only else range(epoch0, args.epochs)
+    main_test = "base" if "base" in tests else next(iter(tests))
+    for epoch in tqdm(epochs, desc="epochs", disable=rank > 0, initial=epoch0, total=args.epochs):
+        model.train()
+        train_loader.sampler.epoch = epoch
+        failures = data.FailureLog(len(train_set))
+        seen, t0, losses = 0, time.time(), []
+        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}", leave=False, disable=rank > 0)
+        for i, batch in enumerate(bar):
+            failures.update(batch["failed"])
+            video = data.normalize(batch["video"].to(device, non_blocking=True), *norm)
+            video, target = mix(video, batch["label"].to(device), len(classnames), args)
+            group = min(accum, len(train_loader) - i // accum * accum)  # micro-batches in this optimizer step
+            last = (i + 1) % accum == 0 or i + 1 == len(train_loader)
+            sync = contextlib.nullcontext() if last or not distributed else train_model.no_sync()
+            with sync:
+                with autocast:
+                    logits = train_model(video)
+                loss = torch.sum(-target * logits.float().log_softmax(-1), dim=-1).mean()
+                scaler.scale(loss / group).backward()
+            losses.append(loss.detach())
+            seen += len(video) * world
+            if last:
+                step_loss = torch.stack(losses[-group:]).mean().item()  # one sync per optimizer step
+                if not math.isfinite(step_loss):
+                    raise FloatingPointError(f"loss is {step_loss} at optimizer step {step + 1} (epoch {epoch + 1}); "
+                                             f"stopped. The last good checkpoint is {args.out}/last.pt")
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                step += 1
+                bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
+                                clips_per_s=f"{seen / (time.time() - t0):.1f}")
+        if failures.failures and rank == 0:
+            tqdm.write(f"epoch {epoch + 1}: {failures.report()}")
+        row = dict(epoch=epoch + 1, step=step, loss=torch.stack(losses).mean().item(), lr=scheduler.get_last_lr()[0],
+                   clips_per_s=seen / (time.time() - t0), failures=len(failures.failures))
+        if epoch + 1 == args.epochs:  # the final evaluation: every test set, with the protocol's views
+            results = evaluate_all(model, tests, args, norm, device, autocast, rank, world)
+            row.update(top1=results[main_test]["top1"], top5=results[main_test]["top5"])
+        elif args.eval_every and (epoch + 1) % args.eval_every == 0:
+            model.set_classnames(tests[main_test].classnames)
+            row.update({k: v for k, v in evaluate(model, tests[main_test], args, norm, device, autocast, rank, world,
+                                                  f"eval {main_test}").items() if k in ("top1", "top5")})
+            model.set_classnames(classnames)
+        log.append(row)
+        if rank == 0:
+            improved = row.get("top1", -1) > best
+            best = max(best, row.get("top1", -1))
+            ck = checkpoint(epoch)
+            save_atomic(ck, os.path.join(args.out, "last.pt"))
+            if improved:
+                save_atomic(ck, os.path.join(args.out, "best.pt"))
+            with open(os.path.join(args.out, "log.jsonl"), "a") as f:
+                f.write(json.dumps(row) + "\n")
+            write_curves(log, os.path.join(args.out, "curves.svg"))
+            tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+
+    if results is None:  # evaluation only, or resumed after the last epoch
+        results = evaluate_all(model, tests, args, norm, device, autocast, rank, world)
+    if rank == 0:
+        summary = dict(protocol=args.protocol, dataset=args.dataset, model=args.model, mode=args.mode,
+                       checkpoint=args.checkpoint, norm=model.norm, frames=args.frames, input_size=args.input_size, views=args.views,
+                       train_videos=len(train_set) if train_set is not None else 0, classes=len(classnames),
+                       epochs=args.epochs, wall_time_s=time.time() - t_start, results=results,
+                       settings={k: v for k, v in vars(args).items() if not k.startswith("_")})
+        with open(os.path.join(args.out, "results.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        print(f"\n{'set':<20}{'videos':>8}{'classes':>9}{'top-1':>9}{'top-5':>9}")
+        for name, r in results.items():
+            if not isinstance(r, dict):
+                print(f"{name:<20}{'':>17}{r:>9.2f}")
+            elif "top1" in r:
+                print(f"{name:<20}{r['videos']:>8}{r['classes']:>9}{r['top1']:>9.2f}{r['top5']:>9.2f}")
+            else:
+                print(f"{name:<20}{'mean':>8}{'':>9}{r['mean_top1']:>9.2f}  ± {r['std_top1']:.2f}")
+        print(f"results in {args.out}/results.json")
+    if distributed:
+        dist.destroy_process_group()
+    return results
+
+
+if __name__ == "__main__":
+    args = get_args()
+    try:
+        main(args)
+    except (data.DatasetError, clip_model.CheckpointError, tokenizer.VocabError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except FloatingPointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
