@@ -10,6 +10,7 @@ import io
 import json
 import math
 import os
+import random
 import subprocess
 import sys
 import urllib.error
@@ -545,9 +546,400 @@ def test_bench_small_runs_and_writes_finite_numbers(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# train.py
+# data.py
 
 import data  # noqa: E402
+
+
+def frame_codes(video):
+    """The frame indices that make_test_video encodes in the top band of each frame of uint8 (T, 3, H, W)."""
+    half = video.shape[-1] // 2
+    low = ((video[:, :, 2:14, 4:half - 4].float().mean(dim=(1, 2, 3)) - 8) / 16).round().long()
+    high = ((video[:, :, 2:14, half + 4:-4].float().mean(dim=(1, 2, 3)) - 8) / 16).round().long()
+    return (low + 16 * high).tolist()
+
+
+CODECS = [("avi", "mpeg4"), ("mp4", "libx264"), ("webm", "libvpx-vp9")]
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory):
+    """One 40-frame 64x48 video per codec, keyframe every 8 frames."""
+    folder = tmp_path_factory.mktemp("videos")
+    paths = {}
+    for extension, codec in CODECS:
+        paths[extension] = str(folder / f"clip.{extension}")
+        data.make_test_video(paths[extension], num_frames=40, width=64, height=48, codec=codec, gop=8)
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sampling
+
+def test_train_sampling_draws_one_frame_inside_each_segment():
+    rng = random.Random(0)
+    draws = [data.sample_indices(100, 8, train=True, rng=rng) for _ in range(200)]
+    for indices in draws:
+        for i, index in enumerate(indices):
+            assert int(i * 12.5) <= index < (i + 1) * 12.5
+    assert len({tuple(d) for d in draws}) > 150  # random, not fixed
+
+
+def test_test_sampling_takes_centres_and_shifts_clips():
+    assert data.sample_indices(80, 8, train=False) == [5, 15, 25, 35, 45, 55, 65, 75]
+    first = data.sample_indices(80, 8, train=False, clip=0, num_clips=2)
+    second = data.sample_indices(80, 8, train=False, clip=1, num_clips=2)
+    assert first == [2, 12, 22, 32, 42, 52, 62, 72] and second == [7, 17, 27, 37, 47, 57, 67, 77]
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_short_video_repeats_indices_in_order(train):
+    indices = data.sample_indices(3, 8, train=train, rng=random.Random(1))
+    assert len(indices) == 8 and indices == sorted(indices) and set(indices) == {0, 1, 2}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Decoding
+
+@pytest.mark.parametrize("extension", [e for e, _ in CODECS])
+def test_read_returns_exactly_the_requested_frames(videos, extension):
+    with data.VideoReader(videos[extension]) as video:
+        assert len(video) == 40  # WebM declares no frame count: counted from the packets
+        indices = [0, 39, 17, 5, 5, 30, 31, 2]
+        frames = video.read(indices)
+    assert frames.shape == (8, 3, 48, 64) and frames.dtype == torch.uint8
+    assert frame_codes(frames) == indices
+
+
+@pytest.mark.parametrize("extension", [e for e, _ in CODECS])
+def test_read_starts_at_the_keyframe_before_and_stops_at_the_last_wanted_frame(videos, extension):
+    with data.VideoReader(videos[extension]) as video:
+        decode, seen = video._decode, []
+
+        def counting(keyframe):
+            for index, frame in decode(keyframe):
+                seen.append(index)
+                yield index, frame
+
+        video._decode = counting
+        assert frame_codes(video.read([3, 35])) == [3, 35]
+    assert seen[:4] == [0, 1, 2, 3] and seen[4] == 32 and seen[-1] == 35  # skipped 4..31, nothing after 35
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Augmentation
+
+def test_views_cover_the_documented_boxes():
+    assert data.test_views(240, 320, 224)[0].box == (15, 55, 210, 210)  # 224/256 of the short side, centred
+    assert [v.box for v in data.test_views(240, 320, 224, crops=3)] == [(0, 0, 240, 240), (0, 40, 240, 240),
+                                                                         (0, 80, 240, 240)]
+    rng = random.Random(0)
+    for _ in range(300):
+        top, left, height, width = data.train_view(240, 320, rng).box
+        assert 0 <= top and top + height <= 240 and 0 <= left and left + width <= 320
+        assert {round(height / 240, 2), round(width / 240, 2)} <= {1, 0.88, 0.75, 0.66}
+
+
+def test_train_clip_uses_the_same_crop_and_flip_for_every_frame(videos):
+    dataset = data.VideoDataset([(videos["avi"], 0)], ["x"], frames=4, size=32, train=True)
+    frames = data.read_frames(videos["avi"], [7] * 4)  # four copies of one frame
+    for seed in range(10):
+        view = data.train_view(48, 64, random.Random(seed))
+        out = data.render(frames, view, 32)
+        assert out.shape == (4, 3, 32, 32) and out.dtype == torch.uint8
+        assert all(torch.equal(out[0], out[t]) for t in range(1, 4))
+        if view.flip:
+            unflipped = data.render(frames, data.View(view.box), 32)
+            assert torch.equal(out, unflipped.flip(-1))
+    sample = dataset[0]
+    assert sample["video"].shape == (4, 3, 32, 32) and sample["colour"].shape == (2, 3, 3)
+
+
+def test_multi_view_test_sample_stacks_clips_times_crops(videos):
+    dataset = data.VideoDataset([(videos["mp4"], 3)], ["x"], frames=4, size=24, clips=2, crops=3)
+    sample = dataset[0]
+    assert sample["video"].shape == (6, 4, 3, 24, 24) and sample["label"] == 3
+    assert torch.equal(sample["colour"], data.NO_COLOUR)
+
+
+def identity_normalize(video, colour):
+    """normalize() with mean 0 and std 1/255: just the colour transform, in 0-255."""
+    return data.normalize(video, (0, 0, 0), (1 / 255,) * 3, colour=colour)
+
+
+def test_colour_matrix_matches_direct_formulas():
+    video = torch.randint(30, 220, (2, 4, 3, 8, 8), dtype=torch.uint8)
+    x = video.float()
+    luma = torch.tensor([0.299, 0.587, 0.114]).view(1, 1, 3, 1, 1)
+    grey = (x * luma).sum(2, keepdim=True)
+
+    def apply(*jitter, gray=False):
+        colour = data.colour_matrix(data.View((0, 0, 8, 8), jitter=jitter, gray=gray))
+        return identity_normalize(video, colour.expand(2, 2, 3, 3))
+
+    def close(a, b):
+        return torch.allclose(a, b.clamp(0, 255), atol=1e-3)
+
+    assert close(apply(), x)
+    assert close(apply(("brightness", 1.3)), x * 1.3)
+    assert close(apply(("saturation", 0.5)), 0.5 * x + 0.5 * grey)
+    level = grey.mean(dim=(1, 3, 4), keepdim=True)  # one grey level per clip, not per frame
+    assert close(apply(("contrast", 0.7)), 0.7 * x + 0.3 * level)
+    assert close(apply(("brightness", 1.2), ("contrast", 0.7)), 0.7 * 1.2 * x + 0.3 * 1.2 * level)
+    assert close(apply(("hue", 0.0)), x) and not close(apply(("hue", 0.1)), x)
+    gray = apply(("hue", 0.05), gray=True)
+    assert close(gray[:, :, 0], gray[:, :, 1]) and close(gray[:, :, 1], gray[:, :, 2])
+
+
+def test_normalize_scales_uint8_with_the_given_constants():
+    video = torch.full((1, 2, 3, 4, 4), 255, dtype=torch.uint8)
+    out = data.normalize(video, data.IMAGENET_MEAN, data.IMAGENET_STD)
+    expected = (1 - torch.tensor(data.IMAGENET_MEAN)) / torch.tensor(data.IMAGENET_STD)
+    assert out.dtype == torch.float32 and torch.allclose(out[0, 0, :, 0, 0], expected)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Dataset layouts (parsing only: the videos are empty placeholder files)
+
+def touch(path):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    open(path, "w").close()
+
+
+def write(path, text):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def test_ucf101_layout(tmp_path):
+    root = str(tmp_path)
+    for name in ["ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi", "ApplyEyeMakeup/v_ApplyEyeMakeup_g01_c01.avi",
+                 "YoYo/v_YoYo_g09_c02.avi", "YoYo/v_YoYo_g02_c01.avi"]:
+        touch(f"{root}/UCF-101/{name}")
+    write(f"{root}/ucfTrainTestlist/classInd.txt", "1 ApplyEyeMakeup\n2 YoYo\n")
+    write(f"{root}/ucfTrainTestlist/trainlist01.txt",
+          "ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi 1\nYoYo/v_YoYo_g09_c02.avi 2\n")
+    write(f"{root}/ucfTrainTestlist/testlist01.txt",
+          "ApplyEyeMakeup/v_ApplyEyeMakeup_g01_c01.avi\nyoyo/v_YoYo_g02_c01.avi\n")  # folder case as in UCF101
+    train = data.build_dataset("ucf101", root, "train")
+    test = data.build_dataset("ucf101", root, "test")
+    assert train.classnames == ["Apply Eye Makeup", "Yo Yo"] and train.train and not test.train
+    assert [(os.path.basename(p), label) for p, label in train.samples] == [("v_ApplyEyeMakeup_g08_c01.avi", 0),
+                                                                           ("v_YoYo_g09_c02.avi", 1)]
+    assert [label for _, label in test.samples] == [0, 1]
+    assert all(os.path.isfile(p) for p, _ in train.samples + test.samples)
+
+
+def test_hmdb51_layout(tmp_path):
+    root = str(tmp_path)
+    for name in ["brush_hair/a.avi", "brush_hair/b.avi", "brush_hair/c.avi", "ride_bike/d.avi", "ride_bike/e.avi"]:
+        touch(f"{root}/hmdb51_org/{name}")
+    write(f"{root}/testTrainMulti_7030_splits/brush_hair_test_split1.txt", "a.avi 1 \nb.avi 2 \nc.avi 0 \n")
+    write(f"{root}/testTrainMulti_7030_splits/ride_bike_test_split1.txt", "d.avi 2\ne.avi 1\n")
+    write(f"{root}/testTrainMulti_7030_splits/ride_bike_test_split2.txt", "d.avi 1\ne.avi 2\n")
+    train = data.build_dataset("hmdb51", root, "train")
+    test = data.build_dataset("hmdb51", root, "test")
+    assert train.classnames == ["brush hair", "ride bike"]
+    assert sorted((os.path.basename(p), label) for p, label in train.samples) == [("a.avi", 0), ("e.avi", 1)]
+    assert sorted((os.path.basename(p), label) for p, label in test.samples) == [("b.avi", 0), ("d.avi", 1)]
+
+
+def test_kinetics_layout_skips_and_counts_missing_videos(tmp_path):
+    root = str(tmp_path)
+    header = "label,youtube_id,time_start,time_end,split\n"
+    write(f"{root}/annotations/train.csv", header + "abseiling,aaa,10,20,train\n\"air drumming\",bbb,0,10,train\n"
+                                                    "abseiling,ccc,5,15,train\n")
+    write(f"{root}/annotations/validate.csv", header + "air drumming,ddd,30,40,val\n")
+    touch(f"{root}/train/abseiling/aaa_000010_000020.mp4")
+    touch(f"{root}/train/air_drumming/bbb_000000_000010.mkv")  # another container: found by name stem
+    touch(f"{root}/val/ddd_000030_000040.mp4")
+    with pytest.warns(UserWarning, match="1 of 3"):
+        train = data.build_dataset("k400", root, "train")
+    assert train.missing == ["ccc_000005_000015"] and len(train) == 2
+    assert train.classnames == ["abseiling", "air drumming"] and [l for _, l in train.samples] == [0, 1]
+    test = data.build_dataset("k600", root, "test")
+    assert [l for _, l in test.samples] == [1] and test.missing == []
+
+
+def test_ssv2_layout_uses_templates_without_brackets(tmp_path):
+    root = str(tmp_path)
+    write(f"{root}/labels/labels.json", json.dumps({"Holding something": "1", "Putting something into something": "0"}))
+    write(f"{root}/labels/train.json", json.dumps([{"id": "7", "template": "Putting [something] into [something]"},
+                                                   {"id": "8", "template": "Holding [something]"}]))
+    write(f"{root}/labels/validation.json", json.dumps([{"id": "9", "template": "Holding [something]"}]))
+    for i in (7, 8, 9):
+        touch(f"{root}/20bn-something-something-v2/{i}.webm")
+    train = data.build_dataset("ssv2", root, "train")
+    assert train.classnames == ["Putting something into something", "Holding something"]
+    assert [(os.path.basename(p), l) for p, l in train.samples] == [("7.webm", 0), ("8.webm", 1)]
+    assert [l for _, l in data.build_dataset("ssv2", root, "test").samples] == [1]
+
+
+def test_list_format_and_write_list_round_trip(tmp_path):
+    root = str(tmp_path)
+    for name in ["a/x.mp4", "b/y.mp4", "b/z.mp4"]:
+        touch(f"{root}/videos/{name}")
+    write(f"{root}/labels.csv", "id,name\n0,playing_guitar\n1,riding a bike\n")
+    write(f"{root}/train.txt", "videos/a/x.mp4 0\nvideos/b/y.mp4 1\nb/z.mp4 1\n")
+    dataset = data.build_dataset("list", root, "train", list_file=f"{root}/train.txt", labels_file=f"{root}/labels.csv")
+    assert dataset.classnames == ["playing guitar", "riding a bike"] and [l for _, l in dataset.samples] == [0, 1, 1]
+    data.write_list(dataset, f"{root}/again.txt", f"{root}/again.csv")
+    again = data.build_dataset("list", root, "train", list_file=f"{root}/again.txt", labels_file=f"{root}/again.csv")
+    assert again.samples == dataset.samples and again.classnames == dataset.classnames
+
+
+def test_wrong_root_names_the_file_and_the_layout(tmp_path):
+    with pytest.raises(data.DatasetError, match=r"classInd\.txt not found.*UCF-101/<Class>"):
+        data.build_dataset("ucf101", str(tmp_path), "train")
+    with pytest.raises(data.DatasetError, match="is not a folder"):
+        data.build_dataset("hmdb51", str(tmp_path / "nowhere"), "train")
+    write(f"{tmp_path}/ucfTrainTestlist/classInd.txt", "1 YoYo\n")
+    write(f"{tmp_path}/ucfTrainTestlist/trainlist01.txt", "YoYo/v_YoYo_g01_c01.avi 1\n")
+    with pytest.raises(data.DatasetError, match="none of the 1 train videos"):
+        data.build_dataset("ucf101", str(tmp_path), "train")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Protocol splits
+
+def toy_dataset(counts):
+    samples = [(f"/v/{c}_{i}.mp4", c) for c, n in enumerate(counts) for i in range(n)]
+    return data.VideoDataset(samples, [f"class {c}" for c in range(len(counts))])
+
+
+def test_few_shot_is_seeded_and_takes_k_per_class():
+    dataset = toy_dataset([10, 10, 2, 7])
+    first, again, other = (data.few_shot(dataset, 3, seed) for seed in (1, 1, 2))
+    assert first.samples == again.samples and first.samples != other.samples
+    counts = [sum(1 for _, l in first.samples if l == c) for c in range(4)]
+    assert counts == [3, 3, 2, 3] and first.classnames == dataset.classnames and len(dataset) == 29
+
+
+def test_base_novel_takes_the_classes_with_most_videos_ties_by_id():
+    train = toy_dataset([5, 3, 5, 1, 3])
+    base, novel = data.base_novel_classes(train)
+    assert base == [0, 1, 2] and novel == [3, 4]
+    novel_set = data.subset_classes(train, novel)
+    assert novel_set.classnames == ["class 3", "class 4"] and sorted({l for _, l in novel_set.samples}) == [0, 1]
+    assert len(novel_set) == 4
+
+
+def test_k600_novel_subsets_exclude_k400_classes():
+    k600 = toy_dataset([1] * 10)
+    subsets = [data.k600_novel_subset(k600, ["Class 0", "class 1"], seed, size=5) for seed in (1, 2, 3)]
+    for subset in subsets:
+        assert len(subset.classnames) == 5 and not {"class 0", "class 1"} & set(subset.classnames)
+    assert len({tuple(s.classnames) for s in subsets}) > 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad files
+
+def bad_files(folder, good):
+    """Six files: two good ones and one of each kind of bad file."""
+    folder.mkdir()
+    paths = [str(folder / f"good{i}.mp4") for i in range(2)]
+    for path in paths:
+        with open(good, "rb") as src, open(path, "wb") as dst:
+            dst.write(src.read())
+    with open(good, "rb") as f:
+        content = f.read()
+    (folder / "empty.mp4").write_bytes(b"")
+    (folder / "truncated.mp4").write_bytes(content[: len(content) // 2])
+    (folder / "text.mp4").write_text("not a video\n" * 100)
+    for name in ["missing.mp4", "empty.mp4", "truncated.mp4", "text.mp4"]:
+        paths.insert(1, str(folder / name))
+    return paths
+
+
+def test_bad_files_are_replaced_and_counted_across_workers(videos, tmp_path):
+    paths = bad_files(tmp_path / "bad", videos["mp4"])
+    dataset = data.VideoDataset([(p, i) for i, p in enumerate(paths)], [str(i) for i in range(6)], frames=4, size=16)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=2)
+    log = data.FailureLog(len(dataset), max_fraction=1.0)
+    indices = []
+    for batch in loader:
+        assert batch["video"].shape == (2, 4, 3, 16, 16)
+        log.update(batch["failed"])
+        indices += batch["index"].tolist()
+    assert set(indices) == {0, 5}  # every bad item became the next good one
+    assert len(log.failures) == 4 and log.report().startswith("4 unreadable videos")
+    for name, reason in [("missing", "no such file"), ("empty", "empty file"), ("truncated", "not a readable"),
+                         ("text", "not a readable")]:
+        assert any(name in line and reason in line for line in log.failures)
+    with pytest.raises(data.DatasetError, match="4 of 6 videos could not be read"):
+        data.FailureLog(len(dataset), max_fraction=0.5).update(list(log.failures))
+
+
+def test_truncated_file_with_intact_header_is_rejected(tmp_path):
+    path = str(tmp_path / "long.avi")
+    data.make_test_video(path, num_frames=60, width=64, height=48)
+    with open(path, "rb") as f:
+        content = f.read()
+    with open(path, "wb") as f:
+        f.write(content[: len(content) // 2])
+    with pytest.raises(data.VideoError, match="truncated"):
+        data.VideoReader(path)
+
+
+def test_only_bad_files_stop_with_a_clear_error(tmp_path):
+    dataset = data.VideoDataset([(str(tmp_path / f"{i}.mp4"), 0) for i in range(3)], ["x"], max_retries=5)
+    with pytest.raises(data.DatasetError, match="6 videos in a row could not be read"):
+        dataset[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Synthetic data and the command line
+
+def test_synthetic_is_deterministic_with_a_base_novel_split():
+    train = data.build_dataset("synthetic", split="train", frames=8, size=32)
+    again = data.build_dataset("synthetic", split="train", frames=8, size=32)
+    assert len(train) == 18 * 64 and len(train.classnames) == 18
+    a, b = train[5], again[5]
+    assert a["video"].shape == (8, 3, 32, 32) and a["video"].dtype == torch.uint8
+    assert torch.equal(a["video"], b["video"]) and not torch.equal(a["video"], train[6]["video"])
+    other_seed = data.build_dataset("synthetic", split="train", frames=8, size=32, seed=1)
+    assert not torch.equal(a["video"], other_seed[5]["video"])
+    base, novel = data.base_novel_classes(train)
+    assert base == list(range(9))
+    base_words = {w for c in base for w in train.classnames[c].split()}
+    assert all(set(train.classnames[c].split()) <= base_words for c in novel)  # novel: new combinations only
+    assert not {train.classnames[c] for c in base} & {train.classnames[c] for c in novel}
+    shots = data.few_shot(data.subset_classes(train, novel), 2, seed=1)
+    assert len(shots) == 18 and shots[0]["video"].shape == (8, 3, 32, 32)  # renders by original class id
+
+
+def test_synthetic_ucf_layout_reads_back_through_the_ucf101_parser(tmp_path):
+    root = str(tmp_path / "synth")
+    data.main(["synth-ucf", root, "--frames", "8", "--size", "32", "--train-per-class", "1", "--test-per-class", "1"])
+    test = data.build_dataset("ucf101", root, "test", frames=8, size=32)
+    assert [c.lower() for c in test.classnames] == data.synthetic_classes() and len(test) == 18
+    path, label = test.samples[4]
+    assert label == 4 and test[4]["video"].shape == (8, 3, 32, 32)
+    rendered = data.SyntheticVideos("test", 8, 32, per_class=1)[4]["video"]
+    decoded = data.read_frames(path, range(8))
+    assert (decoded.float() - rendered.float()).abs().mean() < 10  # the same clip, through MPEG-4
+
+
+def test_check_command_exit_codes(tmp_path, capsys):
+    root = str(tmp_path / "synth")
+    data.write_synthetic_ucf(root, frames=4, size=16, train_per_class=1, test_per_class=1)
+    assert data.main(["check", "--dataset", "ucf101", "--root", root, "--workers", "1"]) == 0
+    assert "train: 18 videos in 18 classes, 0 listed but missing, 0 unreadable" in capsys.readouterr().out
+    broken = os.path.join(root, "UCF-101", "RedSquareMovingUp", "v_RedSquareMovingUp_test000.avi")
+    with open(broken, "w") as f:
+        f.write("garbage")
+    assert data.main(["check", "--dataset", "ucf101", "--root", root, "--workers", "2"]) == 1
+    assert f"unreadable: {broken}" in capsys.readouterr().out
+    result = subprocess.run([sys.executable, data.__file__, "check", "--dataset", "hmdb51", "--root", str(tmp_path)],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "testTrainMulti_7030_splits" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# train.py
+
 import train  # noqa: E402
 
 # A few seconds per epoch on a CPU: 2 synthetic clips per base class, a micro-batch of 6, mixup and cutmix on so
@@ -629,9 +1021,9 @@ def test_resume_gives_identical_weights(tmp_path, monkeypatch):
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     normalize, calls = data.normalize, []
 
-    def poisoned(video, *a):  # the second epoch's first batch turns to NaN
+    def poisoned(video, *a, **k):  # the second epoch's first batch turns to NaN
         calls.append(1)
-        out = normalize(video, *a)
+        out = normalize(video, *a, **k)
         return out * float("nan") if len(calls) == 7 else out
     monkeypatch.setattr(data, "normalize", poisoned)
     with pytest.raises(FloatingPointError, match=r"at optimizer step 4 \(epoch 2\).*last.pt"):

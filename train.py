@@ -260,7 +260,7 @@ def lr_factor(step, warmup, total):
 def evaluate(model, dataset, args, norm, device, autocast, rank, world, desc):
     """Softmax per view, averaged over views; top-1 / top-5 over every video exactly once, summed over processes."""
     model.eval()
-    failures = data.FailureLog(len(dataset))
+    failures = data.FailureLog(math.ceil(len(dataset) / world))  # this process's share of the videos
     counts = torch.zeros(3, device=device)  # top-1 hits, top-5 hits, videos
     for batch in tqdm(loader(dataset, args, rank, world, train=False), desc=desc, leave=False, disable=rank > 0):
         failures.update(batch["failed"])
@@ -397,12 +397,14 @@ def main(args):
     for epoch in tqdm(epochs, desc="epochs", disable=rank > 0, initial=epoch0, total=args.epochs):
         model.train()
         train_loader.sampler.epoch = epoch
-        failures = data.FailureLog(len(train_set))
+        failures = data.FailureLog(max(1, len(train_set) // world))  # this process's share of the videos
         seen, t0, losses = 0, time.time(), []
         bar = tqdm(train_loader, desc=f"epoch {epoch + 1}", leave=False, disable=rank > 0)
         for i, batch in enumerate(bar):
             failures.update(batch["failed"])
-            video = data.normalize(batch["video"].to(device, non_blocking=True), *norm)
+            # colour jitter and grayscale happen here, on the device, with each clip's own matrix (data.normalize)
+            video = data.normalize(batch["video"].to(device, non_blocking=True), *norm,
+                                   colour=batch["colour"].to(device, non_blocking=True))
             video, target = mix(video, batch["label"].to(device), len(classnames), args)
             group = min(accum, len(train_loader) - i // accum * accum)  # micro-batches in this optimizer step
             last = (i + 1) % accum == 0 or i + 1 == len(train_loader)

@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import clip_model
-from tokenizer import Tokenizer, default_tokenizer, tokenize
+from tokenizer import Tokenizer, VocabError, default_tokenizer, tokenize
 
 MODES = ("finetune", "prompt", "zeroshot")
 TOWERS = ("both", "image", "text")
@@ -257,3 +257,50 @@ def load_checkpoint(path, clip=None, classnames=None, tokenizer=None, ck=None, *
     model = ViFiCLIP(clip_model.build(ck["model"], path), names, tokenizer=tokenizer, **cfg)
     model.load_state_dict(ck["model"])
     return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line: classify one video
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Top-5 classes of a video with a ViFi-CLIP or CLIP model.")
+    p.add_argument("video", help="a video file PyAV can decode")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--labels", help='comma-separated class names, e.g. "archery,playing guitar"')
+    g.add_argument("--labels-file", help="one class name per line")
+    p.add_argument("--model", default="ViT-B/16", help="base CLIP: a name or a path (its weights with no --checkpoint)")
+    p.add_argument("--checkpoint", help="an official ViFi-CLIP checkpoint or one written by train.py")
+    p.add_argument("--frames", type=int, default=32)
+    p.add_argument("--views", default="1x1", help="CLIPSxCROPS test views, averaged")
+    p.add_argument("--norm", choices=["clip", "imagenet"], help="pixel mean/std (default: the model's)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    import data  # only the command line decodes video: the model itself stays independent of the data code
+
+    try:
+        if args.labels_file:
+            with open(args.labels_file) as f:
+                labels = [line.strip() for line in f if line.strip()]
+        else:
+            labels = [name.strip() for name in args.labels.split(",") if name.strip()]
+        own = args.checkpoint and "vifi" in read_checkpoint(args.checkpoint)
+        clip = None if own else clip_model.load(args.model)
+        model = load_checkpoint(args.checkpoint, clip, labels) if args.checkpoint else ViFiCLIP(clip, labels, "zeroshot")
+        model.to(args.device).eval()
+        clips, crops = (int(v) for v in args.views.split("x"))
+        size = model.clip.config.image_resolution
+        video, _ = data.VideoDataset([(args.video, 0)], labels, args.frames, size, clips=clips, crops=crops).load(args.video)
+    except (OSError, data.VideoError, clip_model.CheckpointError, VocabError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    norm = args.norm or model.norm
+    mean, std = (data.IMAGENET_MEAN, data.IMAGENET_STD) if norm == "imagenet" else (data.CLIP_MEAN, data.CLIP_STD)
+    with torch.no_grad():
+        probs = model(data.normalize(video.to(args.device), mean, std)).softmax(-1).mean(0)  # (V, C) -> (C,)
+    for p_, i in zip(*probs.topk(min(5, len(labels)))):
+        print(f"{100 * p_.item():6.2f}%  {labels[i]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
