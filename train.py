@@ -41,13 +41,14 @@ PRESETS = {
     "vanilla-zero-shot": dict(frames=32, epochs=0),
     # The offline demo: a small CLIP from scratch with the byte-level tokenizer on rendered clips; its base
     # classes train, its novel classes (unseen combinations of seen words) are only evaluated.
-    "synthetic":         dict(model="scratch", frames=8, batch_size=32, micro_batch=32, lr=2e-3, epochs=12,
-                              warmup_epochs=1, label_smoothing=0.0, mixup=0.0, cutmix=0.0, shots=0, workers=0),
+    "synthetic":         dict(model="scratch", template="{}", frames=8, batch_size=32, micro_batch=32, lr=1e-3,
+                              epochs=40, warmup_epochs=1, label_smoothing=0.0, mixup=0.0, cutmix=0.0, shots=0,
+                              workers=0),
 }
-DEFAULTS = dict(model="ViT-B/16", frames=32, batch_size=64, micro_batch=8, lr=2e-6, epochs=10, eval_every=0,
-                warmup_epochs=5, weight_decay=0.001, label_smoothing=0.1, mixup=0.8, cutmix=1.0, mix_switch=0.5,
+DEFAULTS = dict(model="ViT-B/16", template="a photo of a {}.", frames=32, batch_size=64, micro_batch=8, lr=2e-6,
+                epochs=10, eval_every=0, warmup_epochs=5, weight_decay=0.001, label_smoothing=0.1, mixup=0.8, cutmix=1.0, mix_switch=0.5,
                 views="1x1", shots=16, n_ctx=[10], depth=[12], workers=min(8, os.cpu_count() or 1))
-SCRATCH = clip_model.CLIPConfig(embed_dim=64, image_resolution=32, vision_layers=2, vision_width=128, patch_size=4,
+SCRATCH = clip_model.CLIPConfig(embed_dim=64, image_resolution=32, vision_layers=2, vision_width=128, patch_size=8,
                                 context_length=32, vocab_size=tokenizer.Tokenizer(byte_level=True).vocab_size,
                                 text_width=128, text_layers=2)
 
@@ -92,7 +93,7 @@ def get_args(argv=None):
     g.add_argument("--checkpoint", help="start from (or with --eval-only, evaluate) an own or official checkpoint")
     g.add_argument("--n-ctx", type=int, nargs="+", help="prompt tokens: one value, or text and vision")
     g.add_argument("--depth", type=int, nargs="+", help="prompt depth: one value, or text and vision")
-    g.add_argument("--template", default="a photo of a {}.", help="text prompt of a class name")
+    g.add_argument("--template", help='text prompt of a class name (default: "a photo of a {}.")')
     g = p.add_argument_group("optimization")
     g.add_argument("--epochs", type=int)
     g.add_argument("--lr", type=float, help="peak learning rate, for the effective batch")
