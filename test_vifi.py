@@ -11,6 +11,8 @@ import json
 import math
 import os
 import random
+import re
+import shlex
 import subprocess
 import sys
 import urllib.error
@@ -1054,3 +1056,35 @@ def test_distributed_two_processes_count_every_video_once(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     res = json.load(open(tmp_path / "results.json"))
     assert res["results"]["base"]["videos"] == 144 and res["results"]["novel"]["videos"] == 144
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# README: every command in it parses (the ones that need real data or downloads) or runs (in .ci/run and above)
+
+def readme_commands(script):
+    text = open(os.path.join(HERE, "README.md")).read()
+    found = re.findall(rf"python {script} ([^`\n]*)", text)
+    return [shlex.split(c.split("#")[0].replace("...", "")) for c in found]
+
+
+def test_readme_train_commands_parse():
+    commands = readme_commands("train.py")
+    assert len(commands) >= 10
+    for argv in commands:
+        args = train.get_args(argv)
+        assert args.protocol in train.PRESETS and args.frames and args.epochs is not None, argv
+
+
+def test_readme_vifi_command_parses_and_runs(tmp_path):
+    (argv,) = [c for c in readme_commands("vifi.py") if "--labels" in c]
+    assert vifi.parse_args(argv).checkpoint == "vifi_clip_k400.pth"
+    video = str(tmp_path / "clip.avi")
+    data.make_test_video(video, num_frames=20, width=64, height=48)
+    run = run_cli("vifi.py", video, "--labels", "archery,playing guitar,brushing hair", "--model",
+                  fixture("clip_tiny_openai_jit.pt"), "--checkpoint", fixture("vifi_official_prompt_ckpt.pth"),
+                  "--frames", "4", "--device", "cpu")
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = run.stdout.strip().splitlines()
+    assert len(lines) == 3 and abs(sum(float(l.split("%")[0]) for l in lines) - 100) < 0.1
+    run = run_cli("vifi.py", str(tmp_path / "missing.avi"), "--labels", "a,b", "--model", fixture("clip_tiny_openai_jit.pt"))
+    assert run.returncode == 2 and "missing.avi" in run.stderr and "Traceback" not in run.stderr

@@ -262,7 +262,7 @@ def load_checkpoint(path, clip=None, classnames=None, tokenizer=None, ck=None, *
 # ----------------------------------------------------------------------------------------------------------------
 # Command line: classify one video
 
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Top-5 classes of a video with a ViFi-CLIP or CLIP model.")
     p.add_argument("video", help="a video file PyAV can decode")
     g = p.add_mutually_exclusive_group(required=True)
@@ -274,7 +274,11 @@ def main(argv=None):
     p.add_argument("--views", default="1x1", help="CLIPSxCROPS test views, averaged")
     p.add_argument("--norm", choices=["clip", "imagenet"], help="pixel mean/std (default: the model's)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     import data  # only the command line decodes video: the model itself stays independent of the data code
 
     try:
