@@ -1039,6 +1039,11 @@ def test_cli_errors_exit_2_with_a_clear_message(tmp_path):
     assert run.returncode == 2 and "ucfTrainTestlist" in run.stderr and "Traceback" not in run.stderr
     run = run_cli("train.py", "--dataset", "synthetic", "--model", "ViT-B/32", env={"VIFI_CACHE": str(tmp_path)})
     assert run.returncode == 2 and clip_model.MODELS["ViT-B/32"] in run.stderr and "Traceback" not in run.stderr
+    (tmp_path / "notes.pth").write_text("not a checkpoint")
+    for flag, expect in (("--resume", "missing.pt: no such file"), ("--checkpoint", "notes.pth: not a PyTorch checkpoint")):
+        path = str(tmp_path / ("missing.pt" if flag == "--resume" else "notes.pth"))
+        run = run_cli("train.py", "--dataset", "synthetic", flag, path, "--out", str(tmp_path / "out"))
+        assert run.returncode == 2 and expect in run.stderr and "Traceback" not in run.stderr, run.stderr[-2000:]
 
 
 def test_eval_only_official_checkpoint(tmp_path, expected):

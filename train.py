@@ -133,19 +133,16 @@ def datasets(args):
     views = [int(v) for v in args.views.split("x")]
     common = dict(frames=args.frames, size=args.input_size, clips=views[0], crops=views[1], seed=args.seed)
 
-    def build(name, root, split, fold=args.fold, **kw):
-        if name == "list":
-            return data.build_dataset("list", root, split, list_file=kw.pop("list_file"), labels_file=args.labels,
-                                      **common, **kw)
-        return data.build_dataset(name, root, split, fold=fold, **common, **kw)
+    def build(name, root, split, fold=args.fold):
+        lists = {"train": args.train_list, "test": args.test_list}  # only --dataset list reads these
+        return data.build_dataset(name, root, split, fold=fold, list_file=lists[split], labels_file=args.labels,
+                                  **common)
 
-    lists = dict(train=dict(list_file=args.train_list), test=dict(list_file=args.test_list)) if args.dataset == "list" \
-        else dict(train={}, test={})
-    test = build(args.dataset, args.root, "test", **lists["test"])
-    train = None if args.eval_only else build(args.dataset, args.root, "train", **lists["train"])
+    test = build(args.dataset, args.root, "test")
+    train = None if args.eval_only else build(args.dataset, args.root, "train")
     tests = {"test": test}
     if args.base_novel or args.protocol == "synthetic":
-        base, novel = data.base_novel_classes(train or build(args.dataset, args.root, "train", **lists["train"]))
+        base, novel = data.base_novel_classes(train or build(args.dataset, args.root, "train"))
         train = train and data.subset_classes(train, base)
         tests = {"base": data.subset_classes(test, base), "novel": data.subset_classes(test, novel)}
     if train is not None and args.shots:
@@ -374,7 +371,10 @@ def main(args):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total))
         scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
         if args.resume:
-            ck = torch.load(args.resume, map_location="cpu", weights_only=True)
+            ck = vifi.read_checkpoint(args.resume)
+            if "optimizer" not in ck:
+                raise clip_model.CheckpointError(f"--resume {args.resume}: not a last.pt written by train.py (no "
+                                                 "optimizer state); to start from weights, use --checkpoint")
             model.load_state_dict(ck["model"])
             optimizer.load_state_dict(ck["optimizer"])
             scheduler.load_state_dict(ck["scheduler"])
@@ -440,6 +440,7 @@ def main(args):
             model.set_classnames(tests[main_test].classnames)
             row.update({k: v for k, v in evaluate(model, tests[main_test], args, norm, device, autocast, rank, world,
                                                   f"eval {main_test}").items() if k in ("top1", "top5")})
+        if "top1" in row:  # evaluation switched the class list: back to the training classes (also what is saved)
             model.set_classnames(classnames)
         log.append(row)
         if rank == 0:
