@@ -461,6 +461,7 @@ def main(args):
         summary = dict(protocol=args.protocol, dataset=args.dataset, model=args.model, mode=args.mode,
                        checkpoint=args.checkpoint, norm=model.norm, frames=args.frames, input_size=args.input_size, views=args.views,
                        train_videos=len(train_set) if train_set is not None else 0, classes=len(classnames),
+                       train_failures=sum(r.get("failures", 0) for r in log),  # unreadable videos replaced, all epochs
                        epochs=args.epochs, wall_time_s=time.time() - t_start, results=results,
                        settings={k: v for k, v in vars(args).items() if not k.startswith("_")})
         with open(os.path.join(args.out, "results.json"), "w") as f:
