@@ -430,9 +430,9 @@ def test_trainable_parameters_per_mode():
     prompt = vifi.ViFiCLIP(byte_clip(), CLASSES, mode="prompt", n_ctx_text=3, n_ctx_vision=4, depth_text=2, depth_vision=1)
     assert trainable_names(prompt) == {"text_prompts.0", "text_prompts.1", "vision_prompts.0"}
     assert prompt.text_prompts[0].shape == (3, 64) and prompt.vision_prompts[0].shape == (4, 64)
-    with pytest.raises(ValueError, match="prompt depths"):
+    with pytest.raises(vifi.ConfigError, match="prompt depths"):
         vifi.ViFiCLIP(byte_clip(), CLASSES, mode="prompt", depth_text=3)
-    with pytest.raises(ValueError, match="mode must be one of"):
+    with pytest.raises(vifi.ConfigError, match="mode must be one of"):
         vifi.ViFiCLIP(byte_clip(), CLASSES, mode="linear")
 
 
@@ -1039,6 +1039,11 @@ def test_cli_errors_exit_2_with_a_clear_message(tmp_path):
     assert run.returncode == 2 and "ucfTrainTestlist" in run.stderr and "Traceback" not in run.stderr
     run = run_cli("train.py", "--dataset", "synthetic", "--model", "ViT-B/32", env={"VIFI_CACHE": str(tmp_path)})
     assert run.returncode == 2 and clip_model.MODELS["ViT-B/32"] in run.stderr and "Traceback" not in run.stderr
+    run = run_cli("train.py", "--dataset", "synthetic", "--mode", "prompt", "--out", str(tmp_path / "out"))
+    assert run.returncode == 2 and "prompt depths must be in 1..2" in run.stderr and "Traceback" not in run.stderr
+    run = run_cli("train.py", "--dataset", "nonsense")  # rejected before any model is loaded or downloaded
+    assert run.returncode == 2 and "invalid choice: 'nonsense'" in run.stderr
+    assert train.pick_device("cuda", 3) == torch.device("cuda:3") and train.pick_device("cpu", 0).type == "cpu"
     (tmp_path / "notes.pth").write_text("not a checkpoint")
     for flag, expect in (("--resume", "missing.pt: no such file"), ("--checkpoint", "notes.pth: not a PyTorch checkpoint")):
         path = str(tmp_path / ("missing.pt" if flag == "--resume" else "notes.pth"))
@@ -1091,6 +1096,11 @@ def test_readme_vifi_command_parses_and_runs(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     lines = run.stdout.strip().splitlines()
     assert len(lines) == 3 and abs(sum(float(l.split("%")[0]) for l in lines) - 100) < 0.1
+    (tmp_path / "labels.csv").write_text("id,name\n1,playing guitar\n0,archery\n2,brushing hair\n")  # as train.py writes
+    run2 = run_cli("vifi.py", video, "--labels-file", str(tmp_path / "labels.csv"), "--model",
+                   fixture("clip_tiny_openai_jit.pt"), "--checkpoint", fixture("vifi_official_prompt_ckpt.pth"),
+                   "--frames", "4", "--device", "cpu")
+    assert run2.stdout == run.stdout  # the same classes in the same order, the header skipped
     run = run_cli("vifi.py", str(tmp_path / "missing.avi"), "--labels", "a,b", "--model", fixture("clip_tiny_openai_jit.pt"))
     assert run.returncode == 2 and "missing.avi" in run.stderr and "Traceback" not in run.stderr
 

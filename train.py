@@ -30,6 +30,8 @@ import data
 import tokenizer
 import vifi
 
+DATASETS = ["synthetic", "ucf101", "hmdb51", "k400", "k600", "ssv2", "list"]
+
 # Paper settings per protocol (Sec. 4 and the official configs). Any flag given on the command line wins.
 PRESETS = {
     "few-shot":          dict(frames=32, batch_size=64, lr=2e-6, epochs=50, eval_every=10),
@@ -69,7 +71,7 @@ def protocol(args):
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(), formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", default="synthetic", help="synthetic, ucf101, hmdb51, k400, k600, ssv2 or list")
+    g.add_argument("--dataset", default="synthetic", choices=DATASETS)
     g.add_argument("--root", help="folder the dataset unpacks into (see README for each layout)")
     g.add_argument("--fold", type=int, default=1, help="UCF101 / HMDB51 split 1-3")
     g.add_argument("--shots", type=int, help="few-shot: videos per class (2, 4, 8, 16); 0 = all")
@@ -318,6 +320,7 @@ def write_curves(log, path):
         top = max(v for _, v in pts) or 1  # each series scaled to its own maximum, named in the legend
         xy = " ".join(f"{pad + (W - 2 * pad) * e / last:.1f},{H - pad - (H - 2 * pad) * v / top:.1f}" for e, v in pts)
         out += [f'<polyline points="{xy}" fill="none" stroke="{colour}" stroke-width="2"/>',
+                *(f'<circle cx="{p.split(",")[0]}" cy="{p.split(",")[1]}" r="3" fill="{colour}"/>' for p in xy.split()),
                 f'<text x="{pad + 10}" y="{20 + 16 * i}" fill="{colour}">{name} (max {top:.3g})</text>']
     with open(path, "w") as f:
         f.write("\n".join(out + ["</svg>"]))
@@ -325,15 +328,19 @@ def write_curves(log, path):
 
 # ----------------------------------------------------------------------------------------------------------------
 
+def pick_device(name, local_rank):
+    """'cuda' means this process's GPU, with its index (torch.cuda.set_device refuses a bare 'cuda')."""
+    return torch.device(f"cuda:{local_rank}" if name == "cuda" else name)
+
+
 def main(args):
     t_start = time.time()
     distributed = "RANK" in os.environ
     if distributed:
         dist.init_process_group("nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    local = int(os.environ.get("LOCAL_RANK", 0))
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(f"cuda:{local}" if args.device == "cuda" and distributed else args.device)
+    device = pick_device(args.device, int(os.environ.get("LOCAL_RANK", 0)))
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -484,7 +491,7 @@ if __name__ == "__main__":
     args = get_args()
     try:
         main(args)
-    except (data.DatasetError, clip_model.CheckpointError, tokenizer.VocabError) as e:
+    except (data.DatasetError, clip_model.CheckpointError, tokenizer.VocabError, vifi.ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except FloatingPointError as e:

@@ -38,6 +38,10 @@ MODES = ("finetune", "prompt", "zeroshot")
 TOWERS = ("both", "image", "text")
 
 
+class ConfigError(ValueError):
+    """A mode, tower choice or prompt size that this CLIP cannot have."""
+
+
 def tokenizer_for(clip):
     """CLIP's BPE for OpenAI's vocabulary; the byte-level tokenizer for a model trained from scratch with it."""
     byte_level = Tokenizer(byte_level=True)
@@ -65,7 +69,7 @@ class ViFiCLIP(nn.Module):
                  norm="clip"):
         super().__init__()
         if mode not in MODES or towers not in TOWERS:
-            raise ValueError(f"mode must be one of {MODES} and towers one of {TOWERS}; got {mode!r}, {towers!r}")
+            raise ConfigError(f"mode must be one of {MODES} and towers one of {TOWERS}; got {mode!r}, {towers!r}")
         self.clip, self.mode, self.towers = clip, mode, towers
         self.template, self.clean_names = template, clean_names
         self.norm = norm  # the pixel mean/std ('clip' or 'imagenet') the model expects: metadata for its users
@@ -75,7 +79,7 @@ class ViFiCLIP(nn.Module):
         if mode == "prompt":
             cfg = clip.config
             if not (0 < depth_text <= cfg.text_layers and 0 < depth_vision <= cfg.vision_layers):
-                raise ValueError(f"prompt depths must be in 1..{cfg.text_layers} (text) and 1..{cfg.vision_layers} "
+                raise ConfigError(f"prompt depths must be in 1..{cfg.text_layers} (text) and 1..{cfg.vision_layers} "
                                  f"(vision); got {depth_text}, {depth_vision}")
             # One (n, width) prompt per layer up to the depth; std 0.02 as the official initialization.
             self.text_prompts.extend(nn.Parameter(0.02 * torch.randn(n_ctx_text, cfg.text_width)) for _ in range(depth_text))
@@ -267,7 +271,7 @@ def parse_args(argv=None):
     p.add_argument("video", help="a video file PyAV can decode")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--labels", help='comma-separated class names, e.g. "archery,playing guitar"')
-    g.add_argument("--labels-file", help="one class name per line")
+    g.add_argument("--labels-file", help="one class name per line, or an 'id,name' CSV")
     p.add_argument("--model", default="ViT-B/16", help="base CLIP: a name or a path (its weights with no --checkpoint)")
     p.add_argument("--checkpoint", help="an official ViFi-CLIP checkpoint or one written by train.py")
     p.add_argument("--frames", type=int, default=32)
@@ -282,9 +286,13 @@ def main(argv=None):
     import data  # only the command line decodes video: the model itself stays independent of the data code
 
     try:
-        if args.labels_file:
-            with open(args.labels_file) as f:
-                labels = [line.strip() for line in f if line.strip()]
+        if args.labels_file:  # one name per line, or an 'id,name' CSV as train.py and the official repo write
+            with open(args.labels_file, newline="") as f:
+                lines = [line.strip() for line in f if line.strip()]
+            if lines and lines[0].replace(" ", "") == "id,name":
+                rows = sorted((line.split(",", 1) for line in lines[1:]), key=lambda row: int(row[0]))
+                lines = [name for _, name in rows]
+            labels = lines
         else:
             labels = [name.strip() for name in args.labels.split(",") if name.strip()]
         own = args.checkpoint and "vifi" in read_checkpoint(args.checkpoint)
@@ -294,7 +302,7 @@ def main(argv=None):
         clips, crops = (int(v) for v in args.views.split("x"))
         size = model.clip.config.image_resolution
         video, _ = data.VideoDataset([(args.video, 0)], labels, args.frames, size, clips=clips, crops=crops).load(args.video)
-    except (OSError, data.VideoError, clip_model.CheckpointError, VocabError) as e:
+    except (OSError, data.VideoError, clip_model.CheckpointError, VocabError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     norm = args.norm or model.norm
