@@ -295,9 +295,9 @@ def main(argv=None):
             labels = lines
         else:
             labels = [name.strip() for name in args.labels.split(",") if name.strip()]
-        own = args.checkpoint and "vifi" in read_checkpoint(args.checkpoint)
-        clip = None if own else clip_model.load(args.model)
-        model = load_checkpoint(args.checkpoint, clip, labels) if args.checkpoint else ViFiCLIP(clip, labels, "zeroshot")
+        ck = read_checkpoint(args.checkpoint) if args.checkpoint else None
+        clip = None if ck and "vifi" in ck else clip_model.load(args.model)  # an own checkpoint holds its CLIP
+        model = load_checkpoint(args.checkpoint, clip, labels, ck=ck) if ck else ViFiCLIP(clip, labels, "zeroshot")
         model.to(args.device).eval()
         clips, crops = (int(v) for v in args.views.split("x"))
         size = model.clip.config.image_resolution
