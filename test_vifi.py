@@ -532,7 +532,7 @@ def test_bench_small_runs_and_writes_finite_numbers(tmp_path):
     assert positive(res["peak_tflops"]) and res["peak_dtype"] == "float32"
     classes = res["config"]["classes"]
     expected = {"vision_train", "vision_infer", "memory_ckpt", "memory_no_ckpt"}
-    expected |= {f"vifi_{kind}_c{c}" for kind in ("train", "eval") for c in classes}
+    expected |= {f"vifi_{kind}_c{c}" for kind in ("train", "eval", "train_official") for c in classes}
     assert set(res["model"]) == expected
     for key, row in res["model"].items():
         for metric in ("ms", "frames_per_s", "tflops", "mfu"):
@@ -1120,3 +1120,10 @@ def test_readme_bench_commands_parse():
     assert {"--small", "--compile", "--json"} <= {a for c in commands for a in c}
     for argv in commands:
         bench.parse_args(argv)
+
+
+def test_official_style_baseline_computes_the_same_logits():
+    model = vifi.ViFiCLIP(byte_clip(), CLASSES).eval()
+    video = torch.randn(2, 3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(bench.OfficialStyle(model)(video), model(video), atol=1e-4, rtol=0)
