@@ -85,7 +85,7 @@ def get_args(argv=None):
     g.add_argument("--frames", type=int, help="frames per clip (T)")
     g.add_argument("--input-size", type=int, help="pixels (default: the model's own resolution)")
     g.add_argument("--views", help="test views as CLIPSxCROPS, e.g. 4x3")
-    g.add_argument("--norm", choices=["clip", "imagenet"], help="pixel mean/std (default: the checkpoint's; imagenet "
+    g.add_argument("--norm", choices=list(data.NORMS), help="pixel mean/std (default: the checkpoint's; imagenet "
                                                               "for official ones, which were trained with it; else clip)")
     g.add_argument("--workers", type=int, help="DataLoader worker processes per GPU")
     g = p.add_argument_group("model")
@@ -216,7 +216,7 @@ def build_model(args, clip, classnames, own=None, ck=None):
         keep = args.eval_only or loaded.mode == args.mode
         model = loaded if keep else vifi.ViFiCLIP(loaded.clip, classnames, norm=loaded.norm, **kw)
     model.norm = args.norm or model.norm
-    mean, std = (data.IMAGENET_MEAN, data.IMAGENET_STD) if model.norm == "imagenet" else (data.CLIP_MEAN, data.CLIP_STD)
+    mean, std = data.NORMS[model.norm]
     if args.grad_checkpointing:
         model.clip.set_grad_checkpointing(True)
     return model, (mean, std)
@@ -370,7 +370,8 @@ def main(args):
     if not args.eval_only:
         accum = max(1, args.batch_size // (args.micro_batch * world))
         train_loader = loader(train_set, args, rank, world, train=True)
-        steps_per_epoch = math.ceil(len(train_loader) / accum)
+        batches = len(train_loader)  # micro-batches per epoch (each len() reshuffles the sampler: ask once)
+        steps_per_epoch = math.ceil(batches / accum)
         params = model.trainable_parameters()
         optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.98), eps=1e-8, weight_decay=args.weight_decay,
                                       fused=device.type == "cuda")
@@ -414,8 +415,8 @@ def main(args):
             video = data.normalize(batch["video"].to(device, non_blocking=True), *norm,
                                    colour=batch["colour"].to(device, non_blocking=True))
             video, target = mix(video, batch["label"].to(device), len(classnames), args)
-            group = min(accum, len(train_loader) - i // accum * accum)  # micro-batches in this optimizer step
-            last = (i + 1) % accum == 0 or i + 1 == len(train_loader)
+            group = min(accum, batches - i // accum * accum)  # micro-batches in this optimizer step
+            last = (i + 1) % accum == 0 or i + 1 == batches
             sync = contextlib.nullcontext() if last or not distributed else train_model.no_sync()
             with sync:
                 with autocast:

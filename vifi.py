@@ -306,7 +306,7 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     norm = args.norm or model.norm
-    mean, std = (data.IMAGENET_MEAN, data.IMAGENET_STD) if norm == "imagenet" else (data.CLIP_MEAN, data.CLIP_STD)
+    mean, std = data.NORMS[norm]
     with torch.no_grad():
         probs = model(data.normalize(video.to(args.device), mean, std)).softmax(-1).mean(0)  # (V, C) -> (C,)
     for p_, i in zip(*probs.topk(min(5, len(labels)))):
