@@ -151,6 +151,8 @@ class Bench:
         if peak_bytes is not None:
             r["peak_mb"] = peak_bytes / 2 ** 20
         self.rows[key] = r
+        print(f"{r['label']:50s} {fmt(r['ms']):>9s} {fmt(r['frames_per_s']):>9s} {fmt(r['tflops']):>8s} "
+              f"{fmt(r['mfu']):>6s} {fmt(r['peak_mb']) if 'peak_mb' in r else '':>8s}", flush=True)  # as measured
 
     def adamw(self, params):
         # fused: one kernel for the whole update instead of several per parameter tensor
@@ -204,7 +206,7 @@ def bench_vision(b, clip, compiled):
     frames, res = b.cfg["clips"] * b.cfg["T"], b.cfg["res"]
     x = torch.randn(frames, 3, res, res, device=b.device)  # (N, 3, H, W) normalized pixels
     visual, opt = clip.visual, b.adamw(clip.visual.parameters())
-    run = torch.compile(visual) if compiled else visual
+    run = compile_fresh(visual) if compiled else visual
     flops, tag, key = frames * image_flops(clip.config, res), " [compiled]" * compiled, "_compiled" * compiled
 
     def train():
@@ -220,6 +222,12 @@ def bench_vision(b, clip, compiled):
 
     b.add(f"vision_train{key}", f"vision train, {frames} frames{tag}", b.seconds(train), frames, 3 * flops)
     b.add(f"vision_infer{key}", f"vision infer, {frames} frames{tag}", b.seconds(infer), frames, flops)
+
+
+def compile_fresh(module):
+    # Forget earlier graphs: after a model of other shapes, dynamo would recompile this one with dynamic shapes.
+    torch.compiler.reset()
+    return torch.compile(module)
 
 
 def vifi_step(run, opt, video, labels, amp):
@@ -250,7 +258,8 @@ class OfficialStyle(torch.nn.Module):
                 h, h, h, h.shape[-1], blk.attn.heads, blk.attn.in_proj_weight, blk.attn.in_proj_bias, None, None,
                 False, 0.0, blk.attn.out_proj.weight, blk.attn.out_proj.bias, need_weights=False,
                 attn_mask=None if mask is None else mask.to(h.dtype))[0]
-            x = x + blk.mlp(blk.ln_2(x))
+            h = F.linear(blk.ln_2(x), blk.mlp.c_fc.weight, blk.mlp.c_fc.bias)
+            x = x + F.linear(h * torch.sigmoid(1.702 * h), blk.mlp.c_proj.weight, blk.mlp.c_proj.bias)  # QuickGELU
         return x
 
     def forward(self, video):
@@ -274,7 +283,7 @@ def bench_vifi(b, clip, tok, compiled):
     for C in b.cfg["classes"]:
         model = vifi.ViFiCLIP(clip, class_names(C), mode="finetune", tokenizer=tok)
         opt, labels = b.adamw(model.trainable_parameters()), torch.randint(C, (B,), device=b.device)
-        run = torch.compile(model) if compiled else model
+        run = compile_fresh(model) if compiled else model
         L = model.text_ids.shape[1]  # prompt length, cut after the last EOT
         vision, text = B * T * image_flops(clip.config, res), C * text_flops(clip.config, L)
         model.train()
@@ -357,13 +366,14 @@ def fmt(v):
     return "n/a" if v is None else f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}"
 
 
-def print_tables(res):
-    print(f"\n{res['device']} | torch {res['torch']} | peak {fmt(res['peak_tflops'])} TFLOP/s "
-          f"({res['peak_dtype']} matmul) | tokenizer: {res['tokenizer']}")
+def print_header(device, b, tok_name):
+    print(f"{device_name(device)} | torch {torch.__version__} | peak {fmt(b.peak / 1e12)} TFLOP/s "
+          f"({b.peak_dtype} matmul) | tokenizer: {tok_name}")
     print(f"\n{'benchmark':50s} {'ms/step':>9s} {'frames/s':>9s} {'TFLOP/s':>8s} {'MFU':>6s} {'peak MB':>8s}")
-    for r in res["model"].values():
-        print(f"{r['label']:50s} {fmt(r['ms']):>9s} {fmt(r['frames_per_s']):>9s} {fmt(r['tflops']):>8s} "
-              f"{fmt(r['mfu']):>6s} {fmt(r['peak_mb']) if 'peak_mb' in r else '':>8s}")
+
+
+def print_summary(res):
+    print()
     for r in res["model"].values():
         if "speedup" in r:
             print(f"the lean eager step is {r['speedup']:.2f}x faster than: {r['label']}")
@@ -385,36 +395,43 @@ def main(args):
         torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN picks the patch-embedding kernel once
     b = Bench(device, cfg)
     tok, tok_name = text_tokenizer((TINY_CLIP if args.small else clip_model.CLIPConfig()).vocab_size)
-    variants = (False, True) if args.compile else (False,)
-    clip = b.new_clip()
-    for compiled in variants:
-        bench_vision(b, clip, compiled)
-    for compiled in variants:
-        bench_vifi(b, clip, tok, compiled)
-    del clip
-    bench_memory(b, tok)
-    with tempfile.TemporaryDirectory() as folder:
-        data_rates = bench_data(cfg, folder)
-    with_ckpt, without = b.rows["memory_ckpt"].get("peak_mb"), b.rows["memory_no_ckpt"].get("peak_mb")
-    # Does the pipeline feed training at 32 frames per clip? Workers on every core against the step without
-    # checkpointing (on a CPU those cores also train, so this means something only next to a GPU).
-    video = f"ucf101_t{max(cfg['data_T'])}"
-    per_worker, workers = data_rates[video]["pipeline_clips_per_s"], os.cpu_count()
-    train_rate = cfg["mem_clips"] / (b.rows["memory_no_ckpt"]["ms"] / 1e3)
-    feed = dict(video=video, workers=workers, pipeline_clips_per_s_per_worker=per_worker,
-                pipeline_clips_per_s=workers * per_worker, train_clips_per_s=train_rate,
-                feeds=workers * per_worker >= train_rate)
+    print_header(device, b, tok_name)
     results = dict(device=device_name(device), device_type=device.type, torch=torch.__version__,
                    date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"), small=args.small,
                    compile=args.compile, config=cfg, tokenizer=tok_name, peak_tflops=b.peak / 1e12,
-                   peak_dtype=b.peak_dtype, model=b.rows, data=data_rates, data_feed=feed,
-                   memory_ratio=without / with_ckpt if with_ckpt and without else None)
-    print_tables(results)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
-        print(f"\nwrote {args.json}")
+                   peak_dtype=b.peak_dtype, model=b.rows)
+    clip = b.new_clip()
+    bench_vision(b, clip, compiled=False)
+    bench_vifi(b, clip, tok, compiled=False)
+    del clip
+    bench_memory(b, tok)
+    with tempfile.TemporaryDirectory() as folder:
+        results["data"] = bench_data(cfg, folder)
+    with_ckpt, without = b.rows["memory_ckpt"].get("peak_mb"), b.rows["memory_no_ckpt"].get("peak_mb")
+    results["memory_ratio"] = without / with_ckpt if with_ckpt and without else None
+    # Does the pipeline feed training at 32 frames per clip? Workers on every core against the step without
+    # checkpointing (on a CPU those cores also train, so this means something only next to a GPU).
+    video = f"ucf101_t{max(cfg['data_T'])}"
+    per_worker, workers = results["data"][video]["pipeline_clips_per_s"], os.cpu_count()
+    train_rate = cfg["mem_clips"] / (b.rows["memory_no_ckpt"]["ms"] / 1e3)
+    results["data_feed"] = dict(video=video, workers=workers, pipeline_clips_per_s_per_worker=per_worker,
+                                pipeline_clips_per_s=workers * per_worker, train_clips_per_s=train_rate,
+                                feeds=workers * per_worker >= train_rate)
+    if args.compile:  # last: compiling takes minutes, and everything above is already measured by then
+        save(results, args.json)  # so an interrupted run still leaves the eager numbers
+        clip = b.new_clip()
+        bench_vision(b, clip, compiled=True)
+        bench_vifi(b, clip, tok, compiled=True)
+    print_summary(results)
+    save(results, args.json)
     return results
+
+
+def save(results, path):
+    if path:
+        with open(path, "w") as f:
+            json.dump(results, f, indent=2)
+        print(f"wrote {path}", flush=True)
 
 
 def parse_args(argv=None):
