@@ -447,6 +447,21 @@ def test_prompt_training_step_changes_only_prompts():
     assert changed == {"text_prompts.0", "text_prompts.1", "vision_prompts.0", "vision_prompts.1"}
 
 
+@pytest.mark.parametrize("mode", ["finetune", "prompt"])
+def test_vifi_compiles_without_graph_breaks(mode):
+    model = vifi.ViFiCLIP(byte_clip(), CLASSES, mode=mode, depth_text=2, depth_vision=2)
+    video = torch.randn(2, 2, 3, 32, 32)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager", fullgraph=True)  # fullgraph: any graph break raises
+    for training in (True, False):  # train: text encoded with gradients; eval: the text cache
+        model.train(training)
+        with torch.set_grad_enabled(training):
+            torch.testing.assert_close(compiled(video), model(video))
+    model.train()
+    compiled(video).sum().backward()
+    assert all(p.grad is not None for p in model.trainable_parameters() if p.ndim > 1)
+
+
 def test_text_features_cached_and_invalidated(monkeypatch):
     calls = []
     model = vifi.ViFiCLIP(byte_clip(), CLASSES, mode="finetune", towers="image")

@@ -85,6 +85,9 @@ class ViFiCLIP(nn.Module):
             self.text_prompts.extend(nn.Parameter(0.02 * torch.randn(n_ctx_text, cfg.text_width)) for _ in range(depth_text))
             self.vision_prompts.extend(nn.Parameter(0.02 * torch.randn(n_ctx_vision, cfg.vision_width))
                                        for _ in range(depth_vision))
+        # What text_trains() looks at, as a plain list (registered nowhere twice): torch.compile reads a list of
+        # parameters in every version, where unpacking a ParameterList inside the graph failed under torch 2.11.
+        self.text_side = [*self.text_prompts, *clip.transformer.parameters()]
         trainable = {id(p) for p in self.trainable_parameters()}
         for p in self.parameters():
             p.requires_grad_(id(p) in trainable)
@@ -122,7 +125,7 @@ class ViFiCLIP(nn.Module):
         self.text_cache = None
 
     def text_trains(self):
-        return any(p.requires_grad for p in [*self.text_prompts, *self.clip.transformer.parameters()])
+        return any(p.requires_grad for p in self.text_side)
 
     def text_features(self):
         """(C, D). Computed once and cached unless the text side is being trained right now; the official code
