@@ -214,11 +214,13 @@ class CLIP(nn.Module):
     def encode_image(self, images, prompts=None):
         return self.visual(images, prompts)
 
-    def encode_text(self, ids, prompts=None):
-        """ids: (N, L) token ids, EOT the largest id of each row -> (N, D). prompts[0] replaces tokens 1..n (after SOT)."""
-        if not torch.compiler.is_compiling():
+    def encode_text(self, ids, prompts=None, cut=True):
+        """ids: (N, L) token ids, EOT the largest id of each row -> (N, D). prompts[0] replaces tokens 1..n (after SOT).
+        cut=False: the caller has already cut the ids after their last EOT (vifi.py does it once per class list)."""
+        if cut and not torch.compiler.is_compiling():
             # Causal attention: nothing after the batch's last EOT can change an EOT output, so drop it (exact).
-            # Under torch.compile the caller passes ids already cut (vifi.py does), to keep a static graph.
+            # Finding where to cut reads a GPU value, which stalls the CPU until the GPU has caught up: callers that
+            # encode the same ids every step cut them once. Under torch.compile nothing is cut, for a static graph.
             ids = ids[:, : int(ids.argmax(dim=-1).max()) + 1]
         x = self.token_embedding(ids)  # (N, L) -> (N, L, W)
         if prompts:  # the prompt tokens take the place of the placeholder words and get their positions too

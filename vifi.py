@@ -131,10 +131,10 @@ class ViFiCLIP(nn.Module):
         """(C, D). Computed once and cached unless the text side is being trained right now; the official code
         re-encodes every class prompt for every batch, even in evaluation."""
         if self.training and self.text_trains() and torch.is_grad_enabled():
-            return self.clip.encode_text(self.text_ids, list(self.text_prompts))
+            return self.clip.encode_text(self.text_ids, list(self.text_prompts), cut=False)
         if self.text_cache is None or self.text_cache.device != self.text_ids.device:
             with torch.no_grad():
-                self.text_cache = self.clip.encode_text(self.text_ids, list(self.text_prompts))
+                self.text_cache = self.clip.encode_text(self.text_ids, list(self.text_prompts), cut=False)
         return self.text_cache
 
     def train(self, mode=True):
