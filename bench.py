@@ -28,6 +28,7 @@ bf16 on CUDA (what autocast runs the model in), fp32 on CPU (the model runs in f
 """
 import argparse
 import contextlib
+import ctypes
 import datetime
 import gc
 import json
@@ -128,6 +129,9 @@ def free(device):
     gc.collect()  # the previous section's model and optimizer, before the next is built or measured
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    else:  # hand freed heap pages back (glibc), so that the resident memory counts live memory and a later peak shows
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 class Bench:
@@ -320,6 +324,7 @@ def bench_memory(b, tok):
         clip.set_grad_checkpointing(ckpt)
         step = lambda: vifi_step(model, opt, video, labels, b.amp)
         step()  # AdamW's state exists from here on, in both runs
+        free(b.device)
         measured = reset_peak(b.device) and base is not None
         s = b.seconds(step, warmup=0)
         used = memory(b.device, peak=True) - base if measured else None
