@@ -85,8 +85,8 @@ class ViFiCLIP(nn.Module):
             self.text_prompts.extend(nn.Parameter(0.02 * torch.randn(n_ctx_text, cfg.text_width)) for _ in range(depth_text))
             self.vision_prompts.extend(nn.Parameter(0.02 * torch.randn(n_ctx_vision, cfg.vision_width))
                                        for _ in range(depth_vision))
-        # What text_trains() looks at, as a plain list (registered nowhere twice): torch.compile reads a list of
-        # parameters in every version, where unpacking a ParameterList inside the graph failed under torch 2.11.
+        # What text_trains() looks at, in a plain list (so nothing is registered twice). torch 2.11's compiler
+        # failed to unpack a ParameterList inside the graph; a list of parameters it reads.
         self.text_side = [*self.text_prompts, *clip.transformer.parameters()]
         trainable = {id(p) for p in self.trainable_parameters()}
         for p in self.parameters():
