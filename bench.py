@@ -61,21 +61,27 @@ TINY_CLIP = clip_model.CLIPConfig(embed_dim=64, image_resolution=32, vision_laye
 # ----------------------------------------------------------------------------------------------------------------
 # FLOPs from shapes (2 per multiply-add). Layer norms, softmax, GELU and residual adds are left out: a few %.
 
+def block_flops(width, tokens, queries):
+    """Forward FLOPs of one block over a sequence of `tokens` tokens of `width` channels whose first `queries`
+    outputs are computed (all of them but in the image tower's last block, which computes the class token alone)."""
+    return (2 * tokens * width * 3 * width               # q, k, v of every token: one packed projection
+            + 2 * 2 * queries * tokens * width           # q @ k^T and attention @ v, all heads together
+            + 2 * queries * width * width                # output projection
+            + 2 * 2 * queries * width * 4 * width)       # MLP: width -> 4 width -> width
+
+
 def transformer_flops(width, layers, tokens):
-    """Forward FLOPs of `layers` blocks over one sequence of `tokens` tokens of `width` channels."""
-    per_layer = (2 * tokens * width * 3 * width          # q, k, v: one packed projection
-                 + 2 * 2 * tokens * tokens * width       # q @ k^T and attention @ v, all heads together
-                 + 2 * tokens * width * width            # output projection
-                 + 2 * 2 * tokens * width * 4 * width)   # MLP: width -> 4 width -> width
-    return layers * per_layer
+    """Forward FLOPs of `layers` full blocks over one sequence of `tokens` tokens."""
+    return layers * block_flops(width, tokens, tokens)
 
 
 def image_flops(cfg, res):
-    """Forward FLOPs of the image tower for one frame: patch embedding, the ViT, the class token's projection."""
-    patches = (res // cfg.patch_size) ** 2
-    embed = 2 * patches * 3 * cfg.patch_size ** 2 * cfg.vision_width  # the stride-p convolution is a matmul
-    head = 2 * cfg.vision_width * cfg.embed_dim
-    return embed + transformer_flops(cfg.vision_width, cfg.vision_layers, patches + 1) + head
+    """Forward FLOPs the image tower runs for one frame: patch embedding, the ViT whose last block computes only the
+    class token, the class token's projection. Published counts run every token through every block: ~6% more."""
+    patches, w = (res // cfg.patch_size) ** 2, cfg.vision_width
+    embed = 2 * patches * 3 * cfg.patch_size ** 2 * w  # the stride-p convolution is a matmul
+    head = 2 * w * cfg.embed_dim
+    return embed + transformer_flops(w, cfg.vision_layers - 1, patches + 1) + block_flops(w, patches + 1, 1) + head
 
 
 def text_flops(cfg, tokens):

@@ -161,6 +161,30 @@ def test_grad_checkpointing_gives_same_outputs_and_grads():
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
 
 
+def test_last_vision_block_computes_only_the_class_token(monkeypatch):
+    model = small_clip().train()
+    images = torch.randn(3, 3, 32, 32)
+    prompts = [torch.randn(2, 64, requires_grad=True) for _ in range(2)]  # layer-0 tokens and one deep prompt
+    shapes = []
+    model.visual.transformer.resblocks[-1].register_forward_hook(lambda m, args, out: shapes.append(out.shape))
+    fast = model.encode_image(images, prompts)
+    fast.square().sum().backward()
+    fast_grads = [t.grad.clone() for t in [*model.visual.parameters(), *prompts]]
+    assert shapes == [(3, 1, 64)]  # the class token alone leaves the last block
+    model.zero_grad()
+    for p in prompts:
+        p.grad = None
+    # The reference: the last block computes every token, as OpenAI's model does
+    full_forward = model.visual.transformer.forward
+    monkeypatch.setattr(model.visual.transformer, "forward", lambda *a, out_tokens=None, **k: full_forward(*a, **k))
+    full = model.encode_image(images, prompts)
+    full.square().sum().backward()
+    assert shapes[-1] == (3, 1 + 16 + 2, 64)
+    torch.testing.assert_close(fast, full, atol=1e-5, rtol=0)
+    for a, b in zip(fast_grads, [t.grad for t in [*model.visual.parameters(), *prompts]]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
 def test_autocast_bf16_keeps_fp32_parameters():
     model = small_clip()
     images, ids = torch.randn(2, 3, 32, 32), random_ids(2, [4, 7])
@@ -518,8 +542,12 @@ import bench  # noqa: E402
 
 
 def test_image_flops_match_the_published_vit_b16_count():
-    # ViT-B/16 at 224 is 17.6 GMACs per image (timm's table), i.e. ~35.2 GFLOPs at 2 FLOPs per multiply-add
-    assert 34.5e9 < bench.image_flops(clip_model.CLIPConfig(), 224) < 35.5e9
+    # ViT-B/16 at 224 is 17.6 GMACs per image (timm's table), i.e. ~35.2 GFLOPs at 2 FLOPs per multiply-add, with
+    # all 197 tokens through the last block; this tower's last block computes the class token alone
+    executed = bench.image_flops(clip_model.CLIPConfig(), 224)
+    skipped = bench.block_flops(768, 197, 197) - bench.block_flops(768, 197, 1)
+    assert 34.5e9 < executed + skipped < 35.5e9
+    assert 0.05 < skipped / (executed + skipped) < 0.07
 
 
 def test_random_tokens_give_realistic_prompt_lengths():
