@@ -22,9 +22,9 @@ What is timed (median of timed repeats after warm-up, the device synchronized ar
   data                  clips/s of one worker (one thread, as in a DataLoader worker) on generated UCF101-like
                         (320x240, 7 s, MPEG-4 AVI) and Kinetics-like (340x256, 10 s, H.264 MP4) videos: decoding
                         the sampled frames alone vs the training pipeline (decode + TSN sample + augment, uint8 out)
-FLOPs are counted from the shapes (image_flops, text_flops); a training step is 3x the forward (the recompute of
-checkpointing is not counted, as usual for MFU). MFU divides by the peak of a large matmul measured in this run:
-bf16 on CUDA (what autocast runs the model in), fp32 on CPU (the model runs in fp32 there).
+FLOPs are those the code runs, counted from the shapes (image_flops, text_flops); a training step is 3x the
+forward (the recompute of checkpointing is not counted, as usual for MFU). MFU divides by the peak of a large matmul
+measured in this run: bf16 on CUDA (what autocast runs the model in), fp32 on CPU (the model runs in fp32 there).
 """
 import argparse
 import contextlib
@@ -403,7 +403,7 @@ def main(args):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cfg = {**(SMALL if args.small else FULL), **({"repeats": args.repeats} if args.repeats else {})}
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN picks the patch-embedding kernel once
+        torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN picks its kernels (the official style's conv) once
     b = Bench(device, cfg)
     tok, tok_name = text_tokenizer((TINY_CLIP if args.small else clip_model.CLIPConfig()).vocab_size)
     print_header(device, b, tok_name)

@@ -147,6 +147,20 @@ def test_positional_embedding_interpolation():
     torch.testing.assert_close(pos[0], vis.positional_embedding[0])
 
 
+def test_patch_embedding_matches_the_stride_p_convolution(monkeypatch):
+    model = small_clip()
+    vis = model.visual
+    images = torch.randn(2, 3, 37, 43)  # not a multiple of the patch size 8: conv drops the edge pixels
+    seen = []
+    monkeypatch.setattr(vis, "position_embedding", lambda gh, gw: seen.append((gh, gw)) or torch.zeros(1 + gh * gw, 64))
+    vis.ln_pre.register_forward_pre_hook(lambda module, args: seen.append(args[0]))  # the tokens: class + patches
+    with torch.no_grad():
+        vis(images)
+        conv = vis.conv1(images).flatten(2).transpose(1, 2)  # (2, 64, 4, 5) -> (2, 20, 64)
+    assert seen[0] == (4, 5)
+    torch.testing.assert_close(seen[1][:, 1:], conv, atol=1e-5, rtol=0)
+
+
 def test_grad_checkpointing_gives_same_outputs_and_grads():
     images, ids = torch.randn(2, 3, 32, 32), random_ids(2, [4, 7])
     grads = []
