@@ -177,9 +177,8 @@ class VisionTransformer(nn.Module):
         """x: (N, 3, H, W) normalized pixels -> (N, D). prompts: [layer-0 tokens appended, then one per later block]."""
         # The stride-p convolution over non-overlapping patches is one matmul: cut the image into patches and apply
         # conv1's weight as a linear layer (cuDNN's kernel for this convolution took 10% of an H200's forward).
-        N, C, H, W = x.shape
-        p = self.patch_size
-        gh, gw = H // p, W // p
+        N, C, p = x.shape[0], x.shape[1], self.patch_size
+        gh, gw = x.shape[2] // p, x.shape[3] // p
         x = x[:, :, :gh * p, :gw * p].reshape(N, C, gh, p, gw, p)  # edge pixels short of a patch drop, as in conv
         x = x.permute(0, 2, 4, 1, 3, 5).reshape(N, gh * gw, C * p * p)  # -> (N, gh, gw, C, p, p) -> (N, gh*gw, C*p*p)
         x = F.linear(x, self.conv1.weight.flatten(1))  # conv1.weight (W, C, p, p) -> (W, C*p*p): (N, gh*gw, W)
