@@ -403,7 +403,7 @@ def byte_clip():
 
 
 def test_vifi_zeroshot_parity_with_official(tiny_clip, expected):
-    model = vifi.ViFiCLIP(tiny_clip, expected["classes"], mode="zeroshot", clean_names=False).eval()
+    model = vifi.ViFiCLIP(tiny_clip, expected["classes"], mode="zeroshot", template="a photo of a {}.").eval()
     assert model.prompts_for(expected["classes"]) == expected["prompts"]
     with torch.no_grad():
         logits = model(torch.tensor(expected["video"]))
@@ -784,7 +784,7 @@ def test_ucf101_layout(tmp_path):
           "ApplyEyeMakeup/v_ApplyEyeMakeup_g01_c01.avi\nyoyo/v_YoYo_g02_c01.avi\n")  # folder case as in UCF101
     train = data.build_dataset("ucf101", root, "train")
     test = data.build_dataset("ucf101", root, "test")
-    assert train.classnames == ["Apply Eye Makeup", "Yo Yo"] and train.train and not test.train
+    assert train.classnames == ["ApplyEyeMakeup", "YoYo"] and train.train and not test.train  # names verbatim
     assert [(os.path.basename(p), label) for p, label in train.samples] == [("v_ApplyEyeMakeup_g08_c01.avi", 0),
                                                                            ("v_YoYo_g09_c02.avi", 1)]
     assert [label for _, label in test.samples] == [0, 1]
@@ -800,7 +800,7 @@ def test_hmdb51_layout(tmp_path):
     write(f"{root}/testTrainMulti_7030_splits/ride_bike_test_split2.txt", "d.avi 1\ne.avi 2\n")
     train = data.build_dataset("hmdb51", root, "train")
     test = data.build_dataset("hmdb51", root, "test")
-    assert train.classnames == ["brush hair", "ride bike"]
+    assert train.classnames == ["brush_hair", "ride_bike"]
     assert sorted((os.path.basename(p), label) for p, label in train.samples) == [("a.avi", 0), ("e.avi", 1)]
     assert sorted((os.path.basename(p), label) for p, label in test.samples) == [("b.avi", 0), ("d.avi", 1)]
 
@@ -843,7 +843,7 @@ def test_list_format_and_write_list_round_trip(tmp_path):
     write(f"{root}/labels.csv", "id,name\n0,playing_guitar\n1,riding a bike\n")
     write(f"{root}/train.txt", "videos/a/x.mp4 0\nvideos/b/y.mp4 1\nb/z.mp4 1\n")
     dataset = data.build_dataset("list", root, "train", list_file=f"{root}/train.txt", labels_file=f"{root}/labels.csv")
-    assert dataset.classnames == ["playing guitar", "riding a bike"] and [l for _, l in dataset.samples] == [0, 1, 1]
+    assert dataset.classnames == ["playing_guitar", "riding a bike"] and [l for _, l in dataset.samples] == [0, 1, 1]
     data.write_list(dataset, f"{root}/again.txt", f"{root}/again.csv")
     again = data.build_dataset("list", root, "train", list_file=f"{root}/again.txt", labels_file=f"{root}/again.csv")
     assert again.samples == dataset.samples and again.classnames == dataset.classnames
@@ -974,7 +974,7 @@ def test_synthetic_ucf_layout_reads_back_through_the_ucf101_parser(tmp_path):
     root = str(tmp_path / "synth")
     data.main(["synth-ucf", root, "--frames", "8", "--size", "32", "--train-per-class", "1", "--test-per-class", "1"])
     test = data.build_dataset("ucf101", root, "test", frames=8, size=32)
-    assert [c.lower() for c in test.classnames] == data.synthetic_classes() and len(test) == 18
+    assert [vifi.clean_classname(c) for c in test.classnames] == data.synthetic_classes() and len(test) == 18
     path, label = test.samples[4]
     assert label == 4 and test[4]["video"].shape == (8, 3, 32, 32)
     rendered = data.SyntheticVideos("test", 8, 32, per_class=1)[4]["video"]
@@ -1016,20 +1016,45 @@ def run_cli(*argv, env=None, timeout=300):
 def test_presets_follow_the_protocol_and_flags_win():
     args = train.get_args(["--dataset", "ucf101", "--root", "x", "--shots", "8"])
     assert (args.protocol, args.frames, args.batch_size, args.lr, args.epochs, args.eval_every) == ("few-shot", 32, 64, 2e-6, 50, 10)
+    assert args.splits == "official" and args.norm is None  # None: a checkpoint's own, else imagenet (build_model)
     args = train.get_args(["--dataset", "hmdb51", "--root", "x", "--base-novel", "--mode", "prompt", "--lr", "0.01"])
-    assert (args.protocol, args.lr, args.n_ctx, args.depth, args.epochs) == ("base-novel-prompt", 0.01, [16], [9], 11)
+    assert (args.protocol, args.lr, args.n_ctx, args.depth, args.epochs) == ("base-novel", 0.01, [16], [9], 11)
     args = train.get_args(["--dataset", "k400", "--root", "x"])
-    assert (args.protocol, args.frames, args.batch_size, args.views) == ("supervised", 16, 512, "4x3")
+    assert (args.protocol, args.frames, args.batch_size, args.views, args.shots, args.eval_every) == ("supervised", 16, 512, "4x3", 0, 1)
     args = train.get_args(["--dataset", "k400", "--root", "x", "--eval-datasets", "ucf101,hmdb51,k600"])
-    assert (args.protocol, args.batch_size, args.lr) == ("zero-shot", 256, 8e-6)
+    assert (args.protocol, args.batch_size, args.lr, args.shots) == ("zero-shot", 256, 8e-6, 0)
     args = train.get_args(["--dataset", "ucf101", "--root", "x", "--mode", "zeroshot"])
-    assert args.protocol == "vanilla-zero-shot" and args.eval_only
+    assert args.protocol == "vanilla-zero-shot" and args.eval_only and args.template == "{}"
+    # --eval-only keeps the protocol's frames and views: UCF101 alone is the zero-shot evaluation, not supervised
+    args = train.get_args(["--dataset", "ucf101", "--root", "x", "--eval-only", "--checkpoint", "c.pth"])
+    assert (args.protocol, args.frames, args.views) == ("zero-shot", 32, "1x1")
+    args = train.get_args(["--dataset", "list", "--protocol", "base-novel", "--root", "x"])
+    assert (args.protocol, args.base_novel, args.splits, args.epochs) == ("base-novel", True, "native", 11)
+    with pytest.raises(vifi.ConfigError, match="--protocol"):
+        train.get_args(["--dataset", "list", "--root", "x"])
 
 
-def test_lr_schedule_warms_up_then_decays_to_a_hundredth():
-    f = [train.lr_factor(s, 10, 100) for s in range(101)]
-    assert f[0] == 0 and f[5] == 0.5 and f[10] == 1.0 and abs(f[100] - 0.01) < 1e-9
-    assert all(a >= b for a, b in zip(f[10:], f[11:]))
+def test_lr_is_the_official_timm_schedule_at_every_epoch_end(tmp_path):
+    """timm's CosineLRScheduler(t_initial=E*n, lr_min=lr/100, warmup_lr_init=0, warmup_t=W*n, cycle_limit=1,
+    t_in_epochs=False), stepped with step_update(epoch * n + i) after micro-batch i closes an accumulation group,
+    written out here: at the end of epoch e the rate in force is the one for t = e * n + n - 1."""
+    def timm(t, peak, n, epochs, warmup):
+        warmup_t, t_initial, floor = int(warmup * n), int(epochs * n), peak / 100
+        if t < warmup_t:
+            return peak * t / warmup_t
+        return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * t / t_initial)) if t < t_initial else floor
+
+    run = ["--dataset", "synthetic", "--shots", "2", "--batch-size", "6", "--micro-batch", "3", "--epochs", "4",
+           "--warmup-epochs", "2", "--lr", "0.01", "--eval-every", "0", "--device", "cpu", "--frames", "2"]
+    train.main(train.get_args(run + ["--out", str(tmp_path)]))
+    n = 18 // 3  # 9 base classes x 2 shots, micro-batches of 3
+    log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    for e, row in enumerate(log):
+        assert row["lr"] == pytest.approx(timm(e * n + n - 1, 0.01, n, 4, 2), rel=1e-9, abs=0)
+    assert log[2]["lr"] < 0.01 * 0.6  # the cosine counts from step 0: right after warm-up the rate is below the peak
+    args = train.get_args(run)
+    assert train.learning_rate(0, args) == 0  # the first optimizer step runs at the warm-up's start value
+    assert train.learning_rate(2.0, args) == pytest.approx(0.0001 + 0.5 * 0.0099 * (1 + math.cos(math.pi / 2)))
 
 
 def test_mix_targets_sum_to_one_and_keep_frames_aligned():

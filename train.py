@@ -17,6 +17,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import time
 
@@ -31,41 +32,54 @@ import tokenizer
 import vifi
 
 DATASETS = ["synthetic", "ucf101", "hmdb51", "k400", "k600", "ssv2", "list"]
+PROTOCOLS = ["few-shot", "base-novel", "zero-shot", "supervised", "vanilla-zero-shot"]
 
 # Paper settings per protocol (Sec. 4 and the official configs). Any flag given on the command line wins.
+# eval_every: the official code evaluates after epoch e (0-based) when e % SAVE_FREQ == 0 and after the last one:
+# epochs 1, 11, 21, 31, 41, 50 of a few-shot run, every epoch of a supervised one.
 PRESETS = {
     "few-shot":          dict(frames=32, batch_size=64, lr=2e-6, epochs=50, eval_every=10),
     "few-shot-prompt":   dict(frames=32, batch_size=64, lr=8e-3, epochs=50, eval_every=10, n_ctx=[10], depth=[12]),
-    "base-novel":        dict(frames=32, batch_size=64, lr=2e-6, epochs=11, shots=16),
-    "base-novel-prompt": dict(frames=32, batch_size=64, lr=4e-2, epochs=11, shots=16, n_ctx=[16], depth=[9]),
-    "zero-shot":         dict(frames=32, batch_size=256, lr=8e-6, epochs=10),
-    "supervised":        dict(frames=16, batch_size=512, lr=2.2e-5, epochs=30, views="4x3"),
-    "vanilla-zero-shot": dict(frames=32, epochs=0),
+    "base-novel":        dict(frames=32, batch_size=64, lr=2e-6, epochs=11, eval_every=10, shots=16),
+    "base-novel-prompt": dict(frames=32, batch_size=64, lr=4e-2, epochs=11, eval_every=10, shots=16, n_ctx=[16],
+                              depth=[9]),
+    "zero-shot":         dict(frames=32, batch_size=256, lr=8e-6, epochs=10, eval_every=1),
+    "supervised":        dict(frames=16, batch_size=512, lr=2.2e-5, epochs=30, eval_every=1, views="4x3"),
+    "vanilla-zero-shot": dict(frames=32, epochs=0, template="{}"),
     # The offline demo: a small CLIP from scratch with the byte-level tokenizer on rendered clips; its base
     # classes train, its novel classes (unseen combinations of seen words) are only evaluated.
     "synthetic":         dict(model="scratch", template="{}", frames=8, batch_size=32, micro_batch=32, lr=1e-3,
-                              epochs=40, warmup_epochs=1, label_smoothing=0.0, mixup=0.0, cutmix=0.0, shots=0,
-                              workers=0),
+                              epochs=40, warmup_epochs=1, label_smoothing=0.0, mixup=0.0, cutmix=0.0, workers=0),
 }
 DEFAULTS = dict(model="ViT-B/16", template="a photo of a {}.", frames=32, batch_size=64, micro_batch=8, lr=2e-6,
-                epochs=10, eval_every=0, warmup_epochs=5, weight_decay=0.001, label_smoothing=0.1, mixup=0.8, cutmix=1.0, mix_switch=0.5,
-                views="1x1", shots=16, n_ctx=[10], depth=[12], workers=min(8, os.cpu_count() or 1))
+                epochs=10, eval_every=0, warmup_epochs=5, weight_decay=0.001, label_smoothing=0.1, mixup=0.8,
+                cutmix=1.0, mix_switch=0.5, views="1x1", shots=0, n_ctx=[10], depth=[12],
+                workers=min(8, os.cpu_count() or 1))
+# Which evaluation the paper's tables report: few-shot logs the best of its evaluations ("Max accuracy"); the
+# other protocols take the final model (base-to-novel evaluates novel classes with the last epoch's weights).
+REPORTED = {"few-shot": "best", "base-novel": "final", "zero-shot": "final", "supervised": "final",
+            "vanilla-zero-shot": "final", "synthetic": "final"}
 SCRATCH = clip_model.CLIPConfig(embed_dim=64, image_resolution=32, vision_layers=2, vision_width=128, patch_size=8,
                                 context_length=32, vocab_size=tokenizer.Tokenizer(byte_level=True).vocab_size,
                                 text_width=128, text_layers=2)
 
 
-def protocol(args):
+def infer_protocol(args):
+    """The protocol the flags describe, when --protocol is not given."""
     if args.dataset == "synthetic":
         return "synthetic"
     if args.mode == "zeroshot":
         return "vanilla-zero-shot"
-    prompt = "-prompt" if args.mode == "prompt" else ""
     if args.base_novel:
-        return "base-novel" + prompt
+        return "base-novel"
     if args.shots:
-        return "few-shot" + prompt
-    return "zero-shot" if args.eval_datasets else "supervised"
+        return "few-shot"
+    if args.eval_datasets or (args.eval_only and args.dataset in ("ucf101", "hmdb51", "k600")):
+        return "zero-shot"
+    if args.dataset == "list":
+        raise vifi.ConfigError("--dataset list: say whose settings to use with --protocol "
+                               f"({', '.join(PROTOCOLS)}); the lists are used as they are")
+    return "supervised"
 
 
 def get_args(argv=None):
@@ -73,20 +87,27 @@ def get_args(argv=None):
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="synthetic", choices=DATASETS)
     g.add_argument("--root", help="folder the dataset unpacks into (see README for each layout)")
-    g.add_argument("--fold", type=int, default=1, help="UCF101 / HMDB51 split 1-3")
-    g.add_argument("--shots", type=int, help="few-shot: videos per class (2, 4, 8, 16); 0 = all")
+    g.add_argument("--protocol", choices=PROTOCOLS, help="the paper's protocol (default: from --shots, --base-novel, "
+                                                         "--eval-datasets, --mode zeroshot; else supervised)")
+    g.add_argument("--splits", help="'official' (the paper's list and label files, downloaded once; the default for "
+                                    "ucf101, hmdb51, k400, k600, ssv2), a folder holding a copy of them (labels/, "
+                                    "datasets_splits/), or 'native' (the dataset's own lists and a seeded draw)")
+    g.add_argument("--fold", type=int, default=1, help="--splits native: UCF101 / HMDB51 split 1-3")
+    g.add_argument("--shots", type=int, help="few-shot: videos per class (the paper's lists: 2, 4, 8, 16)")
     g.add_argument("--base-novel", action="store_true", help="base-to-novel: train on base classes, test both halves")
-    g.add_argument("--seed", type=int, default=1, help="few-shot / base-novel draw and training seed")
+    g.add_argument("--seed", type=int, default=1, help="base-to-novel split 1-3, and the training seed")
     g.add_argument("--eval-datasets", help="zero-shot: comma list of ucf101,hmdb51,k600 evaluated after training")
     g.add_argument("--eval-roots", default="", help="their roots: ucf101=DIR,hmdb51=DIR,k600=DIR")
     g.add_argument("--train-list", help="--dataset list: 'path label' lines (e.g. the paper's split files)")
     g.add_argument("--test-list", help="--dataset list: the test list")
     g.add_argument("--labels", help="--dataset list: the 'id,name' labels CSV")
+    g.add_argument("--clean-names", action="store_true", help="'ApplyEyeMakeup' -> 'apply eye makeup' in the "
+                                                              "prompts (default: class names verbatim)")
     g.add_argument("--frames", type=int, help="frames per clip (T)")
     g.add_argument("--input-size", type=int, help="pixels (default: the model's own resolution)")
     g.add_argument("--views", help="test views as CLIPSxCROPS, e.g. 4x3")
-    g.add_argument("--norm", choices=list(data.NORMS), help="pixel mean/std (default: the checkpoint's; imagenet "
-                                                              "for official ones, which were trained with it; else clip)")
+    g.add_argument("--norm", choices=list(data.NORMS), help="pixel mean/std (default: a checkpoint's own, else "
+                                                              "imagenet, as the official training and evaluation)")
     g.add_argument("--workers", type=int, help="DataLoader worker processes per GPU")
     g = p.add_argument_group("model")
     g.add_argument("--mode", default="finetune", choices=vifi.MODES)
@@ -107,7 +128,8 @@ def get_args(argv=None):
     g.add_argument("--mixup", type=float, help="mixup alpha (0 = off)")
     g.add_argument("--cutmix", type=float, help="cutmix alpha (0 = off)")
     g.add_argument("--mix-switch", type=float, help="probability of cutmix instead of mixup when both are on")
-    g.add_argument("--eval-every", type=int, help="epochs between evaluations (0 = at the end only)")
+    g.add_argument("--eval-every", type=int, help="evaluate after epochs 1, 1 + N, 1 + 2N, ... and the last "
+                                                  "(0 = after the last only)")
     g = p.add_argument_group("runtime")
     g.add_argument("--device", help="cuda, cpu, ... (default: the best available)")
     g.add_argument("--precision", choices=["bf16", "fp16", "fp32"], help="autocast dtype (default: bf16 on GPU)")
@@ -117,12 +139,16 @@ def get_args(argv=None):
     g.add_argument("--resume", help="continue from DIR/last.pt")
     g.add_argument("--eval-only", action="store_true")
     args = p.parse_args(argv)
-    args.protocol = protocol(args)
+    args.protocol = args.protocol or infer_protocol(args)
+    args.base_novel = args.protocol == "base-novel"
+    preset = args.protocol + ("-prompt" if args.mode == "prompt" and args.protocol + "-prompt" in PRESETS else "")
     given = {k: v for k, v in vars(args).items() if v is not None}
-    for k, v in {**DEFAULTS, **PRESETS[args.protocol], **given}.items():
+    for k, v in {**DEFAULTS, **PRESETS[preset], **given}.items():
         setattr(args, k, v)
     if args.protocol == "vanilla-zero-shot":
         args.eval_only = True
+    if args.splits is None:
+        args.splits = "official" if args.dataset in data.OFFICIAL_DATASETS else "native"
     args.out = args.out or os.path.join("runs", f"{args.dataset}-{args.protocol}")
     return args
 
@@ -130,36 +156,74 @@ def get_args(argv=None):
 # ----------------------------------------------------------------------------------------------------------------
 # Data
 
-def datasets(args):
-    """(train set or None, {name: test set}) for the protocol; splits are applied here."""
+def official_files(args):
+    """{set name: (dataset, list file, labels file)} of the official repository for this run; 'train' maps to
+    None where the paper trains on a whole training set (the dataset's own list, read with the official names)."""
+    p, own = args.protocol, {}
+    if p in ("few-shot", "base-novel", "supervised"):
+        sets = data.official_sets(args.dataset, p, args.shots, args.seed)
+    elif args.eval_only:  # zero-shot evaluation (also of vanilla CLIP): the dataset's zero-shot sets
+        sets = data.official_sets(args.dataset, "zero-shot")
+    else:  # zero-shot training: the whole training set, evaluated on its test list
+        sets = data.official_sets(args.dataset, "supervised")
+    if p in ("supervised", "zero-shot") and not args.eval_only:
+        own = {"train": None}
+    if args.eval_only:
+        sets.pop("train", None)
+    files = {**own, **{name: (args.dataset, *f) for name, f in sets.items()}}
+    for name in filter(None, (args.eval_datasets or "").split(",")):
+        files.update({k: (name, *f) for k, f in data.official_sets(name, "zero-shot").items()})
+    return files
+
+
+def datasets(args, splits_dir=None):
+    """(train set or None, {name: test set}) of the protocol: the official lists (copies in `splits_dir`) read
+    under each dataset's root, or the dataset's own lists (--splits native, the synthetic set, list files)."""
     views = [int(v) for v in args.views.split("x")]
     common = dict(frames=args.frames, size=args.input_size, clips=views[0], crops=views[1], seed=args.seed)
-
-    def build(name, root, split, fold=args.fold):
-        lists = {"train": args.train_list, "test": args.test_list}  # only --dataset list reads these
-        return data.build_dataset(name, root, split, fold=fold, list_file=lists[split], labels_file=args.labels,
-                                  **common)
-
-    test = build(args.dataset, args.root, "test")
-    train = None if args.eval_only else build(args.dataset, args.root, "train")
-    tests = {"test": test}
-    if args.base_novel or args.protocol == "synthetic":
-        base, novel = data.base_novel_classes(train or build(args.dataset, args.root, "train"))
-        train = train and data.subset_classes(train, base)
-        tests = {"base": data.subset_classes(test, base), "novel": data.subset_classes(test, novel)}
-    if train is not None and args.shots:
-        train = data.few_shot(train, args.shots, args.seed)
-    roots = dict(kv.split("=", 1) for kv in args.eval_roots.split(",") if kv)
+    roots = {args.dataset: args.root, **dict(kv.split("=", 1) for kv in args.eval_roots.split(",") if kv)}
     for name in filter(None, (args.eval_datasets or "").split(",")):
         if name not in roots:
             raise data.DatasetError(f"--eval-datasets {name} needs its folder: --eval-roots {name}=DIR")
+    if args.splits == "native" or args.dataset in ("synthetic", "list"):
+        return native_datasets(args, roots, common)
+    files = official_files(args)
+    sets = {name: data.build_dataset("list", roots[f[0]], "train" if name == "train" else "test",
+                                     list_file=os.path.join(splits_dir, f[1]),
+                                     labels_file=os.path.join(splits_dir, f[2]), **common)
+            for name, f in files.items() if f}
+    train = sets.pop("train", None)
+    if "train" in files and train is None:  # the whole training set: the dataset's own list, the official names
+        train = data.relabel(data.build_dataset(args.dataset, args.root, "train", **common), sets["test"].classnames)
+    return train, sets
+
+
+def native_datasets(args, roots, common):
+    """The dataset's own train and test lists; base / novel halves and few-shot subsets drawn with the seed
+    (not the paper's); list files as they are."""
+    def build(name, split, fold=args.fold):
+        lists = {"train": args.train_list, "test": args.test_list}  # only --dataset list reads these
+        return data.build_dataset(name, roots.get(name), split, fold=fold, list_file=lists[split],
+                                  labels_file=args.labels, **common)
+
+    test = build(args.dataset, "test")
+    train = None if args.eval_only else build(args.dataset, "train")
+    tests = {"test": test}
+    drawn = args.dataset != "list"
+    if drawn and args.protocol in ("base-novel", "synthetic"):
+        base, novel = data.base_novel_classes(train or build(args.dataset, "train"))
+        train = train and data.subset_classes(train, base)
+        tests = {"base": data.subset_classes(test, base), "novel": data.subset_classes(test, novel)}
+    if drawn and train is not None and args.shots and args.protocol in ("few-shot", "base-novel", "synthetic"):
+        train = data.few_shot(train, args.shots, args.seed)
+    for name in filter(None, (args.eval_datasets or "").split(",")):
         if name == "k600":  # Kinetics-600 classes absent from Kinetics-400, three seeded subsets of 160
-            k600 = build("k600", roots[name], "test")
+            k600 = build("k600", "test")
             for s in (1, 2, 3):
                 tests[f"k600-subset{s}"] = data.k600_novel_subset(k600, (train or test).classnames, seed=s)
         else:
             for fold in (1, 2, 3):
-                tests[f"{name}-fold{fold}"] = build(name, roots[name], "test", fold=fold)
+                tests[f"{name}-fold{fold}"] = build(name, "test", fold=fold)
     return train, tests
 
 
@@ -204,18 +268,20 @@ def load_clip(args):
 def build_model(args, clip, classnames, own=None, ck=None):
     """The ViFiCLIP to train or evaluate, and the pixel mean/std it expects. own: the model of an own --checkpoint;
     ck: the contents of an official one (its weights go onto `clip`)."""
-    kw = dict(mode=args.mode, towers=args.towers, template=args.template, n_ctx_text=args.n_ctx[0],
+    kw = dict(mode=args.mode, towers=args.towers, template=args.template, clean_names=args.clean_names, n_ctx_text=args.n_ctx[0],
               n_ctx_vision=args.n_ctx[-1], depth_text=args.depth[0], depth_vision=args.depth[-1])
     if not args.checkpoint:
         model = vifi.ViFiCLIP(clip, classnames, **kw)
     else:
-        loaded = own or vifi.load_official_checkpoint(args.checkpoint, clip, classnames, ck=ck)
+        loaded = own or vifi.load_official_checkpoint(args.checkpoint, clip, classnames, ck=ck,
+                                                        clean_names=args.clean_names)
         loaded.set_classnames(classnames)
         # Evaluate it as it is, continue its own mode, or build the asked-for mode on its (video-fine-tuned) CLIP,
         # as "bridge and prompt" starts prompting from a fine-tuned model.
         keep = args.eval_only or loaded.mode == args.mode
         model = loaded if keep else vifi.ViFiCLIP(loaded.clip, classnames, norm=loaded.norm, **kw)
-    model.norm = args.norm or model.norm
+    # ImageNet's mean/std, as the official training and evaluation use, unless --norm or a checkpoint says otherwise
+    model.norm = args.norm or (model.norm if args.checkpoint else "imagenet")
     mean, std = data.NORMS[model.norm]
     if args.grad_checkpointing:
         model.clip.set_grad_checkpointing(True)
@@ -245,12 +311,16 @@ def mix(video, labels, num_classes, args):
     return video, lam * target + (1 - lam) * target.flip(0)
 
 
-def lr_factor(step, warmup, total):
-    """Linear warm-up from 0, then cosine down to 1/100 of the peak, per optimizer step."""
-    if step < warmup:
-        return step / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+def learning_rate(progress, args):
+    """The official schedule (timm's CosineLRScheduler as the official code sets it up) after `progress` epochs of
+    training: a linear warm-up from 0 over warmup_epochs, and a cosine from --lr down to --lr / 100 over the whole
+    run. The cosine is measured from the run's start, not from the warm-up's end (timm's warmup_prefix is off), so
+    right after the warm-up the rate is already below the peak. A function of progress alone: the same curve on any
+    number of GPUs and any micro-batch."""
+    if progress < args.warmup_epochs:
+        return args.lr * progress / args.warmup_epochs
+    floor = args.lr / 100
+    return floor + 0.5 * (args.lr - floor) * (1 + math.cos(math.pi * min(progress / args.epochs, 1.0)))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -333,12 +403,75 @@ def pick_device(name, local_rank):
     return torch.device(f"cuda:{local_rank}" if name == "cuda" else name)
 
 
+def check_args(args, world):
+    """Flags that cannot work, refused before anything is loaded (vifi.ConfigError: one line, exit 2)."""
+    problems = [
+        (args.shots < 0, f"--shots {args.shots}: videos per class cannot be negative"),
+        (args.frames < 1, f"--frames {args.frames}: a clip needs at least one frame"),
+        (args.micro_batch < 1 or args.batch_size < 1, "--batch-size and --micro-batch must be at least 1"),
+        (args.epochs < 1 and not args.eval_only, f"--epochs {args.epochs}: train at least one epoch, or --eval-only"),
+        (not re.fullmatch(r"[1-9]\d*x[13]", args.views), f"--views {args.views!r}: expected CLIPSxCROPS with "
+                                                          "CROPS 1 or 3, e.g. 1x1 or 4x3"),
+        (not 0 <= args.label_smoothing < 1, f"--label-smoothing {args.label_smoothing}: expected 0 <= value < 1"),
+        (args.template.count("{}") != 1, f"--template {args.template!r}: expected exactly one {{}} for the name"),
+        (any("=" not in kv for kv in args.eval_roots.split(",") if kv),
+         f"--eval-roots {args.eval_roots!r}: expected NAME=DIR pairs separated by commas"),
+        (not args.eval_only and args.batch_size % (args.micro_batch * world) != 0,
+         f"--batch-size {args.batch_size} is not a whole number of micro-batches of {args.micro_batch} on {world} "
+         f"process(es): choose --micro-batch so that micro-batch x processes divides the batch"),
+    ]
+    for bad, message in problems:
+        if bad:
+            raise vifi.ConfigError(message)
+    if not args.eval_only and args.warmup_epochs >= args.epochs:
+        print(f"warning: the warm-up ({args.warmup_epochs:g} epochs) is not shorter than the run ({args.epochs}): "
+              f"the rate never reaches --lr {args.lr:g}; lower --warmup-epochs", file=sys.stderr)
+
+
+def fetch_splits(args):
+    """The folder holding the official files this run reads (None for --splits native): a copy given with --splits
+    DIR, or the cache, where missing files are downloaded once and checked against their pinned sha256."""
+    if args.splits == "native" or args.dataset in ("synthetic", "list"):
+        return None
+    local = args.splits != "official"
+    if local and not os.path.isdir(args.splits):
+        raise data.DatasetError(f"--splits {args.splits!r}: expected 'official', 'native' or a folder holding the "
+                                "official repository's labels/ and datasets_splits/")
+    folder = args.splits if local else os.path.join(clip_model.cache_dir(), f"splits-{data.OFFICIAL_COMMIT[:7]}")
+    hashes, failed = data.official_hashes(), []
+    wanted = sorted({path for f in official_files(args).values() if f for path in f[1:]})
+    for path in wanted:
+        if data.check_official_file(folder, path, hashes[path]) is not None:
+            continue
+        if local:
+            failed.append(f"{os.path.join(folder, path)} (missing)")
+            continue
+        try:
+            clip_model.download(data.OFFICIAL_URL + path, os.path.join(folder, path), hashes[path])
+        except clip_model.CheckpointError:
+            failed.append(f"{data.OFFICIAL_URL + path} -> {os.path.join(folder, path)}")
+    if failed:
+        raise data.DatasetError(f"{len(failed)} of the paper's split files this run needs could not be found or "
+                                f"fetched: " + "; ".join(failed) + ". Place them there, or clone "
+                                "github.com/muzairkhattak/ViFi-CLIP and pass --splits CLONE")
+    return folder
+
+
+def single_view(dataset):
+    """The same test set with one clip and one crop per video: the official code's evaluations during training."""
+    quick = dataset.subset(dataset.samples)
+    quick.clips = quick.crops = 1
+    return quick
+
+
 def main(args):
     t_start = time.time()
     distributed = "RANK" in os.environ
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    check_args(args, world)
     if distributed:
         dist.init_process_group("nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    rank = dist.get_rank() if distributed else 0
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     device = pick_device(args.device, int(os.environ.get("LOCAL_RANK", 0)))
     if device.type == "cuda":
@@ -350,12 +483,23 @@ def main(args):
     random.seed(args.seed + rank)
     torch.manual_seed(args.seed + rank)
 
+    # The data first (split files, folders, lists), so that a wrong --root costs no model download.
+    if rank == 0:
+        splits_dir = fetch_splits(args)
+    if distributed:
+        dist.barrier()  # rank 0 downloads; the others find the files checked in place
+    if rank > 0:
+        splits_dir = fetch_splits(args)
+    train_set, tests = datasets(args, splits_dir)
+
     # An own checkpoint holds its whole model; an official one needs the base CLIP (--model) it was trained from.
     ck = vifi.read_checkpoint(args.checkpoint) if args.checkpoint else None
     own = vifi.load_checkpoint(args.checkpoint, ck=ck) if ck and "vifi" in ck else None
     clip = own.clip if own else load_clip(args)
     args.input_size = args.input_size or clip.config.image_resolution  # the model's own resolution by default
-    train_set, tests = datasets(args)
+    for dataset in (train_set, *tests.values()):
+        if dataset is not None:
+            dataset.size = args.input_size  # the sets were built before the model was known
     classnames = (train_set or next(iter(tests.values()))).classnames
     model, norm = build_model(args, clip, classnames, own, ck)
     del ck  # an own checkpoint's optimizer state is not needed any more
@@ -366,17 +510,14 @@ def main(args):
             if ds is not None:
                 data.write_list(ds, os.path.join(args.out, f"{name}_list.txt"), os.path.join(args.out, f"{name}_labels.csv"))
 
-    log, best, epoch0, step, results = [], -1.0, 0, 0, None
+    log, best, best_epoch, epoch0, step, results = [], -1.0, 0, 0, 0, None
     if not args.eval_only:
-        accum = max(1, args.batch_size // (args.micro_batch * world))
+        accum = args.batch_size // (args.micro_batch * world)
         train_loader = loader(train_set, args, rank, world, train=True)
         batches = len(train_loader)  # micro-batches per epoch (each len() reshuffles the sampler: ask once)
-        steps_per_epoch = math.ceil(batches / accum)
         params = model.trainable_parameters()
         optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.98), eps=1e-8, weight_decay=args.weight_decay,
                                       fused=device.type == "cuda")
-        warmup, total = args.warmup_epochs * steps_per_epoch, args.epochs * steps_per_epoch
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total))
         scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
         if args.resume:
             ck = vifi.read_checkpoint(args.resume)
@@ -385,9 +526,8 @@ def main(args):
                                                  "optimizer state); to start from weights, use --checkpoint")
             model.load_state_dict(ck["model"])
             optimizer.load_state_dict(ck["optimizer"])
-            scheduler.load_state_dict(ck["scheduler"])
             scaler.load_state_dict(ck["scaler"])
-            epoch0, step, best, log = ck["epoch"] + 1, ck["step"], ck["best_top1"], ck["log"]
+            epoch0, step, best, best_epoch, log = ck["epoch"] + 1, ck["step"], ck["best_top1"], ck["best_epoch"], ck["log"]
             random.setstate(ck["rng"]["python"])
             torch.set_rng_state(ck["rng"]["torch"])
         train_model = torch.compile(model) if args.compile else model
@@ -398,8 +538,8 @@ def main(args):
     def checkpoint(epoch):
         rng = {"python": random.getstate(), "torch": torch.get_rng_state()}
         return {"model": model.state_dict(), "vifi": vifi.checkpoint_config(model), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch, "step": step,
-                "best_top1": best, "log": log, "rng": rng, "args": {k: v for k, v in vars(args).items()}}
+                "scaler": scaler.state_dict(), "epoch": epoch, "step": step, "best_top1": best,
+                "best_epoch": best_epoch, "log": log, "rng": rng, "args": {k: v for k, v in vars(args).items()}}
 
     epochs = [] if args.eval_only else range(epoch0, args.epochs)
     main_test = "base" if "base" in tests else next(iter(tests))
@@ -408,6 +548,9 @@ def main(args):
         train_loader.sampler.epoch = epoch
         failures = data.FailureLog(max(1, len(train_set) // world))  # this process's share of the videos
         seen, t0, losses = 0, time.time(), []
+        # The rate in force: the one set after the last optimizer step so far (0 before the first, as timm's).
+        for g in optimizer.param_groups:
+            g["lr"] = learning_rate(max(epoch - 1 / batches, 0.0), args)
         bar = tqdm(train_loader, desc=f"epoch {epoch + 1}", leave=False, disable=rank > 0)
         for i, batch in enumerate(bar):
             failures.update(batch["failed"])
@@ -433,27 +576,30 @@ def main(args):
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
                 step += 1
-                bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
+                for g in optimizer.param_groups:  # timm's step_update(epoch * n + i): progress at micro-batch i
+                    g["lr"] = learning_rate(epoch + i / batches, args)
+                bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
                                 clips_per_s=f"{seen / (time.time() - t0):.1f}")
         if failures.failures and rank == 0:
             tqdm.write(f"epoch {epoch + 1}: {failures.report()}")
-        row = dict(epoch=epoch + 1, step=step, loss=torch.stack(losses).mean().item(), lr=scheduler.get_last_lr()[0],
-                   clips_per_s=seen / (time.time() - t0), failures=len(failures.failures))
+        row = dict(epoch=epoch + 1, step=step, loss=torch.stack(losses).mean().item(),
+                   lr=optimizer.param_groups[0]["lr"], clips_per_s=seen / (time.time() - t0),
+                   failures=len(failures.failures))
         if epoch + 1 == args.epochs:  # the final evaluation: every test set, with the protocol's views
             results = evaluate_all(model, tests, args, norm, device, autocast, rank, world)
             row.update(top1=results[main_test]["top1"], top5=results[main_test]["top5"])
-        elif args.eval_every and (epoch + 1) % args.eval_every == 0:
+        elif args.eval_every and epoch % args.eval_every == 0:  # as the official code: one view, the main set
             model.set_classnames(tests[main_test].classnames)
-            row.update({k: v for k, v in evaluate(model, tests[main_test], args, norm, device, autocast, rank, world,
-                                                  f"eval {main_test}").items() if k in ("top1", "top5")})
+            row.update({k: v for k, v in evaluate(model, single_view(tests[main_test]), args, norm, device, autocast,
+                                                  rank, world, f"eval {main_test}").items() if k in ("top1", "top5")})
         if "top1" in row:  # evaluation switched the class list: back to the training classes (also what is saved)
             model.set_classnames(classnames)
         log.append(row)
+        improved = row.get("top1", -1) > best
+        if improved:
+            best, best_epoch = row["top1"], epoch + 1
         if rank == 0:
-            improved = row.get("top1", -1) > best
-            best = max(best, row.get("top1", -1))
             ck = checkpoint(epoch)
             save_atomic(ck, os.path.join(args.out, "last.pt"))
             if improved:
@@ -466,32 +612,52 @@ def main(args):
     if results is None:  # evaluation only, or resumed after the last epoch
         results = evaluate_all(model, tests, args, norm, device, autocast, rank, world)
     if rank == 0:
-        summary = dict(protocol=args.protocol, dataset=args.dataset, model=args.model, mode=args.mode,
-                       checkpoint=args.checkpoint, norm=model.norm, frames=args.frames, input_size=args.input_size, views=args.views,
-                       train_videos=len(train_set) if train_set is not None else 0, classes=len(classnames),
-                       train_failures=sum(r.get("failures", 0) for r in log),  # unreadable videos replaced, all epochs
-                       epochs=args.epochs, wall_time_s=time.time() - t_start, results=results,
-                       settings={k: v for k, v in vars(args).items() if not k.startswith("_")})
-        with open(os.path.join(args.out, "results.json"), "w") as f:
-            json.dump(summary, f, indent=2)
-        print(f"\n{'set':<20}{'videos':>8}{'classes':>9}{'top-1':>9}{'top-5':>9}")
-        for name, r in results.items():
-            if not isinstance(r, dict):
-                print(f"{name:<20}{'':>17}{r:>9.2f}")
-            elif "top1" in r:
-                print(f"{name:<20}{r['videos']:>8}{r['classes']:>9}{r['top1']:>9.2f}{r['top5']:>9.2f}")
-            else:
-                print(f"{name:<20}{'mean':>8}{'':>9}{r['mean_top1']:>9.2f}  ± {r['std_top1']:.2f}")
-        print(f"results in {args.out}/results.json")
+        write_results(args, model, train_set, classnames, log, results,
+                      dict(set=main_test, top1=best, epoch=best_epoch) if best_epoch else None, time.time() - t_start)
     if distributed:
         dist.destroy_process_group()
     return results
 
 
+def splits_used(args):
+    """Where the run's videos and classes came from, for results.json."""
+    if args.dataset in ("synthetic", "list"):
+        return "the synthetic set" if args.dataset == "synthetic" else "the given list files, as they are"
+    if args.splits == "native":
+        return (f"native: {args.dataset}'s own lists" + (f", seeded draw (seed {args.seed}), NOT the paper's split"
+                                                         if args.protocol in ("few-shot", "base-novel") else ""))
+    return f"official: github.com/muzairkhattak/ViFi-CLIP at {data.OFFICIAL_COMMIT[:7]} ({args.splits})"
+
+
+def write_results(args, model, train_set, classnames, log, results, best, wall_time):
+    """results.json and the table on stdout."""
+    summary = dict(protocol=args.protocol, dataset=args.dataset, splits=splits_used(args), model=args.model,
+                   mode=args.mode, checkpoint=args.checkpoint, norm=model.norm, frames=args.frames,
+                   input_size=args.input_size, views=args.views,
+                   train_videos=len(train_set) if train_set is not None else 0, classes=len(classnames),
+                   train_failures=sum(r.get("failures", 0) for r in log),  # unreadable videos replaced, all epochs
+                   epochs=args.epochs, wall_time_s=wall_time, results=results, best=best,
+                   paper_reports=REPORTED[args.protocol],
+                   settings={k: v for k, v in vars(args).items() if not k.startswith("_")})
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    print(f"\n{'set':<20}{'videos':>8}{'classes':>9}{'top-1':>9}{'top-5':>9}")
+    for name, r in results.items():
+        if not isinstance(r, dict):
+            print(f"{name:<20}{'':>17}{r:>9.2f}")
+        elif "top1" in r:
+            print(f"{name:<20}{r['videos']:>8}{r['classes']:>9}{r['top1']:>9.2f}{r['top5']:>9.2f}")
+        else:
+            print(f"{name:<20}{'mean':>8}{'':>9}{r['mean_top1']:>9.2f}  ± {r['std_top1']:.2f}")
+    if best:
+        print(f"best {best['set']} top-1 {best['top1']:.2f} after epoch {best['epoch']}; the paper's tables report "
+              f"the {REPORTED[args.protocol]} one for {args.protocol}")
+    print(f"results in {args.out}/results.json")
+
+
 if __name__ == "__main__":
-    args = get_args()
     try:
-        main(args)
+        main(get_args())
     except (data.DatasetError, clip_model.CheckpointError, tokenizer.VocabError, vifi.ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

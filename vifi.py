@@ -57,21 +57,26 @@ def clean_classname(name):
 
 class ViFiCLIP(nn.Module):
     """
-    clip: a clip_model.CLIP; classnames: the labels, in class-id order; mode: one of MODES.
+    clip: a clip_model.CLIP; classnames: the labels, in class-id order, used verbatim in the prompts unless
+    clean_names (then clean_classname's words); mode: one of MODES.
     finetune: the towers named by `towers` train ('both' is ViFi-CLIP; 'image' and 'text' are the paper's ablations).
     prompt: every CLIP weight frozen; deep text and vision prompts train (n_ctx_* tokens, depth_* layers).
     zeroshot: vanilla CLIP, nothing trains.
     norm names the pixel normalization the inputs need (data.py's CLIP or ImageNet constants).
     """
 
-    def __init__(self, clip, classnames, mode="finetune", towers="both", template="a photo of a {}.",
-                 clean_names=True, n_ctx_text=10, n_ctx_vision=10, depth_text=12, depth_vision=12, tokenizer=None,
+    def __init__(self, clip, classnames, mode="finetune", towers="both", template=None, clean_names=False,
+                 n_ctx_text=10, n_ctx_vision=10, depth_text=12, depth_vision=12, tokenizer=None,
                  norm="clip"):
         super().__init__()
         if mode not in MODES or towers not in TOWERS:
             raise ConfigError(f"mode must be one of {MODES} and towers one of {TOWERS}; got {mode!r}, {towers!r}")
         self.clip, self.mode, self.towers = clip, mode, towers
-        self.template, self.clean_names = template, clean_names
+        # The official prompts: the bare class name for vanilla CLIP, "a photo of a {}." for a fine-tuned one.
+        self.template = template or ("{}" if mode == "zeroshot" else "a photo of a {}.")
+        if self.template.count("{}") != 1:
+            raise ConfigError(f"the template must hold exactly one '{{}}' for the class name; got {self.template!r}")
+        self.clean_names = clean_names
         self.norm = norm  # the pixel mean/std ('clip' or 'imagenet') the model expects: metadata for its users
         self.tokenizer = tokenizer or tokenizer_for(clip)
         self.text_prompts = nn.ParameterList()
@@ -111,7 +116,8 @@ class ViFiCLIP(nn.Module):
     def prompts_for(self, classnames):
         names = [clean_classname(n) if self.clean_names else n for n in classnames]
         if self.mode == "prompt":  # n placeholder tokens, replaced by the learned text prompts after embedding
-            return [" ".join(["X"] * len(self.text_prompts[0])) + f" {name}." for name in names]
+            x = " ".join(["X"] * len(self.text_prompts[0]))
+            return [f"{x} {name.replace('_', ' ')}." for name in names]  # underscores to spaces, as the official code
         return [self.template.format(name) for name in names]
 
     def set_classnames(self, classnames):
