@@ -6,6 +6,7 @@ $VIFI_FIXTURES, else from ../shared/fixtures beside the checkout; with neither t
 When $VIFI_FIXTURES is set (as CI sets it), a missing fixture fails instead of skipping.
 """
 import argparse
+import csv
 import io
 import json
 import math
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
+import warnings
 from pathlib import Path
 
 import pytest
@@ -1055,6 +1057,212 @@ def test_lr_is_the_official_timm_schedule_at_every_epoch_end(tmp_path):
     args = train.get_args(run)
     assert train.learning_rate(0, args) == 0  # the first optimizer step runs at the warm-up's start value
     assert train.learning_rate(2.0, args) == pytest.approx(0.0001 + 0.5 * 0.0099 * (1 + math.cos(math.pi / 2)))
+
+
+def official(rel=""):
+    """A path in the official repository's split and label files (../shared/official beside the fixtures)."""
+    path = os.path.join(os.path.dirname(fixture("clip_tiny_expected.json")), "..", "official", rel)
+    assert os.path.exists(path), f"no official split files at {path}"
+    return path
+
+
+def official_names(rel):
+    """The class names of an official labels CSV, read here with the csv module alone."""
+    with open(official(rel), newline="") as f:
+        return [row[1] for row in list(csv.reader(f))[1:]]
+
+
+def official_lines(rel, limit=None):
+    with open(official(rel)) as f:
+        return [(path, int(label)) for path, label in (line.rsplit(maxsplit=1) for line in f if line.strip())][:limit]
+
+
+def link_tree(root, video, rels, limit=None):
+    """Hard-link one video under the names the official lists give (the first `limit` of each): a fake copy of a
+    dataset, laid out as the lists say, in milliseconds."""
+    for rel in rels:
+        for name, _ in official_lines(rel, limit):
+            dest = os.path.join(root, name)
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            if not os.path.exists(dest):
+                os.link(video, dest)
+
+
+def official_run(root, *argv):
+    """The datasets a run of train.py would read (split files from ../shared/official), without a model."""
+    args = train.get_args(["--root", str(root), "--splits", official(), *argv])
+    return train.datasets(args, train.fetch_splits(args))
+
+
+def relative(dataset):
+    return [(os.path.relpath(path, dataset.root), label) for path, label in dataset.samples]
+
+
+@pytest.mark.parametrize("dataset, folder, test", [("ucf101", "ucf", "val1.txt"), ("hmdb51", "hmdb", "val1.txt"),
+                                                   ("ssv2", "ssv2", "validation.txt")])
+def test_few_shot_trains_on_exactly_the_official_list(tmp_path, dataset, folder, test):
+    (tmp_path / "v.avi").touch()
+    lists = [f"datasets_splits/{folder}_splits/train1_few_shot_4.txt", f"datasets_splits/{folder}_splits/{test}"]
+    link_tree(tmp_path / "root", tmp_path / "v.avi", lists[:1])
+    link_tree(tmp_path / "root", tmp_path / "v.avi", lists[1:], limit=500)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the test list is cut to 500: the rest is reported missing
+        train_set, tests = official_run(tmp_path / "root", "--dataset", dataset, "--shots", "4")
+    labels = {"ucf101": "ucf_101", "hmdb51": "hmdb_51", "ssv2": "ssv2"}[dataset]
+    assert relative(train_set) == official_lines(lists[0]) and list(tests) == ["test"]
+    assert relative(tests["test"]) == official_lines(lists[1], 500)
+    assert train_set.classnames == tests["test"].classnames == official_names(f"labels/{labels}_labels.csv")
+
+
+@pytest.mark.parametrize("dataset, labels, folder", [("ucf101", "ucf_101", "ucf"), ("hmdb51", "hmdb_51", "hmdb"),
+                                                     ("k400", "kinetics_400", "k400"), ("ssv2", "ssv2_174", "ssv2")])
+def test_base_novel_classes_and_videos_are_the_official_ones(tmp_path, dataset, labels, folder):
+    (tmp_path / "v.avi").touch()
+    b2n = f"datasets_splits/base2novel_splits/{folder}_splits/"
+    lists = [b2n + "fs_base_s2_train.txt", b2n + "base_val.txt", b2n + "novel_val.txt"]
+    link_tree(tmp_path / "root", tmp_path / "v.avi", lists, limit=2000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train_set, tests = official_run(tmp_path / "root", "--dataset", dataset, "--base-novel", "--seed", "2")
+    base, novel = official_names(f"labels/{labels}_base_labels.csv"), official_names(f"labels/{labels}_novel_labels.csv")
+    assert train_set.classnames == tests["base"].classnames == base and tests["novel"].classnames == novel
+    assert relative(train_set) == official_lines(lists[0], 2000)  # 16 per base class: the list, whole where linked
+    assert relative(tests["base"]) == official_lines(lists[1], 2000)
+    assert relative(tests["novel"]) == official_lines(lists[2], 2000)
+    if dataset == "hmdb51":  # the official halves, in the official order (not sorted folder names)
+        assert base[19:21] == ["sword exercise", "sword"] and novel[20:22] == ["kick ball", "kick"]
+        assert len(base) == 26 and len(novel) == 25
+
+
+def test_k600_zero_shot_subsets_are_the_official_ones(tmp_path):
+    (tmp_path / "v.mp4").touch()
+    lists = [f"datasets_splits/k600_splits/ZS_split{k}_K600_eval.txt" for k in (1, 2, 3)]
+    link_tree(tmp_path / "k600", tmp_path / "v.mp4", lists, limit=300)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train_set, tests = official_run(tmp_path / "k600", "--dataset", "k600", "--eval-only", "--checkpoint", "c.pth")
+    assert train_set is None and list(tests) == ["k600-subset1", "k600-subset2", "k600-subset3"]
+    for k in (1, 2, 3):
+        subset = tests[f"k600-subset{k}"]
+        assert subset.classnames == official_names(f"labels/ZS_split{k}_K600.csv") and len(subset.classnames) == 160
+        present = [(name, label) for name, label in official_lines(lists[k - 1]) if (tmp_path / "k600" / name).exists()]
+        assert relative(subset) == present and len(present) >= 300  # every listed video there, in the list's order
+
+
+def kinetics_tree(root, video, per_class=20):
+    """A Kinetics-400 copy: `per_class` training videos of three official classes in train.csv, and the first 30
+    videos of the official validation list."""
+    classes = ["abseiling", "air drumming", "zumba"]
+    rows = [f"{name},vid{c}x{i:03d},0,10,train" for c, name in enumerate(classes) for i in range(per_class)]
+    write(f"{root}/train.csv", "label,youtube_id,time_start,time_end,split\n" + "\n".join(rows) + "\n")
+    for c in range(3):
+        for i in range(per_class):
+            os.makedirs(f"{root}/train", exist_ok=True)
+            os.link(video, f"{root}/train/vid{c}x{i:03d}_000000_000010.mp4")
+    link_tree(root, video, ["datasets_splits/k400_splits/val.txt"], limit=30)
+    return classes
+
+
+def test_supervised_and_zero_shot_train_on_every_listed_video_with_official_names(tmp_path):
+    video = tmp_path / "v.mp4"
+    data.make_test_video(str(video), num_frames=8, width=40, height=32, codec="libx264", gop=4)
+    classes = kinetics_tree(tmp_path / "k400", video)
+    link_tree(tmp_path / "ucf", video, [f"datasets_splits/ucf_splits/val{k}.txt" for k in (1, 2, 3)], limit=20)
+    k400_names = official_names("labels/kinetics_400_labels.csv")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for extra in ([], ["--eval-datasets", "ucf101", "--eval-roots", f"ucf101={tmp_path / 'ucf'}"]):
+            train_set, tests = official_run(tmp_path / "k400", "--dataset", "k400", *extra)
+            assert len(train_set) == 60  # all of them: no 16-shot cap outside the few-shot protocols
+            assert train_set.classnames == k400_names  # the official ids, by name
+            assert sorted({label for _, label in train_set.samples}) == [k400_names.index(c) for c in classes]
+            assert relative(tests["test"]) == official_lines("datasets_splits/k400_splits/val.txt", 30)
+        assert list(tests) == ["test", "ucf101-fold1", "ucf101-fold2", "ucf101-fold3"]
+        # and through a real run: every listed video trains, with the official schedule and ImageNet's mean/std
+        out = tmp_path / "run"
+        train.main(train.get_args(["--dataset", "k400", "--root", str(tmp_path / "k400"), "--splits", official(),
+                                   "--model", "scratch", "--frames", "2", "--batch-size", "12", "--micro-batch", "6",
+                                   "--epochs", "1", "--views", "1x1", "--workers", "0", "--device", "cpu",
+                                   "--out", str(out)]))
+    res = json.load(open(out / "results.json"))
+    assert res["train_videos"] == 60 and res["results"]["test"]["videos"] == 30 and res["norm"] == "imagenet"
+    assert res["splits"].startswith("official") and res["paper_reports"] == "final" and res["best"]["epoch"] == 1
+    assert open(out / "train_labels.csv").read().splitlines()[1:4] == [f"{i},{n}" for i, n in enumerate(k400_names[:3])]
+
+
+def test_own_list_with_unknown_class_names_is_refused(tmp_path):
+    (tmp_path / "v.mp4").touch()
+    kinetics_tree(tmp_path / "k400", tmp_path / "v.mp4", per_class=1)
+    write(f"{tmp_path}/k400/train.csv", "label,youtube_id,time_start,time_end,split\nsnowboarding stunts,vid0x000,0,10,train\n")
+    with pytest.raises(data.DatasetError, match="not in the official class list.*--splits native"):
+        official_run(tmp_path / "k400", "--dataset", "k400")
+
+
+def test_no_official_split_says_what_exists(tmp_path):
+    with pytest.raises(data.DatasetError, match="no few-shot split of ucf101.*2/4/8/16.*--splits native"):
+        official_run(tmp_path, "--dataset", "ucf101", "--shots", "5")
+    with pytest.raises(data.DatasetError, match="no supervised split of hmdb51"):
+        official_run(tmp_path, "--dataset", "hmdb51", "--protocol", "supervised")
+
+
+def test_official_checkpoints_and_vanilla_clip_prompt_the_raw_names(tiny_clip):
+    names = ["ApplyEyeMakeup", "brush_hair", "Pouring something into something"]
+    fine = vifi.load_official_checkpoint(fixture("vifi_official_finetune_ckpt.pth"), tiny_clip, names)
+    assert fine.prompts_for(names) == [f"a photo of a {n}." for n in names]
+    prompted = vifi.load_official_checkpoint(fixture("vifi_official_prompt_ckpt.pth"), tiny_clip, names)
+    assert prompted.prompts_for(names)[:2] == ["X X X X X ApplyEyeMakeup.", "X X X X X brush hair."]  # '_' -> ' '
+    assert vifi.ViFiCLIP(tiny_clip, names, "zeroshot").prompts_for(names) == names  # the official "{}"
+    args = train.get_args(["--dataset", "ucf101", "--root", "x", "--eval-only", "--checkpoint",
+                           fixture("vifi_official_finetune_ckpt.pth")])
+    model, _ = train.build_model(args, tiny_clip, names)
+    assert model.prompts_for(names)[0] == "a photo of a ApplyEyeMakeup." and model.norm == "imagenet"
+    args = train.get_args(["--dataset", "ucf101", "--root", "x", "--mode", "zeroshot", "--clean-names"])
+    assert train.build_model(args, tiny_clip, names)[0].prompts_for(names)[0] == "apply eye makeup"
+
+
+def test_split_files_are_downloaded_checked_and_named_when_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("VIFI_CACHE", str(tmp_path / "cache"))
+    served, tamper = [], []
+
+    def urlopen(url, timeout=None):
+        rel = url.removeprefix(data.OFFICIAL_URL)
+        served.append(rel)
+        body = open(official(rel), "rb").read()
+        return FakeResponse(body + b"x" if rel in tamper else body)
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    args = train.get_args(["--dataset", "hmdb51", "--root", "x", "--base-novel", "--seed", "3"])
+    folder = train.fetch_splits(args)
+    b2n = "datasets_splits/base2novel_splits/hmdb_splits/"
+    wanted = [b2n + "base_val.txt", b2n + "fs_base_s3_train.txt", b2n + "novel_val.txt",
+              "labels/hmdb_51_base_labels.csv", "labels/hmdb_51_novel_labels.csv"]
+    assert sorted(served) == sorted(wanted)
+    for rel in wanted:
+        assert open(os.path.join(folder, rel), "rb").read() == open(official(rel), "rb").read()
+    served.clear()
+    assert train.fetch_splits(args) == folder and served == []  # once
+    tamper.append("datasets_splits/hmdb_splits/val1.txt")
+    few = train.get_args(["--dataset", "hmdb51", "--root", "x", "--shots", "2"])
+    with pytest.raises(data.DatasetError, match=r"1 of .*hmdb_splits/val1\.txt -> .*val1\.txt \(sha256 mismatch"):
+        train.fetch_splits(few)
+    assert not os.path.exists(os.path.join(folder, "datasets_splits/hmdb_splits/val1.txt"))
+
+    def offline(url, timeout=None):
+        raise urllib.error.URLError("no network")
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(data.DatasetError) as error:
+        train.fetch_splits(train.get_args(["--dataset", "ucf101", "--root", "x", "--shots", "8"]))
+    message = str(error.value)  # one message, every file with its URL and its destination
+    for rel in ("datasets_splits/ucf_splits/train1_few_shot_8.txt", "datasets_splits/ucf_splits/val1.txt",
+                "labels/ucf_101_labels.csv"):
+        assert f"{data.OFFICIAL_URL}{rel} -> {os.path.join(folder, rel)}" in message
+    # a local copy is checked too: an edited file is refused with its name
+    copy = tmp_path / "copy"
+    for rel in wanted:
+        write(str(copy / rel), open(official(rel)).read())
+    write(str(copy / wanted[0]), "edited.avi 0\n")
+    with pytest.raises(data.DatasetError, match="base_val.txt is not the official file"):
+        train.fetch_splits(train.get_args(["--dataset", "hmdb51", "--root", "x", "--base-novel", "--seed", "3",
+                                           "--splits", str(copy)]))
 
 
 def test_mix_targets_sum_to_one_and_keep_frames_aligned():

@@ -448,12 +448,13 @@ def fetch_splits(args):
             continue
         try:
             clip_model.download(data.OFFICIAL_URL + path, os.path.join(folder, path), hashes[path])
-        except clip_model.CheckpointError:
-            failed.append(f"{data.OFFICIAL_URL + path} -> {os.path.join(folder, path)}")
+        except clip_model.CheckpointError as e:
+            why = "sha256 mismatch, nothing written" if "corrupt" in str(e) else "no network?"
+            failed.append(f"{data.OFFICIAL_URL + path} -> {os.path.join(folder, path)} ({why})")
     if failed:
-        raise data.DatasetError(f"{len(failed)} of the paper's split files this run needs could not be found or "
-                                f"fetched: " + "; ".join(failed) + ". Place them there, or clone "
-                                "github.com/muzairkhattak/ViFi-CLIP and pass --splits CLONE")
+        raise data.DatasetError(f"{len(failed)} of the paper's split files that this run reads could not be found or "
+                                "fetched:\n  " + "\n  ".join(failed) + "\nPlace them there, or clone "
+                                "github.com/muzairkhattak/ViFi-CLIP elsewhere and pass --splits CLONE")
     return folder
 
 
