@@ -406,6 +406,27 @@ LAYOUTS = {
 }
 
 
+# Where each dataset is published, for the message a missing copy gets.
+HOMES = {"ucf101": "https://www.crcv.ucf.edu/data/UCF101.php",
+         "hmdb51": "https://serre-lab.clps.brown.edu/resource/hmdb-a-large-human-motion-database/",
+         "k400": "the Kinetics download tools, e.g. https://github.com/cvdfoundation/kinetics-dataset",
+         "k600": "the Kinetics download tools, e.g. https://github.com/cvdfoundation/kinetics-dataset",
+         "ssv2": "https://www.qualcomm.com/developer/software/something-something-v-2-dataset",
+         "list": "your own videos"}
+
+
+def check_root(name, root):
+    """A dataset's folder exists and holds videos: checked first, so a missing copy costs no download. The error
+    says where it looked, the layout expected, where the dataset is published and how to check a copy."""
+    if root and os.path.isdir(root) and _video_files(root):
+        return
+    found = "holds no video files" if root and os.path.isdir(root) else "is not a folder"
+    raise DatasetError(f"{name}: {root!r} {found}. Expected {LAYOUTS[name]}; the paper's protocols need only the "
+                       f"videos under it, found by file name. {name} is published at {HOMES[name]}. Put it there "
+                       f"(or pass --root DIR, or set VIFI_DATA to the folder holding <dataset>/), then verify it with "
+                       f"`python data.py check --dataset {name} --root {root}`")
+
+
 def _annotation(root, candidates):
     for name in candidates:
         if os.path.isfile(os.path.join(root, name)):

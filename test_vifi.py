@@ -14,6 +14,7 @@ import os
 import random
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import urllib.error
@@ -1242,7 +1243,7 @@ def test_split_files_are_downloaded_checked_and_named_when_offline(tmp_path, mon
     assert train.fetch_splits(args) == folder and served == []  # once
     tamper.append("datasets_splits/hmdb_splits/val1.txt")
     few = train.get_args(["--dataset", "hmdb51", "--root", "x", "--shots", "2"])
-    with pytest.raises(data.DatasetError, match=r"1 of .*hmdb_splits/val1\.txt -> .*val1\.txt \(sha256 mismatch"):
+    with pytest.raises(data.DatasetError, match=r"(?s)1 of .*hmdb_splits/val1\.txt -> .*val1\.txt \(sha256 mismatch"):
         train.fetch_splits(few)
     assert not os.path.exists(os.path.join(folder, "datasets_splits/hmdb_splits/val1.txt"))
 
@@ -1258,9 +1259,10 @@ def test_split_files_are_downloaded_checked_and_named_when_offline(tmp_path, mon
     # a local copy is checked too: an edited file is refused with its name
     copy = tmp_path / "copy"
     for rel in wanted:
-        write(str(copy / rel), open(official(rel)).read())
-    write(str(copy / wanted[0]), "edited.avi 0\n")
-    with pytest.raises(data.DatasetError, match="base_val.txt is not the official file"):
+        os.makedirs(copy / os.path.dirname(rel), exist_ok=True)
+        shutil.copyfile(official(rel), copy / rel)
+    write(str(copy / wanted[1]), "edited.avi 0\n")
+    with pytest.raises(data.DatasetError, match="fs_base_s3_train.txt is not the official file"):
         train.fetch_splits(train.get_args(["--dataset", "hmdb51", "--root", "x", "--base-novel", "--seed", "3",
                                            "--splits", str(copy)]))
 
@@ -1326,8 +1328,10 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
 
 
 def test_cli_errors_exit_2_with_a_clear_message(tmp_path):
-    run = run_cli("train.py", "--dataset", "ucf101", "--root", str(tmp_path), "--shots", "2", "--model", "scratch")
-    assert run.returncode == 2 and "ucfTrainTestlist" in run.stderr and "Traceback" not in run.stderr
+    for splits in ("official", "native"):  # an empty folder: no video, said before any download
+        run = run_cli("train.py", "--dataset", "ucf101", "--root", str(tmp_path), "--shots", "2", "--splits", splits)
+        assert run.returncode == 2 and "holds no video files" in run.stderr and "ucfTrainTestlist" in run.stderr
+        assert "Traceback" not in run.stderr and "crcv.ucf.edu" in run.stderr
     run = run_cli("train.py", "--dataset", "synthetic", "--model", "ViT-B/32", env={"VIFI_CACHE": str(tmp_path)})
     assert run.returncode == 2 and clip_model.MODELS["ViT-B/32"] in run.stderr and "Traceback" not in run.stderr
     run = run_cli("train.py", "--dataset", "synthetic", "--mode", "prompt", "--out", str(tmp_path / "out"))
@@ -1340,6 +1344,55 @@ def test_cli_errors_exit_2_with_a_clear_message(tmp_path):
         path = str(tmp_path / ("missing.pt" if flag == "--resume" else "notes.pth"))
         run = run_cli("train.py", "--dataset", "synthetic", flag, path, "--out", str(tmp_path / "out"))
         assert run.returncode == 2 and expect in run.stderr and "Traceback" not in run.stderr, run.stderr[-2000:]
+
+
+def test_missing_dataset_fails_before_any_network_access(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("VIFI_DATA", raising=False)
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: pytest.fail(f"network touched: {a}"))
+    with pytest.raises(data.DatasetError, match=r"ucf101: 'data/ucf101' is not a folder.*UCF-101/<Class>.*"
+                                                r"crcv\.ucf\.edu.*VIFI_DATA.*python data.py check --dataset ucf101"):
+        train.main(train.get_args(["--dataset", "ucf101", "--shots", "8"]))
+    with pytest.raises(data.DatasetError, match=r"hmdb51: '.*nowhere/hmdb51' is not a folder.*serre-lab"):
+        monkeypatch.setenv("VIFI_DATA", str(tmp_path / "nowhere"))
+        (tmp_path / "nowhere" / "k400" / "train").mkdir(parents=True)
+        (tmp_path / "nowhere" / "k400" / "train" / "a.mp4").touch()
+        train.main(train.get_args(["--dataset", "k400", "--eval-datasets", "hmdb51"]))
+    assert not (tmp_path / "runs").exists()
+    run = run_cli("train.py", "--dataset", "ssv2", "--shots", "2", env={"VIFI_DATA": str(tmp_path / "none"),
+                                                                       "VIFI_CACHE": str(tmp_path / "cache")})
+    assert run.returncode == 2 and "qualcomm.com" in run.stderr and "Traceback" not in run.stderr
+    assert not (tmp_path / "cache").exists()  # nothing fetched
+
+
+def test_the_mission_command_runs_as_typed(tmp_path, bpe):
+    """`python train.py --dataset ucf101 --shots 8` in a fresh folder: the data under ./data/ucf101 (two classes of
+    the official 8-shot list and a quarter of their test videos in split 1, one tiny clip hard-linked under each
+    name), the model and the split files already in the cache (the tiny OpenAI-format fixture as ViT-B/16)."""
+    video = tmp_path / "v.avi"
+    data.make_test_video(str(video), num_frames=12, width=40, height=32)
+    few, val = "datasets_splits/ucf_splits/train1_few_shot_8.txt", "datasets_splits/ucf_splits/val1.txt"
+    tested = [(name, label) for name, label in official_lines(val) if label < 2][::4]
+    keep = [(name, label) for name, label in official_lines(few) if label < 2] + tested
+    for name, _ in keep:
+        os.makedirs(tmp_path / "data" / "ucf101" / "UCF-101", exist_ok=True)
+        os.link(video, tmp_path / "data" / "ucf101" / "UCF-101" / name)
+    cache = tmp_path / "cache"
+    for rel in (few, val, "labels/ucf_101_labels.csv"):
+        os.makedirs(cache / f"splits-{data.OFFICIAL_COMMIT[:7]}" / os.path.dirname(rel), exist_ok=True)
+        shutil.copyfile(official(rel), cache / f"splits-{data.OFFICIAL_COMMIT[:7]}" / rel)
+    shutil.copyfile(fixture("clip_tiny_openai_jit.pt"), cache / "ViT-B-16.pt")
+    env = {**os.environ, "VIFI_CACHE": str(cache), "OMP_NUM_THREADS": "1", "VIFI_BPE": str(bpe)}
+    env.pop("VIFI_DATA", None)
+    run = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--dataset", "ucf101", "--shots", "8"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    res = json.load(open(tmp_path / "runs" / "ucf101-few-shot" / "results.json"))
+    assert (res["protocol"], res["train_videos"], res["epochs"], res["frames"]) == ("few-shot", 16, 50, 32)
+    assert res["results"]["test"]["videos"] == len(tested) and res["splits"].startswith("official")
+    log = [json.loads(line) for line in open(tmp_path / "runs" / "ucf101-few-shot" / "log.jsonl")]
+    assert [r["epoch"] for r in log if "top1" in r] == [1, 11, 21, 31, 41, 50]  # the official evaluation epochs
+    assert res["best"]["top1"] == max(r["top1"] for r in log if "top1" in r) and res["paper_reports"] == "best"
 
 
 def test_eval_only_official_checkpoint(tmp_path, expected):

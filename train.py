@@ -86,7 +86,8 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(), formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="synthetic", choices=DATASETS)
-    g.add_argument("--root", help="folder the dataset unpacks into (see README for each layout)")
+    g.add_argument("--root", help="folder the dataset unpacks into (default: $VIFI_DATA/<dataset>, VIFI_DATA "
+                                  "defaulting to ./data; see README for each layout)")
     g.add_argument("--protocol", choices=PROTOCOLS, help="the paper's protocol (default: from --shots, --base-novel, "
                                                          "--eval-datasets, --mode zeroshot; else supervised)")
     g.add_argument("--splits", help="'official' (the paper's list and label files, downloaded once; the default for "
@@ -97,7 +98,8 @@ def get_args(argv=None):
     g.add_argument("--base-novel", action="store_true", help="base-to-novel: train on base classes, test both halves")
     g.add_argument("--seed", type=int, default=1, help="base-to-novel split 1-3, and the training seed")
     g.add_argument("--eval-datasets", help="zero-shot: comma list of ucf101,hmdb51,k600 evaluated after training")
-    g.add_argument("--eval-roots", default="", help="their roots: ucf101=DIR,hmdb51=DIR,k600=DIR")
+    g.add_argument("--eval-roots", default="", help="their roots: ucf101=DIR,hmdb51=DIR,k600=DIR (default: "
+                                                    "$VIFI_DATA/<dataset>)")
     g.add_argument("--train-list", help="--dataset list: 'path label' lines (e.g. the paper's split files)")
     g.add_argument("--test-list", help="--dataset list: the test list")
     g.add_argument("--labels", help="--dataset list: the 'id,name' labels CSV")
@@ -149,6 +151,8 @@ def get_args(argv=None):
         args.eval_only = True
     if args.splits is None:
         args.splits = "official" if args.dataset in data.OFFICIAL_DATASETS else "native"
+    if args.dataset != "synthetic":  # $VIFI_DATA/<dataset>, VIFI_DATA defaulting to ./data
+        args.root = args.root or os.path.join(os.environ.get("VIFI_DATA", "data"), args.dataset)
     args.out = args.out or os.path.join("runs", f"{args.dataset}-{args.protocol}")
     return args
 
@@ -176,15 +180,44 @@ def official_files(args):
     return files
 
 
+def data_roots(args):
+    """{dataset: folder} of the training and evaluation sets: --root, --eval-roots, else $VIFI_DATA/<dataset>."""
+    given = dict(kv.split("=", 1) for kv in args.eval_roots.split(",") if kv)
+    names = filter(None, (args.eval_datasets or "").split(","))
+    return {args.dataset: args.root, **{n: given.get(n) or os.path.join(os.environ.get("VIFI_DATA", "data"), n)
+                                        for n in names}}
+
+
+def check_data(args):
+    """Before any download: every dataset folder exists and holds videos."""
+    if args.dataset != "synthetic":
+        for name, root in data_roots(args).items():
+            data.check_root(name, root)
+
+
+def check_readable(sets):
+    """After the lists are read: a video of each set decodes (a copy of the wrong or of empty files stops here)."""
+    for name, dataset in sets.items():
+        if dataset is None or isinstance(dataset, data.SyntheticVideos):
+            continue
+        reasons = []
+        for path, _ in dataset.samples[:5]:
+            try:
+                data.read_frames(path, [0])
+                break
+            except data.VideoError as e:
+                reasons.append(str(e))
+        else:
+            raise data.DatasetError(f"none of the first {len(reasons)} videos of the {name} set could be read, e.g. "
+                                    f"{reasons[0]}; check the copy with `python data.py check`")
+
+
 def datasets(args, splits_dir=None):
     """(train set or None, {name: test set}) of the protocol: the official lists (copies in `splits_dir`) read
     under each dataset's root, or the dataset's own lists (--splits native, the synthetic set, list files)."""
     views = [int(v) for v in args.views.split("x")]
     common = dict(frames=args.frames, size=args.input_size, clips=views[0], crops=views[1], seed=args.seed)
-    roots = {args.dataset: args.root, **dict(kv.split("=", 1) for kv in args.eval_roots.split(",") if kv)}
-    for name in filter(None, (args.eval_datasets or "").split(",")):
-        if name not in roots:
-            raise data.DatasetError(f"--eval-datasets {name} needs its folder: --eval-roots {name}=DIR")
+    roots = data_roots(args)
     if args.splits == "native" or args.dataset in ("synthetic", "list"):
         return native_datasets(args, roots, common)
     files = official_files(args)
@@ -484,7 +517,8 @@ def main(args):
     random.seed(args.seed + rank)
     torch.manual_seed(args.seed + rank)
 
-    # The data first (split files, folders, lists), so that a wrong --root costs no model download.
+    # The data first (folders, split files, lists, a readable video), so that a wrong --root costs no download.
+    check_data(args)
     if rank == 0:
         splits_dir = fetch_splits(args)
     if distributed:
@@ -492,6 +526,7 @@ def main(args):
     if rank > 0:
         splits_dir = fetch_splits(args)
     train_set, tests = datasets(args, splits_dir)
+    check_readable({"train": train_set, **tests})
 
     # An own checkpoint holds its whole model; an official one needs the base CLIP (--model) it was trained from.
     ck = vifi.read_checkpoint(args.checkpoint) if args.checkpoint else None

@@ -298,10 +298,8 @@ def main(argv=None):
         if args.labels_file:  # one name per line, or an 'id,name' CSV as train.py and the official repo write
             with open(args.labels_file, newline="") as f:
                 lines = [line.strip() for line in f if line.strip()]
-            if lines and lines[0].replace(" ", "") == "id,name":
-                rows = sorted((line.split(",", 1) for line in lines[1:]), key=lambda row: int(row[0]))
-                lines = [name for _, name in rows]
-            labels = lines
+            csv_file = lines and lines[0].replace(" ", "") == "id,name"
+            labels = data.read_labels(args.labels_file) if csv_file else lines
         else:
             labels = [name.strip() for name in args.labels.split(",") if name.strip()]
         ck = read_checkpoint(args.checkpoint) if args.checkpoint else None
@@ -311,7 +309,8 @@ def main(argv=None):
         clips, crops = (int(v) for v in args.views.split("x"))
         size = model.clip.config.image_resolution
         video, _ = data.VideoDataset([(args.video, 0)], labels, args.frames, size, clips=clips, crops=crops).load(args.video)
-    except (OSError, data.VideoError, clip_model.CheckpointError, VocabError, ConfigError) as e:
+    except (OSError, data.VideoError, data.DatasetError, clip_model.CheckpointError, VocabError,
+            ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     norm = args.norm or model.norm
