@@ -30,6 +30,10 @@ import tokenizer
 from tokenizer import BPE_FILE, BPE_URL, Tokenizer, tokenize
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# OpenAI's vocabulary from ../shared beside the checkout, for every test and every process they start, unless
+# $VIFI_BPE names one: the project downloads it at first use, and tests never touch the network.
+if not os.environ.get("VIFI_BPE") and os.path.isfile(os.path.join(HERE, "..", "shared", "assets", BPE_FILE)):
+    os.environ["VIFI_BPE"] = os.path.join(HERE, "..", "shared", "assets", BPE_FILE)
 
 
 def fixture(name):
@@ -1304,6 +1308,8 @@ def test_resume_gives_identical_weights(tmp_path, monkeypatch):
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k
     assert straight == resumed
+    best = torch.load(tmp_path / "a" / "best.pt", weights_only=True)
+    assert "optimizer" not in best and vifi.load_checkpoint(str(tmp_path / "a" / "best.pt")).mode == "finetune"
     outs = set(os.listdir(tmp_path / "a"))
     assert {"results.json", "log.jsonl", "last.pt", "best.pt", "curves.svg", "train_list.txt"} <= outs
     log = [json.loads(line) for line in open(tmp_path / "a" / "log.jsonl")]
@@ -1363,6 +1369,27 @@ def test_missing_dataset_fails_before_any_network_access(tmp_path, monkeypatch):
                                                                        "VIFI_CACHE": str(tmp_path / "cache")})
     assert run.returncode == 2 and "qualcomm.com" in run.stderr and "Traceback" not in run.stderr
     assert not (tmp_path / "cache").exists()  # nothing fetched
+
+
+def test_offline_one_message_lists_every_missing_file(tmp_path, monkeypatch):
+    data.make_test_video(str(tmp_path / "v.avi"), num_frames=4, width=32, height=32)
+    link_tree(tmp_path / "ucf", tmp_path / "v.avi", ["datasets_splits/ucf_splits/train1_few_shot_2.txt"])
+    link_tree(tmp_path / "ucf", tmp_path / "v.avi", ["datasets_splits/ucf_splits/val1.txt"], limit=5)
+    monkeypatch.setenv("VIFI_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("VIFI_BPE")
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: (_ for _ in ()).throw(urllib.error.URLError("offline")))
+    args = ["--dataset", "ucf101", "--root", str(tmp_path / "ucf"), "--shots", "2"]
+    with pytest.raises(data.DatasetError) as error:  # nothing cached: split files, weights and vocabulary at once
+        train.main(train.get_args(args))
+    weights = clip_model.MODELS["ViT-B/16"]
+    for url in (data.OFFICIAL_URL + "datasets_splits/ucf_splits/train1_few_shot_2.txt", weights, tokenizer.BPE_URL):
+        assert url in str(error.value)
+    assert str(tmp_path / "cache" / tokenizer.BPE_FILE) in str(error.value)
+    with pytest.raises(clip_model.CheckpointError) as error, warnings.catch_warnings():  # splits in place
+        warnings.simplefilter("ignore")  # the test list is cut to 5 videos
+        train.main(train.get_args(args + ["--splits", official()]))
+    assert f"{weights} -> {tmp_path / 'cache' / os.path.basename(weights)}" in str(error.value)
+    assert f"{tokenizer.BPE_URL} -> {tmp_path / 'cache' / tokenizer.BPE_FILE}" in str(error.value)
 
 
 def test_the_mission_command_runs_as_typed(tmp_path, bpe):

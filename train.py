@@ -484,11 +484,46 @@ def fetch_splits(args):
         except clip_model.CheckpointError as e:
             why = "sha256 mismatch, nothing written" if "corrupt" in str(e) else "no network?"
             failed.append(f"{data.OFFICIAL_URL + path} -> {os.path.join(folder, path)} ({why})")
-    if failed:
+    if failed:  # offline: the model files that are not there yet belong in the same message
+        also = [f"{url} -> {path}" for url, path, _ in model_files(args) if not os.path.isfile(path)]
         raise data.DatasetError(f"{len(failed)} of the paper's split files that this run reads could not be found or "
                                 "fetched:\n  " + "\n  ".join(failed) + "\nPlace them there, or clone "
-                                "github.com/muzairkhattak/ViFi-CLIP elsewhere and pass --splits CLONE")
+                                "github.com/muzairkhattak/ViFi-CLIP elsewhere and pass --splits CLONE" +
+                                "".join(f"\nThe model needs too: {line}" for line in also))
     return folder
+
+
+def model_files(args, own=None):
+    """(url, path, sha256) of the CLIP weights and the BPE vocabulary the run needs from the network."""
+    files = []
+    if own is None and args.model in clip_model.MODELS:
+        url = clip_model.MODELS[args.model]
+        files.append((url, os.path.join(clip_model.cache_dir(), os.path.basename(url)), url.split("/")[-2]))
+    if args.model != "scratch" and not os.environ.get("VIFI_BPE"):
+        files.append((tokenizer.BPE_URL, os.path.join(tokenizer.cache_dir(), tokenizer.BPE_FILE), tokenizer.BPE_SHA256))
+    return files
+
+
+def fetch_model_files(args, own=None):
+    """Fetch the weights and the vocabulary together, so that offline one message names every missing file."""
+    failed = []
+    for url, path, sha256 in model_files(args, own):
+        try:
+            clip_model.download(url, path, sha256)
+        except clip_model.CheckpointError:
+            failed.append(f"{url} -> {path}")
+    if failed:
+        raise clip_model.CheckpointError("could not fetch what the model needs:\n  " + "\n  ".join(failed) + "\nWithout "
+                                         "network, download them elsewhere and place them there (VIFI_CACHE sets the "
+                                         "folder; VIFI_BPE may name the vocabulary file)")
+
+
+def rank0_first(fetch, rank, distributed):
+    """fetch() on rank 0, then on the others, which find its downloads in place: no two processes write one file."""
+    result = fetch() if rank == 0 else None
+    if distributed:
+        dist.barrier()
+    return fetch() if rank > 0 else result
 
 
 def single_view(dataset):
@@ -519,18 +554,14 @@ def main(args):
 
     # The data first (folders, split files, lists, a readable video), so that a wrong --root costs no download.
     check_data(args)
-    if rank == 0:
-        splits_dir = fetch_splits(args)
-    if distributed:
-        dist.barrier()  # rank 0 downloads; the others find the files checked in place
-    if rank > 0:
-        splits_dir = fetch_splits(args)
+    splits_dir = rank0_first(lambda: fetch_splits(args), rank, distributed)
     train_set, tests = datasets(args, splits_dir)
     check_readable({"train": train_set, **tests})
 
     # An own checkpoint holds its whole model; an official one needs the base CLIP (--model) it was trained from.
     ck = vifi.read_checkpoint(args.checkpoint) if args.checkpoint else None
     own = vifi.load_checkpoint(args.checkpoint, ck=ck) if ck and "vifi" in ck else None
+    rank0_first(lambda: fetch_model_files(args, own), rank, distributed)
     clip = own.clip if own else load_clip(args)
     args.input_size = args.input_size or clip.config.image_resolution  # the model's own resolution by default
     for dataset in (train_set, *tests.values()):
@@ -638,8 +669,9 @@ def main(args):
         if rank == 0:
             ck = checkpoint(epoch)
             save_atomic(ck, os.path.join(args.out, "last.pt"))
-            if improved:
-                save_atomic(ck, os.path.join(args.out, "best.pt"))
+            if improved:  # what evaluation and fine-tuning need; resuming reads last.pt
+                save_atomic({k: ck[k] for k in ("model", "vifi", "epoch", "best_top1", "best_epoch", "args")},
+                            os.path.join(args.out, "best.pt"))
             with open(os.path.join(args.out, "log.jsonl"), "a") as f:
                 f.write(json.dumps(row) + "\n")
             write_curves(log, os.path.join(args.out, "curves.svg"))
