@@ -11,12 +11,12 @@ on a CPU. Everything else (sampling, crop, resize, flip) happens in the DataLoad
 and IMAGENET_MEAN/IMAGENET_STD are on the 0-1 scale, as published; `normalize` rescales. The official ViFi-CLIP
 checkpoints were trained with ImageNet's constants, so evaluating them needs those.
 
-Bad files. A video that cannot be read (missing, empty, truncated, not a video, undecodable) raises VideoError;
-the dataset then loads the next index instead, up to `max_retries` in a row. The sample returned carries
-"index" of the video actually loaded and "failed": one line "path: reason" per video skipped on the way ("" when
-none). DataLoader workers are separate processes, so no counter inside the dataset would reach the trainer;
-the failures travel in the batches instead, and the consumer feeds batch["failed"] to a FailureLog, which
-reports them after the epoch and raises DatasetError once more than `max_fraction` of the dataset has failed.
+Bad files. A video that cannot be read (missing, empty, truncated, not a video, undecodable) raises VideoError.
+A training set then loads the next index instead, up to `max_retries` in a row; a test set returns a black clip
+with label -1, which evaluation leaves out (a replacement would count its neighbour twice). The sample carries
+"index" of the video actually loaded and "failed": one line "path: reason" per unreadable video ("" when none).
+DataLoader workers are separate processes, so no counter inside the dataset would reach the trainer: the
+failures travel in the batches, and the consumer counts and reports them (train.py's FailureLog).
 
 Datasets are found by file name anywhere under --root (one os.walk per root, cached), so official layouts and
 flattened copies both work; see LAYOUTS. Videos listed but absent (common in Kinetics) are skipped at
@@ -334,62 +334,53 @@ class VideoDataset(Dataset):
     def __len__(self):
         return len(self.samples)
 
-    def load(self, path):
-        """One video -> (uint8 views (V, T, 3, size, size), colour (2, 3, 3) for normalize())."""
+    def load(self, path, rng=random):
+        """One video -> (uint8 views (V, T, 3, size, size), colour (2, 3, 3) for normalize()); random choices
+        (training frames and view) from `rng`."""
         clips = 1 if self.train else self.clips
         with VideoReader(path) as video:
-            picks = [sample_indices(len(video), self.frames, self.train, k, clips) for k in range(clips)]
+            picks = [sample_indices(len(video), self.frames, self.train, k, clips, rng) for k in range(clips)]
             frames = video.read([i for pick in picks for i in pick])
         frames = frames.unflatten(0, (clips, self.frames))  # (N*T, 3, H, W) -> (N, T, 3, H, W)
         height, width = frames.shape[-2:]
         if self.train:
-            view = train_view(height, width)
+            view = train_view(height, width, rng)
             return render(frames[0], view, self.size)[None], colour_matrix(view)
         views = test_views(height, width, self.size, self.crops)
         return torch.stack([render(clip, view, self.size) for clip in frames for view in views]), NO_COLOUR
 
-    def __getitem__(self, index):
+    def __getitem__(self, key):
+        """key: an index, or (index, draw): then the sample's random choices come from random.Random(draw) alone,
+        the same in whichever worker process loads it (train.py passes 'seed/epoch/index', so a resumed run draws
+        what the uninterrupted one drew). An unreadable video is replaced by the next one when training; when
+        testing it comes back as a black clip with label -1, to be left out of the counts (module docstring)."""
+        index, draw = key if isinstance(key, tuple) else (key, None)
+        rng = random if draw is None else random.Random(draw)
         failed = []
         for _ in range(self.max_retries + 1):
             path, label = self.samples[index]
             try:
-                video, colour = self.load(path)
-            except VideoError as error:  # replaced by the next video; the consumer counts it (module docstring)
+                video, colour = self.load(path, rng)
+                break
+            except VideoError as error:
                 failed.append(str(error).replace("\n", " "))
+                if not self.train:
+                    views = self.clips * self.crops
+                    video = torch.zeros(views, self.frames, 3, self.size, self.size, dtype=torch.uint8)
+                    colour, label = NO_COLOUR, -1
+                    break
                 index = (index + 1) % len(self.samples)
-                continue
-            video = video[0] if len(video) == 1 else video
-            return {"video": video, "colour": colour, "label": label, "index": index, "failed": "\n".join(failed)}
-        raise DatasetError(f"{len(failed)} videos in a row could not be read, for example {failed[0]}. "
-                           f"Is --root {self.root} the dataset's folder?")
+        else:
+            raise DatasetError(f"{len(failed)} videos in a row could not be read, for example {failed[0]}. "
+                               f"Is --root {self.root} the dataset's folder?")
+        video = video[0] if len(video) == 1 else video
+        return {"video": video, "colour": colour, "label": label, "index": index, "failed": "\n".join(failed)}
 
     def subset(self, samples, classnames=None):
         """The same settings over other samples (and class names)."""
         new = copy.copy(self)
         new.samples, new.classnames = list(samples), list(classnames or self.classnames)
         return new
-
-
-class FailureLog:
-    """Collects the "failed" field of batches in the training process (see the module docstring)."""
-
-    def __init__(self, num_videos, max_fraction=0.05):
-        self.num_videos, self.max_fraction, self.failures = num_videos, max_fraction, {}
-
-    def update(self, failed):
-        """`failed`: a batch's list of strings, or one sample's string."""
-        for entry in [failed] if isinstance(failed, str) else failed:
-            for line in filter(None, entry.split("\n")):
-                self.failures[line] = None  # a dict keeps the first-seen order
-        if len(self.failures) > self.max_fraction * self.num_videos:
-            raise DatasetError(f"{len(self.failures)} of {self.num_videos} videos could not be read (more than "
-                               f"{self.max_fraction:.0%}); is --root right? {self.report()}")
-
-    def report(self, first=5):
-        if not self.failures:
-            return ""
-        lines = list(self.failures)[:first]
-        return f"{len(self.failures)} unreadable videos were replaced by others; first: " + "; ".join(lines)
 
 
 KINETICS_LAYOUT = ("ROOT/{train,val}/[<label>/]<youtube_id>_<start:06d>_<end:06d>.mp4 with train.csv and val.csv "
@@ -454,11 +445,13 @@ def _video_files(root):
 def _ucf101(root, train, fold):
     classind = _annotation(root, ["ucfTrainTestlist/classInd.txt", "classInd.txt"])
     folder = os.path.dirname(classind)
-    classes = [line.split()[1] for line in _lines(classind)]
+    classes = [line.split(maxsplit=1)[1] for line in _lines(classind)]
     label_of = {name.lower(): i for i, name in enumerate(classes)}
     listed = _annotation(folder, [f"{'trainlist' if train else 'testlist'}{fold:02d}.txt"])
-    # testlist lines carry no label: the class folder gives it (matched without case: HandstandPushups)
-    entries = [(line.split()[0], label_of[line.split()[0].split("/")[0].lower()]) for line in _lines(listed)]
+    # testlist lines carry no label: the class folder gives it (matched without case: HandstandPushups); file
+    # names may hold spaces, so only a trailing label is split off
+    paths = [line.rsplit(maxsplit=1)[0] if train else line for line in _lines(listed)]
+    entries = [(path, label_of[path.split("/")[0].lower()]) for path in paths]
     return entries, classes
 
 
@@ -467,8 +460,9 @@ def _hmdb51(root, train, fold):
     suffix = f"_test_split{fold}.txt"
     classes = sorted(name[:-len(suffix)] for name in os.listdir(folder) if name.endswith(suffix))
     wanted = "1" if train else "2"  # 1 train, 2 test, 0 unused
-    entries = [(line.split()[0], label) for label, name in enumerate(classes)
-               for line in _lines(os.path.join(folder, name + suffix)) if line.split()[1] == wanted]
+    entries = [(path, label) for label, name in enumerate(classes)
+               for path, use in (line.rsplit(maxsplit=1) for line in _lines(os.path.join(folder, name + suffix)))
+               if use == wanted]  # 'file name with spaces.avi 1
     return entries, classes
 
 
@@ -752,7 +746,7 @@ class SyntheticVideos(VideoDataset):
         super().__init__(samples, names, frames, size, split == "train" if train is None else train, clips, crops)
         self.seed, self.names = seed, names  # names by original id: subset_classes() relabels
 
-    def load(self, key):
+    def load(self, key, rng=None):
         classname = self.names[int(key.split("/")[1])]
         clip = render_synthetic(classname, f"{self.seed}/{key}", self.frames, self.size)
         return clip[None].expand(1 if self.train else self.clips * self.crops, *clip.shape), NO_COLOUR

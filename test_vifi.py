@@ -1319,6 +1319,122 @@ def test_resume_gives_identical_weights(tmp_path, monkeypatch):
     assert res["train_videos"] == 18 and "harmonic_mean" in res["results"]
 
 
+@pytest.fixture(scope="module")
+def synth_tree(tmp_path_factory):
+    """The synthetic set as UCF101-style AVI files: 36 training and 18 test videos that train.py augments."""
+    root = str(tmp_path_factory.mktemp("synth_ucf"))
+    data.main(["synth-ucf", root, "--frames", "4", "--size", "32", "--train-per-class", "2", "--test-per-class", "1"])
+    return root
+
+
+def file_run(root, *extra):
+    """A run of train.py over files: native lists, a scratch model, two epochs of three optimizer steps."""
+    return ["--dataset", "ucf101", "--splits", "native", "--root", root, "--model", "scratch", "--frames", "2",
+            "--views", "1x1", "--batch-size", "12", "--micro-batch", "6", "--epochs", "2", "--warmup-epochs", "1",
+            "--eval-every", "0", "--device", "cpu", *extra]
+
+
+def test_resume_with_workers_gives_identical_weights(tmp_path, monkeypatch, synth_tree):
+    run = file_run(synth_tree, "--workers", "2", "--lr", "1e-3")
+    train.main(train.get_args(run + ["--out", str(tmp_path / "a")]))
+    monkeypatch.setattr(train, "write_curves", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):  # killed after epoch 1's last.pt, before its log row and curves
+        train.main(train.get_args(run + ["--out", str(tmp_path / "b")]))
+    monkeypatch.undo()
+    assert not (tmp_path / "b" / "curves.svg").exists()
+    train.main(train.get_args(run + ["--out", str(tmp_path / "b"), "--resume", str(tmp_path / "b" / "last.pt")]))
+    a = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    rows = [[json.loads(line) for line in open(tmp_path / d / "log.jsonl")] for d in "ab"]
+    assert [r["epoch"] for r in rows[1]] == [1, 2]  # the row the kill lost is written again
+    assert [r["loss"] for r in rows[0]] == [r["loss"] for r in rows[1]]
+
+
+def test_an_unreadable_test_video_is_left_out_and_reported(tmp_path, synth_tree, capsys):
+    root = tmp_path / "copy"
+    shutil.copytree(synth_tree, root)
+    bad = sorted((root / "UCF-101").rglob("*test000.avi"))[3]
+    bad.write_bytes(b"")
+    results = train.main(train.get_args(file_run(str(root), "--workers", "0", "--epochs", "1", "--out",
+                                                 str(tmp_path / "out"))))
+    assert results["test"]["videos"] == 17 and results["test"]["failures"] == 1  # not 18: no neighbour counted twice
+    assert bad.name in results["test"]["failed_first"][0] and (tmp_path / "out" / "last.pt").exists()
+    assert "1 unreadable videos left out" in capsys.readouterr().out
+    hits = results["test"]["top1"] * 17 / 100
+    assert abs(hits - round(hits)) < 1e-6  # a share of the 17 readable videos
+
+
+def test_failures_are_counted_over_all_processes_and_stop_only_past_5_percent_and_10(monkeypatch):
+    log = train.FailureLog(1000)
+    log.update(["a: bad\nb: bad", ""])
+
+    def gather(shares, mine):  # as if a second process had met c, d and (again) b
+        shares[:] = [mine, ["c: bad", "d: bad", "b: bad"]]
+    monkeypatch.setattr(train.dist, "all_gather_object", gather)
+    assert list(log.gather(2).failures) == ["a: bad", "b: bad", "c: bad", "d: bad"]
+    small = train.FailureLog(8)
+    small.update(["x: bad"] + [f"{i}: bad" for i in range(8)])  # 9 of 8: a small set stops only at 10 files
+    with pytest.raises(data.DatasetError, match="10 of 8 videos"):
+        small.update("y: bad")
+    with pytest.raises(data.DatasetError, match="51 of 1000"):
+        log.update([f"{i}: bad" for i in range(47)])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--shots", "-1"], "--shots -1"), (["--frames", "0"], "--frames 0"), (["--frames", "-3"], "--frames -3"),
+    (["--micro-batch", "0"], "--micro-batch"), (["--batch-size", "0"], "--batch-size"),
+    (["--epochs", "0"], "--epochs 0"), (["--epochs", "-1"], "--epochs -1"), (["--views", "2x2"], "CLIPSxCROPS"),
+    (["--views", "abc"], "CLIPSxCROPS"), (["--views", "0x1"], "CLIPSxCROPS"), (["--label-smoothing", "2"], "2.0"),
+    (["--template", "a {} of {}"], "exactly one"), (["--template", "video"], "exactly one"),
+    (["--eval-datasets", "ucf101", "--eval-roots", "ucf101"], "NAME=DIR"),
+    (["--batch-size", "10", "--micro-batch", "4"], "not a whole number of micro-batches"),
+    (["--input-size", "4"], "smaller than one 8-pixel patch"), (["--mode", "prompt", "--n-ctx", "40", "--depth", "1"],
+                                                                "prompt tokens must be in 1..28"),
+])
+def test_bad_flags_are_refused_with_what_was_expected(tmp_path, flags, message):
+    with pytest.raises(vifi.ConfigError, match=re.escape(message)):
+        train.main(train.get_args(["--dataset", "synthetic", "--out", str(tmp_path), "--device", "cpu", *flags]))
+
+
+def test_bad_flags_exit_2_in_one_line_without_traceback(tmp_path):
+    (tmp_path / "file").touch()
+    for flags in (["--frames", "-3"], ["--views", "0x1"], ["--out", str(tmp_path / "file")],
+                  ["--device", "cuda:0"] if not torch.cuda.is_available() else ["--views", "1"]):
+        run = run_cli("train.py", "--dataset", "ucf101", "--root", str(tmp_path / "none"), *flags)
+        assert run.returncode == 2 and "Traceback" not in run.stderr and "--root" not in run.stderr, run.stderr
+        assert run.stderr.startswith("error: ") and run.stderr.count("\n") == 1
+
+
+def test_list_and_layout_file_names_may_hold_spaces(tmp_path):
+    root = str(tmp_path)
+    touch(f"{root}/UCF-101/Yo Yo/v_Yo Yo_g01_c01.avi")
+    touch(f"{root}/UCF-101/Yo Yo/v_Yo Yo_g02_c01.avi")
+    write(f"{root}/ucfTrainTestlist/classInd.txt", "1 Yo Yo\n")
+    write(f"{root}/ucfTrainTestlist/trainlist01.txt", "Yo Yo/v_Yo Yo_g01_c01.avi 1\n")
+    write(f"{root}/ucfTrainTestlist/testlist01.txt", "Yo Yo/v_Yo Yo_g02_c01.avi\n")
+    train_set = data.build_dataset("ucf101", root, "train")
+    assert train_set.classnames == ["Yo Yo"] and [os.path.basename(p) for p, _ in train_set.samples] == ["v_Yo Yo_g01_c01.avi"]
+    assert len(data.build_dataset("ucf101", root, "test")) == 1
+    touch(f"{root}/hmdb/ride_bike/my ride 1.avi")
+    write(f"{root}/hmdb/testTrainMulti_7030_splits/brush_hair_test_split1.txt", "")
+    write(f"{root}/hmdb/testTrainMulti_7030_splits/ride_bike_test_split1.txt", "my ride 1.avi 1 \n")
+    assert [os.path.basename(p) for p, _ in data.build_dataset("hmdb51", f"{root}/hmdb", "train").samples] == ["my ride 1.avi"]
+
+
+@pytest.mark.parametrize("labels, listing, message", [
+    ("0,a\n1,b\n", "x.mp4 0\n", "first line is 'id,name'"), ("id,name\n0,a\n", "x.mp4 1\n", "label in 0..0"),
+    ("id,name\n0,a\n", "x.mp4\n", "line 1"), ("id,name\n0,a\n2,b\n", "x.mp4 0\n", "without gaps")])
+def test_bad_list_files_name_the_line(tmp_path, labels, listing, message):
+    touch(f"{tmp_path}/x.mp4")
+    write(f"{tmp_path}/labels.csv", labels)
+    write(f"{tmp_path}/list.txt", listing)
+    with pytest.raises(data.DatasetError, match=re.escape(message)):
+        data.build_dataset("list", str(tmp_path), "train", list_file=f"{tmp_path}/list.txt",
+                           labels_file=f"{tmp_path}/labels.csv")
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     normalize, calls = data.normalize, []
 

@@ -275,10 +275,49 @@ class EpochSampler(torch.utils.data.Sampler):
         return order.repeat(math.ceil(keep / self.n))[:keep][self.rank::self.world].tolist()
 
     def __iter__(self):
-        return iter(self.indices())
+        if not self.shuffle:
+            return iter(self.indices())
+        # Each training sample draws its augmentation from its own key (data.VideoDataset.__getitem__): the same in
+        # any worker process and with any number of workers, so a resumed run is exact.
+        return iter((i, f"{self.seed}/{self.epoch}/{i}") for i in self.indices())
 
     def __len__(self):
         return len(self.indices())
+
+
+class FailureLog:
+    """The unreadable videos that the batches report (their "failed" field, see data.py), counted over all processes.
+    The run stops once more than 5 % of the videos, and at least 10, have failed: a few bad files in a small few-shot
+    set cost nothing, a wrong --root stops at once (data.py raises after 10 unreadable videos in a row)."""
+
+    def __init__(self, num_videos, max_fraction=0.05, at_least=10):
+        self.limit = max(max_fraction * num_videos, at_least - 1)
+        self.num_videos, self.failures = num_videos, {}
+
+    def update(self, failed):
+        """`failed`: a batch's list of strings, or one sample's string."""
+        for entry in [failed] if isinstance(failed, str) else failed:
+            for line in filter(None, entry.split("\n")):
+                self.failures[line] = None  # a dict keeps the first-seen order
+        self.check()
+
+    def gather(self, world):
+        """Every process's failures in each process (call it on all of them at once)."""
+        if world > 1:
+            shares = [None] * world
+            dist.all_gather_object(shares, list(self.failures))
+            self.failures = dict.fromkeys(line for share in shares for line in share)
+        self.check()
+        return self
+
+    def check(self):
+        if len(self.failures) > self.limit:
+            raise data.DatasetError(f"{len(self.failures)} of {self.num_videos} videos could not be read (more than "
+                                    f"5 % and at least 10); is --root right? {self.report()}")
+
+    def report(self, first=5):
+        lines = list(self.failures)[:first]
+        return f"{len(self.failures)} unreadable, first: " + "; ".join(lines) if lines else ""
 
 
 def loader(dataset, args, rank, world, train):
@@ -363,8 +402,8 @@ def learning_rate(progress, args):
 def evaluate(model, dataset, args, norm, device, autocast, rank, world, desc):
     """Softmax per view, averaged over views; top-1 / top-5 over every video exactly once, summed over processes."""
     model.eval()
-    failures = data.FailureLog(math.ceil(len(dataset) / world))  # this process's share of the videos
-    counts = torch.zeros(3, device=device)  # top-1 hits, top-5 hits, videos
+    failures = FailureLog(len(dataset))
+    counts = torch.zeros(3, device=device)  # top-1 hits, top-5 hits, readable videos
     for batch in tqdm(loader(dataset, args, rank, world, train=False), desc=desc, leave=False, disable=rank > 0):
         failures.update(batch["failed"])
         video = data.normalize(batch["video"].to(device, non_blocking=True), *norm)
@@ -375,13 +414,16 @@ def evaluate(model, dataset, args, norm, device, autocast, rank, world, desc):
             logits = model(video.flatten(0, 1))  # (B, V, T, 3, H, W) -> (B*V, T, 3, H, W) -> (B*V, C)
         probs = logits.float().softmax(-1).view(B, V, -1).mean(1)  # (B*V, C) -> (B, C)
         top5 = probs.topk(min(5, probs.shape[1]), dim=-1).indices.cpu()
-        labels = batch["label"][:, None]
-        counts += torch.tensor([(top5[:, :1] == labels).sum(), (top5 == labels).sum(), B], device=device)
+        labels = batch["label"][:, None]  # -1 for an unreadable video: it matches no class and is not counted
+        counts += torch.tensor([(top5[:, :1] == labels).sum(), (top5 == labels).sum(), (labels >= 0).sum()],
+                               device=device)
     if world > 1:
         dist.all_reduce(counts)
+    failures.gather(world)
     hits1, hits5, n = counts.tolist()
-    return dict(top1=100 * hits1 / n, top5=100 * hits5 / n, videos=int(n), classes=len(dataset.classnames),
-                views=args.views, failures=len(failures.failures), failed_first=list(failures.failures)[:5])
+    return dict(top1=100 * hits1 / max(n, 1), top5=100 * hits5 / max(n, 1), videos=int(n),
+                classes=len(dataset.classnames), views=args.views, failures=len(failures.failures),
+                failed_first=list(failures.failures)[:5])
 
 
 def evaluate_all(model, tests, args, norm, device, autocast, rank, world):
@@ -400,6 +442,19 @@ def evaluate_all(model, tests, args, norm, device, autocast, rank, world):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Outputs
+
+def write_outputs(ck, out):
+    """best.pt (when the checkpoint's epoch is the best), log.jsonl and curves.svg, each rebuilt whole from a
+    last.pt checkpoint `ck`, after it is saved: a run killed between two of these writes has them all back on
+    --resume."""
+    if ck["best_epoch"] == ck["epoch"] + 1:  # what evaluation and fine-tuning need; resuming reads last.pt
+        save_atomic({k: ck[k] for k in ("model", "vifi", "epoch", "best_top1", "best_epoch", "args")},
+                    os.path.join(out, "best.pt"))
+    with open(os.path.join(out, "log.jsonl.tmp"), "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in ck["log"])
+    os.replace(os.path.join(out, "log.jsonl.tmp"), os.path.join(out, "log.jsonl"))
+    write_curves(ck["log"], os.path.join(out, "curves.svg"))
+
 
 def save_atomic(obj, path):
     tmp = path + ".tmp"
@@ -449,9 +504,15 @@ def check_args(args, world):
         (args.template.count("{}") != 1, f"--template {args.template!r}: expected exactly one {{}} for the name"),
         (any("=" not in kv for kv in args.eval_roots.split(",") if kv),
          f"--eval-roots {args.eval_roots!r}: expected NAME=DIR pairs separated by commas"),
-        (not args.eval_only and args.batch_size % (args.micro_batch * world) != 0,
+        (not args.eval_only and args.micro_batch > 0 and args.batch_size % (args.micro_batch * world) != 0,
          f"--batch-size {args.batch_size} is not a whole number of micro-batches of {args.micro_batch} on {world} "
          f"process(es): choose --micro-batch so that micro-batch x processes divides the batch"),
+    ]
+    problems += [
+        (args.device and args.device.startswith("cuda") and not torch.cuda.is_available(),
+         f"--device {args.device}: this machine has no CUDA GPU that torch can use; leave --device out for the CPU"),
+        (os.path.exists(args.out) and not os.path.isdir(args.out), f"--out {args.out} is a file, not a folder"),
+        (args.input_size is not None and args.input_size < 1, f"--input-size {args.input_size}: expected pixels > 0"),
     ]
     for bad, message in problems:
         if bad:
@@ -564,6 +625,9 @@ def main(args):
     rank0_first(lambda: fetch_model_files(args, own), rank, distributed)
     clip = own.clip if own else load_clip(args)
     args.input_size = args.input_size or clip.config.image_resolution  # the model's own resolution by default
+    if args.input_size < clip.config.patch_size:
+        raise vifi.ConfigError(f"--input-size {args.input_size} is smaller than one {clip.config.patch_size}-pixel "
+                               "patch of this model")
     for dataset in (train_set, *tests.values()):
         if dataset is not None:
             dataset.size = args.input_size  # the sets were built before the model was known
@@ -597,6 +661,8 @@ def main(args):
             epoch0, step, best, best_epoch, log = ck["epoch"] + 1, ck["step"], ck["best_top1"], ck["best_epoch"], ck["log"]
             random.setstate(ck["rng"]["python"])
             torch.set_rng_state(ck["rng"]["torch"])
+            if rank == 0:  # whatever a kill right after last.pt's rename left unwritten
+                write_outputs(ck, args.out)
         train_model = torch.compile(model) if args.compile else model
         if distributed:
             train_model = torch.nn.parallel.DistributedDataParallel(
@@ -613,7 +679,7 @@ def main(args):
     for epoch in tqdm(epochs, desc="epochs", disable=rank > 0, initial=epoch0, total=args.epochs):
         model.train()
         train_loader.sampler.epoch = epoch
-        failures = data.FailureLog(max(1, len(train_set) // world))  # this process's share of the videos
+        failures = FailureLog(len(train_set))
         seen, t0, losses = 0, time.time(), []
         # The rate in force: the one set after the last optimizer step so far (0 before the first, as timm's).
         for g in optimizer.param_groups:
@@ -638,8 +704,10 @@ def main(args):
             if last:
                 step_loss = torch.stack(losses[-group:]).mean().item()  # one sync per optimizer step
                 if not math.isfinite(step_loss):
+                    kept = (f"the last good checkpoint is {args.out}/last.pt" if epoch > epoch0 or args.resume else
+                            "no checkpoint was written yet (none is, before the first epoch ends)")
                     raise FloatingPointError(f"loss is {step_loss} at optimizer step {step + 1} (epoch {epoch + 1}); "
-                                             f"stopped. The last good checkpoint is {args.out}/last.pt")
+                                             f"stopped; {kept}. Try a lower --lr or --precision fp32")
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
@@ -648,8 +716,8 @@ def main(args):
                     g["lr"] = learning_rate(epoch + i / batches, args)
                 bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
                                 clips_per_s=f"{seen / (time.time() - t0):.1f}")
-        if failures.failures and rank == 0:
-            tqdm.write(f"epoch {epoch + 1}: {failures.report()}")
+        if failures.gather(world).failures and rank == 0:
+            tqdm.write(f"epoch {epoch + 1}: unreadable videos were replaced by others: {failures.report()}")
         row = dict(epoch=epoch + 1, step=step, loss=torch.stack(losses).mean().item(),
                    lr=optimizer.param_groups[0]["lr"], clips_per_s=seen / (time.time() - t0),
                    failures=len(failures.failures))
@@ -663,18 +731,12 @@ def main(args):
         if "top1" in row:  # evaluation switched the class list: back to the training classes (also what is saved)
             model.set_classnames(classnames)
         log.append(row)
-        improved = row.get("top1", -1) > best
-        if improved:
+        if row.get("top1", -1) > best:
             best, best_epoch = row["top1"], epoch + 1
         if rank == 0:
             ck = checkpoint(epoch)
             save_atomic(ck, os.path.join(args.out, "last.pt"))
-            if improved:  # what evaluation and fine-tuning need; resuming reads last.pt
-                save_atomic({k: ck[k] for k in ("model", "vifi", "epoch", "best_top1", "best_epoch", "args")},
-                            os.path.join(args.out, "best.pt"))
-            with open(os.path.join(args.out, "log.jsonl"), "a") as f:
-                f.write(json.dumps(row) + "\n")
-            write_curves(log, os.path.join(args.out, "curves.svg"))
+            write_outputs(ck, args.out)
             tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
 
     if results is None:  # evaluation only, or resumed after the last epoch
@@ -715,6 +777,8 @@ def write_results(args, model, train_set, classnames, log, results, best, wall_t
             print(f"{name:<20}{'':>17}{r:>9.2f}")
         elif "top1" in r:
             print(f"{name:<20}{r['videos']:>8}{r['classes']:>9}{r['top1']:>9.2f}{r['top5']:>9.2f}")
+            if r["failures"]:
+                print(f"{'':<20}{r['failures']} unreadable videos left out: {'; '.join(r['failed_first'])}")
         else:
             print(f"{name:<20}{'mean':>8}{'':>9}{r['mean_top1']:>9.2f}  ± {r['std_top1']:.2f}")
     if best:

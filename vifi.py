@@ -86,6 +86,9 @@ class ViFiCLIP(nn.Module):
             if not (0 < depth_text <= cfg.text_layers and 0 < depth_vision <= cfg.vision_layers):
                 raise ConfigError(f"prompt depths must be in 1..{cfg.text_layers} (text) and 1..{cfg.vision_layers} "
                                  f"(vision); got {depth_text}, {depth_vision}")
+            if not (0 < n_ctx_text <= cfg.context_length - 4 and n_ctx_vision > 0):  # SOT, a name, '.', EOT
+                raise ConfigError(f"prompt tokens must be in 1..{cfg.context_length - 4} (text, a context of "
+                                  f"{cfg.context_length}) and at least 1 (vision); got {n_ctx_text}, {n_ctx_vision}")
             # One (n, width) prompt per layer up to the depth; std 0.02 as the official initialization.
             self.text_prompts.extend(nn.Parameter(0.02 * torch.randn(n_ctx_text, cfg.text_width)) for _ in range(depth_text))
             self.vision_prompts.extend(nn.Parameter(0.02 * torch.randn(n_ctx_vision, cfg.vision_width))
@@ -302,6 +305,8 @@ def main(argv=None):
             labels = data.read_labels(args.labels_file) if csv_file else lines
         else:
             labels = [name.strip() for name in args.labels.split(",") if name.strip()]
+        if not labels or args.frames < 1:
+            raise ConfigError("expected at least one class name in --labels / --labels-file and --frames >= 1")
         ck = read_checkpoint(args.checkpoint) if args.checkpoint else None
         clip = None if ck and "vifi" in ck else clip_model.load(args.model)  # an own checkpoint holds its CLIP
         model = load_checkpoint(args.checkpoint, clip, labels, ck=ck) if ck else ViFiCLIP(clip, labels, "zeroshot")
