@@ -922,21 +922,27 @@ def bad_files(folder, good):
 
 def test_bad_files_are_replaced_and_counted_across_workers(videos, tmp_path):
     paths = bad_files(tmp_path / "bad", videos["mp4"])
-    dataset = data.VideoDataset([(p, i) for i, p in enumerate(paths)], [str(i) for i in range(6)], frames=4, size=16)
+    dataset = data.VideoDataset([(p, i) for i, p in enumerate(paths)], [str(i) for i in range(6)], frames=4, size=16,
+                                train=True)
     loader = torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=2)
-    log = data.FailureLog(len(dataset), max_fraction=1.0)
+    log = train.FailureLog(len(dataset), max_fraction=1.0)
     indices = []
     for batch in loader:
         assert batch["video"].shape == (2, 4, 3, 16, 16)
         log.update(batch["failed"])
         indices += batch["index"].tolist()
     assert set(indices) == {0, 5}  # every bad item became the next good one
-    assert len(log.failures) == 4 and log.report().startswith("4 unreadable videos")
+    assert len(log.failures) == 4 and log.report().startswith("4 unreadable")
     for name, reason in [("missing", "no such file"), ("empty", "empty file"), ("truncated", "not a readable"),
                          ("text", "not a readable")]:
         assert any(name in line and reason in line for line in log.failures)
     with pytest.raises(data.DatasetError, match="4 of 6 videos could not be read"):
-        data.FailureLog(len(dataset), max_fraction=0.5).update(list(log.failures))
+        train.FailureLog(len(dataset), max_fraction=0.5, at_least=1).update(list(log.failures))
+    test_set = dataset.subset(dataset.samples)
+    test_set.train = False  # testing: no replacement, a black clip with label -1 that evaluation leaves out
+    sample = test_set[1]
+    assert sample["label"] == -1 and sample["index"] == 1 and not sample["video"].any() and sample["failed"]
+    assert test_set[0]["label"] == 0 and not test_set[0]["failed"]
 
 
 def test_truncated_file_with_intact_header_is_rejected(tmp_path):
@@ -951,7 +957,7 @@ def test_truncated_file_with_intact_header_is_rejected(tmp_path):
 
 
 def test_only_bad_files_stop_with_a_clear_error(tmp_path):
-    dataset = data.VideoDataset([(str(tmp_path / f"{i}.mp4"), 0) for i in range(3)], ["x"], max_retries=5)
+    dataset = data.VideoDataset([(str(tmp_path / f"{i}.mp4"), 0) for i in range(3)], ["x"], max_retries=5, train=True)
     with pytest.raises(data.DatasetError, match="6 videos in a row could not be read"):
         dataset[0]
 
@@ -1594,10 +1600,10 @@ def test_readme_vifi_command_parses_and_runs(tmp_path):
 
 def test_readme_data_commands_run(tmp_path):
     commands = readme_commands("data.py")
-    assert [c[0] for c in commands] == ["check", "synth-ucf"]
+    assert sorted(c[0] for c in commands) == ["check", "check", "synth-ucf"]
     root = str(tmp_path / "synth")
     for argv in sorted(commands, key=lambda c: c[0] != "synth-ucf"):  # write the set, then check it
-        run = run_cli("data.py", *[root if a == "DIR" else a for a in argv])
+        run = run_cli("data.py", *[root if a in ("DIR", "data/ucf101") else a for a in argv])
         assert run.returncode == 0, (argv, run.stderr[-2000:])
     assert "train: 1152 videos in 18 classes, 0 listed but missing, 0 unreadable" in run.stdout
 
