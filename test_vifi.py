@@ -1037,7 +1037,10 @@ def test_presets_follow_the_protocol_and_flags_win():
     args = train.get_args(["--dataset", "k400", "--root", "x", "--eval-datasets", "ucf101,hmdb51,k600"])
     assert (args.protocol, args.batch_size, args.lr, args.shots) == ("zero-shot", 256, 8e-6, 0)
     args = train.get_args(["--dataset", "ucf101", "--root", "x", "--mode", "zeroshot"])
-    assert args.protocol == "vanilla-zero-shot" and args.eval_only and args.template == "{}"
+    assert args.protocol == "vanilla-zero-shot" and args.eval_only and args.template is None  # "{}" by the mode
+    args = train.get_args(["--dataset", "hmdb51", "--root", "x", "--protocol", "base-novel", "--mode", "zeroshot",
+                           "--eval-only"])  # vanilla CLIP on the official base / novel halves
+    assert (args.protocol, args.frames) == ("base-novel", 32)
     # --eval-only keeps the protocol's frames and views: UCF101 alone is the zero-shot evaluation, not supervised
     args = train.get_args(["--dataset", "ucf101", "--root", "x", "--eval-only", "--checkpoint", "c.pth"])
     assert (args.protocol, args.frames, args.views) == ("zero-shot", 32, "1x1")

@@ -45,13 +45,13 @@ PRESETS = {
                               depth=[9]),
     "zero-shot":         dict(frames=32, batch_size=256, lr=8e-6, epochs=10, eval_every=1),
     "supervised":        dict(frames=16, batch_size=512, lr=2.2e-5, epochs=30, eval_every=1, views="4x3"),
-    "vanilla-zero-shot": dict(frames=32, epochs=0, template="{}"),
+    "vanilla-zero-shot": dict(frames=32, epochs=0),
     # The offline demo: a small CLIP from scratch with the byte-level tokenizer on rendered clips; its base
     # classes train, its novel classes (unseen combinations of seen words) are only evaluated.
     "synthetic":         dict(model="scratch", template="{}", frames=8, batch_size=32, micro_batch=32, lr=1e-3,
                               epochs=40, warmup_epochs=1, label_smoothing=0.0, mixup=0.0, cutmix=0.0, workers=0),
 }
-DEFAULTS = dict(model="ViT-B/16", template="a photo of a {}.", frames=32, batch_size=64, micro_batch=8, lr=2e-6,
+DEFAULTS = dict(model="ViT-B/16", frames=32, batch_size=64, micro_batch=8, lr=2e-6,
                 epochs=10, eval_every=0, warmup_epochs=5, weight_decay=0.001, label_smoothing=0.1, mixup=0.8,
                 cutmix=1.0, mix_switch=0.5, views="1x1", shots=0, n_ctx=[10], depth=[12],
                 workers=min(8, os.cpu_count() or 1))
@@ -118,7 +118,8 @@ def get_args(argv=None):
     g.add_argument("--checkpoint", help="start from (or with --eval-only, evaluate) an own or official checkpoint")
     g.add_argument("--n-ctx", type=int, nargs="+", help="prompt tokens: one value, or text and vision")
     g.add_argument("--depth", type=int, nargs="+", help="prompt depth: one value, or text and vision")
-    g.add_argument("--template", help='text prompt of a class name (default: "a photo of a {}.")')
+    g.add_argument("--template", help='text prompt of a class name (default, as the official code: "{}" for '
+                                      'vanilla CLIP, else "a photo of a {}.")')
     g = p.add_argument_group("optimization")
     g.add_argument("--epochs", type=int)
     g.add_argument("--lr", type=float, help="peak learning rate, for the effective batch")
@@ -147,7 +148,7 @@ def get_args(argv=None):
     given = {k: v for k, v in vars(args).items() if v is not None}
     for k, v in {**DEFAULTS, **PRESETS[preset], **given}.items():
         setattr(args, k, v)
-    if args.protocol == "vanilla-zero-shot":
+    if args.protocol == "vanilla-zero-shot" or args.mode == "zeroshot":  # vanilla CLIP: nothing trains
         args.eval_only = True
     if args.splits is None:
         args.splits = "official" if args.dataset in data.OFFICIAL_DATASETS else "native"
@@ -501,7 +502,8 @@ def check_args(args, world):
         (not re.fullmatch(r"[1-9]\d*x[13]", args.views), f"--views {args.views!r}: expected CLIPSxCROPS with "
                                                           "CROPS 1 or 3, e.g. 1x1 or 4x3"),
         (not 0 <= args.label_smoothing < 1, f"--label-smoothing {args.label_smoothing}: expected 0 <= value < 1"),
-        (args.template.count("{}") != 1, f"--template {args.template!r}: expected exactly one {{}} for the name"),
+        (args.template is not None and args.template.count("{}") != 1,
+         f"--template {args.template!r}: expected exactly one {{}} for the name"),
         (any("=" not in kv for kv in args.eval_roots.split(",") if kv),
          f"--eval-roots {args.eval_roots!r}: expected NAME=DIR pairs separated by commas"),
         (not args.eval_only and args.micro_batch > 0 and args.batch_size % (args.micro_batch * world) != 0,
