@@ -20,16 +20,19 @@ OpenAI's model.py is how the math runs:
 Both encoders take optional deep prompts (a list, one (n, width) tensor per layer from the first): the hook that
 ViFi-CLIP's "bridge and prompt" stage needs (vifi.py). Without them this is plain CLIP.
 
-`load(name_or_path)` downloads OpenAI's release by name (sha256 checked) or reads a TorchScript archive, a state
-dict or a checkpoint of this project.
+`load(name_or_path)` downloads OpenAI's release by name (sha256 checked, also on every later load from the cache) or
+reads a TorchScript archive, a state dict or a checkpoint of this project, without running code from the file.
 """
+import collections
 import hashlib
+import io
 import math
 import os
+import pickle
+import sys
 import urllib.error
 import urllib.request
 import zipfile
-import pickle
 from dataclasses import dataclass
 
 import torch
@@ -254,18 +257,148 @@ class CLIP(nn.Module):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Loading
+#
+# torch.save and torch.jit.save both write a zip archive: one folder holding data.pkl (the pickled object, each tensor
+# a reference to a record) and data/<key> (each tensor's raw bytes). torch.load and torch.jit.load can run code from
+# such a file: a pickle calls whatever globals it names, torch.load falls back to a plain pickle.load for a file it
+# does not take for a zip, and TorchScript runs the archive's own __setstate__ methods. So the archives are read here
+# instead: zipfile (which checks each record's CRC-32 as it reads it), then an unpickler that resolves only the
+# globals listed below and builds each tensor as a bounds-checked view of its record. Neither torch.load nor
+# torch.jit.load is ever called.
 
 class CheckpointError(RuntimeError):
     """A file that cannot be turned into CLIP weights; the message says which file, why, and what to do."""
+
+
+# torch.save names each tensor's storage by a legacy class such as torch.HalfStorage; only its dtype matters here.
+STORAGE_DTYPES = {"HalfStorage": torch.float16, "FloatStorage": torch.float32, "DoubleStorage": torch.float64,
+                  "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
+                  "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
+                  "BoolStorage": torch.bool}
+
+
+def _rebuild_tensor(record, offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
+    """Stands in for torch._utils._rebuild_tensor_v2: a view of its record's bytes. as_strided refuses a view past
+    their end (unlike Tensor.set_, which would grow the storage into uninitialized memory)."""
+    return record.as_strided(size, stride, offset)
+
+
+def _rebuild_parameter(data, requires_grad, backward_hooks):
+    """Stands in for torch._utils._rebuild_parameter (a state dict of nn.Parameters): the tensor it holds."""
+    return data
+
+
+class ScriptObject:
+    """Stands in for every class of a TorchScript archive (`__torch__.*`, the modules of the scripted model): it keeps
+    the pickled attributes and runs none of the archive's code, so a scripted __setstate__ never executes."""
+
+    def __setstate__(self, state):
+        if not isinstance(state, dict):  # pickled by its own __getstate__: only its scripted __setstate__ reads that
+            raise pickle.UnpicklingError(f"refusing to restore {type(self).__name__} through its own TorchScript "
+                                         "__setstate__ (the modules of a CLIP release have none)")
+        self.__dict__.update(state)
+
+
+# Everything a state dict of tensors pickles: its OrderedDict, the tensors, and their storages' dtypes.
+TENSOR_GLOBALS = {("collections", "OrderedDict"): collections.OrderedDict,
+                  ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+                  ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+                  **{("torch", name): dtype for name, dtype in STORAGE_DTYPES.items()}}
+
+
+def read_archive(path, expected, extra_globals=None, script=False):
+    """The object torch.save wrote to path (with script=True also a torch.jit.save archive, its modules as
+    ScriptObjects), read without running code: only TENSOR_GLOBALS and extra_globals ({(module, name): object})
+    unpickle. Errors are CheckpointErrors naming the file and `expected`, what the caller wanted it to be."""
+    def fail(why):
+        return CheckpointError(f"{path}: {why}; expected {expected}")
+
+    if not os.path.isfile(path):
+        raise fail("no such file")
+    try:
+        archive = zipfile.ZipFile(path)
+    except Exception as e:  # zipfile raises several types for what is not a zip archive; all mean the same here
+        raise fail(f"not a PyTorch checkpoint (not a readable zip archive: {e}); a download or copy may be truncated, "
+                   "or it was saved by torch < 1.6") from None
+    allowed = {**TENSOR_GLOBALS, **(extra_globals or {})}
+    with archive as z:
+        names = z.namelist()
+        top = names[0].split("/")[0] if names else ""
+        if f"{top}/data.pkl" not in names or any(not n.startswith(top + "/") for n in names):
+            raise fail("a zip archive, but not one torch.save writes (one folder holding data.pkl)")
+        if f"{top}/constants.pkl" in names and not script:
+            raise fail("a TorchScript archive, the format OpenAI releases CLIP in: give it as the base CLIP (--model)")
+        records = {}  # key -> the record's bytes as a flat tensor of its dtype, read once however many views share it
+
+        class Unpickler(pickle.Unpickler):
+            def find_class(self, module, name):
+                if (module, name) in allowed:
+                    return allowed[module, name]
+                if script and (module == "__torch__" or module.startswith("__torch__.")):
+                    return type(name, (ScriptObject,), {})
+                raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only tensors and plain containers "
+                                             "are read, so that no file can run code")
+
+            def persistent_load(self, pid):  # ('storage', storage class (here: its dtype), key, device, numel)
+                _, dtype, key, _, _ = pid  # the numel it states is not trusted: views are checked against the bytes
+                if key not in records:
+                    raw = bytearray(z.read(f"{top}/data/{key}"))  # zipfile raises here if the CRC-32 does not match
+                    records[key] = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
+                return records[key]
+
+        try:
+            order = z.read(f"{top}/byteorder").decode() if f"{top}/byteorder" in names else sys.byteorder
+            if order != sys.byteorder:  # the records hold raw bytes in the writer's order
+                raise fail(f"written on a {order}-endian machine; this one is {sys.byteorder}-endian")
+            return Unpickler(io.BytesIO(z.read(f"{top}/data.pkl"))).load()
+        except CheckpointError:
+            raise
+        except zipfile.BadZipFile as e:  # a CRC-32 mismatch or a damaged record header: the bytes changed on disk
+            raise fail(f"corrupt ({e}): the file changed after it was written (a disk, copy or download error); "
+                       "use an intact copy") from None
+        except pickle.UnpicklingError as e:
+            raise fail(str(e)) from None
+        except Exception as e:  # a crafted pickle can fail in any of Python's ways; none of them runs code
+            raise fail(f"unreadable ({type(e).__name__}: {e})") from None
+
+
+def script_tensors(root):
+    """{name: tensor} of a TorchScript module tree, named as its state_dict() names them. A traced module (OpenAI's
+    releases are traced) keeps only parameters, buffers and submodules as attributes, and flags such as `training`."""
+    out, todo, seen = {}, [("", root)], set()
+    while todo:
+        prefix, module = todo.pop()
+        if id(module) in seen:  # a crafted archive can make the tree a cycle
+            continue
+        seen.add(id(module))
+        for name, value in vars(module).items():
+            if torch.is_tensor(value):
+                out[prefix + name] = value
+            elif isinstance(value, ScriptObject):
+                todo.append((prefix + name + ".", value))
+    return out
 
 
 def cache_dir():
     return os.environ.get("VIFI_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "vifi")
 
 
+def file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def download(url, path, sha256):
-    """Fetch url to path through a temp file, renamed into place only when its sha256 matches."""
+    """Fetch url to path through a temp file, renamed into place only when its sha256 matches. A file already at path
+    is hashed again on every call (about a second for ViT-B/16), so a damaged or replaced cache file is refused."""
     if os.path.isfile(path):
+        found = file_sha256(path)
+        if found != sha256:
+            raise CheckpointError(f"{path}: sha256 {found}, expected {sha256} (OpenAI's release at {url}): the cached "
+                                  "file is damaged or replaced. Delete it to download it again.")
         return path
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp, digest = path + ".part", hashlib.sha256()
@@ -291,25 +424,13 @@ def download(url, path, sha256):
 
 
 def read_state_dict(path):
-    """A TorchScript archive (OpenAI's format), a plain state dict, or a checkpoint holding one under 'model'."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: no such file. Expected a CLIP checkpoint or one of the names {list(MODELS)}.")
-    if not zipfile.is_zipfile(path):  # torch.save and TorchScript both write zip archives
-        raise CheckpointError(f"{path} is not a PyTorch checkpoint (not a zip archive). If it was downloaded, it may "
-                              "be truncated: delete it and download it again.")
-    try:
-        with zipfile.ZipFile(path) as z:
-            is_jit = any(n.endswith("/constants.pkl") for n in z.namelist())
-        if is_jit:
-            return torch.jit.load(path, map_location="cpu").state_dict()
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{path} holds Python objects beyond tensors, which a weights-only load refuses "
-                              f"({str(e).splitlines()[0][:120]}...). An official ViFi-CLIP checkpoint? Load it with "
-                              "vifi.load_official_checkpoint or pass it to --checkpoint.") from None
-    except Exception as e:
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {str(e)[:200]}). "
-                              "If it was downloaded, it may be truncated: delete it and download it again.") from None
+    """A TorchScript archive (OpenAI's format), a plain state dict, or a checkpoint holding one under 'model'; read by
+    read_archive, so no file can run code whatever it holds."""
+    obj = read_archive(path, f"a CLIP state dict, a checkpoint holding one under 'model', OpenAI's TorchScript "
+                             f"release or one of the names {list(MODELS)} (official ViFi-CLIP checkpoints load with "
+                             "vifi.load_official_checkpoint or --checkpoint)", script=True)
+    if isinstance(obj, ScriptObject):
+        return script_tensors(obj)
     return obj.get("model", obj) if isinstance(obj, dict) else obj
 
 
@@ -340,18 +461,23 @@ def build(sd, path="<state dict>"):
         raise CheckpointError(f"{path}: missing key {e.args[0]!r} of a CLIP state dict") from None
     with torch.device("meta"):  # no memory, no init: every tensor comes from sd
         model = CLIP(cfg)
-    expected = model.state_dict()
-    for k, v in expected.items():
-        if k not in sd:
-            raise CheckpointError(f"{path}: missing key {k!r} (expected shape {tuple(v.shape)})")
-        if sd[k].shape != v.shape:
-            raise CheckpointError(f"{path}: key {k!r} has shape {tuple(sd[k].shape)}, expected {tuple(v.shape)} "
-                                  f"for the model its other shapes describe ({cfg})")
-    unexpected = [k for k in sd if k not in expected]
-    if unexpected:
-        raise CheckpointError(f"{path}: unexpected key {unexpected[0]!r} ({len(unexpected)} in all) for a CLIP ViT")
+    check_state_dict(sd, model.state_dict(), path, f"the CLIP ViT its other shapes describe ({cfg})")
     model.load_state_dict(sd, strict=True, assign=True)
     return model
+
+
+def check_state_dict(sd, expected, path, model):
+    """Refuse sd unless it holds exactly the keys of `expected` (a model's state_dict), each a tensor of the same
+    shape; the error names the file, the first offending key and `model`, the model it was checked against."""
+    for k, v in expected.items():
+        if k not in sd:
+            raise CheckpointError(f"{path}: missing key {k!r} (expected shape {tuple(v.shape)}) of {model}")
+        found = tuple(sd[k].shape) if torch.is_tensor(sd[k]) else type(sd[k]).__name__
+        if found != tuple(v.shape):
+            raise CheckpointError(f"{path}: key {k!r} has shape {found}, expected {tuple(v.shape)} for {model}")
+    unexpected = [k for k in sd if k not in expected]
+    if unexpected:
+        raise CheckpointError(f"{path}: unexpected key {unexpected[0]!r} ({len(unexpected)} in all) for {model}")
 
 
 def load(name_or_path, device="cpu"):

@@ -7,10 +7,13 @@ When $VIFI_FIXTURES is set (as CI sets it), a missing fixture fails instead of s
 """
 import argparse
 import csv
+import errno
+import hashlib
 import io
 import json
 import math
 import os
+import pickle
 import random
 import re
 import shlex
@@ -20,7 +23,9 @@ import sys
 import urllib.error
 import urllib.request
 import warnings
+import zipfile
 from pathlib import Path
+from typing import Tuple
 
 import pytest
 import torch
@@ -240,7 +245,7 @@ def test_load_errors_name_the_file_and_the_key(tmp_path, tiny_clip):
     with pytest.raises(clip_model.CheckpointError, match="no such file"):
         clip_model.load(str(tmp_path / "missing.pt"))
     (tmp_path / "notes.pt").write_text("not a checkpoint")
-    with pytest.raises(clip_model.CheckpointError, match="notes.pt is not a PyTorch checkpoint"):
+    with pytest.raises(clip_model.CheckpointError, match="notes.pt: not a PyTorch checkpoint"):
         clip_model.load(str(tmp_path / "notes.pt"))
     data = open(fixture("clip_tiny_openai_jit.pt"), "rb").read()
     (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
@@ -279,6 +284,142 @@ def test_corrupt_download_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(clip_model.CheckpointError, match="corrupt"):
         clip_model.download("https://example.invalid/abc/x.pt", str(tmp_path / "x.pt"), sha256="abc")
     assert os.listdir(tmp_path) == []
+
+
+def test_cached_release_is_hashed_again(tmp_path):
+    path = tmp_path / "ViT-X.pt"
+    path.write_bytes(b"weights")
+    url = "https://example.invalid/abc/ViT-X.pt"  # never fetched: the file is there
+    assert clip_model.download(url, str(path), hashlib.sha256(b"weights").hexdigest()) == str(path)
+    with pytest.raises(clip_model.CheckpointError, match=r"ViT-X.pt: sha256 \w+, expected 0{64}.*damaged or replaced"):
+        clip_model.download(url, str(path), "0" * 64)
+    assert path.read_bytes() == b"weights"  # left for the user to inspect or delete
+
+
+# Files that ran code through this project's loaders (issue 13). Each creates `marker` when a loader runs code from
+# it: a legacy (non-zip) torch checkpoint, which is a plain pickle, with a zip end record appended so that
+# zipfile.is_zipfile accepts it; and a TorchScript archive whose scripted __setstate__ creates a file.
+
+class CreatesFile:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):  # unpickling calls open(path, "w")
+        return (open, (self.path, "w"))
+
+
+class ScriptedSetstateCreatesFile(torch.nn.Module):
+    def __init__(self, marker: str):
+        super().__init__()
+        self.marker = marker
+        self.weight = torch.zeros(2)
+
+    def forward(self, x):
+        return x
+
+    @torch.jit.export
+    def __getstate__(self) -> Tuple[str, bool, torch.Tensor]:
+        return (self.marker, self.training, self.weight)
+
+    @torch.jit.export
+    def __setstate__(self, state: Tuple[str, bool, torch.Tensor]) -> None:
+        self.marker = state[0]
+        self.training = state[1]
+        # from_file(shared=True) creates the file; using its result keeps TorchScript from dropping the call
+        self.weight = state[2] + torch.from_file(self.marker, shared=True, size=2)
+
+
+def write_code_payloads(folder):
+    """({kind: path} of the two files, the path of the file they create when run)."""
+    marker = folder / "code_ran"
+    polyglot = folder / "polyglot.pt"
+    polyglot.write_bytes(pickle.dumps({"model": CreatesFile(str(marker))}) + b"PK\x05\x06" + bytes(18))
+    scripted = folder / "scripted.pt"
+    torch.jit.save(torch.jit.script(ScriptedSetstateCreatesFile(str(marker))), str(scripted))
+    return {"polyglot": polyglot, "torchscript": scripted}, marker
+
+
+@pytest.fixture(scope="module")
+def payloads(tmp_path_factory):
+    return write_code_payloads(tmp_path_factory.mktemp("payloads"))
+
+
+def test_the_payloads_run_code_through_torch_loaders(tmp_path):
+    """The payloads are live, so the tests below that find no marker show a loader ran no code."""
+    files, marker = write_code_payloads(tmp_path)
+    with pytest.raises(RuntimeError, match="magic number"):  # torch.load's legacy path: the pickle ran first
+        torch.load(files["polyglot"], weights_only=False)
+    assert marker.exists()
+    marker.unlink()
+    torch.jit.load(str(files["torchscript"]))
+    assert marker.exists()
+
+
+def test_load_runs_no_code_from_any_file(payloads, tmp_path, monkeypatch):
+    files, marker = payloads
+    for load in (clip_model.load, clip_model.read_state_dict):
+        with pytest.raises(clip_model.CheckpointError, match="polyglot.pt: a zip archive, but not one torch.save"):
+            load(str(files["polyglot"]))
+        with pytest.raises(clip_model.CheckpointError, match="scripted.pt: refusing to restore .* __setstate__"):
+            load(str(files["torchscript"]))
+    monkeypatch.setenv("VIFI_CACHE", str(tmp_path))  # a cached release replaced by the TorchScript payload
+    shutil.copy(files["torchscript"], tmp_path / "ViT-B-32.pt")
+    with pytest.raises(clip_model.CheckpointError, match="ViT-B-32.pt: sha256"):
+        clip_model.load("ViT-B/32")
+    assert not marker.exists()
+
+
+def test_torchscript_release_reads_as_torch_jit_load_gives_it():
+    path = fixture("clip_tiny_openai_jit.pt")
+    sd, ref = clip_model.read_state_dict(path), torch.jit.load(path).state_dict()  # jit.load: a trusted fixture
+    assert sd.keys() == ref.keys()
+    for k, v in ref.items():
+        assert sd[k].dtype == v.dtype and sd[k].stride() == v.stride() and torch.equal(sd[k], v), k
+
+
+def flip_bytes(path, at, n=64):
+    data = bytearray(path.read_bytes())
+    data[at:at + n] = bytes(b ^ 0xFF for b in data[at:at + n])
+    path.write_bytes(bytes(data))
+
+
+def rewrite_archive(src, dst, replace):
+    """Copy the zip at src to dst with the records whose names end in a key of `replace` replaced by its bytes.
+    zipfile writes fresh CRCs, so only the reader's own checks can refuse the result."""
+    with zipfile.ZipFile(src) as z, zipfile.ZipFile(dst, "w") as out:
+        for name in z.namelist():
+            ends = [k for k in replace if name.endswith(k)]
+            out.writestr(name, replace[ends[0]] if ends else z.read(name))
+
+
+def test_archives_that_lie_about_their_tensors_are_refused(tmp_path):
+    torch.save({"w": torch.arange(4.0)}, tmp_path / "w.pt")
+    cases = {"short": ({"data/0": bytes(8)}, r"unreadable \(RuntimeError: .*out of bounds for storage of size 8"),
+             "ragged": ({"data/0": bytes(7)}, r"unreadable \(ValueError: .*multiple of element size"),
+             "big-endian": ({"byteorder": b"big"}, "written on a big-endian machine")}
+    for name, (replace, error) in cases.items():
+        rewrite_archive(tmp_path / "w.pt", tmp_path / f"{name}.pt", replace)
+        with pytest.raises(clip_model.CheckpointError, match=f"{name}.pt: {error}"):
+            clip_model.read_archive(str(tmp_path / f"{name}.pt"), "a test archive")
+    assert torch.equal(clip_model.read_archive(str(tmp_path / "w.pt"), "a test archive")["w"], torch.arange(4.0))
+
+
+def test_torchscript_module_tree_is_walked_once_even_with_a_cycle():
+    root, child = clip_model.ScriptObject(), clip_model.ScriptObject()
+    root.__dict__.update(w=torch.zeros(1), training=False, child=child)
+    child.__dict__.update(b=torch.ones(1), parent=root)  # a crafted archive can point back up the tree
+    assert sorted(clip_model.script_tensors(root)) == ["child.b", "w"]
+
+
+def test_damaged_checkpoint_is_refused_with_its_name(tmp_path, tiny_clip):
+    torch.save(tiny_clip.state_dict(), tmp_path / "intact.pt")
+    size = (tmp_path / "intact.pt").stat().st_size
+    for i, at in enumerate((size // 4, size // 2, 3 * size // 4)):  # inside tensor records (most of the file)
+        path = tmp_path / f"flipped{i}.pt"
+        shutil.copy(tmp_path / "intact.pt", path)
+        flip_bytes(path, at)
+        with pytest.raises(clip_model.CheckpointError, match=f"flipped{i}.pt: corrupt .*Bad CRC-32"):
+            clip_model.load(str(path))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -450,6 +591,52 @@ def test_official_loader_refuses_code_in_pickles(tmp_path, expected, tiny_clip):
     torch.save({"model": {}, "config": Exploit()}, tmp_path / "evil.pth")
     with pytest.raises(clip_model.CheckpointError, match="refusing to load.*system"):
         vifi.load_official_checkpoint(str(tmp_path / "evil.pth"), tiny_clip, expected["classes"])
+
+
+def test_checkpoint_loaders_run_no_code(payloads, tiny_clip, expected, capsys):
+    files, marker = payloads
+    official = lambda path: vifi.load_official_checkpoint(path, tiny_clip, expected["classes"])  # noqa: E731
+    for path in files.values():
+        for load in (vifi.read_checkpoint, vifi.load_checkpoint, official):
+            with pytest.raises(clip_model.CheckpointError, match=re.escape(str(path))):
+                load(str(path))
+        for flag in ("--checkpoint", "--model"):
+            assert vifi.main(["video.mp4", "--labels", "a,b", flag, str(path)]) == 2
+            err = capsys.readouterr().err
+            assert err.startswith(f"error: {path}") and err.count("\n") == 1, err
+    assert not marker.exists()
+
+
+def test_read_checkpoint_says_what_the_file_is_instead(tmp_path, tiny_clip):
+    with pytest.raises(clip_model.CheckpointError, match="a TorchScript archive, the format OpenAI.*--model"):
+        vifi.read_checkpoint(fixture("clip_tiny_openai_jit.pt"))
+    shutil.make_archive(str(tmp_path / "frames"), "zip", root_dir=HERE, base_dir="README.md")
+    with pytest.raises(clip_model.CheckpointError, match="frames.zip: a zip archive, but not one torch.save writes"):
+        vifi.read_checkpoint(str(tmp_path / "frames.zip"))
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+    with pytest.raises(clip_model.CheckpointError, match="tensor.pt: holds a Tensor, not a checkpoint"):
+        vifi.read_checkpoint(str(tmp_path / "tensor.pt"))
+    torch.save(tiny_clip.state_dict(), tmp_path / "clip.pt")
+    with pytest.raises(clip_model.CheckpointError, match="clip.pt: holds a dict with keys.*own weights go to --model"):
+        vifi.read_checkpoint(str(tmp_path / "clip.pt"))
+
+
+def test_own_checkpoint_must_match_its_model_exactly(tmp_path):
+    model = vifi.ViFiCLIP(byte_clip(), CLASSES, mode="prompt", depth_text=2, depth_vision=2, n_ctx_text=3)
+    sd, cfg = model.state_dict(), vifi.checkpoint_config(model)
+    cases = {  # what the file holds instead of sd, and the error it must give
+        "renamed": ({("text_prompts.7" if k == "text_prompts.1" else k): v for k, v in sd.items()},
+                    cfg, "missing key 'text_prompts.1'"),
+        "missing": ({k: v for k, v in sd.items() if k != "vision_prompts.1"}, cfg, "missing key 'vision_prompts.1'"),
+        "extra": ({**sd, "text_prompts.2": sd["text_prompts.1"]}, cfg, "unexpected key 'text_prompts.2'"),
+        "reshaped": ({**sd, "text_prompts.0": torch.zeros(4, 64)}, cfg,
+                     r"key 'text_prompts.0' has shape \(4, 64\), expected \(3, 64\)"),
+        "config": (sd, {**cfg, "colour": "red"}, "its 'vifi' entry does not describe a ViFiCLIP.*colour"),
+    }
+    for name, (weights, config, error) in cases.items():
+        torch.save({"model": weights, "vifi": config}, tmp_path / f"{name}.pt")
+        with pytest.raises(clip_model.CheckpointError, match=f"{name}.pt: {error}"):
+            vifi.load_checkpoint(str(tmp_path / f"{name}.pt"))
 
 
 def test_clean_classname():
@@ -1545,6 +1732,56 @@ def test_the_mission_command_runs_as_typed(tmp_path, bpe):
     log = [json.loads(line) for line in open(tmp_path / "runs" / "ucf101-few-shot" / "log.jsonl")]
     assert [r["epoch"] for r in log if "top1" in r] == [1, 11, 21, 31, 41, 50]  # the official evaluation epochs
     assert res["best"]["top1"] == max(r["top1"] for r in log if "top1" in r) and res["paper_reports"] == "best"
+
+
+def test_checkpoint_flags_run_no_code(payloads, tmp_path):
+    files, marker = payloads
+    for path in files.values():
+        for flags in (["--checkpoint"], ["--eval-only", "--checkpoint"], ["--resume"], ["--model"]):
+            with pytest.raises(clip_model.CheckpointError, match=re.escape(str(path))):
+                train.main(train.get_args(TINY_RUN + [*flags, str(path), "--out", str(tmp_path)]))
+    for flag, path in (("--resume", files["polyglot"]), ("--checkpoint", files["torchscript"])):
+        run = run_cli("train.py", *TINY_RUN, flag, str(path), "--out", str(tmp_path))
+        assert run.returncode == 2 and run.stderr.startswith(f"error: {path}"), run.stderr
+        assert run.stderr.count("\n") == 1, run.stderr  # one line: no traceback, no progress bar
+    assert not marker.exists()
+
+
+def test_resume_refuses_what_it_cannot_continue(tmp_path):
+    out = str(tmp_path / "run")
+    train.main(train.get_args(TINY_RUN + ["--epochs", "1", "--out", out]))
+    last = os.path.join(out, "last.pt")
+    other_size = ["--model", fixture("clip_tiny_openai_jit.pt")]
+    for flags, error in ((other_size, r"last.pt: key 'clip\.\S+' has shape .* the model these flags build"),
+                         (["--towers", "text"], "optimizer state does not fit what these flags train")):
+        with pytest.raises(clip_model.CheckpointError, match=error):
+            train.main(train.get_args(TINY_RUN + [*flags, "--resume", last, "--out", str(tmp_path / "again")]))
+    with pytest.raises(vifi.ConfigError, match=f"only evaluates: to evaluate {re.escape(last)}, pass it as --check"):
+        train.main(train.get_args(TINY_RUN + ["--eval-only", "--resume", last, "--out", str(tmp_path / "again")]))
+    flip_bytes(Path(last), os.path.getsize(last) // 2)
+    with pytest.raises(clip_model.CheckpointError, match=f"{re.escape(last)}: corrupt"):
+        train.main(train.get_args(TINY_RUN + ["--resume", last, "--out", out]))
+
+
+# A full disk as the OS reports it, and as torch.save (2.13) reports it when the disk fills mid-write.
+FULL_DISK = [OSError(errno.ENOSPC, "No space left on device"),
+             RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")]
+
+
+@pytest.mark.parametrize("error", FULL_DISK)
+def test_full_disk_keeps_the_last_checkpoint_and_says_so(tmp_path, monkeypatch, error):
+    last = tmp_path / "last.pt"
+    last.write_bytes(b"the previous checkpoint")
+
+    def full_disk(obj, path):  # as torch.save on a full disk: part of the file written, then the error
+        Path(path).write_bytes(b"PK\x03\x04 part of a checkpoint")
+        raise error
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(clip_model.CheckpointError) as e:
+        train.save_atomic({"model": {}}, str(last))
+    assert re.match(rf"could not write {re.escape(str(last))} \(.*; [\d.]+ MiB free on its disk\)", str(e.value))
+    assert "unexpected pos" not in str(e.value)
+    assert os.listdir(tmp_path) == ["last.pt"] and last.read_bytes() == b"the previous checkpoint"
 
 
 def test_eval_only_official_checkpoint(tmp_path, expected):

@@ -18,6 +18,7 @@ import math
 import os
 import random
 import re
+import shutil
 import sys
 import time
 
@@ -458,9 +459,20 @@ def write_outputs(ck, out):
 
 
 def save_atomic(obj, path):
+    """torch.save through a temp file renamed into place: a crash mid-write never leaves a half checkpoint under the
+    real name, and a failed write (a full disk, a quota) removes the temp file and says what happened."""
     tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # a crash mid-write never leaves a half checkpoint under the real name
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch reports a full disk as RuntimeError("... unexpected pos ...")
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else "the write stopped short"
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+        raise clip_model.CheckpointError(
+            f"could not write {path} ({reason}; {free / 2**20:.1f} MiB free on its disk): free some space or choose "
+            f"another --out. Any earlier {os.path.basename(path)} there is intact.") from None
 
 
 def write_curves(log, path):
@@ -506,6 +518,8 @@ def check_args(args, world):
          f"--template {args.template!r}: expected exactly one {{}} for the name"),
         (any("=" not in kv for kv in args.eval_roots.split(",") if kv),
          f"--eval-roots {args.eval_roots!r}: expected NAME=DIR pairs separated by commas"),
+        (args.eval_only and bool(args.resume), f"--resume continues training, but this run only evaluates: to "
+                                               f"evaluate {args.resume}, pass it as --checkpoint"),
         (not args.eval_only and args.micro_batch > 0 and args.batch_size % (args.micro_batch * world) != 0,
          f"--batch-size {args.batch_size} is not a whole number of micro-batches of {args.micro_batch} on {world} "
          f"process(es): choose --micro-batch so that micro-batch x processes divides the batch"),
@@ -657,8 +671,14 @@ def main(args):
             if "optimizer" not in ck:
                 raise clip_model.CheckpointError(f"--resume {args.resume}: not a last.pt written by train.py (no "
                                                  "optimizer state); to start from weights, use --checkpoint")
+            clip_model.check_state_dict(ck["model"], model.state_dict(), args.resume,
+                                        "the model these flags build: resume with the flags of the run that wrote it")
             model.load_state_dict(ck["model"])
-            optimizer.load_state_dict(ck["optimizer"])
+            try:
+                optimizer.load_state_dict(ck["optimizer"])
+            except ValueError as e:  # the same weights, but other ones train (--mode, --towers)
+                raise clip_model.CheckpointError(f"--resume {args.resume}: its optimizer state does not fit what "
+                                                 f"these flags train ({e}); resume with the run's flags") from None
             scaler.load_state_dict(ck["scaler"])
             epoch0, step, best, best_epoch, log = ck["epoch"] + 1, ck["step"], ck["best_top1"], ck["best_epoch"], ck["log"]
             random.setstate(ck["rng"]["python"])

@@ -20,12 +20,8 @@ Letters in shape comments: B clips, T frames, C classes, D joint embedding size,
 Run on a video: `python vifi.py VIDEO --labels "class a,class b" [--model ViT-B/16] [--checkpoint FILE]`.
 """
 import argparse
-import os
-import pickle
 import re
 import sys
-import types
-import zipfile
 
 import torch
 import torch.nn as nn
@@ -176,33 +172,20 @@ class _CfgNode(dict):
     """Stands in for yacs.config.CfgNode (a dict subclass) so official checkpoints unpickle without yacs."""
 
 
-class _AllowListUnpickler(pickle.Unpickler):
-    """Unpickles only tensors, plain containers and yacs config nodes: an official checkpoint cannot run code."""
-    ALLOWED = {("collections", "OrderedDict"), ("builtins", "set"), ("__builtin__", "set"),
-               ("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_parameter")}
-
-    def find_class(self, module, name):
-        if (module, name) == ("yacs.config", "CfgNode"):
-            return _CfgNode
-        if (module, name) in self.ALLOWED or (module == "torch" and name.endswith("Storage")):
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: not part of a ViFi-CLIP checkpoint")
+# What an official checkpoint pickles beyond tensors: its yacs config, a dict subclass holding sets of key names.
+OFFICIAL_GLOBALS = {("yacs.config", "CfgNode"): _CfgNode, ("builtins", "set"): set, ("__builtin__", "set"): set}
 
 
 def read_checkpoint(path):
-    """The dict in a checkpoint file: weights-only for ours, the allow-list unpickler for the official ones."""
-    if not os.path.isfile(path) or not zipfile.is_zipfile(path):
-        raise clip_model.CheckpointError(f"{path}: {'not a PyTorch checkpoint (maybe truncated)' if os.path.isfile(path) else 'no such file'}; "
-                                         "expected an official ViFi-CLIP checkpoint or one written by train.py")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:  # official: a yacs config inside
-        pass
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False,
-                          pickle_module=types.SimpleNamespace(__name__="allow_list", Unpickler=_AllowListUnpickler, load=pickle.load))
-    except Exception as e:
-        raise clip_model.CheckpointError(f"{path}: not a ViFi-CLIP checkpoint ({type(e).__name__}: {e})") from None
+    """The dict in a checkpoint file, ours or an official release. clip_model.read_archive reads it: only tensors,
+    plain containers and yacs config nodes unpickle, so no file can run code, and a damaged file is refused."""
+    ck = clip_model.read_archive(path, "an official ViFi-CLIP checkpoint or one written by train.py", OFFICIAL_GLOBALS)
+    if not (isinstance(ck, dict) and isinstance(ck.get("model"), dict)):
+        found = f"a dict with keys {list(ck)[:4]}" if isinstance(ck, dict) else f"a {type(ck).__name__}"
+        raise clip_model.CheckpointError(f"{path}: holds {found}, not a checkpoint (a dict with the weights under "
+                                         "'model', as train.py and the official code write); a CLIP's own weights "
+                                         "go to --model")
+    return ck
 
 
 def load_official_checkpoint(path, clip, classnames, clean_names=False, ck=None, **kw):
@@ -267,10 +250,17 @@ def load_checkpoint(path, clip=None, classnames=None, tokenizer=None, ck=None, *
         if clip is None:
             raise clip_model.CheckpointError(f"{path} is an official ViFi-CLIP checkpoint: pass the base CLIP (--model)")
         return load_official_checkpoint(path, clip, classnames, ck=ck, **kw)
-    cfg = {**ck["vifi"], **kw}
-    names = classnames or cfg.pop("classnames")
-    cfg.pop("classnames", None)
-    model = ViFiCLIP(clip_model.build(ck["model"], path), names, tokenizer=tokenizer, **cfg)
+    saved_clip = clip_model.build(ck["model"], path)  # an own checkpoint holds its whole CLIP
+    try:
+        cfg = {**ck["vifi"], **kw}
+        names = classnames or cfg.pop("classnames")
+        cfg.pop("classnames", None)
+        model = ViFiCLIP(saved_clip, names, tokenizer=tokenizer, **cfg)
+    except (TypeError, KeyError) as e:
+        raise clip_model.CheckpointError(f"{path}: its 'vifi' entry does not describe a ViFiCLIP ({type(e).__name__}: "
+                                         f"{e}); expected the checkpoint_config(...) that train.py saves") from None
+    # build() checked the CLIP's keys; the prompts are checked here, so a missing or renamed one is an error too
+    clip_model.check_state_dict(ck["model"], model.state_dict(), path, "the ViFi-CLIP its 'vifi' entry describes")
     model.load_state_dict(ck["model"])
     return model.eval()
 
