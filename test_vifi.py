@@ -141,17 +141,36 @@ def test_real_sizes_build_and_load_strictly(name, args):
     assert logits.shape == (2, 3) and torch.isfinite(logits).all()
 
 
+def cubic_resize_rows(grid, n_out):
+    """Resize (n_in, ...) along its first axis as PyTorch's bicubic does (align_corners=False): Keys' cubic
+    kernel with a = -0.75 on the four nearest source rows, indices clamped at the border, written out by hand."""
+    def kernel(d):
+        d, a = abs(d), -0.75
+        return (a + 2) * d ** 3 - (a + 3) * d ** 2 + 1 if d <= 1 else a * d ** 3 - 5 * a * d ** 2 + 8 * a * d - 4 * a
+    n_in = grid.shape[0]
+    rows = []
+    for i in range(n_out):
+        x = (i + 0.5) * n_in / n_out - 0.5  # the output row's centre in source coordinates
+        x0 = math.floor(x)
+        rows.append(sum(kernel(x - (x0 + k)) * grid[min(max(x0 + k, 0), n_in - 1)] for k in (-1, 0, 1, 2)))
+    return torch.stack(rows)
+
+
 def test_positional_embedding_interpolation():
     model = small_clip()
     with torch.no_grad():
         assert model.encode_image(torch.randn(2, 3, 48, 40)).shape == (2, 32)
         vis = model.visual
         assert vis.position_embedding(4, 4) is vis.positional_embedding  # native size: untouched
-        vis.positional_embedding[1:] = 0.5  # a constant grid stays constant after bicubic resizing
-        pos = vis.position_embedding(6, 5)
-    assert pos.shape == (31, 64)
-    torch.testing.assert_close(pos[1:], torch.full((30, 64), 0.5))
-    torch.testing.assert_close(pos[0], vis.positional_embedding[0])
+        torch.manual_seed(1)
+        vis.positional_embedding.copy_(torch.randn(17, 64))  # a 4x4 grid of random vectors, no symmetry
+        for gh, gw in [(6, 5), (3, 7)]:  # up and down, taller and wider than the native grid
+            pos = vis.position_embedding(gh, gw)
+            grid = vis.positional_embedding[1:].view(4, 4, 64)  # (row, column, width), row-major as the patches
+            expect = cubic_resize_rows(cubic_resize_rows(grid, gh).transpose(0, 1), gw).transpose(0, 1)  # (gh, gw, 64)
+            assert pos.shape == (1 + gh * gw, 64)
+            torch.testing.assert_close(pos[1:], expect.reshape(gh * gw, 64), atol=1e-5, rtol=0)
+            assert torch.equal(pos[0], vis.positional_embedding[0])  # the class token's embedding is not resized
 
 
 def test_patch_embedding_matches_the_stride_p_convolution(monkeypatch):
