@@ -6,6 +6,8 @@ $VIFI_FIXTURES, else from ../shared/fixtures beside the checkout; with neither t
 When $VIFI_FIXTURES is set (as CI sets it), a missing fixture fails instead of skipping.
 """
 import argparse
+import collections
+import contextlib
 import csv
 import io
 import json
@@ -24,6 +26,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import clip_model
 import tokenizer
@@ -678,6 +681,24 @@ def test_test_sampling_takes_centres_and_shifts_clips():
     assert first == [2, 12, 22, 32, 42, 52, 62, 72] and second == [7, 17, 27, 37, 47, 57, 67, 77]
 
 
+class Offsets:
+    """A stand-in for `random` whose random() returns the given numbers in turn."""
+
+    def __init__(self, *values):
+        self.values = list(values)
+
+    def random(self):
+        return self.values.pop(0)
+
+
+def test_sampling_exact_indices_in_fractional_segments():
+    # 50 frames in 4 segments of 12.5 frames: segment i gives frame int((i + offset) * 12.5), one offset per segment
+    assert data.sample_indices(50, 4, train=True, rng=Offsets(0.0, 0.999, 0.5, 0.3)) == [0, 24, 31, 41]
+    # testing: the centres of 8 segments of 6.25 frames; the last of 3 clips at offset 2.5 / 3 of each segment
+    assert data.sample_indices(50, 8, train=False) == [3, 9, 15, 21, 28, 34, 40, 46]
+    assert data.sample_indices(50, 4, train=False, clip=2, num_clips=3) == [10, 22, 35, 47]
+
+
 @pytest.mark.parametrize("train", [True, False])
 def test_short_video_repeats_indices_in_order(train):
     indices = data.sample_indices(3, 8, train=train, rng=random.Random(1))
@@ -717,13 +738,85 @@ def test_read_starts_at_the_keyframe_before_and_stops_at_the_last_wanted_frame(v
 
 def test_views_cover_the_documented_boxes():
     assert data.test_views(240, 320, 224)[0].box == (15, 55, 210, 210)  # 224/256 of the short side, centred
+    assert data.test_views(320, 240, 224)[0].box == (55, 15, 210, 210)  # portrait: the long side is the height
+    # 32 pixels: the short side goes to int(32 * 256 / 224) = 36, so the box covers 32 / 36 of it: 42.67 -> 43
+    assert data.test_views(48, 64, 32)[0].box == (2, 10, 43, 43)
     assert [v.box for v in data.test_views(240, 320, 224, crops=3)] == [(0, 0, 240, 240), (0, 40, 240, 240),
                                                                          (0, 80, 240, 240)]
-    rng = random.Random(0)
-    for _ in range(300):
-        top, left, height, width = data.train_view(240, 320, rng).box
-        assert 0 <= top and top + height <= 240 and 0 <= left and left + width <= 320
-        assert {round(height / 240, 2), round(width / 240, 2)} <= {1, 0.88, 0.75, 0.66}
+    assert [v.box for v in data.test_views(300, 200, 32, crops=3)] == [(0, 0, 200, 200), (50, 0, 200, 200),
+                                                                        (100, 0, 200, 200)]
+    assert not any(v.flip or v.jitter or v.gray for v in data.test_views(300, 200, 32, crops=3))
+
+
+def test_train_view_draws_the_documented_distribution():
+    rng, n = random.Random(0), 2000
+    for height, width in [(48, 64), (90, 60)]:  # landscape and portrait: crop sizes follow the short side
+        side = min(height, width)
+        sizes = [int(side * s) for s in (1, 0.875, 0.75, 0.66)]
+        views = [data.train_view(height, width, rng) for _ in range(n)]
+        scales, places = collections.Counter(), collections.Counter()
+        for view in views:
+            top, left, h, w = view.box
+            scales[sizes.index(h), sizes.index(w)] += 1  # ValueError for any other crop size
+            places[[(0, 0), (0, width - w), (height - h, 0), (height - h, width - w),  # corners, centre
+                    (round((height - h) / 2), round((width - w) / 2))].index((top, left))] += 1
+        # height and width scales at most one step apart, each pair equally likely; five places equally likely
+        assert set(scales) == {(i, j) for i in range(4) for j in range(4) if abs(i - j) <= 1}
+        assert all(abs(count - n / 10) < 60 for count in scales.values()), scales
+        ambiguous = sum(1 for v in views if v.box[2] == height or v.box[3] == width)  # a full side: places coincide
+        assert len(places) == 5 and all(abs(count - (n - ambiguous) / 5) < 80 + ambiguous for count in places.values())
+        assert abs(sum(v.flip for v in views) / n - 0.5) < 0.05
+        assert abs(sum(v.gray for v in views) / n - 0.2) < 0.04
+        jittered = [v.jitter for v in views if v.jitter]
+        assert abs(len(jittered) / n - 0.8) < 0.04
+        for name, low, high in [("brightness", 0.6, 1.4), ("contrast", 0.6, 1.4), ("saturation", 0.8, 1.2),
+                                ("hue", -0.1, 0.1)]:
+            factors = [f for jitter in jittered for op, f in jitter if op == name]
+            assert len(factors) == len(jittered)  # all four operations in every jitter
+            assert low <= min(factors) < low + 0.02 and high - 0.02 < max(factors) <= high, name
+        assert len({tuple(op for op, _ in jitter) for jitter in jittered}) == 24  # every order of the four
+
+
+def test_render_crops_resizes_and_flips_the_box():
+    torch.manual_seed(0)
+    frames = torch.randint(0, 256, (3, 3, 48, 64), dtype=torch.uint8)
+    crop = frames[:, :, 5:21, 11:27]  # box (top 5, left 11, 16 x 16): already the output size, a plain crop
+    assert torch.equal(data.render(frames, data.View((5, 11, 16, 16)), 16), crop)
+    assert torch.equal(data.render(frames, data.View((5, 11, 16, 16), flip=True), 16), crop.flip(-1))
+    # a 30 x 40 box from (7, 9), resized to 20 x 20 without keeping the aspect ratio: float bilinear with
+    # antialiasing, to within the rounding of the uint8 result
+    expect = F.interpolate(frames[:, :, 7:37, 9:49].float(), size=(20, 20), mode="bilinear", antialias=True,
+                           align_corners=False)
+    for flip in (False, True):
+        out = data.render(frames, data.View((7, 9, 30, 40), flip=flip), 20)
+        assert out.shape == (3, 3, 20, 20) and out.dtype == torch.uint8
+        assert (out.float() - (expect.flip(-1) if flip else expect)).abs().max() <= 1
+
+
+def test_train_sample_is_one_view_of_one_frame_per_segment(videos, monkeypatch):
+    """dataset[i] in training: frame t is a frame of segment t, every frame with the same crop and flip, and the
+    colour matrix of that same view, once for the clip."""
+    source = data.read_frames(videos["avi"], range(40))  # (40, 3, 48, 64), every frame of the video
+    dataset = data.VideoDataset([(videos["avi"], 0)], ["x"], frames=4, size=32, train=True)
+    drawn, train_view = [], data.train_view
+    monkeypatch.setattr(data, "train_view", lambda *a, **k: drawn.append(train_view(*a, **k)) or drawn[-1])
+    views, picks = [], set()
+    for seed in range(8):
+        random.seed(seed)
+        drawn.clear()
+        sample = dataset[0]
+        (view,) = drawn  # one view for the clip, not one per frame
+        views.append(view)
+        assert sample["video"].shape == (4, 3, 32, 32) and sample["video"].dtype == torch.uint8
+        pick = []
+        for t in range(4):  # 10-frame segments: frame t is one of frames 10t .. 10t+9, under that one view
+            pick += [k for k in range(10 * t, 10 * t + 10)
+                     if torch.equal(sample["video"][t], data.render(source[k:k + 1], view, 32)[0])]
+        assert len(pick) == 4, (seed, view, pick)
+        picks.add(tuple(pick))
+        assert torch.equal(sample["colour"], data.colour_matrix(view))  # (2, 3, 3): one matrix for the clip
+    assert len(picks) > 4  # random frames within the segments
+    assert {v.flip for v in views} == {True, False} and len({v.box for v in views}) > 3 and any(v.jitter for v in views)
 
 
 def test_train_clip_uses_the_same_crop_and_flip_for_every_frame(videos):
@@ -746,6 +839,11 @@ def test_multi_view_test_sample_stacks_clips_times_crops(videos):
     sample = dataset[0]
     assert sample["video"].shape == (6, 4, 3, 24, 24) and sample["label"] == 3
     assert torch.equal(sample["colour"], data.NO_COLOUR)
+    source = data.read_frames(videos["mp4"], range(40))
+    picks = [[2, 12, 22, 32], [7, 17, 27, 37]]  # 10-frame segments at offsets 1/4 (clip 1) and 3/4 (clip 2)
+    boxes = [(0, 0, 48, 48), (0, 8, 48, 48), (0, 16, 48, 48)]  # the 48-pixel square at the start, centre, end
+    expect = torch.stack([data.render(source[pick], data.View(box), 24) for pick in picks for box in boxes])
+    assert torch.equal(sample["video"], expect)  # views clip-major: clip 1's three crops, then clip 2's
 
 
 def identity_normalize(video, colour):
@@ -777,11 +875,53 @@ def test_colour_matrix_matches_direct_formulas():
     assert close(gray[:, :, 0], gray[:, :, 1]) and close(gray[:, :, 1], gray[:, :, 2])
 
 
-def test_normalize_scales_uint8_with_the_given_constants():
-    video = torch.full((1, 2, 3, 4, 4), 255, dtype=torch.uint8)
-    out = data.normalize(video, data.IMAGENET_MEAN, data.IMAGENET_STD)
-    expected = (1 - torch.tensor(data.IMAGENET_MEAN)) / torch.tensor(data.IMAGENET_STD)
-    assert out.dtype == torch.float32 and torch.allclose(out[0, 0, :, 0, 0], expected)
+def test_colour_matrix_hue_turns_chroma_about_the_grey_axis():
+    # NTSC's RGB -> YIQ (luma Y, chroma I and Q); hue f turns the (I, Q) plane by f turns and keeps luma
+    yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], dtype=torch.float64)
+    for f in (0.03, -0.1, 0.25):
+        a, b = data.colour_matrix(data.View((0, 0, 1, 1), jitter=(("hue", f),))).double()
+        turn = yiq @ a @ torch.linalg.inv(yiq)  # the map in YIQ coordinates
+        c, s = math.cos(2 * math.pi * f), abs(math.sin(2 * math.pi * f))
+        torch.testing.assert_close(turn[0], torch.tensor([1.0, 0, 0], dtype=torch.float64), atol=1e-6, rtol=0)
+        torch.testing.assert_close(turn[:, 0], torch.tensor([1.0, 0, 0], dtype=torch.float64), atol=1e-6, rtol=0)
+        assert abs(turn[1, 1] - c) < 1e-6 and abs(turn[2, 2] - c) < 1e-6
+        assert abs(abs(turn[1, 2]) - s) < 1e-6 and abs(turn[1, 2] + turn[2, 1]) < 1e-6  # a rotation
+        assert torch.equal(b, torch.zeros(3, 3, dtype=torch.float64))
+    a, b = data.colour_matrix(data.View((0, 0, 1, 1), jitter=(("brightness", 1.2),), gray=True))
+    luma = torch.tensor([0.299, 0.587, 0.114])
+    torch.testing.assert_close(a, 1.2 * luma.expand(3, 3))  # every channel <- the jittered pixel's luma
+    assert torch.equal(b, torch.zeros(3, 3))
+
+
+def test_normalize_is_the_per_channel_affine_map():
+    torch.manual_seed(0)
+    video = torch.randint(0, 256, (2, 3, 3, 5, 7), dtype=torch.uint8)
+    for mean, std in [(data.CLIP_MEAN, data.CLIP_STD), (data.IMAGENET_MEAN, data.IMAGENET_STD)]:
+        out = data.normalize(video, mean, std)
+        assert out.dtype == torch.float32 and out.shape == video.shape
+        for c in range(3):
+            expect = (video[:, :, c].double() / 255 - mean[c]) / std[c]
+            torch.testing.assert_close(out[:, :, c].double(), expect, atol=1e-5, rtol=0)
+
+
+def test_normalize_applies_each_clips_colour_map_with_its_own_mean_then_clamps():
+    torch.manual_seed(0)
+    # two clips, three frames of different brightness each, so per-frame and per-clip means differ
+    video = (torch.randint(0, 120, (2, 3, 3, 5, 7)) + torch.tensor([0, 60, 120]).view(1, 3, 1, 1, 1)).to(torch.uint8)
+    # per clip a pair [A, B] of random, non-symmetric matrices, different for the two clips: (2, 2, 3, 3)
+    colour = torch.stack([torch.stack([torch.eye(3) + 0.4 * torch.randn(3, 3), 0.3 * torch.randn(3, 3)]) for _ in "ab"])
+    out = data.normalize(video, data.CLIP_MEAN, data.CLIP_STD, colour=colour)
+    clamped = 0
+    for clip in range(2):
+        x = video[clip].double()  # (T, 3, H, W)
+        a, b = colour[clip].double()
+        m = [x[:, k].mean().item() for k in range(3)]  # the clip's mean colour, over all of its frames
+        for c in range(3):
+            y = sum(a[c, k] * x[:, k] + b[c, k] * m[k] for k in range(3))
+            clamped += ((y < 0) | (y > 255)).sum().item()
+            expect = (y.clamp(0, 255) / 255 - data.CLIP_MEAN[c]) / data.CLIP_STD[c]
+            torch.testing.assert_close(out[clip, :, c].double(), expect, atol=1e-4, rtol=0)
+    assert clamped > 10  # the clamp was exercised
 
 
 # ---------------------------------------------------------------------------------------------------------------
