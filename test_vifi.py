@@ -22,6 +22,7 @@ import sys
 import urllib.error
 import urllib.request
 import warnings
+import zlib
 from pathlib import Path
 
 import pytest
@@ -1006,13 +1007,21 @@ def test_list_format_and_write_list_round_trip(tmp_path):
     root = str(tmp_path)
     for name in ["a/x.mp4", "b/y.mp4", "b/z.mp4"]:
         touch(f"{root}/videos/{name}")
-    write(f"{root}/labels.csv", "id,name\n0,playing_guitar\n1,riding a bike\n")
-    write(f"{root}/train.txt", "videos/a/x.mp4 0\nvideos/b/y.mp4 1\nb/z.mp4 1\n")
+    # as the official label files write them: a name with commas is quoted (Something-Something v2 has such)
+    write(f"{root}/labels.csv", 'id,name\n0,playing_guitar\n1,riding a bike\n2,"Removing something, revealing it"\n')
+    write(f"{root}/train.txt", "videos/a/x.mp4 0\nvideos/b/y.mp4 2\nb/z.mp4 1\n")
     dataset = data.build_dataset("list", root, "train", list_file=f"{root}/train.txt", labels_file=f"{root}/labels.csv")
-    assert dataset.classnames == ["playing_guitar", "riding a bike"] and [l for _, l in dataset.samples] == [0, 1, 1]
+    assert dataset.classnames == ["playing_guitar", "riding a bike", "Removing something, revealing it"]  # verbatim
+    assert [l for _, l in dataset.samples] == [0, 2, 1]
     data.write_list(dataset, f"{root}/again.txt", f"{root}/again.csv")
+    assert open(f"{root}/again.txt").read() == "videos/a/x.mp4 0\nvideos/b/y.mp4 2\nvideos/b/z.mp4 1\n"  # relative
     again = data.build_dataset("list", root, "train", list_file=f"{root}/again.txt", labels_file=f"{root}/again.csv")
     assert again.samples == dataset.samples and again.classnames == dataset.classnames
+    novel = data.subset_classes(dataset, [2, 0])  # relabelled 0, 1 in that order: the written lists follow
+    data.write_list(novel, f"{root}/novel.txt", f"{root}/novel.csv")
+    assert open(f"{root}/novel.txt").read() == "videos/a/x.mp4 1\nvideos/b/y.mp4 0\n"
+    reread = data.build_dataset("list", root, "train", list_file=f"{root}/novel.txt", labels_file=f"{root}/novel.csv")
+    assert reread.classnames == ["Removing something, revealing it", "playing_guitar"]
 
 
 def test_wrong_root_names_the_file_and_the_layout(tmp_path):
@@ -1140,6 +1149,29 @@ def test_synthetic_is_deterministic_with_a_base_novel_split():
     assert not {train.classnames[c] for c in base} & {train.classnames[c] for c in novel}
     shots = data.few_shot(data.subset_classes(train, novel), 2, seed=1)
     assert len(shots) == 18 and shots[0]["video"].shape == (8, 3, 32, 32)  # renders by original class id
+
+
+def test_synthetic_clip_shows_its_colour_shape_and_motion():
+    for name in ["red square moving up", "blue circle moving down", "green triangle moving up"]:
+        colour_name, shape, motion = name.split(" ", 2)
+        clip = data.render_synthetic(name, "test/key", 8, 32).float()  # (T, 3, S, S)
+        colour = torch.tensor(data.SYNTH_COLOURS[colour_name]).view(1, 3, 1, 1)
+        body = ((clip - colour).abs() <= 21).all(1)  # the shape, in its colour (+-20 per clip)  (T, S, S)
+        area = body.sum((1, 2)).float()
+        assert area.min() > 0.7 * area.max()  # the whole shape in every frame
+        rows = (body * torch.arange(32.0).view(1, 32, 1)).sum((1, 2)) / area  # its centre's row per frame
+        steps = rows.diff()
+        assert ((steps < 0) if motion == "moving up" else (steps > 0)).all(), (name, rows)
+        fill = (area / body.any(2).sum(1) / body.any(1).sum(1)).mean()  # area over its bounding box's
+        assert {"square": 0.95 < fill, "circle": 0.7 < fill < 0.85, "triangle": 0.4 < fill < 0.6}[shape], (name, fill)
+
+
+def test_synthetic_clips_do_not_depend_on_the_process():
+    # Seeded from the key by crc32, not hash(): every process (each DataLoader worker, each run) renders the same
+    # clip. pytest runs with a random PYTHONHASHSEED, so a hash()-seeded clip would not give this checksum. (An
+    # intended change to the rendering changes it: pin the new value.)
+    clip = data.SyntheticVideos("train", 4, 16, per_class=2, seed=3)[7]["video"]
+    assert zlib.crc32(clip.numpy().tobytes()) == 2333224932
 
 
 def test_synthetic_ucf_layout_reads_back_through_the_ucf101_parser(tmp_path):
@@ -1751,7 +1783,8 @@ def test_readme_vifi_command_parses_and_runs(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     lines = run.stdout.strip().splitlines()
     assert len(lines) == 3 and abs(sum(float(l.split("%")[0]) for l in lines) - 100) < 0.1
-    (tmp_path / "labels.csv").write_text("id,name\n1,playing guitar\n0,archery\n2,brushing hair\n")  # as train.py writes
+    # as train.py and the official files write them; csv may quote any name
+    (tmp_path / "labels.csv").write_text('id,name\n1,playing guitar\n0,"archery"\n2,brushing hair\n')
     run2 = run_cli("vifi.py", video, "--labels-file", str(tmp_path / "labels.csv"), "--model",
                    fixture("clip_tiny_openai_jit.pt"), "--checkpoint", fixture("vifi_official_prompt_ckpt.pth"),
                    "--frames", "4", "--device", "cpu")
