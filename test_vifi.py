@@ -1481,13 +1481,157 @@ def test_mix_targets_sum_to_one_and_keep_frames_aligned():
         assert target.max() <= 0.9 + 0.1 / 5 + 1e-6
 
 
-def test_sampler_counts_every_test_video_once_and_shuffles_per_epoch():
-    shares = [train.EpochSampler(11, r, 3, shuffle=False).indices() for r in range(3)]
-    assert sorted(i for s in shares for i in s) == list(range(11))
-    s = train.EpochSampler(11, 0, 2, shuffle=True, seed=1)
-    first = s.indices()
-    s.epoch = 1
-    assert len(first) == len(s.indices()) == 5 and first != s.indices()
+def smoothed(labels, num_classes, smoothing):
+    """One-hot targets with label smoothing, as timm's: 1 - s + s / C on the label, s / C elsewhere."""
+    target = torch.full((len(labels), num_classes), smoothing / num_classes)
+    for i, label in enumerate(labels):
+        target[i, label] = 1 - smoothing + smoothing / num_classes
+    return target
+
+
+def test_mixup_mixes_video_and_targets_with_the_same_lambda():
+    args = argparse.Namespace(label_smoothing=0.1, mixup=0.8, cutmix=0.0, mix_switch=0.5)
+    torch.manual_seed(0)
+    video, labels = torch.randn(4, 3, 3, 6, 10), torch.tensor([2, 0, 3, 1])
+    target = smoothed([2, 0, 3, 1], 5, 0.1)
+    for seed in range(3):
+        random.seed(seed)
+        mixed, mixed_target = train.mix(video, labels, 5, args)
+        random.seed(seed)
+        lam = random.betavariate(0.8, 0.8)  # the one draw mixup makes; clip i is mixed with clip B-1-i, as timm
+        torch.testing.assert_close(mixed, lam * video + (1 - lam) * video.flip(0))
+        torch.testing.assert_close(mixed_target, lam * target + (1 - lam) * target.flip(0))
+
+
+def test_cutmix_pastes_one_box_of_the_paired_clip_and_weights_targets_by_its_area():
+    args = argparse.Namespace(label_smoothing=0.0, mixup=0.0, cutmix=1.0, mix_switch=0.5)
+    torch.manual_seed(0)
+    H, W = 12, 20
+    video, labels = torch.randn(4, 3, 3, H, W), torch.tensor([1, 3, 0, 2])
+    partial = 0
+    for seed in range(6):
+        random.seed(seed)
+        mixed, target = train.mix(video, labels, 4, args)
+        pasted = mixed != video  # (B, T, 3, H, W): True inside the box
+        assert torch.equal(pasted, pasted[:1, :1, :1].expand_as(pasted))  # one box for every clip, frame, channel
+        rows, cols = pasted[0, 0, 0].any(1).nonzero().flatten(), pasted[0, 0, 0].any(0).nonzero().flatten()
+        h, w = len(rows), len(cols)
+        if h and w:  # a rectangle of consecutive rows and columns, filled from the paired clip
+            assert pasted[0, 0, 0].sum() == h * w and rows[-1] - rows[0] == h - 1 and cols[-1] - cols[0] == w - 1
+            box = (..., slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+            assert torch.equal(mixed[box], video.flip(0)[box])
+        random.seed(seed)
+        lam = random.betavariate(1.0, 1.0)  # the box's sides: sqrt(1 - lam) of the frame's
+        assert (h, w) == (int(H * math.sqrt(1 - lam)), int(W * math.sqrt(1 - lam)))
+        kept = 1 - h * w / (H * W)  # the targets follow the pixels actually pasted
+        onehot = smoothed([1, 3, 0, 2], 4, 0.0)
+        torch.testing.assert_close(target, kept * onehot + (1 - kept) * onehot.flip(0))
+        partial += 0 < h * w < H * W
+    assert partial >= 4
+
+
+def test_mix_switch_is_the_probability_of_cutmix():
+    args = argparse.Namespace(label_smoothing=0.0, mixup=0.8, cutmix=1.0, mix_switch=0.25)
+    video, labels = torch.randn(4, 1, 3, 12, 20), torch.tensor([0, 1, 2, 3])
+    random.seed(0)
+    # cutmix leaves the pixels outside its box as they were; mixup changes every pixel
+    cutmixed = [bool((train.mix(video, labels, 4, args)[0] == video).any()) for _ in range(400)]
+    assert abs(sum(cutmixed) / 400 - 0.25) < 0.07
+
+
+def test_sampler_shares_are_disjoint_equal_and_seeded_by_epoch():
+    # evaluation: in order, every index exactly once, never padded
+    assert [train.EpochSampler(11, r, 3, shuffle=False).indices() for r in range(3)] == [[0, 3, 6, 9], [1, 4, 7, 10],
+                                                                                         [2, 5, 8]]
+
+    def shares(seed, epoch, n=11, world=3):
+        samplers = [train.EpochSampler(n, rank, world, shuffle=True, seed=seed) for rank in range(world)]
+        for sampler in samplers:
+            sampler.epoch = epoch
+        assert all(len(sampler) == len(sampler.indices()) for sampler in samplers)
+        return [sampler.indices() for sampler in samplers]
+
+    first = shares(seed=1, epoch=0)
+    assert [len(share) for share in first] == [3, 3, 3]  # 11 // 3 each: every process makes the same steps
+    together = [i for share in first for i in share]
+    assert len(set(together)) == 9 and set(together) <= set(range(11))  # one shuffled order, split without overlap
+    assert shares(seed=1, epoch=0) == first  # the same (seed, epoch), the same order: a resumed run repeats it
+    assert shares(seed=1, epoch=1) != first and shares(seed=2, epoch=0) != first
+    assert {i for epoch in range(10) for share in shares(1, epoch) for i in share} == set(range(11))  # none left out
+    assert sorted(i for share in shares(1, 0, n=2, world=3) for i in share) in ([0, 0, 1], [0, 1, 1])  # n < world
+
+
+class ViewLogits(torch.nn.Module):
+    """A stand-in model: the logits of a view are table[code], code being the value of the view's pixels (they
+    reach the model as they are, with the identity normalization NO_NORM)."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.table = table
+
+    def forward(self, video):  # (N, T, 3, H, W) -> (N, C)
+        return self.table[video[:, 0, 0, 0, 0].round().long()]
+
+
+NO_NORM = ((0.0, 0.0, 0.0), (1 / 255,) * 3)
+
+
+class CodedViews(torch.utils.data.Dataset):
+    """Video i has V views (V, T, 3, H, W) filled with the codes i*V .. i*V+V-1."""
+
+    def __init__(self, labels, views, num_classes):
+        self.labels, self.views, self.classnames = labels, views, [f"class {c}" for c in range(num_classes)]
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        codes = torch.arange(i * self.views, (i + 1) * self.views, dtype=torch.uint8)
+        video = codes.view(-1, 1, 1, 1, 1).expand(self.views, 2, 3, 4, 6).clone()
+        return {"video": video, "colour": data.NO_COLOUR, "label": self.labels[i], "index": i, "failed": ""}
+
+
+def test_evaluate_averages_softmax_probabilities_over_views():
+    # Three views per video, seven classes. In the first three videos one view is very sure of class 0 and two
+    # views fairly sure of class 1: the mean probability picks 1, the mean logit would pick 0.
+    tricky = [[8.0, 0, 0, 0, 0, 0, -1], [0, 3, 0, 0, 0, 0, -1], [0, 3, 0, 0, 0, 0, -1]]
+    table = torch.tensor([*tricky,  # label 1: a hit
+                          *[[row[c] for c in (2, 3, 0, 1, 4, 5, 6)] for row in tricky],  # the same about 2 and 3: label 3
+                          *tricky,  # label 0: a miss
+                          *[[0, 0, 2, 0, 0, 0, 0]] * 3,  # all views agree on 2, label 2: a hit
+                          *[[0, 1, 0, 0, 0, 0, -2]] * 2, [0, 0, 0, 0, 1, 0, -2]])  # label 6, last: top-5 miss
+    labels = [1, 3, 0, 2, 6]
+    per_video = table.view(5, 3, 7)
+    probs = per_video.softmax(-1).mean(1)  # (videos, classes)
+    top1 = [p.argmax().item() == label for p, label in zip(probs, labels)]
+    top5 = [label in p.topk(5).indices.tolist() for p, label in zip(probs, labels)]
+    assert top1 == [True, True, False, True, False] and top5 == [True, True, True, True, False]
+    assert per_video.mean(1).argmax(1).tolist() == [0, 2, 0, 2, 1]  # averaging logits: 1 of 5 right instead of 3
+    args = argparse.Namespace(micro_batch=2, workers=0, device="cpu", seed=0, views="1x3")
+    result = train.evaluate(ViewLogits(table), CodedViews(labels, 3, 7), args, NO_NORM, torch.device("cpu"),
+                            contextlib.nullcontext(), 0, 1, "eval")
+    assert (result["top1"], result["top5"], result["videos"], result["classes"]) == (60.0, 80.0, 5, 7)
+    assert result["failures"] == 0
+
+
+def test_evaluate_all_harmonic_mean_and_fold_statistics(monkeypatch):
+    class Model:
+        def set_classnames(self, names):
+            self.classnames = names
+
+    model, calls = Model(), []
+
+    def evaluate(model, dataset, *args):  # each test set with its own classes
+        calls.append((dataset.top1, model.classnames))
+        return {"top1": dataset.top1}
+    monkeypatch.setattr(train, "evaluate", evaluate)
+    sets = {"base": 80.0, "novel": 40.0, "ucf101-fold1": 70.0, "ucf101-fold2": 74.0, "ucf101-fold3": 75.0}
+    tests = {name: argparse.Namespace(top1=top1, classnames=[name]) for name, top1 in sets.items()}
+    results = train.evaluate_all(model, tests, None, None, None, None, 0, 1)
+    assert calls == [(top1, [name]) for name, top1 in sets.items()]
+    assert abs(results["harmonic_mean"] - 2 * 80 * 40 / (80 + 40)) < 1e-9  # 53.3, not the mean 60
+    assert abs(results["ucf101"]["mean_top1"] - 73.0) < 1e-5
+    assert abs(results["ucf101"]["std_top1"] - math.sqrt((9 + 1 + 4) / 3)) < 1e-5  # over the 3 folds, not n - 1
 
 
 def test_resume_gives_identical_weights(tmp_path, monkeypatch):
