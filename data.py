@@ -678,9 +678,9 @@ def write_list(dataset, list_file, labels_file=None):
     with open(list_file, "w") as f:
         for path, label in dataset.samples:
             f.write(f"{os.path.relpath(path, dataset.root) if dataset.root else path} {label}\n")
-    if labels_file:
-        with open(labels_file, "w") as f:
-            f.write("id,name\n" + "".join(f"{i},{name}\n" for i, name in enumerate(dataset.classnames)))
+    if labels_file:  # csv quotes a name with a comma, as the official files do (SSv2 has such names)
+        with open(labels_file, "w", newline="") as f:
+            csv.writer(f, lineterminator="\n").writerows([("id", "name"), *enumerate(dataset.classnames)])
 
 
 # ----------------------------------------------------------------------------------------------------------------

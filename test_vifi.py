@@ -6,6 +6,8 @@ $VIFI_FIXTURES, else from ../shared/fixtures beside the checkout; with neither t
 When $VIFI_FIXTURES is set (as CI sets it), a missing fixture fails instead of skipping.
 """
 import argparse
+import collections
+import contextlib
 import csv
 import errno
 import hashlib
@@ -24,11 +26,13 @@ import urllib.error
 import urllib.request
 import warnings
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Tuple
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import clip_model
 import tokenizer
@@ -146,17 +150,36 @@ def test_real_sizes_build_and_load_strictly(name, args):
     assert logits.shape == (2, 3) and torch.isfinite(logits).all()
 
 
+def cubic_resize_rows(grid, n_out):
+    """Resize (n_in, ...) along its first axis as PyTorch's bicubic does (align_corners=False): Keys' cubic
+    kernel with a = -0.75 on the four nearest source rows, indices clamped at the border, written out by hand."""
+    def kernel(d):
+        d, a = abs(d), -0.75
+        return (a + 2) * d ** 3 - (a + 3) * d ** 2 + 1 if d <= 1 else a * d ** 3 - 5 * a * d ** 2 + 8 * a * d - 4 * a
+    n_in = grid.shape[0]
+    rows = []
+    for i in range(n_out):
+        x = (i + 0.5) * n_in / n_out - 0.5  # the output row's centre in source coordinates
+        x0 = math.floor(x)
+        rows.append(sum(kernel(x - (x0 + k)) * grid[min(max(x0 + k, 0), n_in - 1)] for k in (-1, 0, 1, 2)))
+    return torch.stack(rows)
+
+
 def test_positional_embedding_interpolation():
     model = small_clip()
     with torch.no_grad():
         assert model.encode_image(torch.randn(2, 3, 48, 40)).shape == (2, 32)
         vis = model.visual
         assert vis.position_embedding(4, 4) is vis.positional_embedding  # native size: untouched
-        vis.positional_embedding[1:] = 0.5  # a constant grid stays constant after bicubic resizing
-        pos = vis.position_embedding(6, 5)
-    assert pos.shape == (31, 64)
-    torch.testing.assert_close(pos[1:], torch.full((30, 64), 0.5))
-    torch.testing.assert_close(pos[0], vis.positional_embedding[0])
+        torch.manual_seed(1)
+        vis.positional_embedding.copy_(torch.randn(17, 64))  # a 4x4 grid of random vectors, no symmetry
+        for gh, gw in [(6, 5), (3, 7)]:  # up and down, taller and wider than the native grid
+            pos = vis.position_embedding(gh, gw)
+            grid = vis.positional_embedding[1:].view(4, 4, 64)  # (row, column, width), row-major as the patches
+            expect = cubic_resize_rows(cubic_resize_rows(grid, gh).transpose(0, 1), gw).transpose(0, 1)  # (gh, gw, 64)
+            assert pos.shape == (1 + gh * gw, 64)
+            torch.testing.assert_close(pos[1:], expect.reshape(gh * gw, 64), atol=1e-5, rtol=0)
+            assert torch.equal(pos[0], vis.positional_embedding[0])  # the class token's embedding is not resized
 
 
 def test_patch_embedding_matches_the_stride_p_convolution(monkeypatch):
@@ -849,6 +872,24 @@ def test_test_sampling_takes_centres_and_shifts_clips():
     assert first == [2, 12, 22, 32, 42, 52, 62, 72] and second == [7, 17, 27, 37, 47, 57, 67, 77]
 
 
+class Offsets:
+    """A stand-in for `random` whose random() returns the given numbers in turn."""
+
+    def __init__(self, *values):
+        self.values = list(values)
+
+    def random(self):
+        return self.values.pop(0)
+
+
+def test_sampling_exact_indices_in_fractional_segments():
+    # 50 frames in 4 segments of 12.5 frames: segment i gives frame int((i + offset) * 12.5), one offset per segment
+    assert data.sample_indices(50, 4, train=True, rng=Offsets(0.0, 0.999, 0.5, 0.3)) == [0, 24, 31, 41]
+    # testing: the centres of 8 segments of 6.25 frames; the last of 3 clips at offset 2.5 / 3 of each segment
+    assert data.sample_indices(50, 8, train=False) == [3, 9, 15, 21, 28, 34, 40, 46]
+    assert data.sample_indices(50, 4, train=False, clip=2, num_clips=3) == [10, 22, 35, 47]
+
+
 @pytest.mark.parametrize("train", [True, False])
 def test_short_video_repeats_indices_in_order(train):
     indices = data.sample_indices(3, 8, train=train, rng=random.Random(1))
@@ -888,13 +929,84 @@ def test_read_starts_at_the_keyframe_before_and_stops_at_the_last_wanted_frame(v
 
 def test_views_cover_the_documented_boxes():
     assert data.test_views(240, 320, 224)[0].box == (15, 55, 210, 210)  # 224/256 of the short side, centred
+    assert data.test_views(320, 240, 224)[0].box == (55, 15, 210, 210)  # portrait: the long side is the height
+    # 32 pixels: the short side goes to int(32 * 256 / 224) = 36, so the box covers 32 / 36 of it: 42.67 -> 43
+    assert data.test_views(48, 64, 32)[0].box == (2, 10, 43, 43)
     assert [v.box for v in data.test_views(240, 320, 224, crops=3)] == [(0, 0, 240, 240), (0, 40, 240, 240),
                                                                          (0, 80, 240, 240)]
-    rng = random.Random(0)
-    for _ in range(300):
-        top, left, height, width = data.train_view(240, 320, rng).box
-        assert 0 <= top and top + height <= 240 and 0 <= left and left + width <= 320
-        assert {round(height / 240, 2), round(width / 240, 2)} <= {1, 0.88, 0.75, 0.66}
+    assert [v.box for v in data.test_views(300, 200, 32, crops=3)] == [(0, 0, 200, 200), (50, 0, 200, 200),
+                                                                        (100, 0, 200, 200)]
+    assert not any(v.flip or v.jitter or v.gray for v in data.test_views(300, 200, 32, crops=3))
+
+
+def test_train_view_draws_the_documented_distribution():
+    rng, n = random.Random(0), 2000
+    for height, width in [(48, 64), (90, 60)]:  # landscape and portrait: crop sizes follow the short side
+        side = min(height, width)
+        sizes = [int(side * s) for s in (1, 0.875, 0.75, 0.66)]
+        views = [data.train_view(height, width, rng) for _ in range(n)]
+        scales, places = collections.Counter(), collections.Counter()
+        for view in views:
+            top, left, h, w = view.box
+            scales[sizes.index(h), sizes.index(w)] += 1  # ValueError for any other crop size
+            places[[(0, 0), (0, width - w), (height - h, 0), (height - h, width - w),  # corners, centre
+                    (round((height - h) / 2), round((width - w) / 2))].index((top, left))] += 1
+        # height and width scales at most one step apart, each pair equally likely; five places equally likely
+        assert set(scales) == {(i, j) for i in range(4) for j in range(4) if abs(i - j) <= 1}
+        assert all(abs(count - n / 10) < 60 for count in scales.values()), scales
+        ambiguous = sum(1 for v in views if v.box[2] == height or v.box[3] == width)  # a full side: places coincide
+        assert len(places) == 5 and all(abs(count - (n - ambiguous) / 5) < 80 + ambiguous for count in places.values())
+        assert abs(sum(v.flip for v in views) / n - 0.5) < 0.05
+        assert abs(sum(v.gray for v in views) / n - 0.2) < 0.04
+        jittered = [v.jitter for v in views if v.jitter]
+        assert abs(len(jittered) / n - 0.8) < 0.04
+        for name, low, high in [("brightness", 0.6, 1.4), ("contrast", 0.6, 1.4), ("saturation", 0.8, 1.2),
+                                ("hue", -0.1, 0.1)]:
+            factors = [f for jitter in jittered for op, f in jitter if op == name]
+            assert len(factors) == len(jittered)  # all four operations in every jitter
+            assert low <= min(factors) < low + 0.02 and high - 0.02 < max(factors) <= high, name
+        assert len({tuple(op for op, _ in jitter) for jitter in jittered}) == 24  # every order of the four
+
+
+def test_render_crops_resizes_and_flips_the_box():
+    torch.manual_seed(0)
+    frames = torch.randint(0, 256, (3, 3, 48, 64), dtype=torch.uint8)
+    crop = frames[:, :, 5:21, 11:27]  # box (top 5, left 11, 16 x 16): already the output size, a plain crop
+    assert torch.equal(data.render(frames, data.View((5, 11, 16, 16)), 16), crop)
+    assert torch.equal(data.render(frames, data.View((5, 11, 16, 16), flip=True), 16), crop.flip(-1))
+    # a 30 x 40 box from (7, 9), resized to 20 x 20 without keeping the aspect ratio: float bilinear with
+    # antialiasing, to within the rounding of the uint8 result
+    expect = F.interpolate(frames[:, :, 7:37, 9:49].float(), size=(20, 20), mode="bilinear", antialias=True,
+                           align_corners=False)
+    for flip in (False, True):
+        out = data.render(frames, data.View((7, 9, 30, 40), flip=flip), 20)
+        assert out.shape == (3, 3, 20, 20) and out.dtype == torch.uint8
+        assert (out.float() - (expect.flip(-1) if flip else expect)).abs().max() <= 1
+
+
+def test_train_sample_is_one_view_of_one_frame_per_segment(videos, monkeypatch):
+    """dataset[i] in training: frame t is a frame of segment t, every frame with the same crop and flip, and the
+    colour matrix of that same view, once for the clip."""
+    source = data.read_frames(videos["avi"], range(40))  # (40, 3, 48, 64), every frame of the video
+    dataset = data.VideoDataset([(videos["avi"], 0)], ["x"], frames=4, size=32, train=True)
+    drawn, train_view = [], data.train_view
+    monkeypatch.setattr(data, "train_view", lambda *a, **k: drawn.append(train_view(*a, **k)) or drawn[-1])
+    views, picks = [], set()
+    for seed in range(8):
+        drawn.clear()
+        sample = dataset[0, f"1/0/{seed}"]  # drawn from the key 'seed/epoch/index', as train.py asks
+        (view,) = drawn  # one view for the clip, not one per frame
+        views.append(view)
+        assert sample["video"].shape == (4, 3, 32, 32) and sample["video"].dtype == torch.uint8
+        pick = []
+        for t in range(4):  # 10-frame segments: frame t is one of frames 10t .. 10t+9, under that one view
+            pick += [k for k in range(10 * t, 10 * t + 10)
+                     if torch.equal(sample["video"][t], data.render(source[k:k + 1], view, 32)[0])]
+        assert len(pick) == 4, (seed, view, pick)
+        picks.add(tuple(pick))
+        assert torch.equal(sample["colour"], data.colour_matrix(view))  # (2, 3, 3): one matrix for the clip
+    assert len(picks) > 4  # random frames within the segments
+    assert {v.flip for v in views} == {True, False} and len({v.box for v in views}) > 3 and any(v.jitter for v in views)
 
 
 def test_train_clip_uses_the_same_crop_and_flip_for_every_frame(videos):
@@ -917,6 +1029,11 @@ def test_multi_view_test_sample_stacks_clips_times_crops(videos):
     sample = dataset[0]
     assert sample["video"].shape == (6, 4, 3, 24, 24) and sample["label"] == 3
     assert torch.equal(sample["colour"], data.NO_COLOUR)
+    source = data.read_frames(videos["mp4"], range(40))
+    picks = [[2, 12, 22, 32], [7, 17, 27, 37]]  # 10-frame segments at offsets 1/4 (clip 1) and 3/4 (clip 2)
+    boxes = [(0, 0, 48, 48), (0, 8, 48, 48), (0, 16, 48, 48)]  # the 48-pixel square at the start, centre, end
+    expect = torch.stack([data.render(source[pick], data.View(box), 24) for pick in picks for box in boxes])
+    assert torch.equal(sample["video"], expect)  # views clip-major: clip 1's three crops, then clip 2's
 
 
 def identity_normalize(video, colour):
@@ -948,11 +1065,53 @@ def test_colour_matrix_matches_direct_formulas():
     assert close(gray[:, :, 0], gray[:, :, 1]) and close(gray[:, :, 1], gray[:, :, 2])
 
 
-def test_normalize_scales_uint8_with_the_given_constants():
-    video = torch.full((1, 2, 3, 4, 4), 255, dtype=torch.uint8)
-    out = data.normalize(video, data.IMAGENET_MEAN, data.IMAGENET_STD)
-    expected = (1 - torch.tensor(data.IMAGENET_MEAN)) / torch.tensor(data.IMAGENET_STD)
-    assert out.dtype == torch.float32 and torch.allclose(out[0, 0, :, 0, 0], expected)
+def test_colour_matrix_hue_turns_chroma_about_the_grey_axis():
+    # NTSC's RGB -> YIQ (luma Y, chroma I and Q); hue f turns the (I, Q) plane by f turns and keeps luma
+    yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], dtype=torch.float64)
+    for f in (0.03, -0.1, 0.25):
+        a, b = data.colour_matrix(data.View((0, 0, 1, 1), jitter=(("hue", f),))).double()
+        turn = yiq @ a @ torch.linalg.inv(yiq)  # the map in YIQ coordinates
+        c, s = math.cos(2 * math.pi * f), abs(math.sin(2 * math.pi * f))
+        torch.testing.assert_close(turn[0], torch.tensor([1.0, 0, 0], dtype=torch.float64), atol=1e-6, rtol=0)
+        torch.testing.assert_close(turn[:, 0], torch.tensor([1.0, 0, 0], dtype=torch.float64), atol=1e-6, rtol=0)
+        assert abs(turn[1, 1] - c) < 1e-6 and abs(turn[2, 2] - c) < 1e-6
+        assert abs(abs(turn[1, 2]) - s) < 1e-6 and abs(turn[1, 2] + turn[2, 1]) < 1e-6  # a rotation
+        assert torch.equal(b, torch.zeros(3, 3, dtype=torch.float64))
+    a, b = data.colour_matrix(data.View((0, 0, 1, 1), jitter=(("brightness", 1.2),), gray=True))
+    luma = torch.tensor([0.299, 0.587, 0.114])
+    torch.testing.assert_close(a, 1.2 * luma.expand(3, 3))  # every channel <- the jittered pixel's luma
+    assert torch.equal(b, torch.zeros(3, 3))
+
+
+def test_normalize_is_the_per_channel_affine_map():
+    torch.manual_seed(0)
+    video = torch.randint(0, 256, (2, 3, 3, 5, 7), dtype=torch.uint8)
+    for mean, std in [(data.CLIP_MEAN, data.CLIP_STD), (data.IMAGENET_MEAN, data.IMAGENET_STD)]:
+        out = data.normalize(video, mean, std)
+        assert out.dtype == torch.float32 and out.shape == video.shape
+        for c in range(3):
+            expect = (video[:, :, c].double() / 255 - mean[c]) / std[c]
+            torch.testing.assert_close(out[:, :, c].double(), expect, atol=1e-5, rtol=0)
+
+
+def test_normalize_applies_each_clips_colour_map_with_its_own_mean_then_clamps():
+    torch.manual_seed(0)
+    # two clips, three frames of different brightness each, so per-frame and per-clip means differ
+    video = (torch.randint(0, 120, (2, 3, 3, 5, 7)) + torch.tensor([0, 60, 120]).view(1, 3, 1, 1, 1)).to(torch.uint8)
+    # per clip a pair [A, B] of random, non-symmetric matrices, different for the two clips: (2, 2, 3, 3)
+    colour = torch.stack([torch.stack([torch.eye(3) + 0.4 * torch.randn(3, 3), 0.3 * torch.randn(3, 3)]) for _ in "ab"])
+    out = data.normalize(video, data.CLIP_MEAN, data.CLIP_STD, colour=colour)
+    clamped = 0
+    for clip in range(2):
+        x = video[clip].double()  # (T, 3, H, W)
+        a, b = colour[clip].double()
+        m = [x[:, k].mean().item() for k in range(3)]  # the clip's mean colour, over all of its frames
+        for c in range(3):
+            y = sum(a[c, k] * x[:, k] + b[c, k] * m[k] for k in range(3))
+            clamped += ((y < 0) | (y > 255)).sum().item()
+            expect = (y.clamp(0, 255) / 255 - data.CLIP_MEAN[c]) / data.CLIP_STD[c]
+            torch.testing.assert_close(out[clip, :, c].double(), expect, atol=1e-4, rtol=0)
+    assert clamped > 10  # the clamp was exercised
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1037,13 +1196,21 @@ def test_list_format_and_write_list_round_trip(tmp_path):
     root = str(tmp_path)
     for name in ["a/x.mp4", "b/y.mp4", "b/z.mp4"]:
         touch(f"{root}/videos/{name}")
-    write(f"{root}/labels.csv", "id,name\n0,playing_guitar\n1,riding a bike\n")
-    write(f"{root}/train.txt", "videos/a/x.mp4 0\nvideos/b/y.mp4 1\nb/z.mp4 1\n")
+    # as the official label files write them: a name with commas is quoted (Something-Something v2 has such)
+    write(f"{root}/labels.csv", 'id,name\n0,playing_guitar\n1,riding a bike\n2,"Removing something, revealing it"\n')
+    write(f"{root}/train.txt", "videos/a/x.mp4 0\nvideos/b/y.mp4 2\nb/z.mp4 1\n")
     dataset = data.build_dataset("list", root, "train", list_file=f"{root}/train.txt", labels_file=f"{root}/labels.csv")
-    assert dataset.classnames == ["playing_guitar", "riding a bike"] and [l for _, l in dataset.samples] == [0, 1, 1]
+    assert dataset.classnames == ["playing_guitar", "riding a bike", "Removing something, revealing it"]  # verbatim
+    assert [l for _, l in dataset.samples] == [0, 2, 1]
     data.write_list(dataset, f"{root}/again.txt", f"{root}/again.csv")
+    assert open(f"{root}/again.txt").read() == "videos/a/x.mp4 0\nvideos/b/y.mp4 2\nvideos/b/z.mp4 1\n"  # relative
     again = data.build_dataset("list", root, "train", list_file=f"{root}/again.txt", labels_file=f"{root}/again.csv")
     assert again.samples == dataset.samples and again.classnames == dataset.classnames
+    novel = data.subset_classes(dataset, [2, 0])  # relabelled 0, 1 in that order: the written lists follow
+    data.write_list(novel, f"{root}/novel.txt", f"{root}/novel.csv")
+    assert open(f"{root}/novel.txt").read() == "videos/a/x.mp4 1\nvideos/b/y.mp4 0\n"
+    reread = data.build_dataset("list", root, "train", list_file=f"{root}/novel.txt", labels_file=f"{root}/novel.csv")
+    assert reread.classnames == ["Removing something, revealing it", "playing_guitar"]
 
 
 def test_wrong_root_names_the_file_and_the_layout(tmp_path):
@@ -1171,6 +1338,29 @@ def test_synthetic_is_deterministic_with_a_base_novel_split():
     assert not {train.classnames[c] for c in base} & {train.classnames[c] for c in novel}
     shots = data.few_shot(data.subset_classes(train, novel), 2, seed=1)
     assert len(shots) == 18 and shots[0]["video"].shape == (8, 3, 32, 32)  # renders by original class id
+
+
+def test_synthetic_clip_shows_its_colour_shape_and_motion():
+    for name in ["red square moving up", "blue circle moving down", "green triangle moving up"]:
+        colour_name, shape, motion = name.split(" ", 2)
+        clip = data.render_synthetic(name, "test/key", 8, 32).float()  # (T, 3, S, S)
+        colour = torch.tensor(data.SYNTH_COLOURS[colour_name]).view(1, 3, 1, 1)
+        body = ((clip - colour).abs() <= 21).all(1)  # the shape, in its colour (+-20 per clip)  (T, S, S)
+        area = body.sum((1, 2)).float()
+        assert area.min() > 0.7 * area.max()  # the whole shape in every frame
+        rows = (body * torch.arange(32.0).view(1, 32, 1)).sum((1, 2)) / area  # its centre's row per frame
+        steps = rows.diff()
+        assert ((steps < 0) if motion == "moving up" else (steps > 0)).all(), (name, rows)
+        fill = (area / body.any(2).sum(1) / body.any(1).sum(1)).mean()  # area over its bounding box's
+        assert {"square": 0.95 < fill, "circle": 0.7 < fill < 0.85, "triangle": 0.4 < fill < 0.6}[shape], (name, fill)
+
+
+def test_synthetic_clips_do_not_depend_on_the_process():
+    # Seeded from the key by crc32, not hash(): every process (each DataLoader worker, each run) renders the same
+    # clip. pytest runs with a random PYTHONHASHSEED, so a hash()-seeded clip would not give this checksum. (An
+    # intended change to the rendering changes it: pin the new value.)
+    clip = data.SyntheticVideos("train", 4, 16, per_class=2, seed=3)[7]["video"]
+    assert zlib.crc32(clip.numpy().tobytes()) == 2333224932
 
 
 def test_synthetic_ucf_layout_reads_back_through_the_ucf101_parser(tmp_path):
@@ -1480,13 +1670,157 @@ def test_mix_targets_sum_to_one_and_keep_frames_aligned():
         assert target.max() <= 0.9 + 0.1 / 5 + 1e-6
 
 
-def test_sampler_counts_every_test_video_once_and_shuffles_per_epoch():
-    shares = [train.EpochSampler(11, r, 3, shuffle=False).indices() for r in range(3)]
-    assert sorted(i for s in shares for i in s) == list(range(11))
-    s = train.EpochSampler(11, 0, 2, shuffle=True, seed=1)
-    first = s.indices()
-    s.epoch = 1
-    assert len(first) == len(s.indices()) == 5 and first != s.indices()
+def smoothed(labels, num_classes, smoothing):
+    """One-hot targets with label smoothing, as timm's: 1 - s + s / C on the label, s / C elsewhere."""
+    target = torch.full((len(labels), num_classes), smoothing / num_classes)
+    for i, label in enumerate(labels):
+        target[i, label] = 1 - smoothing + smoothing / num_classes
+    return target
+
+
+def test_mixup_mixes_video_and_targets_with_the_same_lambda():
+    args = argparse.Namespace(label_smoothing=0.1, mixup=0.8, cutmix=0.0, mix_switch=0.5)
+    torch.manual_seed(0)
+    video, labels = torch.randn(4, 3, 3, 6, 10), torch.tensor([2, 0, 3, 1])
+    target = smoothed([2, 0, 3, 1], 5, 0.1)
+    for seed in range(3):
+        random.seed(seed)
+        mixed, mixed_target = train.mix(video, labels, 5, args)
+        random.seed(seed)
+        lam = random.betavariate(0.8, 0.8)  # the one draw mixup makes; clip i is mixed with clip B-1-i, as timm
+        torch.testing.assert_close(mixed, lam * video + (1 - lam) * video.flip(0))
+        torch.testing.assert_close(mixed_target, lam * target + (1 - lam) * target.flip(0))
+
+
+def test_cutmix_pastes_one_box_of_the_paired_clip_and_weights_targets_by_its_area():
+    args = argparse.Namespace(label_smoothing=0.0, mixup=0.0, cutmix=1.0, mix_switch=0.5)
+    torch.manual_seed(0)
+    H, W = 12, 20
+    video, labels = torch.randn(4, 3, 3, H, W), torch.tensor([1, 3, 0, 2])
+    partial = 0
+    for seed in range(6):
+        random.seed(seed)
+        mixed, target = train.mix(video, labels, 4, args)
+        pasted = mixed != video  # (B, T, 3, H, W): True inside the box
+        assert torch.equal(pasted, pasted[:1, :1, :1].expand_as(pasted))  # one box for every clip, frame, channel
+        rows, cols = pasted[0, 0, 0].any(1).nonzero().flatten(), pasted[0, 0, 0].any(0).nonzero().flatten()
+        h, w = len(rows), len(cols)
+        if h and w:  # a rectangle of consecutive rows and columns, filled from the paired clip
+            assert pasted[0, 0, 0].sum() == h * w and rows[-1] - rows[0] == h - 1 and cols[-1] - cols[0] == w - 1
+            box = (..., slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+            assert torch.equal(mixed[box], video.flip(0)[box])
+        random.seed(seed)
+        lam = random.betavariate(1.0, 1.0)  # the box's sides: sqrt(1 - lam) of the frame's
+        assert (h, w) == (int(H * math.sqrt(1 - lam)), int(W * math.sqrt(1 - lam)))
+        kept = 1 - h * w / (H * W)  # the targets follow the pixels actually pasted
+        onehot = smoothed([1, 3, 0, 2], 4, 0.0)
+        torch.testing.assert_close(target, kept * onehot + (1 - kept) * onehot.flip(0))
+        partial += 0 < h * w < H * W
+    assert partial >= 4
+
+
+def test_mix_switch_is_the_probability_of_cutmix():
+    args = argparse.Namespace(label_smoothing=0.0, mixup=0.8, cutmix=1.0, mix_switch=0.25)
+    video, labels = torch.randn(4, 1, 3, 12, 20), torch.tensor([0, 1, 2, 3])
+    random.seed(0)
+    # cutmix leaves the pixels outside its box as they were; mixup changes every pixel
+    cutmixed = [bool((train.mix(video, labels, 4, args)[0] == video).any()) for _ in range(400)]
+    assert abs(sum(cutmixed) / 400 - 0.25) < 0.07
+
+
+def test_sampler_shares_are_disjoint_equal_and_seeded_by_epoch():
+    # evaluation: in order, every index exactly once, never padded
+    assert [train.EpochSampler(11, r, 3, shuffle=False).indices() for r in range(3)] == [[0, 3, 6, 9], [1, 4, 7, 10],
+                                                                                         [2, 5, 8]]
+
+    def shares(seed, epoch, n=11, world=3):
+        samplers = [train.EpochSampler(n, rank, world, shuffle=True, seed=seed) for rank in range(world)]
+        for sampler in samplers:
+            sampler.epoch = epoch
+        assert all(len(sampler) == len(sampler.indices()) for sampler in samplers)
+        return [sampler.indices() for sampler in samplers]
+
+    first = shares(seed=1, epoch=0)
+    assert [len(share) for share in first] == [3, 3, 3]  # 11 // 3 each: every process makes the same steps
+    together = [i for share in first for i in share]
+    assert len(set(together)) == 9 and set(together) <= set(range(11))  # one shuffled order, split without overlap
+    assert shares(seed=1, epoch=0) == first  # the same (seed, epoch), the same order: a resumed run repeats it
+    assert shares(seed=1, epoch=1) != first and shares(seed=2, epoch=0) != first
+    assert {i for epoch in range(10) for share in shares(1, epoch) for i in share} == set(range(11))  # none left out
+    assert sorted(i for share in shares(1, 0, n=2, world=3) for i in share) in ([0, 0, 1], [0, 1, 1])  # n < world
+
+
+class ViewLogits(torch.nn.Module):
+    """A stand-in model: the logits of a view are table[code], code being the value of the view's pixels (they
+    reach the model as they are, with the identity normalization NO_NORM)."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.table = table
+
+    def forward(self, video):  # (N, T, 3, H, W) -> (N, C)
+        return self.table[video[:, 0, 0, 0, 0].round().long()]
+
+
+NO_NORM = ((0.0, 0.0, 0.0), (1 / 255,) * 3)
+
+
+class CodedViews(torch.utils.data.Dataset):
+    """Video i has V views (V, T, 3, H, W) filled with the codes i*V .. i*V+V-1."""
+
+    def __init__(self, labels, views, num_classes):
+        self.labels, self.views, self.classnames = labels, views, [f"class {c}" for c in range(num_classes)]
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        codes = torch.arange(i * self.views, (i + 1) * self.views, dtype=torch.uint8)
+        video = codes.view(-1, 1, 1, 1, 1).expand(self.views, 2, 3, 4, 6).clone()
+        return {"video": video, "colour": data.NO_COLOUR, "label": self.labels[i], "index": i, "failed": ""}
+
+
+def test_evaluate_averages_softmax_probabilities_over_views():
+    # Three views per video, seven classes. In the first three videos one view is very sure of class 0 and two
+    # views fairly sure of class 1: the mean probability picks 1, the mean logit would pick 0.
+    tricky = [[8.0, 0, 0, 0, 0, 0, -1], [0, 3, 0, 0, 0, 0, -1], [0, 3, 0, 0, 0, 0, -1]]
+    table = torch.tensor([*tricky,  # label 1: a hit
+                          *[[row[c] for c in (2, 3, 0, 1, 4, 5, 6)] for row in tricky],  # the same about 2 and 3: label 3
+                          *tricky,  # label 0: a miss
+                          *[[0, 0, 2, 0, 0, 0, 0]] * 3,  # all views agree on 2, label 2: a hit
+                          *[[0, 1, 0, 0, 0, 0, -2]] * 2, [0, 0, 0, 0, 1, 0, -2]])  # label 6, last: top-5 miss
+    labels = [1, 3, 0, 2, 6]
+    per_video = table.view(5, 3, 7)
+    probs = per_video.softmax(-1).mean(1)  # (videos, classes)
+    top1 = [p.argmax().item() == label for p, label in zip(probs, labels)]
+    top5 = [label in p.topk(5).indices.tolist() for p, label in zip(probs, labels)]
+    assert top1 == [True, True, False, True, False] and top5 == [True, True, True, True, False]
+    assert per_video.mean(1).argmax(1).tolist() == [0, 2, 0, 2, 1]  # averaging logits: 1 of 5 right instead of 3
+    args = argparse.Namespace(micro_batch=2, workers=0, device="cpu", seed=0, views="1x3")
+    result = train.evaluate(ViewLogits(table), CodedViews(labels, 3, 7), args, NO_NORM, torch.device("cpu"),
+                            contextlib.nullcontext(), 0, 1, "eval")
+    assert (result["top1"], result["top5"], result["videos"], result["classes"]) == (60.0, 80.0, 5, 7)
+    assert result["failures"] == 0
+
+
+def test_evaluate_all_harmonic_mean_and_fold_statistics(monkeypatch):
+    class Model:
+        def set_classnames(self, names):
+            self.classnames = names
+
+    model, calls = Model(), []
+
+    def evaluate(model, dataset, *args):  # each test set with its own classes
+        calls.append((dataset.top1, model.classnames))
+        return {"top1": dataset.top1}
+    monkeypatch.setattr(train, "evaluate", evaluate)
+    sets = {"base": 80.0, "novel": 40.0, "ucf101-fold1": 70.0, "ucf101-fold2": 74.0, "ucf101-fold3": 75.0}
+    tests = {name: argparse.Namespace(top1=top1, classnames=[name]) for name, top1 in sets.items()}
+    results = train.evaluate_all(model, tests, None, None, None, None, 0, 1)
+    assert calls == [(top1, [name]) for name, top1 in sets.items()]
+    assert abs(results["harmonic_mean"] - 2 * 80 * 40 / (80 + 40)) < 1e-9  # 53.3, not the mean 60
+    assert abs(results["ucf101"]["mean_top1"] - 73.0) < 1e-5
+    assert abs(results["ucf101"]["std_top1"] - math.sqrt((9 + 1 + 4) / 3)) < 1e-5  # over the 3 folds, not n - 1
 
 
 def test_resume_gives_identical_weights(tmp_path, monkeypatch):
@@ -1632,6 +1966,31 @@ def test_bad_list_files_name_the_line(tmp_path, labels, listing, message):
     with pytest.raises(data.DatasetError, match=re.escape(message)):
         data.build_dataset("list", str(tmp_path), "train", list_file=f"{tmp_path}/list.txt",
                            labels_file=f"{tmp_path}/labels.csv")
+def test_gradient_accumulation_equals_the_whole_batch(tmp_path, monkeypatch):
+    # Plain SGD instead of AdamW (which is blind to the scale of the gradients) at a constant rate (the schedule
+    # is read at micro-batch boundaries): the weights after an epoch must not depend on how each optimizer step's
+    # batch is cut into micro-batches. 9 clips: micro-batches of 4 in steps of 8 leave a last step of one
+    # micro-batch of 1, which must count as a batch of 1, not 1/2 of one.
+    monkeypatch.setattr(torch.optim, "AdamW", lambda params, lr, **kw: torch.optim.SGD(params, lr=lr))
+    monkeypatch.setattr(train, "learning_rate", lambda progress, args: args.lr)
+    evaluate_all = train.evaluate_all  # not the subject here: on one video per test set
+    monkeypatch.setattr(train, "evaluate_all", lambda model, tests, *a: evaluate_all(
+        model, {name: test.subset(test.samples[:1]) for name, test in tests.items()}, *a))
+    weights = []
+    for micro in (8, 4):
+        out = tmp_path / f"micro{micro}"
+        train.main(train.get_args(["--dataset", "synthetic", "--shots", "1", "--epochs", "1", "--batch-size", "8",
+                                   "--micro-batch", str(micro), "--mixup", "0", "--cutmix", "0", "--lr", "1.0",
+                                   "--towers", "image", "--frames", "2", "--device", "cpu", "--out", str(out)]))
+        ck = torch.load(out / "last.pt", weights_only=True)
+        assert ck["step"] == 2  # 8 + 1 clips
+        weights.append(ck["model"])
+    start = train.load_clip(train.get_args(["--dataset", "synthetic"])).state_dict()
+    moved = 0
+    for key, value in weights[0].items():
+        torch.testing.assert_close(weights[1][key], value, atol=1e-5, rtol=1e-4, msg=key)
+        moved += key.startswith("clip.") and not torch.allclose(value, start[key[5:]], atol=1e-4)
+    assert moved > 10  # the steps did change the weights
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -1832,7 +2191,8 @@ def test_readme_vifi_command_parses_and_runs(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     lines = run.stdout.strip().splitlines()
     assert len(lines) == 3 and abs(sum(float(l.split("%")[0]) for l in lines) - 100) < 0.1
-    (tmp_path / "labels.csv").write_text("id,name\n1,playing guitar\n0,archery\n2,brushing hair\n")  # as train.py writes
+    # as train.py and the official files write them; csv may quote any name
+    (tmp_path / "labels.csv").write_text('id,name\n1,playing guitar\n0,"archery"\n2,brushing hair\n')
     run2 = run_cli("vifi.py", video, "--labels-file", str(tmp_path / "labels.csv"), "--model",
                    fixture("clip_tiny_openai_jit.pt"), "--checkpoint", fixture("vifi_official_prompt_ckpt.pth"),
                    "--frames", "4", "--device", "cpu")
