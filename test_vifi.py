@@ -914,14 +914,26 @@ def test_read_starts_at_the_keyframe_before_and_stops_at_the_last_wanted_frame(v
     with data.VideoReader(videos[extension]) as video:
         decode, seen = video._decode, []
 
-        def counting(keyframe):
-            for index, frame in decode(keyframe):
+        def counting(keyframe, want=None):
+            for index, frame in decode(keyframe, want):
                 seen.append(index)
                 yield index, frame
 
         video._decode = counting
         assert frame_codes(video.read([3, 35])) == [3, 35]
-    assert seen[:4] == [0, 1, 2, 3] and seen[4] == 32 and seen[-1] == 35  # skipped 4..31, nothing after 35
+    # from frame 0 (unwanted B-frames before 3 may be dropped unread) to 3, then from keyframe 32 to 35
+    assert seen[0] == 0 and seen.index(3) <= 3 and seen[seen.index(3) + 1] == 32 and seen[-1] == 35
+
+
+def test_unwanted_frames_that_nothing_refers_to_are_not_decoded(tmp_path):
+    path = str(tmp_path / "long_gop.mp4")
+    data.make_test_video(path, num_frames=60, width=64, height=48, codec="libx264")  # one keyframe, B-frames
+    indices = [5, 20, 21, 40, 59]
+    with data.VideoReader(path) as video:
+        everything = [index for index, _ in video._decode(video.keyframes[0])]
+        wanted = [index for index, _ in video._decode(video.keyframes[0], set(indices))]
+        assert frame_codes(video.read(indices)) == indices
+    assert everything == list(range(60)) and set(indices) <= set(wanted) and len(wanted) < 60
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1317,6 +1329,84 @@ def test_only_bad_files_stop_with_a_clear_error(tmp_path):
     dataset = data.VideoDataset([(str(tmp_path / f"{i}.mp4"), 0) for i in range(3)], ["x"], max_retries=5, train=True)
     with pytest.raises(data.DatasetError, match="6 videos in a row could not be read"):
         dataset[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# data.py prepare
+
+def psnr(a, b):
+    return 10 * math.log10(255 ** 2 / (a.double() - b.double()).square().mean().item())
+
+
+def list_dataset(root, names):
+    """Videos at `names` (relative paths) under root, long-GOP as downloaded, with a list and a labels file."""
+    for i, name in enumerate(names):
+        os.makedirs(os.path.dirname(os.path.join(root, name)), exist_ok=True)
+        codec = dict(CODECS)[name.rsplit(".", 1)[1]]
+        data.make_test_video(os.path.join(root, name), num_frames=40, width=64, height=48, codec=codec,
+                             bit_rate=2_000_000)
+    with open(os.path.join(root, "list.txt"), "w") as f:
+        f.writelines(f"{name} {i}\n" for i, name in enumerate(names))
+    with open(os.path.join(root, "labels.csv"), "w") as f:
+        f.write("id,name\n" + "".join(f"{i},class {i}\n" for i in range(len(names))))
+    return ["--dataset", "list", "--list-file", os.path.join(root, "list.txt"), "--labels-file",
+            os.path.join(root, "labels.csv")]
+
+
+def test_prepare_keeps_names_and_frames_with_short_keyframe_intervals(tmp_path):
+    src, out = str(tmp_path / "src"), str(tmp_path / "out")
+    names = ["a/clip.avi", "b/clip.mp4", "b/c/clip.webm"]
+    flags = list_dataset(src, names)
+    assert data.main(["prepare", *flags, "--root", src, "--out", out, "--keyint", "4", "--workers", "2"]) == 0
+    assert sorted(os.listdir(out)) == ["a", "b", "labels.csv", "list.txt"]  # annotations copied, no temp files
+    for name, (_, codec) in zip(names, CODECS):
+        with data.VideoReader(os.path.join(src, name)) as before, data.VideoReader(os.path.join(out, name)) as after:
+            assert after.stream.codec_context.name == {"libx264": "h264", "libvpx-vp9": "vp9"}.get(codec, codec)
+            assert len(after) == len(before) == 40 and len(before.keyframes) == 1
+            assert [k[0] for k in after.keyframes] == list(range(0, 40, 4))
+            frames = after.read(range(40))
+            assert frame_codes(frames) == list(range(40)) and psnr(frames, before.read(range(40))) > 35, name
+    prepared = data.build_dataset("list", out, "train", frames=4, size=16, list_file=os.path.join(out, "list.txt"),
+                                  labels_file=os.path.join(out, "labels.csv"))
+    assert [os.path.relpath(p, out) for p, _ in prepared.samples] == names and prepared[2]["failed"] == ""
+    data.prepare_video(os.path.join(src, names[1]), str(tmp_path / "small.mp4"), short_side=24)
+    assert data.read_frames(str(tmp_path / "small.mp4"), [0]).shape == (1, 3, 24, 32)  # 64x48 -> 32x24
+
+
+def test_prepare_resumes_and_reports_unreadable_sources(tmp_path, capsys):
+    src, out = str(tmp_path / "src"), str(tmp_path / "out")
+    names = ["v0.mp4", "v1.mp4", "broken.mp4"]
+    flags = list_dataset(src, names[:2]) + ["--root", src, "--out", out, "--workers", "2"]
+    with open(os.path.join(src, "broken.mp4"), "w") as f:
+        f.write("not a video\n")
+    with open(os.path.join(src, "list.txt"), "a") as f:
+        f.write("broken.mp4 1\n")
+    os.makedirs(out)  # an interrupted run: v0 finished, v1 half written under its temp name
+    data.prepare_video(os.path.join(src, "v0.mp4"), os.path.join(out, "v0.mp4"))
+    with open(os.path.join(out, "v1.mp4.tmp"), "w") as f:
+        f.write("half a video")
+    finished = os.stat(os.path.join(out, "v0.mp4")).st_mtime_ns
+    assert data.main(["prepare", *flags]) == 1
+    report = capsys.readouterr().out
+    assert "2 of 3 videos" in report and "1 unreadable" in report
+    assert f"unreadable: {os.path.join(src, 'broken.mp4')}: not a readable video" in report
+    assert sorted(n for n in os.listdir(out) if n.endswith(".mp4") or n.endswith(".tmp")) == ["v0.mp4", "v1.mp4"]
+    assert os.stat(os.path.join(out, "v0.mp4")).st_mtime_ns == finished  # skipped, not encoded again
+    assert frame_codes(data.read_frames(os.path.join(out, "v1.mp4"), range(40))) == list(range(40))
+    again = os.stat(os.path.join(out, "v1.mp4")).st_mtime_ns
+    assert data.main(["prepare", *flags]) == 1 and os.stat(os.path.join(out, "v1.mp4")).st_mtime_ns == again
+
+
+def test_prepare_argument_errors_exit_2(tmp_path):
+    src = str(tmp_path / "src")
+    flags = list_dataset(src, ["v.avi"])
+    for extra, message in [(["--out", os.path.join(src, "fast")], "must lie outside --root"),
+                           (["--out", str(tmp_path / "o"), "--quality", "libx264=high"], "ENCODER=NUMBER"),
+                           (["--out", str(tmp_path / "o"), "--quality", "h265=20"], "ENCODER=NUMBER")]:
+        run = run_cli("data.py", "prepare", *flags, "--root", src, *extra)
+        assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr, run.stderr
+    run = run_cli("data.py", "prepare", "--dataset", "k400", "--root", src, "--out", str(tmp_path / "o"))
+    assert run.returncode == 2 and "train.csv" in run.stderr
 
 
 # ---------------------------------------------------------------------------------------------------------------
