@@ -6,6 +6,7 @@ Random weights with the real sizes (no download) and synthetic inputs, on cuda i
     python bench.py --compile         # the torch.compile variants too
     python bench.py --small           # a tiny CLIP and tiny videos, seconds on a CPU (the tests run this)
     python bench.py --json out.json   # every number, with the device, torch version and date
+    python bench.py --e2e             # the data path end to end (below); --small runs a tiny version of it too
 
 What is timed (median of timed repeats after warm-up, the device synchronized around each repeat):
   vision train / infer  CLIP's image tower on 256 frames (32 clips x 8) at 224: forward, backward, AdamW (fused on
@@ -22,6 +23,12 @@ What is timed (median of timed repeats after warm-up, the device synchronized ar
   data                  clips/s of one worker (one thread, as in a DataLoader worker) on generated UCF101-like
                         (320x240, 7 s, MPEG-4 AVI) and Kinetics-like (340x256, 10 s, H.264 MP4) videos: decoding
                         the sampled frames alone vs the training pipeline (decode + TSN sample + augment, uint8 out)
+  e2e                   data.py prepare's trade-off on Kinetics-like videos, smooth and textured: keyframe interval
+                        x x264 CRF -> one worker's clips/s at T = 16 against the original's (the files take turns,
+                        medians), bytes, PSNR of the frames against the original's; DataLoader worker scaling, 1 to
+                        all cores, original and prepared; train.py's own loop (2 epochs of >= 50 steps, the second
+                        timed) over each, against the same loop on clips held in memory. The model: ViT-B/16 with
+                        random weights at micro-batch 32 on a GPU; train.py's small scratch CLIP on a CPU
 FLOPs are those the code runs, counted from the shapes (image_flops, text_flops); a training step is 3x the
 forward (the recompute of checkpointing is not counted, as usual for MFU). MFU divides by the peak of a large matmul
 measured in this run: bf16 on CUDA (what autocast runs the model in), fp32 on CPU (the model runs in fp32 there).
@@ -31,11 +38,14 @@ import contextlib
 import ctypes
 import datetime
 import gc
+import itertools
 import json
+import math
 import os
 import platform
 import random
 import re
+import shutil
 import statistics
 import tempfile
 import time
@@ -46,6 +56,7 @@ import torch.nn.functional as F
 import clip_model
 import data
 import tokenizer
+import train
 import vifi
 
 # Sizes of a full run and of --small. Frames = clips x T; mem_* is the memory test at 32 frames per clip.
@@ -54,6 +65,16 @@ FULL = dict(small=False, res=224, clips=32, T=8, classes=(101, 400), mem_clips=8
             data_size=224, matmul=8192, warmup=3, repeats=10)
 SMALL = dict(small=True, res=32, clips=2, T=4, classes=(10, 40), mem_clips=2, mem_T=8, data_T=(8, 32),
              data_size=32, matmul=512, warmup=1, repeats=3)
+# --e2e: the trade-off grid of data.py prepare, (keyframe interval, x264 CRF, fastdecode) on Kinetics-like videos;
+# reads per file and round x rounds; the textured video's noise (grey levels, standard deviation); train.py's loop
+# per device: micro-batch, worker processes, optimizer steps per epoch, input size; clips per worker when scaling.
+PREPARE_GRID = [(k, q, True) for k in (1, 4, 8, 16) for q in (17, 20, 23)] + [(8, 20, False)]
+TEXTURE = 30
+E2E_GPU = dict(micro_batch=32, workers=os.cpu_count(), steps=50, size=224, clips_per_worker=48)
+E2E_CPU = dict(micro_batch=2, workers=os.cpu_count(), steps=50, size=32, clips_per_worker=24)
+FULL.update(prepare_grid=PREPARE_GRID, prepare_reads=(8, 3))
+SMALL.update(prepare_grid=[(4, 20, True), (8, 20, False)], prepare_reads=(2, 1),
+             e2e=dict(micro_batch=2, workers=2, steps=3, clips_per_worker=4))
 TINY_CLIP = clip_model.CLIPConfig(embed_dim=64, image_resolution=32, vision_layers=2, vision_width=64, patch_size=8,
                                   text_width=64, text_layers=2)
 
@@ -338,17 +359,39 @@ def bench_memory(b, tok):
         b.add(key, f"vifi train, {B}x{T}, C={C}, {label}", s, B * T, flops, used)
 
 
-def bench_data(cfg, folder):
-    """clips/s of one worker: torch on one thread, as DataLoader sets it in every worker process."""
-    ucf, kinetics = os.path.join(folder, "ucf101_like.avi"), os.path.join(folder, "kinetics_like.mp4")
-    # make_test_video's defaults are UCF101's format: 175 frames (7 s at 25 fps), 320x240, MPEG-4 in AVI.
-    data.make_test_video(ucf, **(dict(num_frames=50, width=80, height=60) if cfg["small"] else {}))
-    data.make_test_video(kinetics, codec="libx264", **(dict(num_frames=50, width=84, height=64) if cfg["small"]
-                                                       else dict(num_frames=250, width=340, height=256)))
-    threads, cpu, out = torch.get_num_threads(), torch.device("cpu"), {}
+def generated_videos(cfg, folder):
+    """name -> path of the generated videos: UCF101-like (make_test_video's defaults: 175 frames, 320x240, MPEG-4
+    in AVI), Kinetics-like (250 frames, 340x256, H.264 in MP4, x264's default keyframe interval 250, as the common
+    Kinetics copies), and the same with a panning noise texture, harder to compress, as camera footage is."""
+    small = cfg["small"]
+    kinetics = dict(codec="libx264", **(dict(num_frames=50, width=84, height=64) if small else
+                                        dict(num_frames=250, width=340, height=256)))
+    kinds = {"ucf101": ("avi", dict(num_frames=50, width=80, height=60) if small else {}),
+             "kinetics": ("mp4", kinetics), "kinetics_textured": ("mp4", dict(kinetics, texture=TEXTURE))}
+    paths = {}
+    os.makedirs(folder, exist_ok=True)
+    for name, (extension, kw) in kinds.items():
+        paths[name] = os.path.join(folder, f"{name}_like.{extension}")
+        data.make_test_video(paths[name], **kw)
+    return paths
+
+
+@contextlib.contextmanager
+def one_thread():
+    """torch on one thread, as DataLoader sets it in every worker process."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        for name, path in (("ucf101", ucf), ("kinetics", kinetics)):
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def bench_data(cfg, videos):
+    """clips/s of one worker: decoding alone and the whole pipeline."""
+    cpu, out = torch.device("cpu"), {}
+    with one_thread():
+        for name, path in ((k, videos[k]) for k in ("ucf101", "kinetics")):
             for T in cfg["data_T"]:
                 def decode():
                     with data.VideoReader(path) as video:
@@ -358,9 +401,191 @@ def bench_data(cfg, folder):
                 pipeline_rate = 1 / median_seconds(lambda: dataset[0], cpu, 1, cfg["repeats"])
                 out[f"{name}_t{T}"] = dict(decode_clips_per_s=decode_rate, pipeline_clips_per_s=pipeline_rate,
                                            pipeline_over_decode=pipeline_rate / decode_rate)
-    finally:
-        torch.set_num_threads(threads)
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The data path end to end: prepared copies (data.py prepare), worker scaling, and train.py's own loop
+
+def read_rates(paths, T, size, clips, rounds):
+    """clips/s of one worker reading `clips` training clips (decode, TSN sampling, augmentation) from each of `paths`.
+    The files take turns, `rounds` times, and every file gets the same clips: the load of a shared machine then
+    falls alike on all of them, and the median per file is what is compared."""
+    rates = {p: [] for p in paths}
+    with one_thread():
+        for r in range(rounds):
+            for path in paths:
+                dataset = data.VideoDataset([(path, 0)], ["x"], frames=T, size=size, train=True)
+                random.seed(r)  # the same frames and views for every file
+                start = time.perf_counter()
+                for _ in range(clips):
+                    dataset[0]
+                rates[path].append(clips / (time.perf_counter() - start))
+    return {p: statistics.median(r) for p, r in rates.items()}
+
+
+def psnr(original, prepared, T=16, clips=4):
+    """dB of the prepared file's frames against the original's, at the frames of `clips` test clips."""
+    with data.VideoReader(original) as video:
+        indices = [i for k in range(clips) for i in data.sample_indices(len(video), T, False, k, clips)]
+        a = video.read(indices).double()
+    mse = (data.read_frames(prepared, indices).double() - a).square().mean().item()
+    return 10 * math.log10(255 ** 2 / max(mse, 1e-10))
+
+
+def prepared_copy(src, folder, keyint=None, crf=None, fast_decode=True):
+    """data.prepare_video with its defaults, or a setting of the trade-off -> (path, seconds to encode)."""
+    tag = "default" if keyint is None else f"k{keyint}_crf{crf}{'' if fast_decode else '_nofastdecode'}"
+    dst = os.path.join(folder, f"{tag}_{os.path.basename(src)}")
+    settings = {} if keyint is None else dict(keyint=keyint, quality={"libx264": crf}, fast_decode=fast_decode)
+    start = time.perf_counter()
+    data.prepare_video(src, dst, **settings)
+    return dst, time.perf_counter() - start
+
+
+def bench_prepare(cfg, videos, folder):
+    """The trade-off of preparing Kinetics-like videos: keyframe interval x x264 CRF -> one worker's clips/s at
+    T = 16 against the original's, bytes against the original's, PSNR against the original's frames."""
+    out = {}
+    os.makedirs(folder)
+    for name in ("kinetics", "kinetics_textured"):
+        src = videos[name]
+        copies = {(k, q, fast): prepared_copy(src, folder, k, q, fast) for k, q, fast in cfg["prepare_grid"]}
+        rates = read_rates([src] + [p for p, _ in copies.values()], 16, cfg["data_size"], *cfg["prepare_reads"])
+        for (keyint, crf, fast), (path, seconds) in copies.items():
+            out[f"{name}_k{keyint}_crf{crf}{'' if fast else '_nofastdecode'}"] = dict(
+                video=name, keyint=keyint, crf=crf, fast_decode=fast, clips_per_s=rates[path],
+                original_clips_per_s=rates[src], speedup=rates[path] / rates[src],
+                bytes_ratio=os.path.getsize(path) / os.path.getsize(src), psnr_db=psnr(src, path), encode_s=seconds)
+    return out
+
+
+def loader_rate(dataset, workers, clips, batch=4):
+    """clips/s of a DataLoader with `workers` worker processes, after each worker's first batch (start-up)."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, num_workers=workers, shuffle=True)
+    batches = iter(loader)
+    for _ in range(workers):
+        next(batches)
+    start, seen = time.perf_counter(), 0
+    for batch in itertools.islice(batches, clips // batch):
+        seen += len(batch["video"])
+    return seen / (time.perf_counter() - start)
+
+
+def bench_workers(cfg, videos, prepared):
+    """Worker scaling of the training pipeline, 1 ... all cores, on each kind of video, original and prepared."""
+    out = {}
+    counts = sorted({w for w in (1, 2, 4, 8, 16, 32) if w <= os.cpu_count()} | {os.cpu_count()})
+    for name, T in (("kinetics", 16), ("ucf101", 8)):
+        for kind, path in (("original", videos[name]), ("prepared", prepared[name])):
+            dataset = data.VideoDataset([(path, 0)] * 4096, ["x"], frames=T, size=cfg["data_size"], train=True)
+            for w in counts:
+                rate = loader_rate(dataset, w, cfg["e2e"]["clips_per_worker"] * w)
+                out[f"{name}_t{T}_{kind}_w{w}"] = dict(video=name, T=T, files=kind, workers=w, clips_per_s=rate)
+                print(f"pipeline {name} T={T} {kind:8s} {w:2d} workers: {fmt(rate):>7s} clips/s", flush=True)
+    return out
+
+
+@contextlib.contextmanager
+def clips_in_memory():
+    """Every VideoDataset serves, for each path, the first clip it loaded: train.py's loop without decoding or
+    augmenting, the bound that faster files could approach. (DataLoader forks its workers on Linux, so they
+    inherit the patch; under another start method they would decode as usual.)"""
+    load, cache = data.VideoDataset.load, {}
+
+    def cached(self, path):
+        if path not in cache:
+            cache[path] = load(self, path)
+        return cache[path]
+    data.VideoDataset.load = cached
+    try:
+        yield
+    finally:
+        data.VideoDataset.load = load
+
+
+def train_loop_rate(path, T, cfg, compiled, folder):
+    """clips/s of train.py's training loop (its DataLoader, normalization, mixup, forward, backward, AdamW) over
+    `path` listed steps x micro-batch times: the second of two epochs (the first pays for start-up)."""
+    e, classes = cfg["e2e"], 10
+    root, lists = os.path.dirname(path), os.path.join(folder, "lists")
+    os.makedirs(lists, exist_ok=True)
+    name = os.path.basename(path)
+    with open(os.path.join(lists, "train.txt"), "w") as f:
+        f.writelines(f"{name} {i % classes}\n" for i in range(e["steps"] * e["micro_batch"]))
+    with open(os.path.join(lists, "test.txt"), "w") as f:
+        f.write(f"{name} 0\n")
+    with open(os.path.join(lists, "labels.csv"), "w") as f:
+        f.write("id,name\n" + "".join(f"{i},{n}\n" for i, n in enumerate(class_names(classes))))
+    out = os.path.join(folder, "run")
+    shutil.rmtree(out, ignore_errors=True)
+    argv = ["--dataset", "list", "--root", root, "--train-list", f"{lists}/train.txt", "--test-list",
+            f"{lists}/test.txt", "--labels", f"{lists}/labels.csv", "--model", e["model"], "--frames", str(T),
+            "--input-size", str(e["size"]), "--epochs", "2", "--batch-size", str(e["micro_batch"]), "--micro-batch",
+            str(e["micro_batch"]), "--workers", str(e["workers"]), "--views", "1x1", "--shots", "0", "--out", out]
+    # On a CPU the step runs on one thread and the workers get the other cores: OpenMP's threads crawl when the
+    # cores are oversubscribed
+    with one_thread() if e["cpu"] else contextlib.nullcontext():
+        train.main(train.get_args(argv + ["--compile"] * compiled))
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f][-1]["clips_per_s"]
+
+
+def bench_train_loop(cfg, videos, prepared, folder, compiled):
+    """train.py's loop on each kind of video, original and prepared, against the same loop on clips in memory."""
+    out = {}
+    for name, T in (("kinetics", 16), ("ucf101", 8)):
+        with clips_in_memory():
+            bound = train_loop_rate(videos[name], T, cfg, compiled, folder)
+        for kind, path in (("original", videos[name]), ("prepared", prepared[name])):
+            rate = train_loop_rate(path, T, cfg, compiled, folder)
+            key = f"{name}_t{T}_{kind}{'_compiled' * compiled}"
+            out[key] = dict(video=name, T=T, files=kind, compiled=compiled, clips_per_s=rate,
+                            in_memory_clips_per_s=bound, of_bound=rate / bound)
+            print(f"train.py loop {key}: {fmt(rate)} clips/s, {rate / bound:.2f}x the in-memory {fmt(bound)}",
+                  flush=True)
+    return out
+
+
+def e2e_model(cfg, device, folder):
+    """--model for train.py: its small scratch CLIP on a CPU; on a GPU, ViT-B/16 with random weights, saved as a
+    state dict (no download; its prompts need CLIP's BPE vocabulary, cached or at $VIFI_BPE)."""
+    if device.type != "cuda" or cfg["small"]:
+        return "scratch"
+    path = os.path.join(folder, "vit_b16_random.pt")
+    torch.save(clip_model.CLIP(clip_model.CLIPConfig()).state_dict(), path)
+    return path
+
+
+def bench_e2e(cfg, device, videos, folder, compiled, res, saved):
+    """Trade-off table, worker scaling and train.py's loop into `res`, calling saved() after each. Each has its own
+    subfolder of `folder`: the list dataset indexes the files under its root once, when the first loop runs."""
+    e = cfg["e2e"] = {**(E2E_GPU if device.type == "cuda" and not cfg["small"] else E2E_CPU), **cfg.get("e2e", {})}
+    e["model"], e["cpu"] = e2e_model(cfg, device, folder), device.type == "cpu"
+    res["prepare"] = bench_prepare(cfg, videos, os.path.join(folder, "grid"))
+    print_prepare(res["prepare"])
+    saved()
+    os.makedirs(os.path.join(folder, "prepared"))
+    prepared = {n: prepared_copy(videos[n], os.path.join(folder, "prepared"))[0] for n in ("kinetics", "ucf101")}
+    res["workers"] = bench_workers(cfg, videos, prepared)
+    saved()
+    res["train_loop"] = bench_train_loop(cfg, videos, prepared, folder, compiled=False)
+    if compiled:
+        saved()
+        res["train_loop"].update(bench_train_loop(cfg, videos, prepared, folder, compiled=True))
+    print_prepare(res["prepare"])
+    for r in res["train_loop"].values():
+        print(f"train.py loop, {r['video']} T={r['T']} {r['files']}{' compiled' * r['compiled']}: "
+              f"{fmt(r['clips_per_s'])} clips/s = {r['of_bound']:.2f}x the in-memory {fmt(r['in_memory_clips_per_s'])}")
+
+
+def print_prepare(rows):
+    print(f"\n{'prepared Kinetics-like, T=16':34s} {'keyint':>6s} {'crf':>4s} {'clips/s':>8s} {'speed-up':>9s} "
+          f"{'bytes':>6s} {'PSNR dB':>8s} {'encode s':>9s}")
+    for r in rows.values():
+        video = r["video"] + ("" if r["fast_decode"] else ", no fastdecode")
+        print(f"{video:34s} {r['keyint']:>6d} {r['crf']:>4d} {fmt(r['clips_per_s']):>8s} {r['speedup']:>8.2f}x "
+              f"{r['bytes_ratio']:>5.2f}x {r['psnr_db']:>8.1f} {r['encode_s']:>9.2f}", flush=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -399,25 +624,20 @@ def print_summary(res):
           f"{fmt(f['train_clips_per_s'])} clips/s: {'feeds' if f['feeds'] else 'does not feed'} the model")
 
 
-def main(args):
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    cfg = {**(SMALL if args.small else FULL), **({"repeats": args.repeats} if args.repeats else {})}
+def bench_model(args, device, cfg, results, videos):
+    """Everything but --e2e: the model's steps, memory, one worker's data rates, and whether they add up."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN picks its kernels (the official style's conv) once
     b = Bench(device, cfg)
     tok, tok_name = text_tokenizer((TINY_CLIP if args.small else clip_model.CLIPConfig()).vocab_size)
     print_header(device, b, tok_name)
-    results = dict(device=device_name(device), device_type=device.type, torch=torch.__version__,
-                   date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"), small=args.small,
-                   compile=args.compile, config=cfg, tokenizer=tok_name, peak_tflops=b.peak / 1e12,
-                   peak_dtype=b.peak_dtype, model=b.rows)
+    results.update(tokenizer=tok_name, peak_tflops=b.peak / 1e12, peak_dtype=b.peak_dtype, model=b.rows)
     clip = b.new_clip()
     bench_vision(b, clip, compiled=False)
     bench_vifi(b, clip, tok, compiled=False)
     del clip
     bench_memory(b, tok)
-    with tempfile.TemporaryDirectory() as folder:
-        results["data"] = bench_data(cfg, folder)
+    results["data"] = bench_data(cfg, videos)
     with_ckpt, without = b.rows["memory_ckpt"].get("peak_mb"), b.rows["memory_no_ckpt"].get("peak_mb")
     results["memory_ratio"] = without / with_ckpt if with_ckpt and without else None
     # Does the pipeline feed training at 32 frames per clip? Workers on every core against the step without
@@ -434,6 +654,21 @@ def main(args):
         bench_vision(b, clip, compiled=True)
         bench_vifi(b, clip, tok, compiled=True)
     print_summary(results)
+
+
+def main(args):
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cfg = {**(SMALL if args.small else FULL), **({"repeats": args.repeats} if args.repeats else {})}
+    results = dict(device=device_name(device), device_type=device.type, torch=torch.__version__,
+                   date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"), small=args.small,
+                   compile=args.compile, config=cfg)
+    with tempfile.TemporaryDirectory() as folder:
+        videos = generated_videos(cfg, os.path.join(folder, "original"))
+        if not args.e2e:
+            bench_model(args, device, cfg, results, videos)
+        if args.e2e or args.small:
+            results["e2e"] = {}
+            bench_e2e(cfg, device, videos, folder, args.compile, results["e2e"], lambda: save(results, args.json))
     save(results, args.json)
     return results
 
@@ -452,6 +687,8 @@ def parse_args(argv=None):
     parser.add_argument("--compile", action="store_true", help="also time the torch.compile variants")
     parser.add_argument("--device", help="cuda or cpu (default: cuda if available)")
     parser.add_argument("--repeats", type=int, help="timed repeats per measurement (default 10; --small 3)")
+    parser.add_argument("--e2e", action="store_true", help="only the data path end to end: prepared copies, worker "
+                        "scaling, train.py's loop against clips in memory (--small runs it too)")
     parser.add_argument("--json", metavar="FILE", help="write every number, the device, torch version and date")
     return parser.parse_args(argv)
 

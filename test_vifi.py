@@ -800,7 +800,7 @@ def test_bench_small_runs_and_writes_finite_numbers(tmp_path):
     run = subprocess.run([sys.executable, "bench.py", "--small", "--device", "cpu", "--json", str(out)], cwd=HERE,
                          env=env, capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "frames/s" in run.stdout and "pipeline clips/s" in run.stdout
+    assert "frames/s" in run.stdout and "pipeline clips/s" in run.stdout and "train.py loop" in run.stdout
     res = json.loads(out.read_text())
 
     def positive(v):
@@ -823,6 +823,19 @@ def test_bench_small_runs_and_writes_finite_numbers(tmp_path):
         assert all(positive(rates[m]) for m in ("decode_clips_per_s", "pipeline_clips_per_s", "pipeline_over_decode"))
     feed = res["data_feed"]
     assert positive(feed["pipeline_clips_per_s"]) and positive(feed["train_clips_per_s"])
+    e2e = res["e2e"]  # --small runs the end-to-end section too, on tiny videos
+    assert {(r["video"], r["keyint"], r["crf"], r["fast_decode"]) for r in e2e["prepare"].values()} == {
+        (v, k, q, fast) for v in ("kinetics", "kinetics_textured") for k, q, fast in res["config"]["prepare_grid"]}
+    for row in e2e["prepare"].values():
+        assert all(positive(row[m]) for m in ("clips_per_s", "speedup", "bytes_ratio", "psnr_db", "encode_s")), row
+        assert row["psnr_db"] > 30, row  # the prepared frames are the original's
+    workers = sorted({r["workers"] for r in e2e["workers"].values()})
+    assert workers[0] == 1 and workers[-1] == os.cpu_count() and len(e2e["workers"]) == 4 * len(workers)
+    assert all(positive(r["clips_per_s"]) for r in e2e["workers"].values())
+    assert {(r["video"], r["T"], r["files"]) for r in e2e["train_loop"].values()} == {
+        (v, t, f) for v, t in (("kinetics", 16), ("ucf101", 8)) for f in ("original", "prepared")}
+    for row in e2e["train_loop"].values():
+        assert all(positive(row[m]) for m in ("clips_per_s", "in_memory_clips_per_s", "of_bound")), row
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -2293,10 +2306,13 @@ def test_readme_vifi_command_parses_and_runs(tmp_path):
 
 def test_readme_data_commands_run(tmp_path):
     commands = readme_commands("data.py")
-    assert sorted(c[0] for c in commands) == ["check", "check", "synth-ucf"]
-    root = str(tmp_path / "synth")
-    for argv in sorted(commands, key=lambda c: c[0] != "synth-ucf"):  # write the set, then check it
-        run = run_cli("data.py", *[root if a in ("DIR", "data/ucf101") else a for a in argv])
+    assert sorted(c[0] for c in commands) == ["check", "check", "prepare", "synth-ucf"]
+    root, fast = str(tmp_path / "synth"), str(tmp_path / "fast")
+    # write the set, prepare it (the README's example names Kinetics; the synthetic set is laid out as UCF101),
+    # then check the prepared copy
+    for argv in sorted(commands, key=lambda c: ["synth-ucf", "prepare", "check"].index(c[0])):
+        names = {"DIR": fast if argv[0] == "check" else root, "data/ucf101": fast, "FAST": fast, "k400": "ucf101"}
+        run = run_cli("data.py", *[names.get(a, a) for a in argv])
         assert run.returncode == 0, (argv, run.stderr[-2000:])
     assert "train: 1152 videos in 18 classes, 0 listed but missing, 0 unreadable" in run.stdout
 
