@@ -493,9 +493,9 @@ def clips_in_memory():
     inherit the patch; under another start method they would decode as usual.)"""
     load, cache = data.VideoDataset.load, {}
 
-    def cached(self, path):
+    def cached(self, path, *args):
         if path not in cache:
-            cache[path] = load(self, path)
+            cache[path] = load(self, path, *args)
         return cache[path]
     data.VideoDataset.load = cached
     try:
@@ -522,7 +522,8 @@ def train_loop_rate(path, T, cfg, compiled, folder):
     argv = ["--dataset", "list", "--root", root, "--train-list", f"{lists}/train.txt", "--test-list",
             f"{lists}/test.txt", "--labels", f"{lists}/labels.csv", "--model", e["model"], "--frames", str(T),
             "--input-size", str(e["size"]), "--epochs", "2", "--batch-size", str(e["micro_batch"]), "--micro-batch",
-            str(e["micro_batch"]), "--workers", str(e["workers"]), "--views", "1x1", "--shots", "0", "--out", out]
+            str(e["micro_batch"]), "--workers", str(e["workers"]), "--views", "1x1", "--protocol", "supervised",
+            "--out", out]
     # On a CPU the step runs on one thread and the workers get the other cores: OpenMP's threads crawl when the
     # cores are oversubscribed
     with one_thread() if e["cpu"] else contextlib.nullcontext():
