@@ -613,8 +613,13 @@ def print_summary(res):
     print()
     for r in res["model"].values():
         if "speedup" in r:
-            print(f"the lean eager step is {r['speedup']:.2f}x faster than: {r['label']}")
-    print(f"activation checkpointing cuts peak memory {fmt(res['memory_ratio'])}x")
+            s = r["speedup"]  # the official-style step's time over the lean one's
+            how = f"{s:.2f}x faster than" if s >= 1 else f"{1 / s:.2f}x slower than"
+            print(f"the lean eager step is {how}: {r['label']}")
+    if res["memory_ratio"] is not None:  # None where the device cannot measure a peak
+        print(f"activation checkpointing cuts peak memory {fmt(res['memory_ratio'])}x")
+    else:
+        print("activation checkpointing: no memory peak can be measured on this device")
     print(f"\n{'data, one worker':18s} {'decode clips/s':>15s} {'pipeline clips/s':>17s} {'pipeline/decode':>16s}")
     for name, d in res["data"].items():
         print(f"{name:18s} {fmt(d['decode_clips_per_s']):>15s} {fmt(d['pipeline_clips_per_s']):>17s} "

@@ -793,6 +793,16 @@ def test_random_tokens_give_realistic_prompt_lengths():
     assert set(lengths) == {9} and (ids.max(dim=-1).values == tok.eot).all()  # SOT a photo of a verb noun . EOT
 
 
+def test_bench_summary_says_slower_and_leaves_out_what_it_cannot_measure(capsys):
+    res = dict(model={"a": dict(speedup=0.5, label="official style"), "b": dict(speedup=2.0, label="other")},
+               memory_ratio=None, data={}, data_feed=dict(video="v", workers=2, pipeline_clips_per_s_per_worker=1.0,
+                                                          pipeline_clips_per_s=2.0, train_clips_per_s=3.0, feeds=False))
+    bench.print_summary(res)
+    out = capsys.readouterr().out
+    assert "2.00x slower than: official style" in out and "2.00x faster than: other" in out
+    assert "0.50x" not in out and "cuts peak memory" not in out and "no memory peak can be measured" in out
+
+
 def test_bench_small_runs_and_writes_finite_numbers(tmp_path):
     out = tmp_path / "bench.json"
     # One thread: other test processes may share the cores, and OpenMP's spinning threads crawl when oversubscribed.
