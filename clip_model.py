@@ -97,7 +97,8 @@ class MLP(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with OpenAI's packed parameters, computed by SDPA on (B, L, width) tensors."""
+    """Multi-head self-attention with OpenAI's packed parameters, computed by SDPA on (B, L, width) tensors; with
+    keep_weights (for vifi.explain), written out as softmax(q k^T / sqrt(d)) v, keeping the weights in self.weights."""
 
     def __init__(self, width):
         super().__init__()
@@ -105,6 +106,7 @@ class Attention(nn.Module):
         self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
         self.out_proj = nn.Linear(width, width)
+        self.keep_weights, self.weights = False, None
 
     def forward(self, x, causal, n_out=None):
         """x: (B, L, width) -> (B, n_out, width): the outputs of the first n_out tokens (all L when None), each
@@ -112,7 +114,14 @@ class Attention(nn.Module):
         B, L, W = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
         q, k, v = qkv.view(B, L, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)  # (B, L, 3W) -> 3 x (B, h, L, W/h)
-        y = F.scaled_dot_product_attention(q[:, :, :n_out], k, v, is_causal=causal)  # causal: query i sees keys 0..i
+        if self.keep_weights:  # SDPA's fused kernels never hold the (B, h, n_out, L) weights; this path does
+            scores = q[:, :, :n_out] @ k.transpose(-2, -1) / math.sqrt(k.shape[-1])  # (B, h, n_out, L)
+            if causal:  # query i sees keys 0..i, as is_causal below
+                scores = scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).triu(1), float("-inf"))
+            self.weights = scores.softmax(dim=-1)
+            y = self.weights @ v
+        else:
+            y = F.scaled_dot_product_attention(q[:, :, :n_out], k, v, is_causal=causal)  # causal: query i sees keys 0..i
         y = y.transpose(1, 2).reshape(B, -1, W)  # (B, h, n_out, W/h) -> (B, n_out, W)
         return self.out_proj(y)
 

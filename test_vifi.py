@@ -6,11 +6,13 @@ $VIFI_FIXTURES, else from ../shared/fixtures beside the checkout; with neither t
 When $VIFI_FIXTURES is set (as CI sets it), a missing fixture fails instead of skipping.
 """
 import argparse
+import base64
 import collections
 import contextlib
 import csv
 import errno
 import hashlib
+import html.parser
 import io
 import json
 import math
@@ -30,6 +32,7 @@ import zlib
 from pathlib import Path
 from typing import Tuple
 
+import av
 import pytest
 import torch
 import torch.nn.functional as F
@@ -232,6 +235,23 @@ def test_last_vision_block_computes_only_the_class_token(monkeypatch):
     torch.testing.assert_close(fast, full, atol=1e-5, rtol=0)
     for a, b in zip(fast_grads, [t.grad for t in [*model.visual.parameters(), *prompts]]):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_attention_with_kept_weights_computes_what_sdpa_computes():
+    model = small_clip()
+    images, ids = torch.randn(3, 3, 32, 32), random_ids(2, [4, 7])
+    prompts = [torch.randn(2, 64) for _ in range(2)]
+    with torch.no_grad():
+        fast = model.encode_image(images, prompts), model.encode_text(ids)
+        for block in [*model.visual.transformer.resblocks, *model.transformer.resblocks]:
+            block.attn.keep_weights = True
+        kept = model.encode_image(images, prompts), model.encode_text(ids)
+    for a, b in zip(fast, kept):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    vision, text = model.visual.transformer.resblocks, model.transformer.resblocks
+    assert vision[0].attn.weights.shape == (3, 1, 19, 19) and vision[-1].attn.weights.shape == (3, 1, 1, 19)
+    torch.testing.assert_close(vision[-1].attn.weights.sum(-1), torch.ones(3, 1, 1))  # each row: a distribution
+    assert torch.all(text[0].attn.weights.triu(1) == 0)  # causal: no weight on later tokens
 
 
 def test_autocast_bf16_keeps_fp32_parameters():
@@ -767,6 +787,23 @@ def test_own_checkpoint_round_trip(tmp_path, mode):
         torch.testing.assert_close(loaded(video), model(video))
     assert loaded.classnames == CLASSES and loaded.mode == mode
     assert vifi.load_checkpoint(str(tmp_path / "own.pt"), classnames=["a", "b"]).classnames == ["a", "b"]
+
+
+@pytest.mark.parametrize("mode", ["finetune", "prompt"])
+def test_frame_votes_sum_to_the_logit_and_relevance_covers_the_patch_grid(mode):
+    model = vifi.ViFiCLIP(byte_clip(), CLASSES, mode=mode, depth_text=2, depth_vision=2).eval()
+    video = torch.randn(5, 3, 32, 32)
+    with torch.no_grad():
+        logits = model(video[None])[0]  # the fast (SDPA) path
+    out = vifi.votes_and_relevance(model, video)
+    assert out["votes"].shape == (5, len(CLASSES)) and out["target"] == int(logits.argmax())
+    torch.testing.assert_close(out["votes"].sum(0), logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out["logits"], logits, atol=1e-5, rtol=0)
+    relevance = out["relevance"]
+    assert relevance.shape == (5, 4, 4) and relevance.min() >= 0 and relevance.max() > 0  # 32 px / patch 8
+    other = vifi.votes_and_relevance(model, video, target=(out["target"] + 1) % len(CLASSES))
+    assert not torch.allclose(other["relevance"], relevance)  # the map depends on the class asked about
+    assert all(not b.attn.keep_weights and b.attn.weights is None for b in model.clip.visual.transformer.resblocks)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -2312,6 +2349,59 @@ def test_readme_vifi_command_parses_and_runs(tmp_path):
     assert run2.stdout == run.stdout  # the same classes in the same order, the header skipped
     run = run_cli("vifi.py", str(tmp_path / "missing.avi"), "--labels", "a,b", "--model", fixture("clip_tiny_openai_jit.pt"))
     assert run.returncode == 2 and "missing.avi" in run.stderr and "Traceback" not in run.stderr
+
+
+class Images(html.parser.HTMLParser):
+    """The <img> tags of a page, as attribute dicts."""
+    def __init__(self, text):
+        super().__init__()
+        self.images = []
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            self.images.append(dict(attrs))
+
+
+def test_explain_report_holds_votes_and_one_map_per_frame(tmp_path):
+    video, report = str(tmp_path / "clip.avi"), tmp_path / "report.html"
+    data.make_test_video(video, num_frames=20, width=64, height=48)
+    run = run_cli("vifi.py", video, "--labels", "archery,playing guitar,brushing hair", "--model",
+                  fixture("clip_tiny_openai_jit.pt"), "--checkpoint", fixture("vifi_official_finetune_ckpt.pth"),
+                  "--frames", "4", "--device", "cpu", "--explain", str(report), "--compare-base")
+    assert run.returncode == 0, run.stderr[-2000:]
+    images = Images(report.read_text()).images
+    kinds = [i.get("class") for i in images]
+    assert kinds.count("map") == 4 and kinds.count("base-map") == 4  # one map per frame, and vanilla CLIP's
+    assert len(images) == 3 * 4 and all(i["src"].startswith("data:image/png;base64,") for i in images)  # self-contained
+    png = base64.b64decode(images[0]["src"].split(",", 1)[1])
+    frame = av.CodecContext.create("png", "r").decode(av.Packet(png))[0]
+    assert (frame.width, frame.height) == (128, 128)  # the 32 px frame, enlarged 4x
+    out = json.load(open(tmp_path / "report.json"))
+    assert len(out["votes"]) == 4 and abs(sum(out["votes"]) - out["logit"]) < 1e-5
+    assert abs(sum(out["runner_up"]["votes"]) - out["runner_up"]["logit"]) < 1e-5
+    assert out["label"] == out["top5"][0]["label"] and out["runner_up"]["label"] == out["top5"][1]["label"]
+    assert out["settings"]["frames"] == 4 and out["settings"]["base"] == fixture("clip_tiny_openai_jit.pt")
+    assert f"{out['top5'][0]['label']}" in run.stdout.splitlines()[0]  # the printed top class is the report's
+    assert f"logit {out['logit']:.3f}" in report.read_text()
+    assert len(out["relevance"]) == len(out["base_relevance"]) == 4
+    (readme,) = [c for c in readme_commands("vifi.py") if "--explain" in c]  # README's example parses
+    assert vifi.parse_args(readme).explain == "report.html"
+
+
+def test_explain_reports_a_missing_video_before_loading_a_model(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(clip_model, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    argv = [str(tmp_path / "missing.avi"), "--labels", "a,b", "--explain", str(tmp_path / "r.html")]
+    assert vifi.main(argv) == 2
+    assert "missing.avi: no such file" in capsys.readouterr().err
+    for extra, message in ((["--compare-base"], "--compare-base compares a fine-tuned --checkpoint"),
+                           (["--views", "2x1"], "leave --views at 1x1")):
+        with pytest.raises(SystemExit) as e:
+            vifi.parse_args(argv + extra)
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        vifi.parse_args(argv[:3] + ["--explain", str(tmp_path / "no" / "r.html")])
+    assert "its folder does not exist" in capsys.readouterr().err
 
 
 def test_readme_data_commands_run(tmp_path):

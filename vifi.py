@@ -266,6 +266,45 @@ def load_checkpoint(path, clip=None, classnames=None, tokenizer=None, ck=None, *
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Explanation: what each frame votes for, and where the image encoder looks (rendered by explain.py)
+
+def votes_and_relevance(model, video, target=None):
+    """video: one clip (T, 3, H, W), normalized. -> logits (C,), votes (T, C), and for `target` (default: the top
+    class) relevance (T, gh, gw) over the patch grid.
+    votes: the video embedding is the mean of the T frame embeddings f_t, so every logit splits exactly into T terms:
+    s <mean f, t_c> / (|mean f| |t_c|) = sum_t s <f_t, t_c> / (T |mean f| |t_c|), one per frame.
+    relevance (Chefer et al. 2021, gradient-weighted attention rollout): raw attention in a ViT is mostly mixing that
+    is not specific to any class, and gradients alone are noisy, so each block's attention is weighted by its
+    gradient for the class, only the positive part kept, and rolled out through the residual connections:
+    R = I; for every block R += mean over heads(max(0, grad * A)) @ R; the map is the class token's row over patches."""
+    vis = model.clip.visual
+    for block in vis.transformer.resblocks:
+        block.attn.keep_weights = True  # the written-out attention: same logits as SDPA, weights kept
+    try:
+        video = video.detach().requires_grad_()  # even with every weight frozen, the attention then carries gradients
+        f = model.clip.encode_image(video, list(model.vision_prompts))  # (T, D)
+        weights = [block.attn.weights for block in vis.transformer.resblocks]  # each (T, heads, L or 1, L)
+    finally:
+        for block in vis.transformer.resblocks:
+            block.attn.keep_weights, block.attn.weights = False, None
+    t = F.normalize(model.text_features(), dim=-1).to(f.dtype)  # (C, D)
+    votes = model.clip.logit_scale.exp() * f @ t.t() / (len(f) * f.mean(dim=0).norm())  # (T, C)
+    logits = votes.sum(dim=0)  # (C,)
+    target = int(logits.argmax()) if target is None else target
+    grads = torch.autograd.grad(logits[target], weights)
+    T, L = len(f), weights[0].shape[-1]
+    gh, gw = video.shape[-2] // vis.patch_size, video.shape[-1] // vis.patch_size
+    eye = torch.eye(L, device=f.device)
+    R = eye.repeat(T, 1, 1)  # (T, L, L): every token starts as evidence for itself only
+    for i, (A, G) in enumerate(zip(weights, grads)):
+        if 0 < i < len(model.vision_prompts):  # deep prompts (after the patches) replace their tokens before block i
+            R[:, 1 + gh * gw:] = eye[1 + gh * gw:]
+        R = R[:, :A.shape[2]] + (G * A).clamp(min=0).mean(dim=1) @ R  # (T, L or 1, L); the last block: class token
+    relevance = R[:, 0, 1:1 + gh * gw].reshape(T, gh, gw)  # (T, L) -> (T, gh, gw): the class token over patches
+    return dict(logits=logits.detach(), votes=votes.detach(), relevance=relevance.detach(), target=target)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Command line: classify one video
 
 def parse_args(argv=None):
@@ -280,13 +319,26 @@ def parse_args(argv=None):
     p.add_argument("--views", default="1x1", help="CLIPSxCROPS test views, averaged")
     p.add_argument("--norm", choices=["clip", "imagenet"], help="pixel mean/std (default: the model's)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    return p.parse_args(argv)
+    p.add_argument("--explain", metavar="HTML", help="also write an explanation report (per-frame votes, relevance "
+                                                     "maps) to this HTML file, and its numbers to the .json beside it")
+    p.add_argument("--compare-base", action="store_true", help="--explain: add vanilla CLIP's (--model) maps")
+    args = p.parse_args(argv)
+    if args.explain and args.views != "1x1":
+        p.error("--explain explains a single view; leave --views at 1x1")
+    if args.compare_base and not (args.explain and args.checkpoint):
+        p.error("--compare-base compares a fine-tuned --checkpoint with vanilla CLIP (--model) in an --explain report")
+    if args.explain and not os.path.isdir(os.path.dirname(os.path.abspath(args.explain))):
+        p.error(f"--explain {args.explain}: its folder does not exist; create it or choose another path")
+    return args
 
 
 def main(argv=None):
     args = parse_args(argv)
     import data  # only the command line decodes video: the model itself stays independent of the data code
 
+    if not os.path.isfile(args.video):  # said before any model is loaded (or downloaded)
+        print(f"error: {args.video}: no such file; expected a video file that PyAV can decode", file=sys.stderr)
+        return 2
     try:
         if args.labels_file:  # one name per line, or an 'id,name' CSV as train.py and the official repo write
             with open(args.labels_file, newline="") as f:
@@ -295,12 +347,16 @@ def main(argv=None):
             labels = data.read_labels(args.labels_file) if csv_file else lines
         else:
             labels = [name.strip() for name in args.labels.split(",") if name.strip()]
-        if not labels or args.frames < 1:
-            raise ConfigError("expected at least one class name in --labels / --labels-file and --frames >= 1")
+        if len(labels) < 2 or args.frames < 1:
+            raise ConfigError(f"expected at least two class names in --labels / --labels-file (found {len(labels)}) "
+                              f"and --frames >= 1 (got {args.frames})")
         ck = read_checkpoint(args.checkpoint) if args.checkpoint else None
         clip = None if ck and "vifi" in ck else clip_model.load(args.model)  # an own checkpoint holds its CLIP
         model = load_checkpoint(args.checkpoint, clip, labels, ck=ck) if ck else ViFiCLIP(clip, labels, "zeroshot")
         model.to(args.device).eval()
+        base_model = None  # --compare-base: vanilla CLIP, the --model a fine-tuned checkpoint started from
+        if args.compare_base:
+            base_model = ViFiCLIP(clip or clip_model.load(args.model), labels, "zeroshot").to(args.device).eval()
         clips, crops = (int(v) for v in args.views.split("x"))
         size = model.clip.config.image_resolution
         video, _ = data.VideoDataset([(args.video, 0)], labels, args.frames, size, clips=clips, crops=crops).load(args.video)
@@ -308,10 +364,23 @@ def main(argv=None):
             ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    norm = args.norm or model.norm
-    mean, std = data.NORMS[norm]
+
+    def pixels(m):  # each model gets the pixel mean/std it was trained with, unless --norm says otherwise
+        return data.normalize(video.to(args.device), *data.NORMS[args.norm or m.norm])
+
     with torch.no_grad():
-        probs = model(data.normalize(video.to(args.device), mean, std)).softmax(-1).mean(0)  # (V, C) -> (C,)
+        logits = model(pixels(model))  # (V, C), the ordinary (SDPA) forward
+    probs = logits.softmax(-1).mean(0)  # (V, C) -> (C,)
+    if args.explain:  # the same clip again, through the path that keeps attention weights; its votes sum to `logits`
+        import explain
+        result = votes_and_relevance(model, pixels(model)[0], target=int(probs.argmax()))  # (V=1, T, ...) -> (T, ...)
+        base = base_model and votes_and_relevance(base_model, pixels(base_model)[0], target=result["target"])
+        settings = dict(model=args.model if clip else None, checkpoint=args.checkpoint, frames=args.frames,
+                        input_size=size, norm=args.norm or model.norm, device=args.device,
+                        logit_scale=round(model.clip.logit_scale.exp().item(), 4),
+                        relevance="gradient-weighted attention rollout (Chefer et al. 2021)",
+                        base=args.model if base_model else None)
+        explain.write_report(args.explain, args.video, labels, video[0], logits[0], result, settings, base)
     for p_, i in zip(*probs.topk(min(5, len(labels)))):
         print(f"{100 * p_.item():6.2f}%  {labels[i]}")
     return 0
