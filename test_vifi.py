@@ -27,6 +27,7 @@ import sys
 import urllib.error
 import urllib.request
 import warnings
+import xml.etree.ElementTree as ET
 import zipfile
 import zlib
 from pathlib import Path
@@ -2141,6 +2142,20 @@ def test_gradient_accumulation_equals_the_whole_batch(tmp_path, monkeypatch):
         torch.testing.assert_close(weights[1][key], value, atol=1e-5, rtol=1e-4, msg=key)
         moved += key.startswith("clip.") and not torch.allclose(value, start[key[5:]], atol=1e-4)
     assert moved > 10  # the steps did change the weights
+
+
+def test_curves_svg_has_loss_and_accuracy_panels_with_ticks(tmp_path):
+    log = [dict(epoch=e, loss=2.0 / e, **(dict(top1=10.0 * e, top5=50.0) if e % 5 == 0 else {})) for e in range(1, 21)]
+    train.write_curves(log, tmp_path / "curves.svg")
+    svg = "{http://www.w3.org/2000/svg}"
+    panels = ET.parse(tmp_path / "curves.svg").getroot().findall(f"{svg}g")
+    assert len(panels) == 2
+    labels = [[t.text for t in p.iter(f"{svg}text")] for p in panels]
+    assert {"cross-entropy", "epoch", "0", "1", "2", "10", "20"} <= set(labels[0])
+    assert {"top-1 accuracy (%)", "0", "20", "40", "60", "80", "100"} <= set(labels[1])
+    assert len(panels[1].findall(f"{svg}circle")) == 4  # one marker per evaluation: epochs 5, 10, 15, 20
+    demo = train.PRESETS["synthetic"]
+    assert demo["eval_every"] * 4 <= demo["epochs"]  # the demo's accuracy curve has points to show learning
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):

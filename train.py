@@ -50,7 +50,8 @@ PRESETS = {
     # The offline demo: a small CLIP from scratch with the byte-level tokenizer on rendered clips; its base
     # classes train, its novel classes (unseen combinations of seen words) are only evaluated.
     "synthetic":         dict(model="scratch", template="{}", frames=8, batch_size=32, micro_batch=32, lr=1e-3,
-                              epochs=40, warmup_epochs=1, label_smoothing=0.0, mixup=0.0, cutmix=0.0, workers=0),
+                              epochs=40, eval_every=5, warmup_epochs=1, label_smoothing=0.0, mixup=0.0, cutmix=0.0,
+                              workers=0),
 }
 DEFAULTS = dict(model="ViT-B/16", frames=32, batch_size=64, micro_batch=8, lr=2e-6,
                 epochs=10, eval_every=0, warmup_epochs=5, weight_decay=0.001, label_smoothing=0.1, mixup=0.8,
@@ -475,24 +476,42 @@ def save_atomic(obj, path):
             f"another --out. Any earlier {os.path.basename(path)} there is intact.") from None
 
 
+def ticks(top, count=5):
+    """About `count` round values from 0 to at least `top`, a step of 1, 2 or 5 times a power of ten apart."""
+    raw = max(top, 1e-9) / count
+    power = 10 ** math.floor(math.log10(raw))
+    step = next(s * power for s in (1, 2, 5, 10) if s * power >= raw)
+    return [i * step for i in range(math.ceil(top / step - 1e-9) + 1)]
+
+
 def write_curves(log, path):
-    """loss and top-1 per epoch as a dependency-free SVG line chart."""
-    W, H, pad = 640, 320, 40
-    series = [("loss", "#d62728", [(r["epoch"], r["loss"]) for r in log if "loss" in r]),
-              ("top-1 %", "#1f77b4", [(r["epoch"], r["top1"]) for r in log if "top1" in r])]
-    last = max([e for _, _, pts in series for e, _ in pts] + [1])
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">',
-           f'<rect width="{W}" height="{H}" fill="white"/>',
-           f'<line x1="{pad}" y1="{H - pad}" x2="{W - pad}" y2="{H - pad}" stroke="black"/>',
-           f'<text x="{W / 2}" y="{H - 10}" text-anchor="middle">epoch (1..{last})</text>']
-    for i, (name, colour, pts) in enumerate(series):
-        if not pts:
-            continue
-        top = max(v for _, v in pts) or 1  # each series scaled to its own maximum, named in the legend
-        xy = " ".join(f"{pad + (W - 2 * pad) * e / last:.1f},{H - pad - (H - 2 * pad) * v / top:.1f}" for e, v in pts)
-        out += [f'<polyline points="{xy}" fill="none" stroke="{colour}" stroke-width="2"/>',
-                *(f'<circle cx="{p.split(",")[0]}" cy="{p.split(",")[1]}" r="3" fill="{colour}"/>' for p in xy.split()),
-                f'<text x="{pad + 10}" y="{20 + 16 * i}" fill="{colour}">{name} (max {top:.3g})</text>']
+    """curves.svg, no plotting library: the mean training loss of each epoch above, the top-1 accuracy (%) of each
+    evaluation below (its points marked), on one epoch axis with ticks."""
+    W, H, left, right, top, bottom = 640, 230, 64, 24, 30, 44  # one panel; the margins hold titles and tick labels
+    xs = [e for e in ticks(max([r["epoch"] for r in log] + [1])) if e == int(e)]  # whole epochs only
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{2 * H}" font-family="sans-serif" '
+           f'font-size="12"><rect width="{W}" height="{2 * H}" fill="white"/>']
+    for k, (key, title, unit, colour) in enumerate([("loss", "training loss", "cross-entropy", "#d62728"),
+                                                    ("top1", "test accuracy", "top-1 accuracy (%)", "#1f77b4")]):
+        pts = [(r["epoch"], r[key]) for r in log if key in r]
+        ys = list(range(0, 101, 20)) if key == "top1" else ticks(max([v for _, v in pts] + [0.1]))
+        def x(e): return left + (W - left - right) * e / xs[-1]
+        def y(v): return k * H + H - bottom - (H - top - bottom) * v / ys[-1]
+        xy = [(x(e), y(v)) for e, v in pts]
+        out += [f'<g class="panel"><text x="{left}" y="{k * H + 18}" font-weight="bold">{title}</text>',
+                *(f'<line x1="{left}" x2="{W - right}" y1="{y(v):.1f}" y2="{y(v):.1f}" stroke="#e3e3e3"/><text '
+                  f'x="{left - 6}" y="{y(v) + 4:.1f}" text-anchor="end">{v:g}</text>' for v in ys),
+                *(f'<line x1="{x(e):.1f}" x2="{x(e):.1f}" y1="{y(0):.1f}" y2="{y(0) + 5:.1f}" stroke="black"/><text '
+                  f'x="{x(e):.1f}" y="{y(0) + 18:.1f}" text-anchor="middle">{e:g}</text>' for e in xs),
+                f'<path d="M{left},{top + k * H}V{y(0):.1f}H{W - right}" fill="none" stroke="black"/>',
+                f'<text x="{(left + W - right) / 2}" y="{(k + 1) * H - 8}" text-anchor="middle">epoch</text>',
+                f'<text transform="translate(16,{k * H + (H + top - bottom) / 2}) rotate(-90)" '
+                f'text-anchor="middle">{unit}</text>',
+                f'<polyline points="{" ".join(f"{a:.1f},{b:.1f}" for a, b in xy)}" fill="none" stroke="{colour}" '
+                f'stroke-width="2"/>',
+                *(f'<circle cx="{a:.1f}" cy="{b:.1f}" r="{4 if key == "top1" else 2}" fill="{colour}"/>'
+                  for a, b in xy),
+                "</g>"]
     with open(path, "w") as f:
         f.write("\n".join(out + ["</svg>"]))
 
