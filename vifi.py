@@ -15,9 +15,11 @@ For low-data regimes, "bridge and prompt" (Sec. 3.2): freeze the video-fine-tune
 n tokens per layer on each side (text: right after SOT; vision: after the patch tokens), replaced before every
 layer up to a depth. The design copies the official code's, so its prompt checkpoints load here.
 
-Letters in shape comments: B clips, T frames, C classes, D joint embedding size, L text tokens, n prompt tokens.
+Letters in shape comments: B clips, T frames, C classes, D joint embedding size, L tokens (of a text, or of an
+image: class token, patches, prompts), n prompt tokens.
 
-Run on a video: `python vifi.py VIDEO --labels "class a,class b" [--model ViT-B/16] [--checkpoint FILE]`.
+Run on a video: `python vifi.py VIDEO --labels "class a,class b" [--model ViT-B/16] [--checkpoint FILE]`;
+`--explain report.html` adds what each frame votes and where the encoder looks (votes_and_relevance, explain.py).
 """
 import argparse
 import re
