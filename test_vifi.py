@@ -2389,6 +2389,7 @@ def test_explain_report_holds_votes_and_one_map_per_frame(tmp_path):
     kinds = [i.get("class") for i in images]
     assert kinds.count("map") == 4 and kinds.count("base-map") == 4  # one map per frame, and vanilla CLIP's
     assert len(images) == 3 * 4 and all(i["src"].startswith("data:image/png;base64,") for i in images)  # self-contained
+    assert "://" not in report.read_text() and "<script" not in report.read_text()  # nothing fetched, nothing run
     png = base64.b64decode(images[0]["src"].split(",", 1)[1])
     frame = av.CodecContext.create("png", "r").decode(av.Packet(png))[0]
     assert (frame.width, frame.height) == (128, 128)  # the 32 px frame, enlarged 4x
