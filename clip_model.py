@@ -98,7 +98,7 @@ class MLP(nn.Module):
 
 class Attention(nn.Module):
     """Multi-head self-attention with OpenAI's packed parameters, computed by SDPA on (B, L, width) tensors; with
-    keep_weights (for vifi.explain), written out as softmax(q k^T / sqrt(d)) v, keeping the weights in self.weights."""
+    keep_weights (vifi.votes_and_relevance), written out as softmax(q k^T / sqrt(d)) v, weights kept in self.weights."""
 
     def __init__(self, width):
         super().__init__()
