@@ -640,15 +640,17 @@ def test_official_loader_refuses_code_in_pickles(tmp_path, expected, tiny_clip):
         vifi.load_official_checkpoint(str(tmp_path / "evil.pth"), tiny_clip, expected["classes"])
 
 
-def test_checkpoint_loaders_run_no_code(payloads, tiny_clip, expected, capsys):
+def test_checkpoint_loaders_run_no_code(payloads, tiny_clip, expected, capsys, tmp_path):
     files, marker = payloads
+    video = tmp_path / "video.mp4"  # exists: vifi.py reports a missing video before it loads any model
+    video.touch()
     official = lambda path: vifi.load_official_checkpoint(path, tiny_clip, expected["classes"])  # noqa: E731
     for path in files.values():
         for load in (vifi.read_checkpoint, vifi.load_checkpoint, official):
             with pytest.raises(clip_model.CheckpointError, match=re.escape(str(path))):
                 load(str(path))
         for flag in ("--checkpoint", "--model"):
-            assert vifi.main(["video.mp4", "--labels", "a,b", flag, str(path)]) == 2
+            assert vifi.main([str(video), "--labels", "a,b", flag, str(path)]) == 2
             err = capsys.readouterr().err
             assert err.startswith(f"error: {path}") and err.count("\n") == 1, err
     assert not marker.exists()

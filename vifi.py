@@ -22,6 +22,7 @@ Run on a video: `python vifi.py VIDEO --labels "class a,class b" [--model ViT-B/
 `--explain report.html` adds what each frame votes and where the encoder looks (votes_and_relevance, explain.py).
 """
 import argparse
+import os
 import re
 import sys
 
