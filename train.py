@@ -49,7 +49,7 @@ PRESETS = {
     "vanilla-zero-shot": dict(frames=32, epochs=0),
     # The offline demo: a small CLIP from scratch with the byte-level tokenizer on rendered clips; its base
     # classes train, its novel classes (unseen combinations of seen words) are only evaluated.
-    "synthetic":         dict(model="scratch", template="{}", frames=8, batch_size=32, micro_batch=32, lr=1e-3,
+    "synthetic":         dict(model="scratch", template="{}", frames=8, batch_size=32, micro_batch=32, lr=7e-4,
                               epochs=40, eval_every=5, warmup_epochs=1, label_smoothing=0.0, mixup=0.0, cutmix=0.0,
                               workers=0),
 }
