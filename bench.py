@@ -616,10 +616,13 @@ def print_summary(res):
             s = r["speedup"]  # the official-style step's time over the lean one's
             how = f"{s:.2f}x faster than" if s >= 1 else f"{1 / s:.2f}x slower than"
             print(f"the lean eager step is {how}: {r['label']}")
-    if res["memory_ratio"] is not None:  # None where the device cannot measure a peak
-        print(f"activation checkpointing cuts peak memory {fmt(res['memory_ratio'])}x")
-    else:
+    ratio = res["memory_ratio"]  # peak without checkpointing over peak with it; None where no peak is measured
+    if ratio is None:
         print("activation checkpointing: no memory peak can be measured on this device")
+    elif ratio >= 1:
+        print(f"activation checkpointing cuts peak memory {fmt(ratio)}x")
+    else:
+        print(f"activation checkpointing does not cut peak memory at this size (without / with = {ratio:.2f})")
     print(f"\n{'data, one worker':18s} {'decode clips/s':>15s} {'pipeline clips/s':>17s} {'pipeline/decode':>16s}")
     for name, d in res["data"].items():
         print(f"{name:18s} {fmt(d['decode_clips_per_s']):>15s} {fmt(d['pipeline_clips_per_s']):>17s} "

@@ -841,6 +841,8 @@ def test_bench_summary_says_slower_and_leaves_out_what_it_cannot_measure(capsys)
     out = capsys.readouterr().out
     assert "2.00x slower than: official style" in out and "2.00x faster than: other" in out
     assert "0.50x" not in out and "cuts peak memory" not in out and "no memory peak can be measured" in out
+    bench.print_summary({**res, "memory_ratio": 0.99})
+    assert "does not cut peak memory at this size (without / with = 0.99)" in capsys.readouterr().out
 
 
 def test_bench_small_runs_and_writes_finite_numbers(tmp_path):

@@ -252,6 +252,9 @@ def native_datasets(args, roots, common):
         tests = {"base": data.subset_classes(test, base), "novel": data.subset_classes(test, novel)}
     if drawn and train is not None and args.shots and args.protocol in ("few-shot", "base-novel", "synthetic"):
         train = data.few_shot(train, args.shots, args.seed)
+    if drawn and args.protocol in ("few-shot", "base-novel"):
+        print(f"note: --splits native: {args.protocol} videos and classes drawn with seed {args.seed}, not the "
+              "paper's lists; its numbers are not comparable with the paper's", file=sys.stderr)
     for name in filter(None, (args.eval_datasets or "").split(",")):
         if name == "k600":  # Kinetics-600 classes absent from Kinetics-400, three seeded subsets of 160
             k600 = build("k600", "test")
