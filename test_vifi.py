@@ -2086,6 +2086,11 @@ def test_bad_flags_are_refused_with_what_was_expected(tmp_path, flags, message):
         train.main(train.get_args(["--dataset", "synthetic", "--out", str(tmp_path), "--device", "cpu", *flags]))
 
 
+def test_a_run_shorter_than_its_warm_up_says_so(capsys):
+    train.check_args(train.get_args(["--dataset", "ucf101", "--shots", "2", "--epochs", "2"]), world=1)
+    assert "ends inside the warm-up (5 epochs): the rate rises only to 8e-07, not to --lr 2e-06" in capsys.readouterr().err
+
+
 def test_bad_flags_exit_2_in_one_line_without_traceback(tmp_path):
     (tmp_path / "file").touch()
     for flags in (["--frames", "-3"], ["--views", "0x1"], ["--out", str(tmp_path / "file")],

@@ -545,8 +545,6 @@ def check_args(args, world):
         (not args.eval_only and args.micro_batch > 0 and args.batch_size % (args.micro_batch * world) != 0,
          f"--batch-size {args.batch_size} is not a whole number of micro-batches of {args.micro_batch} on {world} "
          f"process(es): choose --micro-batch so that micro-batch x processes divides the batch"),
-    ]
-    problems += [
         (args.device and args.device.startswith("cuda") and not torch.cuda.is_available(),
          f"--device {args.device}: this machine has no CUDA GPU that torch can use; leave --device out for the CPU"),
         (os.path.exists(args.out) and not os.path.isdir(args.out), f"--out {args.out} is a file, not a folder"),
@@ -556,8 +554,9 @@ def check_args(args, world):
         if bad:
             raise vifi.ConfigError(message)
     if not args.eval_only and args.warmup_epochs >= args.epochs:
-        print(f"warning: the warm-up ({args.warmup_epochs:g} epochs) is not shorter than the run ({args.epochs}): "
-              f"the rate never reaches --lr {args.lr:g}; lower --warmup-epochs", file=sys.stderr)
+        top = args.lr * args.epochs / args.warmup_epochs
+        print(f"warning: the run ({args.epochs} epochs) ends inside the warm-up ({args.warmup_epochs:g} epochs): the "
+              f"rate rises only to {top:.3g}, not to --lr {args.lr:g}; lower --warmup-epochs", file=sys.stderr)
 
 
 def fetch_splits(args):
