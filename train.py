@@ -24,7 +24,6 @@ import time
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import clip_model
