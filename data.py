@@ -521,7 +521,9 @@ def read_labels(path):
 def _list(list_file, labels_file):
     for path in (list_file, labels_file):
         if not path or not os.path.isfile(path):
-            raise DatasetError(f"the list dataset needs list_file and labels_file; {path!r} is not a file")
+            raise DatasetError(f"a list of videos needs a list file and an 'id,name' labels file (train.py: --train-list, "
+                               f"--test-list, --labels; data.py: --list-file, --labels-file); "
+                               f"{'none was given' if not path else repr(path) + ' is not a file'}")
     classes = read_labels(labels_file)
     entries = []
     for number, line in enumerate(_lines(list_file), 1):
@@ -614,7 +616,8 @@ def official_sets(dataset, protocol, shots=0, seed=1):
             return {f"k600-subset{k}": (lists + f"ZS_split{k}_K600_eval.txt", f"labels/ZS_split{k}_K600.csv")
                     for k in (1, 2, 3)}
         return {"test": (lists + test, full)}
-    raise DatasetError(f"the paper has no {protocol} split of {dataset} (few-shot: ucf101, hmdb51, ssv2 with "
+    given = {"few-shot": f" with --shots {shots}", "base-novel": f" with --seed {seed}"}.get(protocol, "")
+    raise DatasetError(f"the paper has no {protocol} split of {dataset}{given} (few-shot: ucf101, hmdb51, ssv2 with "
                        f"--shots {'/'.join(map(str, OFFICIAL_SHOTS))}; base-novel: ucf101, hmdb51, ssv2, k400 with "
                        "--seed 1-3; supervised: k400); --splits native draws one from the dataset's own lists")
 

@@ -1748,10 +1748,26 @@ def test_own_list_with_unknown_class_names_is_refused(tmp_path):
 
 
 def test_no_official_split_says_what_exists(tmp_path):
-    with pytest.raises(data.DatasetError, match="no few-shot split of ucf101.*2/4/8/16.*--splits native"):
+    with pytest.raises(data.DatasetError, match="no few-shot split of ucf101 with --shots 5 .*2/4/8/16.*--splits native"):
         official_run(tmp_path, "--dataset", "ucf101", "--shots", "5")
     with pytest.raises(data.DatasetError, match="no supervised split of hmdb51"):
         official_run(tmp_path, "--dataset", "hmdb51", "--protocol", "supervised")
+
+
+def test_videos_that_are_not_the_datasets_own_get_told_to_use_native_splits(tmp_path, synth_tree):
+    with pytest.raises(data.DatasetError, match=r"ucf101: the paper's .*train1_few_shot_8\.txt does not match the "
+                                                r"videos under .*none of the 808.*use --splits native"):
+        official_run(synth_tree, "--dataset", "ucf101", "--shots", "8")
+
+
+def test_resume_refuses_another_runs_checkpoint(tmp_path, synth_tree):
+    run = ["--dataset", "synthetic", "--shots", "1", "--batch-size", "9", "--micro-batch", "9", "--epochs", "1",
+           "--frames", "2", "--device", "cpu", "--eval-every", "0"]
+    train.main(train.get_args(run + ["--out", str(tmp_path / "a")]))
+    with pytest.raises(clip_model.CheckpointError, match=r"continues a synthetic run on synthetic \(9 classes\), "
+                                                         r"not this supervised run on ucf101 \(18 classes\)"):
+        train.main(train.get_args(file_run(synth_tree, "--workers", "0", "--out", str(tmp_path / "b"),
+                                           "--resume", str(tmp_path / "a" / "last.pt"))))
 
 
 def test_official_checkpoints_and_vanilla_clip_prompt_the_raw_names(tiny_clip):

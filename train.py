@@ -113,7 +113,8 @@ def get_args(argv=None):
                                                               "imagenet, as the official training and evaluation)")
     g.add_argument("--workers", type=int, help="DataLoader worker processes per GPU")
     g = p.add_argument_group("model")
-    g.add_argument("--mode", default="finetune", choices=vifi.MODES)
+    g.add_argument("--mode", default="finetune", choices=vifi.MODES, help="finetune: ViFi-CLIP; prompt: bridge and "
+                                                                          "prompt; zeroshot: vanilla CLIP, evaluation only")
     g.add_argument("--towers", default="both", choices=vifi.TOWERS, help="finetune: which encoders train")
     g.add_argument("--model", help="CLIP name (ViT-B/16, ...), checkpoint path, or 'scratch'")
     g.add_argument("--checkpoint", help="start from (or with --eval-only, evaluate) an own or official checkpoint")
@@ -122,12 +123,12 @@ def get_args(argv=None):
     g.add_argument("--template", help='text prompt of a class name (default, as the official code: "{}" for '
                                       'vanilla CLIP, else "a photo of a {}.")')
     g = p.add_argument_group("optimization")
-    g.add_argument("--epochs", type=int)
+    g.add_argument("--epochs", type=int, help="(default for every optimization flag: the protocol's preset)")
     g.add_argument("--lr", type=float, help="peak learning rate, for the effective batch")
     g.add_argument("--batch-size", type=int, help="effective batch: clips per optimizer step over all processes")
     g.add_argument("--micro-batch", type=int, help="clips per forward on one device")
-    g.add_argument("--weight-decay", type=float)
-    g.add_argument("--warmup-epochs", type=float)
+    g.add_argument("--weight-decay", type=float, help="AdamW weight decay (0.001)")
+    g.add_argument("--warmup-epochs", type=float, help="linear warm-up from 0 (5 epochs)")
     g.add_argument("--label-smoothing", type=float)
     g.add_argument("--mixup", type=float, help="mixup alpha (0 = off)")
     g.add_argument("--cutmix", type=float, help="cutmix alpha (0 = off)")
@@ -141,7 +142,8 @@ def get_args(argv=None):
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations: less memory")
     g.add_argument("--out", help="output folder (default: runs/<dataset>-<protocol>)")
     g.add_argument("--resume", help="continue from DIR/last.pt")
-    g.add_argument("--eval-only", action="store_true")
+    g.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint (or the base model) on the "
+                                                            "protocol's test sets, with its frames and views")
     args = p.parse_args(argv)
     args.protocol = args.protocol or infer_protocol(args)
     args.base_novel = args.protocol == "base-novel"
@@ -223,14 +225,24 @@ def datasets(args, splits_dir=None):
     if args.splits == "native" or args.dataset in ("synthetic", "list"):
         return native_datasets(args, roots, common)
     files = official_files(args)
-    sets = {name: data.build_dataset("list", roots[f[0]], "train" if name == "train" else "test",
-                                     list_file=os.path.join(splits_dir, f[1]),
-                                     labels_file=os.path.join(splits_dir, f[2]), **common)
+    sets = {name: official_list(roots[f[0]], f, splits_dir, "train" if name == "train" else "test", common)
             for name, f in files.items() if f}
     train = sets.pop("train", None)
     if "train" in files and train is None:  # the whole training set: the dataset's own list, the official names
         train = data.relabel(data.build_dataset(args.dataset, args.root, "train", **common), sets["test"].classnames)
     return train, sets
+
+
+def official_list(root, files, splits_dir, split, common):
+    """One official list (and its labels) read under a dataset's root."""
+    dataset, list_file, labels_file = files
+    try:
+        return data.build_dataset("list", root, split, list_file=os.path.join(splits_dir, list_file),
+                                  labels_file=os.path.join(splits_dir, labels_file), **common)
+    except data.DatasetError as e:
+        raise data.DatasetError(f"{dataset}: the paper's {list_file} does not match the videos under {root}: {e}. "
+                                f"The official lists name {dataset}'s own files; for other videos (such as data.py "
+                                "synth-ucf output) use --splits native") from None
 
 
 def native_datasets(args, roots, common):
@@ -691,6 +703,12 @@ def main(args):
             if "optimizer" not in ck:
                 raise clip_model.CheckpointError(f"--resume {args.resume}: not a last.pt written by train.py (no "
                                                  "optimizer state); to start from weights, use --checkpoint")
+            saved = (ck["args"].get("dataset"), ck["args"].get("protocol"), ck["vifi"].get("classnames"))
+            if saved != (args.dataset, args.protocol, list(classnames)):
+                raise clip_model.CheckpointError(
+                    f"--resume {args.resume} continues a {saved[1]} run on {saved[0]} ({len(saved[2] or [])} classes), "
+                    f"not this {args.protocol} run on {args.dataset} ({len(classnames)} classes): resume with the flags "
+                    "of the run that wrote it, or start from its weights with --checkpoint")
             clip_model.check_state_dict(ck["model"], model.state_dict(), args.resume,
                                         "the model these flags build: resume with the flags of the run that wrote it")
             model.load_state_dict(ck["model"])
@@ -824,8 +842,9 @@ def write_results(args, model, train_set, classnames, log, results, best, wall_t
         else:
             print(f"{name:<20}{'mean':>8}{'':>9}{r['mean_top1']:>9.2f}  ± {r['std_top1']:.2f}")
     if best:
-        print(f"best {best['set']} top-1 {best['top1']:.2f} after epoch {best['epoch']}; the paper's tables report "
-              f"the {REPORTED[args.protocol]} one for {args.protocol}")
+        paper = "" if args.protocol == "synthetic" else (f"; the paper's tables report the {REPORTED[args.protocol]} "
+                                                         f"one for {args.protocol}")
+        print(f"best {best['set']} top-1 {best['top1']:.2f} after epoch {best['epoch']}{paper}")
     print(f"results in {args.out}/results.json")
 
 
