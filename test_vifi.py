@@ -2093,6 +2093,7 @@ def test_failures_are_counted_over_all_processes_and_stop_only_past_5_percent_an
     (["--views", "abc"], "CLIPSxCROPS"), (["--views", "0x1"], "CLIPSxCROPS"), (["--label-smoothing", "2"], "2.0"),
     (["--template", "a {} of {}"], "exactly one"), (["--template", "video"], "exactly one"),
     (["--eval-datasets", "ucf101", "--eval-roots", "ucf101"], "NAME=DIR"),
+    (["--eval-datasets", "ucf101,ucf"], "expected names among ucf101"),
     (["--batch-size", "10", "--micro-batch", "4"], "not a whole number of micro-batches"),
     (["--input-size", "4"], "smaller than one 8-pixel patch"), (["--mode", "prompt", "--n-ctx", "40", "--depth", "1"],
                                                                 "prompt tokens must be in 1..28"),

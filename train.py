@@ -32,6 +32,7 @@ import tokenizer
 import vifi
 
 DATASETS = ["synthetic", "ucf101", "hmdb51", "k400", "k600", "ssv2", "list"]
+EVAL_DATASETS = ["ucf101", "hmdb51", "k600", "k400", "ssv2"]  # what --eval-datasets may name
 PROTOCOLS = ["few-shot", "base-novel", "zero-shot", "supervised", "vanilla-zero-shot"]
 
 # Paper settings per protocol (Sec. 4 and the official configs). Any flag given on the command line wins.
@@ -145,6 +146,7 @@ def get_args(argv=None):
     g.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint (or the base model) on the "
                                                             "protocol's test sets, with its frames and views")
     args = p.parse_args(argv)
+    args.eval_datasets = [name for name in (args.eval_datasets or "").split(",") if name]
     args.protocol = args.protocol or infer_protocol(args)
     args.base_novel = args.protocol == "base-novel"
     preset = args.protocol + ("-prompt" if args.mode == "prompt" and args.protocol + "-prompt" in PRESETS else "")
@@ -155,8 +157,8 @@ def get_args(argv=None):
         args.eval_only = True
     if args.splits is None:
         args.splits = "official" if args.dataset in data.OFFICIAL_DATASETS else "native"
-    if args.dataset != "synthetic":  # $VIFI_DATA/<dataset>, VIFI_DATA defaulting to ./data
-        args.root = args.root or os.path.join(os.environ.get("VIFI_DATA", "data"), args.dataset)
+    if args.dataset != "synthetic":
+        args.root = args.root or default_root(args.dataset)
     args.out = args.out or os.path.join("runs", f"{args.dataset}-{args.protocol}")
     return args
 
@@ -179,17 +181,20 @@ def official_files(args):
     if args.eval_only:
         sets.pop("train", None)
     files = {**own, **{name: (args.dataset, *f) for name, f in sets.items()}}
-    for name in filter(None, (args.eval_datasets or "").split(",")):
+    for name in args.eval_datasets:
         files.update({k: (name, *f) for k, f in data.official_sets(name, "zero-shot").items()})
     return files
 
 
+def default_root(name):
+    """Where a dataset is looked for without --root / --eval-roots: $VIFI_DATA/<name>, VIFI_DATA defaulting to ./data."""
+    return os.path.join(os.environ.get("VIFI_DATA", "data"), name)
+
+
 def data_roots(args):
-    """{dataset: folder} of the training and evaluation sets: --root, --eval-roots, else $VIFI_DATA/<dataset>."""
+    """{dataset: folder} of the training and evaluation sets: --root, --eval-roots, else default_root."""
     given = dict(kv.split("=", 1) for kv in args.eval_roots.split(",") if kv)
-    names = filter(None, (args.eval_datasets or "").split(","))
-    return {args.dataset: args.root, **{n: given.get(n) or os.path.join(os.environ.get("VIFI_DATA", "data"), n)
-                                        for n in names}}
+    return {args.dataset: args.root, **{name: given.get(name) or default_root(name) for name in args.eval_datasets}}
 
 
 def check_data(args):
@@ -266,7 +271,7 @@ def native_datasets(args, roots, common):
     if drawn and args.protocol in ("few-shot", "base-novel"):
         print(f"note: --splits native: {args.protocol} videos and classes drawn with seed {args.seed}, not the "
               "paper's lists; its numbers are not comparable with the paper's", file=sys.stderr)
-    for name in filter(None, (args.eval_datasets or "").split(",")):
+    for name in args.eval_datasets:
         if name == "k600":  # Kinetics-600 classes absent from Kinetics-400, three seeded subsets of 160
             k600 = build("k600", "test")
             for s in (1, 2, 3):
@@ -549,6 +554,8 @@ def check_args(args, world):
         (not 0 <= args.label_smoothing < 1, f"--label-smoothing {args.label_smoothing}: expected 0 <= value < 1"),
         (args.template is not None and args.template.count("{}") != 1,
          f"--template {args.template!r}: expected exactly one {{}} for the name"),
+        (any(name not in EVAL_DATASETS for name in args.eval_datasets),
+         f"--eval-datasets {','.join(args.eval_datasets)}: expected names among {', '.join(EVAL_DATASETS)}"),
         (any("=" not in kv for kv in args.eval_roots.split(",") if kv),
          f"--eval-roots {args.eval_roots!r}: expected NAME=DIR pairs separated by commas"),
         (args.eval_only and bool(args.resume), f"--resume continues training, but this run only evaluates: to "
