@@ -39,7 +39,6 @@ import contextlib
 import copy
 import csv
 import functools
-import hashlib
 import itertools
 import json
 import math
@@ -565,85 +564,6 @@ def build_dataset(name, root=None, split="train", fold=1, frames=8, size=224, tr
         warnings.warn(f"{name} {split}: {len(missing)} of {len(entries)} listed videos are missing under {root} "
                       f"and skipped (first: {missing[0]})")
     return VideoDataset(samples, classes, frames, size, train, clips, crops, root, missing)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The paper's splits: the official repository's list and label files. Every protocol of the paper is a set of
-# these files (official_sets); the list dataset reads them under the user's --root. Their sha256 are pinned in
-# official_splits.sha256 beside this file (`sha256sum` format); the caller fetches them into a folder laid out as
-# the repository (labels/, datasets_splits/) and passes that folder here.
-
-OFFICIAL_COMMIT = "e2d1948307f582052078eb8a4afbeb50247166f1"
-OFFICIAL_URL = f"https://raw.githubusercontent.com/muzairkhattak/ViFi-CLIP/{OFFICIAL_COMMIT}/"
-OFFICIAL_SHA256 = os.path.join(os.path.dirname(os.path.abspath(__file__)), "official_splits.sha256")
-OFFICIAL_DATASETS = {"ucf101": ("ucf_101", "ucf"), "hmdb51": ("hmdb_51", "hmdb"), "ssv2": ("ssv2", "ssv2"),
-                     "k400": ("kinetics_400", "k400"), "k600": (None, "k600")}  # (labels prefix, splits folder)
-OFFICIAL_SHOTS = (2, 4, 8, 16)
-
-
-def official_hashes():
-    """{path inside the official repository: sha256}."""
-    with open(OFFICIAL_SHA256) as f:
-        return {path: digest for digest, path in (line.split() for line in f if line.strip())}
-
-
-def official_sets(dataset, protocol, shots=0, seed=1):
-    """{set name: (list file, labels file)}, paths inside the official repository, for one protocol:
-    few-shot: 'train' (the K-shot list of split 1) and 'test' (split 1's test list, SSv2's validation list);
-    base-novel: 'train' (16 shots per base class, seeds 1-3), 'base' and 'novel' with their own label files;
-    supervised: 'test' only (the paper trains on the whole training set, which is the dataset's own list);
-    zero-shot: the evaluation sets: the three test folds of UCF101 / HMDB51, the three 160-class Kinetics-600
-    subsets, or the test list (Kinetics-400, SSv2)."""
-    if dataset not in OFFICIAL_DATASETS:
-        raise DatasetError(f"the official repository has no splits for {dataset!r}; use --splits native")
-    labels, folder = OFFICIAL_DATASETS[dataset]
-    lists = f"datasets_splits/{folder}_splits/"
-    full = f"labels/{labels}_labels.csv"
-    test = {"ucf101": "val1.txt", "hmdb51": "val1.txt", "ssv2": "validation.txt", "k400": "val.txt"}.get(dataset)
-    if protocol == "few-shot" and dataset in ("ucf101", "hmdb51", "ssv2") and shots in OFFICIAL_SHOTS:
-        return {"train": (lists + f"train1_few_shot_{shots}.txt", full), "test": (lists + test, full)}
-    if protocol == "base-novel" and dataset != "k600" and seed in (1, 2, 3):
-        b2n, half = f"datasets_splits/base2novel_splits/{folder}_splits/", labels.replace("ssv2", "ssv2_174")
-        return {"train": (b2n + f"fs_base_s{seed}_train.txt", f"labels/{half}_base_labels.csv"),
-                "base": (b2n + "base_val.txt", f"labels/{half}_base_labels.csv"),
-                "novel": (b2n + "novel_val.txt", f"labels/{half}_novel_labels.csv")}
-    if protocol == "supervised" and dataset == "k400":
-        return {"test": (lists + test, full)}
-    if protocol == "zero-shot":
-        if dataset in ("ucf101", "hmdb51"):
-            return {f"{dataset}-fold{k}": (lists + f"val{k}.txt", full) for k in (1, 2, 3)}
-        if dataset == "k600":
-            return {f"k600-subset{k}": (lists + f"ZS_split{k}_K600_eval.txt", f"labels/ZS_split{k}_K600.csv")
-                    for k in (1, 2, 3)}
-        return {"test": (lists + test, full)}
-    given = {"few-shot": f" with --shots {shots}", "base-novel": f" with --seed {seed}"}.get(protocol, "")
-    raise DatasetError(f"the paper has no {protocol} split of {dataset}{given} (few-shot: ucf101, hmdb51, ssv2 with "
-                       f"--shots {'/'.join(map(str, OFFICIAL_SHOTS))}; base-novel: ucf101, hmdb51, ssv2, k400 with "
-                       "--seed 1-3; supervised: k400); --splits native draws one from the dataset's own lists")
-
-
-def check_official_file(folder, path, sha256):
-    """The local copy of an official file, if it is there and intact; None if absent; DatasetError if altered."""
-    local = os.path.join(folder, path)
-    if not os.path.isfile(local):
-        return None
-    with open(local, "rb") as f:
-        digest = hashlib.sha256(f.read()).hexdigest()
-    if digest != sha256:
-        raise DatasetError(f"{local} is not the official file (sha256 {digest}, expected {sha256} for {path} at "
-                           f"commit {OFFICIAL_COMMIT[:7]}); restore it, or delete it to fetch it again")
-    return local
-
-
-def relabel(dataset, classnames):
-    """The same videos with labels given by name in `classnames` (a dataset's own list read with the official class
-    list); every class of the dataset must be there, by its exact name."""
-    new_label = {name: i for i, name in enumerate(classnames)}
-    unknown = [name for name in dataset.classnames if name not in new_label]
-    if unknown:
-        raise DatasetError(f"{len(unknown)} classes of {dataset.root} are not in the official class list, e.g. "
-                           f"{unknown[:3]}; rename them or use --splits native")
-    return dataset.subset([(path, new_label[dataset.classnames[label]]) for path, label in dataset.samples], classnames)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1548,6 +1548,7 @@ def test_check_command_exit_codes(tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------------------------
 # train.py
 
+import protocols  # noqa: E402
 import train  # noqa: E402
 
 # A few seconds per epoch on a CPU: 2 synthetic clips per base class, a micro-batch of 6, mixup and cutmix on so
@@ -1604,8 +1605,8 @@ def test_lr_is_the_official_timm_schedule_at_every_epoch_end(tmp_path):
         assert row["lr"] == pytest.approx(timm(e * n + n - 1, 0.01, n, 4, 2), rel=1e-9, abs=0)
     assert log[2]["lr"] < 0.01 * 0.6  # the cosine counts from step 0: right after warm-up the rate is below the peak
     args = train.get_args(run)
-    assert train.learning_rate(0, args) == 0  # the first optimizer step runs at the warm-up's start value
-    assert train.learning_rate(2.0, args) == pytest.approx(0.0001 + 0.5 * 0.0099 * (1 + math.cos(math.pi / 2)))
+    assert protocols.learning_rate(0, args) == 0  # the first optimizer step runs at the warm-up's start value
+    assert protocols.learning_rate(2.0, args) == pytest.approx(0.0001 + 0.5 * 0.0099 * (1 + math.cos(math.pi / 2)))
 
 
 def official(rel=""):
@@ -1640,7 +1641,7 @@ def link_tree(root, video, rels, limit=None):
 def official_run(root, *argv):
     """The datasets a run of train.py would read (split files from ../shared/official), without a model."""
     args = train.get_args(["--root", str(root), "--splits", official(), *argv])
-    return train.datasets(args, train.fetch_splits(args))
+    return protocols.datasets(args, protocols.fetch_splits(args))
 
 
 def relative(dataset):
@@ -1779,10 +1780,10 @@ def test_official_checkpoints_and_vanilla_clip_prompt_the_raw_names(tiny_clip):
     assert vifi.ViFiCLIP(tiny_clip, names, "zeroshot").prompts_for(names) == names  # the official "{}"
     args = train.get_args(["--dataset", "ucf101", "--root", "x", "--eval-only", "--checkpoint",
                            fixture("vifi_official_finetune_ckpt.pth")])
-    model, _ = train.build_model(args, tiny_clip, names)
+    model = train.build_model(args, tiny_clip, names)
     assert model.prompts_for(names)[0] == "a photo of a ApplyEyeMakeup." and model.norm == "imagenet"
     args = train.get_args(["--dataset", "ucf101", "--root", "x", "--mode", "zeroshot", "--clean-names"])
-    assert train.build_model(args, tiny_clip, names)[0].prompts_for(names)[0] == "apply eye makeup"
+    assert train.build_model(args, tiny_clip, names).prompts_for(names)[0] == "apply eye makeup"
 
 
 def test_split_files_are_downloaded_checked_and_named_when_offline(tmp_path, monkeypatch):
@@ -1790,13 +1791,13 @@ def test_split_files_are_downloaded_checked_and_named_when_offline(tmp_path, mon
     served, tamper = [], []
 
     def urlopen(url, timeout=None):
-        rel = url.removeprefix(data.OFFICIAL_URL)
+        rel = url.removeprefix(protocols.OFFICIAL_URL)
         served.append(rel)
         body = open(official(rel), "rb").read()
         return FakeResponse(body + b"x" if rel in tamper else body)
     monkeypatch.setattr(urllib.request, "urlopen", urlopen)
     args = train.get_args(["--dataset", "hmdb51", "--root", "x", "--base-novel", "--seed", "3"])
-    folder = train.fetch_splits(args)
+    folder = protocols.fetch_splits(args)
     b2n = "datasets_splits/base2novel_splits/hmdb_splits/"
     wanted = [b2n + "base_val.txt", b2n + "fs_base_s3_train.txt", b2n + "novel_val.txt",
               "labels/hmdb_51_base_labels.csv", "labels/hmdb_51_novel_labels.csv"]
@@ -1804,22 +1805,22 @@ def test_split_files_are_downloaded_checked_and_named_when_offline(tmp_path, mon
     for rel in wanted:
         assert open(os.path.join(folder, rel), "rb").read() == open(official(rel), "rb").read()
     served.clear()
-    assert train.fetch_splits(args) == folder and served == []  # once
+    assert protocols.fetch_splits(args) == folder and served == []  # once
     tamper.append("datasets_splits/hmdb_splits/val1.txt")
     few = train.get_args(["--dataset", "hmdb51", "--root", "x", "--shots", "2"])
     with pytest.raises(data.DatasetError, match=r"(?s)1 of .*hmdb_splits/val1\.txt -> .*val1\.txt \(sha256 mismatch"):
-        train.fetch_splits(few)
+        protocols.fetch_splits(few)
     assert not os.path.exists(os.path.join(folder, "datasets_splits/hmdb_splits/val1.txt"))
 
     def offline(url, timeout=None):
         raise urllib.error.URLError("no network")
     monkeypatch.setattr(urllib.request, "urlopen", offline)
     with pytest.raises(data.DatasetError) as error:
-        train.fetch_splits(train.get_args(["--dataset", "ucf101", "--root", "x", "--shots", "8"]))
+        protocols.fetch_splits(train.get_args(["--dataset", "ucf101", "--root", "x", "--shots", "8"]))
     message = str(error.value)  # one message, every file with its URL and its destination
     for rel in ("datasets_splits/ucf_splits/train1_few_shot_8.txt", "datasets_splits/ucf_splits/val1.txt",
                 "labels/ucf_101_labels.csv"):
-        assert f"{data.OFFICIAL_URL}{rel} -> {os.path.join(folder, rel)}" in message
+        assert f"{protocols.OFFICIAL_URL}{rel} -> {os.path.join(folder, rel)}" in message
     # a local copy is checked too: an edited file is refused with its name
     copy = tmp_path / "copy"
     for rel in wanted:
@@ -1827,7 +1828,7 @@ def test_split_files_are_downloaded_checked_and_named_when_offline(tmp_path, mon
         shutil.copyfile(official(rel), copy / rel)
     write(str(copy / wanted[1]), "edited.avi 0\n")
     with pytest.raises(data.DatasetError, match="fs_base_s3_train.txt is not the official file"):
-        train.fetch_splits(train.get_args(["--dataset", "hmdb51", "--root", "x", "--base-novel", "--seed", "3",
+        protocols.fetch_splits(train.get_args(["--dataset", "hmdb51", "--root", "x", "--base-novel", "--seed", "3",
                                            "--splits", str(copy)]))
 
 
@@ -1835,7 +1836,7 @@ def test_mix_targets_sum_to_one_and_keep_frames_aligned():
     args = argparse.Namespace(label_smoothing=0.1, mixup=0.8, cutmix=1.0, mix_switch=0.5)
     video = torch.arange(4.0).view(4, 1, 1, 1, 1).expand(4, 3, 3, 8, 8)
     for _ in range(10):
-        mixed, target = train.mix(video, torch.tensor([0, 1, 2, 3]), 5, args)
+        mixed, target = protocols.mix(video, torch.tensor([0, 1, 2, 3]), 5, args)
         torch.testing.assert_close(target.sum(1), torch.ones(4))
         assert torch.equal(mixed[:, :1].expand_as(mixed), mixed)  # the same mix for every frame of a clip
         assert target.max() <= 0.9 + 0.1 / 5 + 1e-6
@@ -1856,7 +1857,7 @@ def test_mixup_mixes_video_and_targets_with_the_same_lambda():
     target = smoothed([2, 0, 3, 1], 5, 0.1)
     for seed in range(3):
         random.seed(seed)
-        mixed, mixed_target = train.mix(video, labels, 5, args)
+        mixed, mixed_target = protocols.mix(video, labels, 5, args)
         random.seed(seed)
         lam = random.betavariate(0.8, 0.8)  # the one draw mixup makes; clip i is mixed with clip B-1-i, as timm
         torch.testing.assert_close(mixed, lam * video + (1 - lam) * video.flip(0))
@@ -1871,7 +1872,7 @@ def test_cutmix_pastes_one_box_of_the_paired_clip_and_weights_targets_by_its_are
     partial = 0
     for seed in range(6):
         random.seed(seed)
-        mixed, target = train.mix(video, labels, 4, args)
+        mixed, target = protocols.mix(video, labels, 4, args)
         pasted = mixed != video  # (B, T, 3, H, W): True inside the box
         assert torch.equal(pasted, pasted[:1, :1, :1].expand_as(pasted))  # one box for every clip, frame, channel
         rows, cols = pasted[0, 0, 0].any(1).nonzero().flatten(), pasted[0, 0, 0].any(0).nonzero().flatten()
@@ -1895,7 +1896,7 @@ def test_mix_switch_is_the_probability_of_cutmix():
     video, labels = torch.randn(4, 1, 3, 12, 20), torch.tensor([0, 1, 2, 3])
     random.seed(0)
     # cutmix leaves the pixels outside its box as they were; mixup changes every pixel
-    cutmixed = [bool((train.mix(video, labels, 4, args)[0] == video).any()) for _ in range(400)]
+    cutmixed = [bool((protocols.mix(video, labels, 4, args)[0] == video).any()) for _ in range(400)]
     assert abs(sum(cutmixed) / 400 - 0.25) < 0.07
 
 
@@ -1925,9 +1926,9 @@ class ViewLogits(torch.nn.Module):
     """A stand-in model: the logits of a view are table[code], code being the value of the view's pixels (they
     reach the model as they are, with the identity normalization NO_NORM)."""
 
-    def __init__(self, table):
+    def __init__(self, table, norm):
         super().__init__()
-        self.table = table
+        self.table, self.norm = table, norm
 
     def forward(self, video):  # (N, T, 3, H, W) -> (N, C)
         return self.table[video[:, 0, 0, 0, 0].round().long()]
@@ -1951,7 +1952,7 @@ class CodedViews(torch.utils.data.Dataset):
         return {"video": video, "colour": data.NO_COLOUR, "label": self.labels[i], "index": i, "failed": ""}
 
 
-def test_evaluate_averages_softmax_probabilities_over_views():
+def test_evaluate_averages_softmax_probabilities_over_views(monkeypatch):
     # Three views per video, seven classes. In the first three videos one view is very sure of class 0 and two
     # views fairly sure of class 1: the mean probability picks 1, the mean logit would pick 0.
     tricky = [[8.0, 0, 0, 0, 0, 0, -1], [0, 3, 0, 0, 0, 0, -1], [0, 3, 0, 0, 0, 0, -1]]
@@ -1968,14 +1969,17 @@ def test_evaluate_averages_softmax_probabilities_over_views():
     assert top1 == [True, True, False, True, False] and top5 == [True, True, True, True, False]
     assert per_video.mean(1).argmax(1).tolist() == [0, 2, 0, 2, 1]  # averaging logits: 1 of 5 right instead of 3
     args = argparse.Namespace(micro_batch=2, workers=0, device="cpu", seed=0, views="1x3")
-    result = train.evaluate(ViewLogits(table), CodedViews(labels, 3, 7), args, NO_NORM, torch.device("cpu"),
-                            contextlib.nullcontext(), 0, 1, "eval")
+    monkeypatch.setitem(data.NORMS, "identity", NO_NORM)
+    runtime = train.Runtime(torch.device("cpu"), contextlib.nullcontext())
+    result = train.evaluate(ViewLogits(table, norm="identity"), CodedViews(labels, 3, 7), args, runtime)
     assert (result["top1"], result["top5"], result["videos"], result["classes"]) == (60.0, 80.0, 5, 7)
     assert result["failures"] == 0
 
 
 def test_evaluate_all_harmonic_mean_and_fold_statistics(monkeypatch):
     class Model:
+        classnames = ["training classes"]
+
         def set_classnames(self, names):
             self.classnames = names
 
@@ -1987,8 +1991,9 @@ def test_evaluate_all_harmonic_mean_and_fold_statistics(monkeypatch):
     monkeypatch.setattr(train, "evaluate", evaluate)
     sets = {"base": 80.0, "novel": 40.0, "ucf101-fold1": 70.0, "ucf101-fold2": 74.0, "ucf101-fold3": 75.0}
     tests = {name: argparse.Namespace(top1=top1, classnames=[name]) for name, top1 in sets.items()}
-    results = train.evaluate_all(model, tests, None, None, None, None, 0, 1)
+    results = train.evaluate_all(model, tests, None, None)
     assert calls == [(top1, [name]) for name, top1 in sets.items()]
+    assert model.classnames == ["training classes"]  # the model's own list again
     assert abs(results["harmonic_mean"] - 2 * 80 * 40 / (80 + 40)) < 1e-9  # 53.3, not the mean 60
     assert abs(results["ucf101"]["mean_top1"] - 73.0) < 1e-5
     assert abs(results["ucf101"]["std_top1"] - math.sqrt((9 + 1 + 4) / 3)) < 1e-5  # over the 3 folds, not n - 1
@@ -2149,7 +2154,7 @@ def test_gradient_accumulation_equals_the_whole_batch(tmp_path, monkeypatch):
     # batch is cut into micro-batches. 9 clips: micro-batches of 4 in steps of 8 leave a last step of one
     # micro-batch of 1, which must count as a batch of 1, not 1/2 of one.
     monkeypatch.setattr(torch.optim, "AdamW", lambda params, lr, **kw: torch.optim.SGD(params, lr=lr))
-    monkeypatch.setattr(train, "learning_rate", lambda progress, args: args.lr)
+    monkeypatch.setattr(protocols, "learning_rate", lambda progress, args: args.lr)
     evaluate_all = train.evaluate_all  # not the subject here: on one video per test set
     monkeypatch.setattr(train, "evaluate_all", lambda model, tests, *a: evaluate_all(
         model, {name: test.subset(test.samples[:1]) for name, test in tests.items()}, *a))
@@ -2180,7 +2185,7 @@ def test_curves_svg_has_loss_and_accuracy_panels_with_ticks(tmp_path):
     assert {"cross-entropy", "epoch", "0", "1", "2", "10", "20"} <= set(labels[0])
     assert {"top-1 accuracy (%)", "0", "20", "40", "60", "80", "100"} <= set(labels[1])
     assert len(panels[1].findall(f"{svg}circle")) == 4  # one marker per evaluation: epochs 5, 10, 15, 20
-    demo = train.PRESETS["synthetic"]
+    demo = protocols.PRESETS["synthetic"]
     assert demo["eval_every"] * 4 <= demo["epochs"]  # the demo's accuracy curve has points to show learning
 
 
@@ -2247,7 +2252,7 @@ def test_offline_one_message_lists_every_missing_file(tmp_path, monkeypatch):
     with pytest.raises(data.DatasetError) as error:  # nothing cached: split files, weights and vocabulary at once
         train.main(train.get_args(args))
     weights = clip_model.MODELS["ViT-B/16"]
-    for url in (data.OFFICIAL_URL + "datasets_splits/ucf_splits/train1_few_shot_2.txt", weights, tokenizer.BPE_URL):
+    for url in (protocols.OFFICIAL_URL + "datasets_splits/ucf_splits/train1_few_shot_2.txt", weights, tokenizer.BPE_URL):
         assert url in str(error.value)
     assert str(tmp_path / "cache" / tokenizer.BPE_FILE) in str(error.value)
     with pytest.raises(clip_model.CheckpointError) as error, warnings.catch_warnings():  # splits in place
@@ -2271,8 +2276,8 @@ def test_the_mission_command_runs_as_typed(tmp_path, bpe):
         os.link(video, tmp_path / "data" / "ucf101" / "UCF-101" / name)
     cache = tmp_path / "cache"
     for rel in (few, val, "labels/ucf_101_labels.csv"):
-        os.makedirs(cache / f"splits-{data.OFFICIAL_COMMIT[:7]}" / os.path.dirname(rel), exist_ok=True)
-        shutil.copyfile(official(rel), cache / f"splits-{data.OFFICIAL_COMMIT[:7]}" / rel)
+        os.makedirs(cache / f"splits-{protocols.OFFICIAL_COMMIT[:7]}" / os.path.dirname(rel), exist_ok=True)
+        shutil.copyfile(official(rel), cache / f"splits-{protocols.OFFICIAL_COMMIT[:7]}" / rel)
     shutil.copyfile(fixture("clip_tiny_openai_jit.pt"), cache / "ViT-B-16.pt")
     env = {**os.environ, "VIFI_CACHE": str(cache), "OMP_NUM_THREADS": "1", "VIFI_BPE": str(bpe)}
     env.pop("VIFI_DATA", None)
@@ -2368,7 +2373,7 @@ def test_readme_train_commands_parse():
     assert len(commands) >= 10
     for argv in commands:
         args = train.get_args(argv)
-        assert args.protocol in train.PRESETS and args.frames and args.epochs is not None, argv
+        assert args.protocol in protocols.PRESETS and args.frames and args.epochs is not None, argv
 
 
 def test_readme_vifi_command_parses_and_runs(tmp_path):

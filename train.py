@@ -6,10 +6,11 @@ Train and evaluate ViFi-CLIP on every protocol of the paper, from one command.
     python train.py --dataset hmdb51 --root DIR --base-novel --seed 1 --mode prompt --checkpoint K400.pth
     torchrun --nproc_per_node 8 train.py --dataset k400 --root DIR  # fully supervised, 8 GPUs
 
-The protocol follows from the flags (see `protocol()`); its settings come from PRESETS and any flag overrides
-them. `--batch-size` is the effective batch of one optimizer step over all processes; `--micro-batch` is what one
-device holds at once, and gradients accumulate over the difference, so the paper's batch holds on any number of
-GPUs. Writes `results.json`, `log.jsonl`, `last.pt`, `best.pt`, `curves.svg` and the split lists to `--out`.
+The protocol follows from the flags, and protocols.py gives its settings, videos and test sets; any flag given
+overrides its preset. `--batch-size` is the effective batch of one optimizer step over all processes;
+`--micro-batch` is what one device holds at once, and gradients accumulate over the difference, so the paper's
+batch holds on any number of GPUs. Writes `results.json`, `log.jsonl`, `last.pt`, `best.pt`, `curves.svg` and
+the split lists to `--out`.
 """
 import argparse
 import contextlib
@@ -21,6 +22,7 @@ import re
 import shutil
 import sys
 import time
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -28,70 +30,23 @@ from tqdm import tqdm
 
 import clip_model
 import data
+import protocols
 import tokenizer
 import vifi
 
 DATASETS = ["synthetic", "ucf101", "hmdb51", "k400", "k600", "ssv2", "list"]
-EVAL_DATASETS = ["ucf101", "hmdb51", "k600", "k400", "ssv2"]  # what --eval-datasets may name
-PROTOCOLS = ["few-shot", "base-novel", "zero-shot", "supervised", "vanilla-zero-shot"]
-
-# Paper settings per protocol (Sec. 4 and the official configs). Any flag given on the command line wins.
-# eval_every: the official code evaluates after epoch e (0-based) when e % SAVE_FREQ == 0 and after the last one:
-# epochs 1, 11, 21, 31, 41, 50 of a few-shot run, every epoch of a supervised one.
-PRESETS = {
-    "few-shot":          dict(frames=32, batch_size=64, lr=2e-6, epochs=50, eval_every=10),
-    "few-shot-prompt":   dict(frames=32, batch_size=64, lr=8e-3, epochs=50, eval_every=10, n_ctx=[10], depth=[12]),
-    "base-novel":        dict(frames=32, batch_size=64, lr=2e-6, epochs=11, eval_every=10, shots=16),
-    "base-novel-prompt": dict(frames=32, batch_size=64, lr=4e-2, epochs=11, eval_every=10, shots=16, n_ctx=[16],
-                              depth=[9]),
-    "zero-shot":         dict(frames=32, batch_size=256, lr=8e-6, epochs=10, eval_every=1),
-    "supervised":        dict(frames=16, batch_size=512, lr=2.2e-5, epochs=30, eval_every=1, views="4x3"),
-    "vanilla-zero-shot": dict(frames=32, epochs=0),
-    # The offline demo: a small CLIP from scratch with the byte-level tokenizer on rendered clips; its base
-    # classes train, its novel classes (unseen combinations of seen words) are only evaluated.
-    "synthetic":         dict(model="scratch", template="{}", frames=8, batch_size=32, micro_batch=32, lr=7e-4,
-                              epochs=40, eval_every=5, warmup_epochs=1, label_smoothing=0.0, mixup=0.0, cutmix=0.0,
-                              workers=0),
-}
-DEFAULTS = dict(model="ViT-B/16", frames=32, batch_size=64, micro_batch=8, lr=2e-6,
-                epochs=10, eval_every=0, warmup_epochs=5, weight_decay=0.001, label_smoothing=0.1, mixup=0.8,
-                cutmix=1.0, mix_switch=0.5, views="1x1", shots=0, n_ctx=[10], depth=[12],
-                workers=min(8, os.cpu_count() or 1))
-# Which evaluation the paper's tables report: few-shot logs the best of its evaluations ("Max accuracy"); the
-# other protocols take the final model (base-to-novel evaluates novel classes with the last epoch's weights).
-REPORTED = {"few-shot": "best", "base-novel": "final", "zero-shot": "final", "supervised": "final",
-            "vanilla-zero-shot": "final", "synthetic": "final"}
+# The demo's CLIP (--model scratch): small enough to train from scratch on a CPU in minutes.
 SCRATCH = clip_model.CLIPConfig(embed_dim=64, image_resolution=32, vision_layers=2, vision_width=128, patch_size=8,
                                 context_length=32, vocab_size=tokenizer.Tokenizer(byte_level=True).vocab_size,
                                 text_width=128, text_layers=2)
 
 
-def infer_protocol(args):
-    """The protocol the flags describe, when --protocol is not given."""
-    if args.dataset == "synthetic":
-        return "synthetic"
-    if args.mode == "zeroshot":
-        return "vanilla-zero-shot"
-    if args.base_novel:
-        return "base-novel"
-    if args.shots:
-        return "few-shot"
-    if args.eval_datasets or (args.eval_only and args.dataset in ("ucf101", "hmdb51", "k600")):
-        return "zero-shot"
-    if args.dataset == "list":
-        raise vifi.ConfigError("--dataset list: say whose settings to use with --protocol "
-                               f"({', '.join(PROTOCOLS)}); the lists are used as they are")
-    return "supervised"
-
-
-def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group("data")
+def data_flags(g):
     g.add_argument("--dataset", default="synthetic", choices=DATASETS)
     g.add_argument("--root", help="folder the dataset unpacks into (default: $VIFI_DATA/<dataset>, VIFI_DATA "
                                   "defaulting to ./data; see README for each layout)")
-    g.add_argument("--protocol", choices=PROTOCOLS, help="the paper's protocol (default: from --shots, --base-novel, "
-                                                         "--eval-datasets, --mode zeroshot; else supervised)")
+    g.add_argument("--protocol", choices=protocols.PROTOCOLS, help="the paper's protocol (default: from --shots, "
+                   "--base-novel, --eval-datasets, --mode zeroshot; else supervised)")
     g.add_argument("--splits", help="'official' (the paper's list and label files, downloaded once; the default for "
                                     "ucf101, hmdb51, k400, k600, ssv2), a folder holding a copy of them (labels/, "
                                     "datasets_splits/), or 'native' (the dataset's own lists and a seeded draw)")
@@ -113,6 +68,12 @@ def get_args(argv=None):
     g.add_argument("--norm", choices=list(data.NORMS), help="pixel mean/std (default: a checkpoint's own, else "
                                                               "imagenet, as the official training and evaluation)")
     g.add_argument("--workers", type=int, help="DataLoader worker processes per GPU")
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    data_flags(p.add_argument_group("data"))
     g = p.add_argument_group("model")
     g.add_argument("--mode", default="finetune", choices=vifi.MODES, help="finetune: ViFi-CLIP; prompt: bridge and "
                                                                           "prompt; zeroshot: vanilla CLIP, evaluation only")
@@ -146,140 +107,87 @@ def get_args(argv=None):
     g.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint (or the base model) on the "
                                                             "protocol's test sets, with its frames and views")
     args = p.parse_args(argv)
-    args.eval_datasets = [name for name in (args.eval_datasets or "").split(",") if name]
-    args.protocol = args.protocol or infer_protocol(args)
-    args.base_novel = args.protocol == "base-novel"
-    preset = args.protocol + ("-prompt" if args.mode == "prompt" and args.protocol + "-prompt" in PRESETS else "")
-    given = {k: v for k, v in vars(args).items() if v is not None}
-    for k, v in {**DEFAULTS, **PRESETS[preset], **given}.items():
-        setattr(args, k, v)
-    if args.protocol == "vanilla-zero-shot" or args.mode == "zeroshot":  # vanilla CLIP: nothing trains
-        args.eval_only = True
-    if args.splits is None:
-        args.splits = "official" if args.dataset in data.OFFICIAL_DATASETS else "native"
-    if args.dataset != "synthetic":
-        args.root = args.root or default_root(args.dataset)
-    args.out = args.out or os.path.join("runs", f"{args.dataset}-{args.protocol}")
-    return args
+    if args.dataset == "list" and not args.protocol:
+        raise vifi.ConfigError(f"--dataset list: say whose settings to use with --protocol "
+                               f"({', '.join(protocols.PROTOCOLS)}); the lists are used as they are")
+    return protocols.resolve(args)
+
+
+def check_args(args, world):
+    """Flags that cannot work, refused before anything is loaded (vifi.ConfigError: one line, exit 2)."""
+    problems = [
+        (args.shots < 0, f"--shots {args.shots}: videos per class cannot be negative"),
+        (args.frames < 1, f"--frames {args.frames}: a clip needs at least one frame"),
+        (args.micro_batch < 1 or args.batch_size < 1, "--batch-size and --micro-batch must be at least 1"),
+        (args.epochs < 1 and not args.eval_only, f"--epochs {args.epochs}: train at least one epoch, or --eval-only"),
+        (not re.fullmatch(r"[1-9]\d*x[13]", args.views), f"--views {args.views!r}: expected CLIPSxCROPS with "
+                                                          "CROPS 1 or 3, e.g. 1x1 or 4x3"),
+        (not 0 <= args.label_smoothing < 1, f"--label-smoothing {args.label_smoothing}: expected 0 <= value < 1"),
+        (args.template is not None and args.template.count("{}") != 1,
+         f"--template {args.template!r}: expected exactly one {{}} for the name"),
+        (any(name not in protocols.EVAL_DATASETS for name in args.eval_datasets),
+         f"--eval-datasets {','.join(args.eval_datasets)}: expected names among {', '.join(protocols.EVAL_DATASETS)}"),
+        (any("=" not in kv for kv in args.eval_roots.split(",") if kv),
+         f"--eval-roots {args.eval_roots!r}: expected NAME=DIR pairs separated by commas"),
+        (args.eval_only and bool(args.resume), f"--resume continues training, but this run only evaluates: to "
+                                               f"evaluate {args.resume}, pass it as --checkpoint"),
+        (not args.eval_only and args.micro_batch > 0 and args.batch_size % (args.micro_batch * world) != 0,
+         f"--batch-size {args.batch_size} is not a whole number of micro-batches of {args.micro_batch} on {world} "
+         f"process(es): choose --micro-batch so that micro-batch x processes divides the batch"),
+        (args.device and args.device.startswith("cuda") and not torch.cuda.is_available(),
+         f"--device {args.device}: this machine has no CUDA GPU that torch can use; leave --device out for the CPU"),
+        (os.path.exists(args.out) and not os.path.isdir(args.out), f"--out {args.out} is a file, not a folder"),
+        (args.input_size is not None and args.input_size < 1, f"--input-size {args.input_size}: expected pixels > 0"),
+    ]
+    for bad, message in problems:
+        if bad:
+            raise vifi.ConfigError(message)
+    if not args.eval_only and args.warmup_epochs >= args.epochs:
+        top = args.lr * args.epochs / args.warmup_epochs
+        print(f"warning: the run ({args.epochs} epochs) ends inside the warm-up ({args.warmup_epochs:g} epochs): the "
+              f"rate rises only to {top:.3g}, not to --lr {args.lr:g}; lower --warmup-epochs", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Data
+# Processes and batches
 
-def official_files(args):
-    """{set name: (dataset, list file, labels file)} of the official repository for this run; 'train' maps to
-    None where the paper trains on a whole training set (the dataset's own list, read with the official names)."""
-    p, own = args.protocol, {}
-    if p in ("few-shot", "base-novel", "supervised"):
-        sets = data.official_sets(args.dataset, p, args.shots, args.seed)
-    elif args.eval_only:  # zero-shot evaluation (also of vanilla CLIP): the dataset's zero-shot sets
-        sets = data.official_sets(args.dataset, "zero-shot")
-    else:  # zero-shot training: the whole training set, evaluated on its test list
-        sets = data.official_sets(args.dataset, "supervised")
-    if p in ("supervised", "zero-shot") and not args.eval_only:
-        own = {"train": None}
-    if args.eval_only:
-        sets.pop("train", None)
-    files = {**own, **{name: (args.dataset, *f) for name, f in sets.items()}}
-    for name in args.eval_datasets:
-        files.update({k: (name, *f) for k, f in data.official_sets(name, "zero-shot").items()})
-    return files
+@dataclass
+class Runtime:
+    """Where this process runs and its share of the work: fixed once the run has started."""
+    device: torch.device
+    autocast: contextlib.AbstractContextManager  # torch.autocast with the --precision dtype, or a null context
+    rank: int = 0  # this process, one of
+    world: int = 1  # processes (torchrun sets RANK and WORLD_SIZE; DDP then)
 
 
-def default_root(name):
-    """Where a dataset is looked for without --root / --eval-roots: $VIFI_DATA/<name>, VIFI_DATA defaulting to ./data."""
-    return os.path.join(os.environ.get("VIFI_DATA", "data"), name)
+def start(args, world):
+    """The process group (under torchrun), this process's device, its autocast and its seeds."""
+    if "RANK" in os.environ:
+        dist.init_process_group("nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(args.device, int(os.environ.get("LOCAL_RANK", 0)))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[args.precision]
+    random.seed(args.seed + rank)
+    torch.manual_seed(args.seed + rank)
+    return Runtime(device, torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext(), rank, world)
 
 
-def data_roots(args):
-    """{dataset: folder} of the training and evaluation sets: --root, --eval-roots, else default_root."""
-    given = dict(kv.split("=", 1) for kv in args.eval_roots.split(",") if kv)
-    return {args.dataset: args.root, **{name: given.get(name) or default_root(name) for name in args.eval_datasets}}
+def pick_device(name, local_rank):
+    """'cuda' means this process's GPU, with its index (torch.cuda.set_device refuses a bare 'cuda')."""
+    return torch.device(f"cuda:{local_rank}" if name == "cuda" else name)
 
 
-def check_data(args):
-    """Before any download: every dataset folder exists and holds videos."""
-    if args.dataset != "synthetic":
-        for name, root in data_roots(args).items():
-            data.check_root(name, root)
-
-
-def check_readable(sets):
-    """After the lists are read: a video of each set decodes (a copy of the wrong or of empty files stops here)."""
-    for name, dataset in sets.items():
-        if dataset is None or isinstance(dataset, data.SyntheticVideos):
-            continue
-        reasons = []
-        for path, _ in dataset.samples[:5]:
-            try:
-                data.read_frames(path, [0])
-                break
-            except data.VideoError as e:
-                reasons.append(str(e))
-        else:
-            raise data.DatasetError(f"none of the first {len(reasons)} videos of the {name} set could be read, e.g. "
-                                    f"{reasons[0]}; check the copy with `python data.py check`")
-
-
-def datasets(args, splits_dir=None):
-    """(train set or None, {name: test set}) of the protocol: the official lists (copies in `splits_dir`) read
-    under each dataset's root, or the dataset's own lists (--splits native, the synthetic set, list files)."""
-    views = [int(v) for v in args.views.split("x")]
-    common = dict(frames=args.frames, size=args.input_size, clips=views[0], crops=views[1], seed=args.seed)
-    roots = data_roots(args)
-    if args.splits == "native" or args.dataset in ("synthetic", "list"):
-        return native_datasets(args, roots, common)
-    files = official_files(args)
-    sets = {name: official_list(roots[f[0]], f, splits_dir, "train" if name == "train" else "test", common)
-            for name, f in files.items() if f}
-    train = sets.pop("train", None)
-    if "train" in files and train is None:  # the whole training set: the dataset's own list, the official names
-        train = data.relabel(data.build_dataset(args.dataset, args.root, "train", **common), sets["test"].classnames)
-    return train, sets
-
-
-def official_list(root, files, splits_dir, split, common):
-    """One official list (and its labels) read under a dataset's root."""
-    dataset, list_file, labels_file = files
-    try:
-        return data.build_dataset("list", root, split, list_file=os.path.join(splits_dir, list_file),
-                                  labels_file=os.path.join(splits_dir, labels_file), **common)
-    except data.DatasetError as e:
-        raise data.DatasetError(f"{dataset}: the paper's {list_file} does not match the videos under {root}: {e}. "
-                                f"The official lists name {dataset}'s own files; for other videos (such as data.py "
-                                "synth-ucf output) use --splits native") from None
-
-
-def native_datasets(args, roots, common):
-    """The dataset's own train and test lists; base / novel halves and few-shot subsets drawn with the seed
-    (not the paper's); list files as they are."""
-    def build(name, split, fold=args.fold):
-        lists = {"train": args.train_list, "test": args.test_list}  # only --dataset list reads these
-        return data.build_dataset(name, roots.get(name), split, fold=fold, list_file=lists[split],
-                                  labels_file=args.labels, **common)
-
-    test = build(args.dataset, "test")
-    train = None if args.eval_only else build(args.dataset, "train")
-    tests = {"test": test}
-    drawn = args.dataset != "list"
-    if drawn and args.protocol in ("base-novel", "synthetic"):
-        base, novel = data.base_novel_classes(train or build(args.dataset, "train"))
-        train = train and data.subset_classes(train, base)
-        tests = {"base": data.subset_classes(test, base), "novel": data.subset_classes(test, novel)}
-    if drawn and train is not None and args.shots and args.protocol in ("few-shot", "base-novel", "synthetic"):
-        train = data.few_shot(train, args.shots, args.seed)
-    if drawn and args.protocol in ("few-shot", "base-novel"):
-        print(f"note: --splits native: {args.protocol} videos and classes drawn with seed {args.seed}, not the "
-              "paper's lists; its numbers are not comparable with the paper's", file=sys.stderr)
-    for name in args.eval_datasets:
-        if name == "k600":  # Kinetics-600 classes absent from Kinetics-400, three seeded subsets of 160
-            k600 = build("k600", "test")
-            for s in (1, 2, 3):
-                tests[f"k600-subset{s}"] = data.k600_novel_subset(k600, (train or test).classnames, seed=s)
-        else:
-            for fold in (1, 2, 3):
-                tests[f"{name}-fold{fold}"] = build(name, "test", fold=fold)
-    return train, tests
+def rank0_first(fetch, rt):
+    """fetch() on rank 0, then on the others, which find its downloads in place: no two processes write one file."""
+    result = fetch() if rt.rank == 0 else None
+    if dist.is_initialized():
+        dist.barrier()
+    return fetch() if rt.rank > 0 else result
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -305,6 +213,13 @@ class EpochSampler(torch.utils.data.Sampler):
 
     def __len__(self):
         return len(self.indices())
+
+
+def loader(dataset, args, rt, train):
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=args.micro_batch, sampler=EpochSampler(len(dataset), rt.rank, rt.world, train, args.seed),
+        num_workers=args.workers, pin_memory=rt.device.type == "cuda", persistent_workers=args.workers > 0,
+        prefetch_factor=4 if args.workers > 0 else None)
 
 
 class FailureLog:
@@ -342,13 +257,6 @@ class FailureLog:
         return f"{len(self.failures)} unreadable, first: " + "; ".join(lines) if lines else ""
 
 
-def loader(dataset, args, rank, world, train):
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=args.micro_batch, sampler=EpochSampler(len(dataset), rank, world, train, args.seed),
-        num_workers=args.workers, pin_memory=args.device.startswith("cuda"), persistent_workers=args.workers > 0,
-        prefetch_factor=4 if args.workers > 0 else None)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Model, loss, schedule
 
@@ -359,11 +267,31 @@ def load_clip(args):
     return clip_model.load(args.model)
 
 
+def setup_model(args, train_set, tests, rt):
+    """The ViFiCLIP to train or evaluate, on rt's device. The datasets get the input size it takes (they were
+    built before the model was known, so that a wrong --root costs no download)."""
+    # An own checkpoint holds its whole model; an official one needs the base CLIP (--model) it was trained from.
+    ck = vifi.read_checkpoint(args.checkpoint) if args.checkpoint else None
+    own = vifi.load_checkpoint(args.checkpoint, ck=ck) if ck and "vifi" in ck else None
+    rank0_first(lambda: fetch_model_files(args, own), rt)
+    clip = own.clip if own else load_clip(args)
+    args.input_size = args.input_size or clip.config.image_resolution
+    if args.input_size < clip.config.patch_size:
+        raise vifi.ConfigError(f"--input-size {args.input_size} is smaller than one {clip.config.patch_size}-pixel "
+                               "patch of this model")
+    for dataset in (train_set, *tests.values()):
+        if dataset is not None:
+            dataset.size = args.input_size
+    classnames = (train_set or next(iter(tests.values()))).classnames
+    return build_model(args, clip, classnames, own, ck).to(rt.device)
+
+
 def build_model(args, clip, classnames, own=None, ck=None):
-    """The ViFiCLIP to train or evaluate, and the pixel mean/std it expects. own: the model of an own --checkpoint;
-    ck: the contents of an official one (its weights go onto `clip`)."""
-    kw = dict(mode=args.mode, towers=args.towers, template=args.template, clean_names=args.clean_names, n_ctx_text=args.n_ctx[0],
-              n_ctx_vision=args.n_ctx[-1], depth_text=args.depth[0], depth_vision=args.depth[-1])
+    """The ViFiCLIP of the flags, with the name of the pixel mean/std it expects in .norm. own: the model of an own
+    --checkpoint; ck: the contents of an official one (its weights go onto `clip`)."""
+    kw = dict(mode=args.mode, towers=args.towers, template=args.template, clean_names=args.clean_names,
+              n_ctx_text=args.n_ctx[0], n_ctx_vision=args.n_ctx[-1], depth_text=args.depth[0],
+              depth_vision=args.depth[-1])
     if not args.checkpoint:
         model = vifi.ViFiCLIP(clip, classnames, **kw)
     else:
@@ -376,84 +304,224 @@ def build_model(args, clip, classnames, own=None, ck=None):
         model = loaded if keep else vifi.ViFiCLIP(loaded.clip, classnames, norm=loaded.norm, **kw)
     # ImageNet's mean/std, as the official training and evaluation use, unless --norm or a checkpoint says otherwise
     model.norm = args.norm or (model.norm if args.checkpoint else "imagenet")
-    mean, std = data.NORMS[model.norm]
     if args.grad_checkpointing:
         model.clip.set_grad_checkpointing(True)
-    return model, (mean, std)
+    return model
 
 
-def mix(video, labels, num_classes, args):
-    """Mixup / CutMix with label smoothing (as timm's, which the official code uses); the same box for every frame.
-    video: (B, T, 3, H, W) float, labels: (B,) -> mixed video, soft targets (B, C)."""
-    off = args.label_smoothing / num_classes
-    target = torch.full((len(labels), num_classes), off, device=video.device)
-    target.scatter_(1, labels[:, None], 1 - args.label_smoothing + off)
-    use_cutmix = args.cutmix > 0 and (args.mixup <= 0 or random.random() < args.mix_switch)
-    alpha = args.cutmix if use_cutmix else args.mixup
-    if alpha <= 0:
-        return video, target
-    lam = random.betavariate(alpha, alpha)
-    if use_cutmix:
-        H, W = video.shape[-2:]
-        h, w = int(H * math.sqrt(1 - lam)), int(W * math.sqrt(1 - lam))
-        y, x = random.randint(0, H - h), random.randint(0, W - w)
-        video = video.clone()
-        video[..., y:y + h, x:x + w] = video.flip(0)[..., y:y + h, x:x + w]
-        lam = 1 - h * w / (H * W)  # the exact share of the pixels kept
-    else:
-        video = lam * video + (1 - lam) * video.flip(0)
-    return video, lam * target + (1 - lam) * target.flip(0)
+def model_files(args, own=None):
+    """(url, path, sha256) of the CLIP weights and the BPE vocabulary the run needs from the network."""
+    files = []
+    if own is None and args.model in clip_model.MODELS:
+        url = clip_model.MODELS[args.model]
+        files.append((url, os.path.join(clip_model.cache_dir(), os.path.basename(url)), url.split("/")[-2]))
+    if args.model != "scratch" and not os.environ.get("VIFI_BPE"):
+        files.append((tokenizer.BPE_URL, os.path.join(tokenizer.cache_dir(), tokenizer.BPE_FILE), tokenizer.BPE_SHA256))
+    return files
 
 
-def learning_rate(progress, args):
-    """The official schedule (timm's CosineLRScheduler as the official code sets it up) after `progress` epochs of
-    training: a linear warm-up from 0 over warmup_epochs, and a cosine from --lr down to --lr / 100 over the whole
-    run. The cosine is measured from the run's start, not from the warm-up's end (timm's warmup_prefix is off), so
-    right after the warm-up the rate is already below the peak. A function of progress alone: the same curve on any
-    number of GPUs and any micro-batch."""
-    if progress < args.warmup_epochs:
-        return args.lr * progress / args.warmup_epochs
-    floor = args.lr / 100
-    return floor + 0.5 * (args.lr - floor) * (1 + math.cos(math.pi * min(progress / args.epochs, 1.0)))
+def fetch_model_files(args, own=None):
+    """Fetch the weights and the vocabulary together, so that offline one message names every missing file."""
+    failed = []
+    for url, path, sha256 in model_files(args, own):
+        try:
+            clip_model.download(url, path, sha256)
+        except clip_model.CheckpointError:
+            failed.append(f"{url} -> {path}")
+    if failed:
+        raise clip_model.CheckpointError("could not fetch what the model needs:\n  " + "\n  ".join(failed) + "\nWithout "
+                                         "network, download them elsewhere and place them there (VIFI_CACHE sets the "
+                                         "folder; VIFI_BPE may name the vocabulary file)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training
+
+@dataclass
+class Training:
+    """What training changes, and what last.pt saves to resume it."""
+    model: vifi.ViFiCLIP
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    step: int = 0  # optimizer steps so far
+    epoch: int = 0  # the epoch in training (0-based); after resume(), the next one
+    best_top1: float = -1.0
+    best_epoch: int = 0  # 1-based; 0: no evaluation yet
+    log: list = field(default_factory=list)  # one row per epoch
+
+    def checkpoint(self, args):
+        return {"model": self.model.state_dict(), "vifi": vifi.checkpoint_config(self.model),
+                "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(), "epoch": self.epoch,
+                "step": self.step, "best_top1": self.best_top1, "best_epoch": self.best_epoch, "log": self.log,
+                "rng": {"python": random.getstate(), "torch": torch.get_rng_state()}, "args": dict(vars(args))}
+
+    def resume(self, path, args):
+        """Continue from a last.pt written by a run of the same flags: weights, optimizer, scaler, progress, rngs."""
+        ck = vifi.read_checkpoint(path)
+        if "optimizer" not in ck:
+            raise clip_model.CheckpointError(f"--resume {path}: not a last.pt written by train.py (no optimizer "
+                                             "state); to start from weights, use --checkpoint")
+        saved = (ck["args"].get("dataset"), ck["args"].get("protocol"), ck["vifi"].get("classnames"))
+        if saved != (args.dataset, args.protocol, self.model.classnames):
+            raise clip_model.CheckpointError(
+                f"--resume {path} continues a {saved[1]} run on {saved[0]} ({len(saved[2] or [])} classes), not this "
+                f"{args.protocol} run on {args.dataset} ({len(self.model.classnames)} classes): resume with the flags "
+                "of the run that wrote it, or start from its weights with --checkpoint")
+        clip_model.check_state_dict(ck["model"], self.model.state_dict(), path,
+                                    "the model these flags build: resume with the flags of the run that wrote it")
+        self.model.load_state_dict(ck["model"])
+        try:
+            self.optimizer.load_state_dict(ck["optimizer"])
+        except ValueError as e:  # the same weights, but other ones train (--mode, --towers)
+            raise clip_model.CheckpointError(f"--resume {path}: its optimizer state does not fit what these flags "
+                                             f"train ({e}); resume with the run's flags") from None
+        self.scaler.load_state_dict(ck["scaler"])
+        self.epoch, self.step, self.best_top1, self.best_epoch, self.log = (
+            ck["epoch"] + 1, ck["step"], ck["best_top1"], ck["best_epoch"], ck["log"])
+        random.setstate(ck["rng"]["python"])
+        torch.set_rng_state(ck["rng"]["torch"])
+        return ck
+
+
+def train_one_epoch(t, forward, loader, args, rt):
+    """One pass over `loader`, an optimizer step every batch_size clips (over all processes), the learning rate set
+    after each step. forward: the model as it runs (compiled, wrapped in DDP, or t.model). Returns the log row."""
+    t.model.train()
+    loader.sampler.epoch, batches = t.epoch, len(loader)  # micro-batches per epoch
+    accum = args.batch_size // (args.micro_batch * rt.world)  # micro-batches per optimizer step
+    mean, std = data.NORMS[t.model.norm]
+    failures, seen, t0, losses = FailureLog(len(loader.dataset)), 0, time.time(), []
+    # The rate in force: the one set after the last optimizer step so far (0 before the first, as timm's).
+    for g in t.optimizer.param_groups:
+        g["lr"] = protocols.learning_rate(max(t.epoch - 1 / batches, 0.0), args)
+    bar = tqdm(loader, desc=f"epoch {t.epoch + 1}", leave=False, disable=rt.rank > 0)
+    for i, batch in enumerate(bar):
+        failures.update(batch["failed"])
+        # colour jitter and grayscale happen here, on the device, with each clip's own matrix (data.normalize)
+        video = data.normalize(batch["video"].to(rt.device, non_blocking=True), mean, std,
+                               colour=batch["colour"].to(rt.device, non_blocking=True))
+        video, target = protocols.mix(video, batch["label"].to(rt.device), len(t.model.classnames), args)
+        group = min(accum, batches - i // accum * accum)  # micro-batches in this optimizer step
+        last = (i + 1) % accum == 0 or i + 1 == batches
+        ddp = isinstance(forward, torch.nn.parallel.DistributedDataParallel)
+        with forward.no_sync() if ddp and not last else contextlib.nullcontext():  # DDP: one all-reduce per step
+            with rt.autocast:
+                logits = forward(video)
+            loss = torch.sum(-target * logits.float().log_softmax(-1), dim=-1).mean()  # soft-target cross-entropy
+            t.scaler.scale(loss / group).backward()
+        losses.append(loss.detach())
+        seen += len(video) * rt.world
+        if last:
+            step_loss = torch.stack(losses[-group:]).mean().item()  # one sync per optimizer step
+            if not math.isfinite(step_loss):
+                kept = (f"the last good checkpoint is {args.out}/last.pt" if t.log else
+                        "no checkpoint was written yet (none is, before the first epoch ends)")
+                raise FloatingPointError(f"loss is {step_loss} at optimizer step {t.step + 1} (epoch {t.epoch + 1}); "
+                                         f"stopped; {kept}. Try a lower --lr or --precision fp32")
+            t.scaler.step(t.optimizer)
+            t.scaler.update()
+            t.optimizer.zero_grad(set_to_none=True)
+            t.step += 1
+            for g in t.optimizer.param_groups:  # timm's step_update(epoch * n + i): progress at micro-batch i
+                g["lr"] = protocols.learning_rate(t.epoch + i / batches, args)
+            bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{t.optimizer.param_groups[0]['lr']:.2e}",
+                            clips_per_s=f"{seen / (time.time() - t0):.1f}")
+    if failures.gather(rt.world).failures and rt.rank == 0:
+        tqdm.write(f"epoch {t.epoch + 1}: unreadable videos were replaced by others: {failures.report()}")
+    return dict(epoch=t.epoch + 1, step=t.step, loss=torch.stack(losses).mean().item(),
+                lr=t.optimizer.param_groups[0]["lr"], clips_per_s=seen / (time.time() - t0),
+                failures=len(failures.failures))
+
+
+def fit(model, train_set, tests, args, rt):
+    """Train from the first epoch (or --resume's) to the last; evaluate as the protocol says; save last.pt (and
+    best.pt, log.jsonl, curves.svg) after each epoch. Returns the Training and the final evaluation."""
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=args.lr, betas=(0.9, 0.98), eps=1e-8,
+                                  weight_decay=args.weight_decay, fused=rt.device.type == "cuda")
+    t = Training(model, optimizer, torch.amp.GradScaler(rt.device.type, enabled=args.precision == "fp16"))
+    if args.resume:
+        ck = t.resume(args.resume, args)
+        if rt.rank == 0:  # whatever a kill right after last.pt's rename left unwritten
+            write_outputs(ck, args.out)
+    forward = torch.compile(model) if args.compile else model
+    if dist.is_initialized():
+        forward = torch.nn.parallel.DistributedDataParallel(
+            forward, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    train_loader, main, results = loader(train_set, args, rt, train=True), main_set(tests), None
+    for epoch in tqdm(range(t.epoch, args.epochs), desc="epochs", disable=rt.rank > 0, initial=t.epoch,
+                      total=args.epochs):
+        t.epoch = epoch
+        row = train_one_epoch(t, forward, train_loader, args, rt)
+        if epoch + 1 == args.epochs:  # the final evaluation: every test set, with the protocol's views
+            results = evaluate_all(model, tests, args, rt)
+            row.update(top1=results[main]["top1"], top5=results[main]["top5"])
+        elif args.eval_every and epoch % args.eval_every == 0:  # as the official code: one view, the main set
+            quick = evaluate_all(model, {main: single_view(tests[main])}, args, rt)
+            row.update(top1=quick[main]["top1"], top5=quick[main]["top5"])
+        t.log.append(row)
+        if row.get("top1", -1) > t.best_top1:
+            t.best_top1, t.best_epoch = row["top1"], epoch + 1
+        if rt.rank == 0:
+            ck = t.checkpoint(args)
+            save_atomic(ck, os.path.join(args.out, "last.pt"))
+            write_outputs(ck, args.out)
+            tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+    return t, results
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Evaluation
 
+def main_set(tests):
+    """The test set that training reports and that `best` follows: the base classes, else the first set."""
+    return "base" if "base" in tests else next(iter(tests))
+
+
+def single_view(dataset):
+    """The same test set with one clip and one crop per video: the official code's evaluations during training."""
+    quick = dataset.subset(dataset.samples)
+    quick.clips = quick.crops = 1
+    return quick
+
+
 @torch.no_grad()
-def evaluate(model, dataset, args, norm, device, autocast, rank, world, desc):
+def evaluate(model, dataset, args, rt, desc="eval"):
     """Softmax per view, averaged over views; top-1 / top-5 over every video exactly once, summed over processes."""
     model.eval()
     failures = FailureLog(len(dataset))
-    counts = torch.zeros(3, device=device)  # top-1 hits, top-5 hits, readable videos
-    for batch in tqdm(loader(dataset, args, rank, world, train=False), desc=desc, leave=False, disable=rank > 0):
+    mean, std = data.NORMS[model.norm]
+    counts = torch.zeros(3, device=rt.device)  # top-1 hits, top-5 hits, readable videos
+    for batch in tqdm(loader(dataset, args, rt, train=False), desc=desc, leave=False, disable=rt.rank > 0):
         failures.update(batch["failed"])
-        video = data.normalize(batch["video"].to(device, non_blocking=True), *norm)
+        video = data.normalize(batch["video"].to(rt.device, non_blocking=True), mean, std)
         if video.dim() == 5:
             video = video[:, None]  # one view: (B, T, 3, H, W) -> (B, 1, T, 3, H, W)
         B, V = video.shape[:2]
-        with autocast:
+        with rt.autocast:
             logits = model(video.flatten(0, 1))  # (B, V, T, 3, H, W) -> (B*V, T, 3, H, W) -> (B*V, C)
         probs = logits.float().softmax(-1).view(B, V, -1).mean(1)  # (B*V, C) -> (B, C)
         top5 = probs.topk(min(5, probs.shape[1]), dim=-1).indices.cpu()
         labels = batch["label"][:, None]  # -1 for an unreadable video: it matches no class and is not counted
         counts += torch.tensor([(top5[:, :1] == labels).sum(), (top5 == labels).sum(), (labels >= 0).sum()],
-                               device=device)
-    if world > 1:
+                               device=rt.device)
+    if rt.world > 1:
         dist.all_reduce(counts)
-    failures.gather(world)
+    failures.gather(rt.world)
     hits1, hits5, n = counts.tolist()
     return dict(top1=100 * hits1 / max(n, 1), top5=100 * hits5 / max(n, 1), videos=int(n),
                 classes=len(dataset.classnames), views=args.views, failures=len(failures.failures),
                 failed_first=list(failures.failures)[:5])
 
 
-def evaluate_all(model, tests, args, norm, device, autocast, rank, world):
-    results = {}
+def evaluate_all(model, tests, args, rt):
+    """{name: evaluate(...)} of each test set with its own class list (base / novel / other datasets), the
+    model's own list restored afterwards; and the harmonic mean of base and novel, the mean and std of folds."""
+    results, own = {}, model.classnames
     for name, dataset in tests.items():
-        model.set_classnames(dataset.classnames)  # base / novel / other datasets: the text cache follows
-        results[name] = evaluate(model, dataset, args, norm, device, autocast, rank, world, f"eval {name}")
-    if "base" in results:  # base-to-novel: the harmonic mean of the two halves
+        model.set_classnames(dataset.classnames)  # the text cache follows
+        results[name] = evaluate(model, dataset, args, rt, f"eval {name}")
+    model.set_classnames(own)
+    if {"base", "novel"} <= results.keys():  # base-to-novel: the harmonic mean of the two halves
         b, n = results["base"]["top1"], results["novel"]["top1"]
         results["harmonic_mean"] = 2 * b * n / (b + n) if b + n else 0.0
     for group in {k.rsplit("-", 1)[0] for k in results if k.rsplit("-", 1)[-1].startswith(("fold", "subset"))}:
@@ -535,306 +603,17 @@ def write_curves(log, path):
         f.write("\n".join(out + ["</svg>"]))
 
 
-# ----------------------------------------------------------------------------------------------------------------
-
-def pick_device(name, local_rank):
-    """'cuda' means this process's GPU, with its index (torch.cuda.set_device refuses a bare 'cuda')."""
-    return torch.device(f"cuda:{local_rank}" if name == "cuda" else name)
-
-
-def check_args(args, world):
-    """Flags that cannot work, refused before anything is loaded (vifi.ConfigError: one line, exit 2)."""
-    problems = [
-        (args.shots < 0, f"--shots {args.shots}: videos per class cannot be negative"),
-        (args.frames < 1, f"--frames {args.frames}: a clip needs at least one frame"),
-        (args.micro_batch < 1 or args.batch_size < 1, "--batch-size and --micro-batch must be at least 1"),
-        (args.epochs < 1 and not args.eval_only, f"--epochs {args.epochs}: train at least one epoch, or --eval-only"),
-        (not re.fullmatch(r"[1-9]\d*x[13]", args.views), f"--views {args.views!r}: expected CLIPSxCROPS with "
-                                                          "CROPS 1 or 3, e.g. 1x1 or 4x3"),
-        (not 0 <= args.label_smoothing < 1, f"--label-smoothing {args.label_smoothing}: expected 0 <= value < 1"),
-        (args.template is not None and args.template.count("{}") != 1,
-         f"--template {args.template!r}: expected exactly one {{}} for the name"),
-        (any(name not in EVAL_DATASETS for name in args.eval_datasets),
-         f"--eval-datasets {','.join(args.eval_datasets)}: expected names among {', '.join(EVAL_DATASETS)}"),
-        (any("=" not in kv for kv in args.eval_roots.split(",") if kv),
-         f"--eval-roots {args.eval_roots!r}: expected NAME=DIR pairs separated by commas"),
-        (args.eval_only and bool(args.resume), f"--resume continues training, but this run only evaluates: to "
-                                               f"evaluate {args.resume}, pass it as --checkpoint"),
-        (not args.eval_only and args.micro_batch > 0 and args.batch_size % (args.micro_batch * world) != 0,
-         f"--batch-size {args.batch_size} is not a whole number of micro-batches of {args.micro_batch} on {world} "
-         f"process(es): choose --micro-batch so that micro-batch x processes divides the batch"),
-        (args.device and args.device.startswith("cuda") and not torch.cuda.is_available(),
-         f"--device {args.device}: this machine has no CUDA GPU that torch can use; leave --device out for the CPU"),
-        (os.path.exists(args.out) and not os.path.isdir(args.out), f"--out {args.out} is a file, not a folder"),
-        (args.input_size is not None and args.input_size < 1, f"--input-size {args.input_size}: expected pixels > 0"),
-    ]
-    for bad, message in problems:
-        if bad:
-            raise vifi.ConfigError(message)
-    if not args.eval_only and args.warmup_epochs >= args.epochs:
-        top = args.lr * args.epochs / args.warmup_epochs
-        print(f"warning: the run ({args.epochs} epochs) ends inside the warm-up ({args.warmup_epochs:g} epochs): the "
-              f"rate rises only to {top:.3g}, not to --lr {args.lr:g}; lower --warmup-epochs", file=sys.stderr)
-
-
-def fetch_splits(args):
-    """The folder holding the official files this run reads (None for --splits native): a copy given with --splits
-    DIR, or the cache, where missing files are downloaded once and checked against their pinned sha256."""
-    if args.splits == "native" or args.dataset in ("synthetic", "list"):
-        return None
-    local = args.splits != "official"
-    if local and not os.path.isdir(args.splits):
-        raise data.DatasetError(f"--splits {args.splits!r}: expected 'official', 'native' or a folder holding the "
-                                "official repository's labels/ and datasets_splits/")
-    folder = args.splits if local else os.path.join(clip_model.cache_dir(), f"splits-{data.OFFICIAL_COMMIT[:7]}")
-    hashes, failed = data.official_hashes(), []
-    wanted = sorted({path for f in official_files(args).values() if f for path in f[1:]})
-    for path in wanted:
-        if data.check_official_file(folder, path, hashes[path]) is not None:
-            continue
-        if local:
-            failed.append(f"{os.path.join(folder, path)} (missing)")
-            continue
-        try:
-            clip_model.download(data.OFFICIAL_URL + path, os.path.join(folder, path), hashes[path])
-        except clip_model.CheckpointError as e:
-            why = "sha256 mismatch, nothing written" if "corrupt" in str(e) else "no network?"
-            failed.append(f"{data.OFFICIAL_URL + path} -> {os.path.join(folder, path)} ({why})")
-    if failed:  # offline: the model files that are not there yet belong in the same message
-        also = [f"{url} -> {path}" for url, path, _ in model_files(args) if not os.path.isfile(path)]
-        raise data.DatasetError(f"{len(failed)} of the paper's split files that this run reads could not be found or "
-                                "fetched:\n  " + "\n  ".join(failed) + "\nPlace them there, or clone "
-                                "github.com/muzairkhattak/ViFi-CLIP elsewhere and pass --splits CLONE" +
-                                "".join(f"\nThe model needs too: {line}" for line in also))
-    return folder
-
-
-def model_files(args, own=None):
-    """(url, path, sha256) of the CLIP weights and the BPE vocabulary the run needs from the network."""
-    files = []
-    if own is None and args.model in clip_model.MODELS:
-        url = clip_model.MODELS[args.model]
-        files.append((url, os.path.join(clip_model.cache_dir(), os.path.basename(url)), url.split("/")[-2]))
-    if args.model != "scratch" and not os.environ.get("VIFI_BPE"):
-        files.append((tokenizer.BPE_URL, os.path.join(tokenizer.cache_dir(), tokenizer.BPE_FILE), tokenizer.BPE_SHA256))
-    return files
-
-
-def fetch_model_files(args, own=None):
-    """Fetch the weights and the vocabulary together, so that offline one message names every missing file."""
-    failed = []
-    for url, path, sha256 in model_files(args, own):
-        try:
-            clip_model.download(url, path, sha256)
-        except clip_model.CheckpointError:
-            failed.append(f"{url} -> {path}")
-    if failed:
-        raise clip_model.CheckpointError("could not fetch what the model needs:\n  " + "\n  ".join(failed) + "\nWithout "
-                                         "network, download them elsewhere and place them there (VIFI_CACHE sets the "
-                                         "folder; VIFI_BPE may name the vocabulary file)")
-
-
-def rank0_first(fetch, rank, distributed):
-    """fetch() on rank 0, then on the others, which find its downloads in place: no two processes write one file."""
-    result = fetch() if rank == 0 else None
-    if distributed:
-        dist.barrier()
-    return fetch() if rank > 0 else result
-
-
-def single_view(dataset):
-    """The same test set with one clip and one crop per video: the official code's evaluations during training."""
-    quick = dataset.subset(dataset.samples)
-    quick.clips = quick.crops = 1
-    return quick
-
-
-def main(args):
-    t_start = time.time()
-    distributed = "RANK" in os.environ
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    check_args(args, world)
-    if distributed:
-        dist.init_process_group("nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo")
-    rank = dist.get_rank() if distributed else 0
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    device = pick_device(args.device, int(os.environ.get("LOCAL_RANK", 0)))
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[args.precision]
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
-    random.seed(args.seed + rank)
-    torch.manual_seed(args.seed + rank)
-
-    # The data first (folders, split files, lists, a readable video), so that a wrong --root costs no download.
-    check_data(args)
-    splits_dir = rank0_first(lambda: fetch_splits(args), rank, distributed)
-    train_set, tests = datasets(args, splits_dir)
-    check_readable({"train": train_set, **tests})
-
-    # An own checkpoint holds its whole model; an official one needs the base CLIP (--model) it was trained from.
-    ck = vifi.read_checkpoint(args.checkpoint) if args.checkpoint else None
-    own = vifi.load_checkpoint(args.checkpoint, ck=ck) if ck and "vifi" in ck else None
-    rank0_first(lambda: fetch_model_files(args, own), rank, distributed)
-    clip = own.clip if own else load_clip(args)
-    args.input_size = args.input_size or clip.config.image_resolution  # the model's own resolution by default
-    if args.input_size < clip.config.patch_size:
-        raise vifi.ConfigError(f"--input-size {args.input_size} is smaller than one {clip.config.patch_size}-pixel "
-                               "patch of this model")
-    for dataset in (train_set, *tests.values()):
-        if dataset is not None:
-            dataset.size = args.input_size  # the sets were built before the model was known
-    classnames = (train_set or next(iter(tests.values()))).classnames
-    model, norm = build_model(args, clip, classnames, own, ck)
-    del ck  # an own checkpoint's optimizer state is not needed any more
-    model.to(device)
-    os.makedirs(args.out, exist_ok=True)
-    if rank == 0:
-        for name, ds in {"train": train_set, **tests}.items():
-            if ds is not None:
-                data.write_list(ds, os.path.join(args.out, f"{name}_list.txt"), os.path.join(args.out, f"{name}_labels.csv"))
-
-    log, best, best_epoch, epoch0, step, results = [], -1.0, 0, 0, 0, None
-    if not args.eval_only:
-        accum = args.batch_size // (args.micro_batch * world)
-        train_loader = loader(train_set, args, rank, world, train=True)
-        batches = len(train_loader)  # micro-batches per epoch (each len() reshuffles the sampler: ask once)
-        params = model.trainable_parameters()
-        optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.98), eps=1e-8, weight_decay=args.weight_decay,
-                                      fused=device.type == "cuda")
-        scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
-        if args.resume:
-            ck = vifi.read_checkpoint(args.resume)
-            if "optimizer" not in ck:
-                raise clip_model.CheckpointError(f"--resume {args.resume}: not a last.pt written by train.py (no "
-                                                 "optimizer state); to start from weights, use --checkpoint")
-            saved = (ck["args"].get("dataset"), ck["args"].get("protocol"), ck["vifi"].get("classnames"))
-            if saved != (args.dataset, args.protocol, list(classnames)):
-                raise clip_model.CheckpointError(
-                    f"--resume {args.resume} continues a {saved[1]} run on {saved[0]} ({len(saved[2] or [])} classes), "
-                    f"not this {args.protocol} run on {args.dataset} ({len(classnames)} classes): resume with the flags "
-                    "of the run that wrote it, or start from its weights with --checkpoint")
-            clip_model.check_state_dict(ck["model"], model.state_dict(), args.resume,
-                                        "the model these flags build: resume with the flags of the run that wrote it")
-            model.load_state_dict(ck["model"])
-            try:
-                optimizer.load_state_dict(ck["optimizer"])
-            except ValueError as e:  # the same weights, but other ones train (--mode, --towers)
-                raise clip_model.CheckpointError(f"--resume {args.resume}: its optimizer state does not fit what "
-                                                 f"these flags train ({e}); resume with the run's flags") from None
-            scaler.load_state_dict(ck["scaler"])
-            epoch0, step, best, best_epoch, log = ck["epoch"] + 1, ck["step"], ck["best_top1"], ck["best_epoch"], ck["log"]
-            random.setstate(ck["rng"]["python"])
-            torch.set_rng_state(ck["rng"]["torch"])
-            if rank == 0:  # whatever a kill right after last.pt's rename left unwritten
-                write_outputs(ck, args.out)
-        train_model = torch.compile(model) if args.compile else model
-        if distributed:
-            train_model = torch.nn.parallel.DistributedDataParallel(
-                train_model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    def checkpoint(epoch):
-        rng = {"python": random.getstate(), "torch": torch.get_rng_state()}
-        return {"model": model.state_dict(), "vifi": vifi.checkpoint_config(model), "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(), "epoch": epoch, "step": step, "best_top1": best,
-                "best_epoch": best_epoch, "log": log, "rng": rng, "args": {k: v for k, v in vars(args).items()}}
-
-    epochs = [] if args.eval_only else range(epoch0, args.epochs)
-    main_test = "base" if "base" in tests else next(iter(tests))
-    for epoch in tqdm(epochs, desc="epochs", disable=rank > 0, initial=epoch0, total=args.epochs):
-        model.train()
-        train_loader.sampler.epoch = epoch
-        failures = FailureLog(len(train_set))
-        seen, t0, losses = 0, time.time(), []
-        # The rate in force: the one set after the last optimizer step so far (0 before the first, as timm's).
-        for g in optimizer.param_groups:
-            g["lr"] = learning_rate(max(epoch - 1 / batches, 0.0), args)
-        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}", leave=False, disable=rank > 0)
-        for i, batch in enumerate(bar):
-            failures.update(batch["failed"])
-            # colour jitter and grayscale happen here, on the device, with each clip's own matrix (data.normalize)
-            video = data.normalize(batch["video"].to(device, non_blocking=True), *norm,
-                                   colour=batch["colour"].to(device, non_blocking=True))
-            video, target = mix(video, batch["label"].to(device), len(classnames), args)
-            group = min(accum, batches - i // accum * accum)  # micro-batches in this optimizer step
-            last = (i + 1) % accum == 0 or i + 1 == batches
-            sync = contextlib.nullcontext() if last or not distributed else train_model.no_sync()
-            with sync:
-                with autocast:
-                    logits = train_model(video)
-                loss = torch.sum(-target * logits.float().log_softmax(-1), dim=-1).mean()
-                scaler.scale(loss / group).backward()
-            losses.append(loss.detach())
-            seen += len(video) * world
-            if last:
-                step_loss = torch.stack(losses[-group:]).mean().item()  # one sync per optimizer step
-                if not math.isfinite(step_loss):
-                    kept = (f"the last good checkpoint is {args.out}/last.pt" if epoch > epoch0 or args.resume else
-                            "no checkpoint was written yet (none is, before the first epoch ends)")
-                    raise FloatingPointError(f"loss is {step_loss} at optimizer step {step + 1} (epoch {epoch + 1}); "
-                                             f"stopped; {kept}. Try a lower --lr or --precision fp32")
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                for g in optimizer.param_groups:  # timm's step_update(epoch * n + i): progress at micro-batch i
-                    g["lr"] = learning_rate(epoch + i / batches, args)
-                bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
-                                clips_per_s=f"{seen / (time.time() - t0):.1f}")
-        if failures.gather(world).failures and rank == 0:
-            tqdm.write(f"epoch {epoch + 1}: unreadable videos were replaced by others: {failures.report()}")
-        row = dict(epoch=epoch + 1, step=step, loss=torch.stack(losses).mean().item(),
-                   lr=optimizer.param_groups[0]["lr"], clips_per_s=seen / (time.time() - t0),
-                   failures=len(failures.failures))
-        if epoch + 1 == args.epochs:  # the final evaluation: every test set, with the protocol's views
-            results = evaluate_all(model, tests, args, norm, device, autocast, rank, world)
-            row.update(top1=results[main_test]["top1"], top5=results[main_test]["top5"])
-        elif args.eval_every and epoch % args.eval_every == 0:  # as the official code: one view, the main set
-            model.set_classnames(tests[main_test].classnames)
-            row.update({k: v for k, v in evaluate(model, single_view(tests[main_test]), args, norm, device, autocast,
-                                                  rank, world, f"eval {main_test}").items() if k in ("top1", "top5")})
-        if "top1" in row:  # evaluation switched the class list: back to the training classes (also what is saved)
-            model.set_classnames(classnames)
-        log.append(row)
-        if row.get("top1", -1) > best:
-            best, best_epoch = row["top1"], epoch + 1
-        if rank == 0:
-            ck = checkpoint(epoch)
-            save_atomic(ck, os.path.join(args.out, "last.pt"))
-            write_outputs(ck, args.out)
-            tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-
-    if results is None:  # evaluation only, or resumed after the last epoch
-        results = evaluate_all(model, tests, args, norm, device, autocast, rank, world)
-    if rank == 0:
-        write_results(args, model, train_set, classnames, log, results,
-                      dict(set=main_test, top1=best, epoch=best_epoch) if best_epoch else None, time.time() - t_start)
-    if distributed:
-        dist.destroy_process_group()
-    return results
-
-
-def splits_used(args):
-    """Where the run's videos and classes came from, for results.json."""
-    if args.dataset in ("synthetic", "list"):
-        return "the synthetic set" if args.dataset == "synthetic" else "the given list files, as they are"
-    if args.splits == "native":
-        return (f"native: {args.dataset}'s own lists" + (f", seeded draw (seed {args.seed}), NOT the paper's split"
-                                                         if args.protocol in ("few-shot", "base-novel") else ""))
-    return f"official: github.com/muzairkhattak/ViFi-CLIP at {data.OFFICIAL_COMMIT[:7]} ({args.splits})"
-
-
-def write_results(args, model, train_set, classnames, log, results, best, wall_time):
-    """results.json and the table on stdout."""
-    summary = dict(protocol=args.protocol, dataset=args.dataset, splits=splits_used(args), model=args.model,
+def write_results(args, model, train_set, t, results, wall_time):
+    """results.json and the table on stdout. t: the Training, None when the run only evaluated."""
+    log = t.log if t else []
+    best = dict(set=main_set(results), top1=t.best_top1, epoch=t.best_epoch) if t and t.best_epoch else None
+    summary = dict(protocol=args.protocol, dataset=args.dataset, splits=protocols.splits_used(args), model=args.model,
                    mode=args.mode, checkpoint=args.checkpoint, norm=model.norm, frames=args.frames,
                    input_size=args.input_size, views=args.views,
-                   train_videos=len(train_set) if train_set is not None else 0, classes=len(classnames),
+                   train_videos=len(train_set) if train_set is not None else 0, classes=len(model.classnames),
                    train_failures=sum(r.get("failures", 0) for r in log),  # unreadable videos replaced, all epochs
                    epochs=args.epochs, wall_time_s=wall_time, results=results, best=best,
-                   paper_reports=REPORTED[args.protocol],
+                   paper_reports=protocols.REPORTED[args.protocol],
                    settings={k: v for k, v in vars(args).items() if not k.startswith("_")})
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(summary, f, indent=2)
@@ -849,10 +628,39 @@ def write_results(args, model, train_set, classnames, log, results, best, wall_t
         else:
             print(f"{name:<20}{'mean':>8}{'':>9}{r['mean_top1']:>9.2f}  ± {r['std_top1']:.2f}")
     if best:
-        paper = "" if args.protocol == "synthetic" else (f"; the paper's tables report the {REPORTED[args.protocol]} "
-                                                         f"one for {args.protocol}")
+        paper = "" if args.protocol == "synthetic" else (f"; the paper's tables report the "
+                                                         f"{protocols.REPORTED[args.protocol]} one for {args.protocol}")
         print(f"best {best['set']} top-1 {best['top1']:.2f} after epoch {best['epoch']}{paper}")
     print(f"results in {args.out}/results.json")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+def main(args):
+    t_start = time.time()
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    check_args(args, world)
+    rt = start(args, world)
+    # The data first (folders, split files, lists, a readable video), so that a wrong --root costs no download.
+    protocols.check_data(args)
+    also = [f"{url} -> {path}" for url, path, _ in model_files(args) if not os.path.isfile(path)]
+    splits_dir = rank0_first(lambda: protocols.fetch_splits(args, also), rt)
+    train_set, tests = protocols.datasets(args, splits_dir)
+    protocols.check_readable({"train": train_set, **tests})
+    model = setup_model(args, train_set, tests, rt)
+    os.makedirs(args.out, exist_ok=True)
+    if rt.rank == 0:
+        for name, ds in {"train": train_set, **tests}.items():
+            if ds is not None:
+                data.write_list(ds, os.path.join(args.out, f"{name}_list.txt"), os.path.join(args.out, f"{name}_labels.csv"))
+    t, results = fit(model, train_set, tests, args, rt) if not args.eval_only else (None, None)
+    if results is None:  # evaluation only, or resumed after the last epoch
+        results = evaluate_all(model, tests, args, rt)
+    if rt.rank == 0:
+        write_results(args, model, train_set, t, results, time.time() - t_start)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return results
 
 
 if __name__ == "__main__":
