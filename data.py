@@ -20,10 +20,9 @@ failures travel in the batches, and the consumer counts and reports them (train.
 
 Datasets are found by file name anywhere under --root (one os.walk per root, cached), so official layouts and
 flattened copies both work; see LAYOUTS. Videos listed but absent (common in Kinetics) are skipped at
-construction and counted in `dataset.missing`. The paper's protocols are the official repository's list and label
-files (official_sets names them for each protocol; the list dataset reads them); --splits native draws them from
-a dataset's own lists instead (few_shot, base_novel_classes + subset_classes, k600_novel_subset); write_list
-saves any split in the official list format.
+construction and counted in `dataset.missing`. The paper's protocols read the official repository's list files
+with the list dataset (protocols.py); splits can also be drawn from a dataset's own lists (few_shot,
+base_novel_classes + subset_classes, k600_novel_subset); write_list saves any split in the official list format.
 
 Command line:
     python data.py check --dataset ucf101 --root DIR [--fold 1]   # counts per split, every unreadable file;
