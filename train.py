@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import archive
 import clip_model
 import data
 import tokenizer
@@ -490,7 +491,7 @@ def save_atomic(obj, path):
             os.remove(tmp)
         reason = e.strerror if isinstance(e, OSError) and e.strerror else "the write stopped short"
         free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
-        raise clip_model.CheckpointError(
+        raise archive.CheckpointError(
             f"could not write {path} ({reason}; {free / 2**20:.1f} MiB free on its disk): free some space or choose "
             f"another --out. Any earlier {os.path.basename(path)} there is intact.") from None
 
@@ -586,7 +587,7 @@ def fetch_splits(args):
     if local and not os.path.isdir(args.splits):
         raise data.DatasetError(f"--splits {args.splits!r}: expected 'official', 'native' or a folder holding the "
                                 "official repository's labels/ and datasets_splits/")
-    folder = args.splits if local else os.path.join(clip_model.cache_dir(), f"splits-{data.OFFICIAL_COMMIT[:7]}")
+    folder = args.splits if local else os.path.join(archive.cache_dir(), f"splits-{data.OFFICIAL_COMMIT[:7]}")
     hashes, failed = data.official_hashes(), []
     wanted = sorted({path for f in official_files(args).values() if f for path in f[1:]})
     for path in wanted:
@@ -596,8 +597,8 @@ def fetch_splits(args):
             failed.append(f"{os.path.join(folder, path)} (missing)")
             continue
         try:
-            clip_model.download(data.OFFICIAL_URL + path, os.path.join(folder, path), hashes[path])
-        except clip_model.CheckpointError as e:
+            archive.download(data.OFFICIAL_URL + path, os.path.join(folder, path), hashes[path])
+        except archive.CheckpointError as e:
             why = "sha256 mismatch, nothing written" if "corrupt" in str(e) else "no network?"
             failed.append(f"{data.OFFICIAL_URL + path} -> {os.path.join(folder, path)} ({why})")
     if failed:  # offline: the model files that are not there yet belong in the same message
@@ -614,7 +615,7 @@ def model_files(args, own=None):
     files = []
     if own is None and args.model in clip_model.MODELS:
         url = clip_model.MODELS[args.model]
-        files.append((url, os.path.join(clip_model.cache_dir(), os.path.basename(url)), url.split("/")[-2]))
+        files.append((url, os.path.join(archive.cache_dir(), os.path.basename(url)), url.split("/")[-2]))
     if args.model != "scratch" and not os.environ.get("VIFI_BPE"):
         files.append((tokenizer.BPE_URL, os.path.join(tokenizer.cache_dir(), tokenizer.BPE_FILE), tokenizer.BPE_SHA256))
     return files
@@ -625,11 +626,11 @@ def fetch_model_files(args, own=None):
     failed = []
     for url, path, sha256 in model_files(args, own):
         try:
-            clip_model.download(url, path, sha256)
-        except clip_model.CheckpointError:
+            archive.download(url, path, sha256)
+        except archive.CheckpointError:
             failed.append(f"{url} -> {path}")
     if failed:
-        raise clip_model.CheckpointError("could not fetch what the model needs:\n  " + "\n  ".join(failed) + "\nWithout "
+        raise archive.CheckpointError("could not fetch what the model needs:\n  " + "\n  ".join(failed) + "\nWithout "
                                          "network, download them elsewhere and place them there (VIFI_CACHE sets the "
                                          "folder; VIFI_BPE may name the vocabulary file)")
 
@@ -708,11 +709,11 @@ def main(args):
         if args.resume:
             ck = vifi.read_checkpoint(args.resume)
             if "optimizer" not in ck:
-                raise clip_model.CheckpointError(f"--resume {args.resume}: not a last.pt written by train.py (no "
+                raise archive.CheckpointError(f"--resume {args.resume}: not a last.pt written by train.py (no "
                                                  "optimizer state); to start from weights, use --checkpoint")
             saved = (ck["args"].get("dataset"), ck["args"].get("protocol"), ck["vifi"].get("classnames"))
             if saved != (args.dataset, args.protocol, list(classnames)):
-                raise clip_model.CheckpointError(
+                raise archive.CheckpointError(
                     f"--resume {args.resume} continues a {saved[1]} run on {saved[0]} ({len(saved[2] or [])} classes), "
                     f"not this {args.protocol} run on {args.dataset} ({len(classnames)} classes): resume with the flags "
                     "of the run that wrote it, or start from its weights with --checkpoint")
@@ -722,7 +723,7 @@ def main(args):
             try:
                 optimizer.load_state_dict(ck["optimizer"])
             except ValueError as e:  # the same weights, but other ones train (--mode, --towers)
-                raise clip_model.CheckpointError(f"--resume {args.resume}: its optimizer state does not fit what "
+                raise archive.CheckpointError(f"--resume {args.resume}: its optimizer state does not fit what "
                                                  f"these flags train ({e}); resume with the run's flags") from None
             scaler.load_state_dict(ck["scaler"])
             epoch0, step, best, best_epoch, log = ck["epoch"] + 1, ck["step"], ck["best_top1"], ck["best_epoch"], ck["log"]
@@ -858,7 +859,7 @@ def write_results(args, model, train_set, classnames, log, results, best, wall_t
 if __name__ == "__main__":
     try:
         main(get_args())
-    except (data.DatasetError, clip_model.CheckpointError, tokenizer.VocabError, vifi.ConfigError) as e:
+    except (data.DatasetError, archive.CheckpointError, tokenizer.VocabError, vifi.ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except FloatingPointError as e:
