@@ -8,20 +8,22 @@ and `logit_scale` is the learned inverse temperature of the cosine similarities.
 
 Parameter names and shapes are OpenAI's, so an OpenAI state dict loads with `load_state_dict(strict=True)` and no
 rename table; every size is read off the state dict's shapes, as OpenAI's `build_model` does. What differs from
-OpenAI's model.py is how the math runs:
+OpenAI's model.py is how the math runs (each point is explained where it is done):
 - batch-first tensors and `F.scaled_dot_product_attention` (flash / memory-efficient kernels on GPU) instead of
-  `nn.MultiheadAttention`; the packed `in_proj_weight` is kept, so one matmul makes q, k and v;
-- the text side is causal through `is_causal=True` and stops at the last EOT of the batch: with causal attention no
-  token after EOT can reach the EOT output, so cutting the padding is exact and turns 77 tokens into ~10-20;
-- the image side reads only the class token, so its last block computes that token alone (exact, ~6% fewer FLOPs);
+  `nn.MultiheadAttention`; the packed `in_proj_weight` is kept, so one matmul makes q, k and v (Attention);
+- QuickGELU as one silu kernel, its constants folded into the MLP's weights (MLP);
+- the patch embedding as one matmul over the cut-out patches instead of a convolution (VisionTransformer.forward);
+- the text side stops at the last EOT of the batch (CLIP.encode_text), and the image side's last block computes
+  the class token alone, the only token read (VisionTransformer.forward);
 - fp32 parameters that run under `torch.autocast` (bf16/fp16), optional activation checkpointing per block, and
   positional embeddings interpolated when the input size differs from the checkpoint's.
 
 Both encoders take optional deep prompts (a list, one (n, width) tensor per layer from the first): the hook that
 ViFi-CLIP's "bridge and prompt" stage needs (vifi.py). Without them this is plain CLIP.
 
-`load(name_or_path)` downloads OpenAI's release by name (sha256 checked; a cached file that differs is named on every
-load) or reads a TorchScript archive, a state dict or a checkpoint of this project, without running code from the file.
+`load(name_or_path)` takes a name of MODELS (OpenAI's release, downloaded once, sha256 checked) or the path of a
+TorchScript archive, a state dict or a checkpoint of this project. archive.py reads every file, without running code
+from it.
 """
 import math
 import os
@@ -148,7 +150,8 @@ class Transformer(nn.Module):
                 x = torch.cat([x[:, :prompt_start], p, x[:, prompt_start + p.shape[1]:]], dim=1)
             n_out = out_tokens if i == len(self.resblocks) - 1 else None
             if self.grad_checkpointing and torch.is_grad_enabled():
-                # Keep only each block's input; recompute the inside in backward. Long clips fit, ~30% slower.
+                # Keep only each block's input and recompute the block in backward: long clips fit in memory, for
+                # the price of a second forward pass.
                 x = checkpoint(block, x, causal, n_out, use_reentrant=False)
             else:
                 x = block(x, causal, n_out)
@@ -180,8 +183,8 @@ class VisionTransformer(nn.Module):
 
     def forward(self, x, prompts=None):
         """x: (N, 3, H, W) normalized pixels -> (N, D). prompts: [layer-0 tokens appended, then one per later block]."""
-        # The stride-p convolution over non-overlapping patches is one matmul: cut the image into patches and apply
-        # conv1's weight as a linear layer (cuDNN's kernel for this convolution took 10% of an H200's forward).
+        # A stride-p convolution over non-overlapping p x p patches is one matmul: cut the image into patches and
+        # apply conv1's weight as a linear layer. The same function, and faster than cuDNN's kernels for this conv.
         N, C, p = x.shape[0], x.shape[1], self.patch_size
         gh, gw = x.shape[2] // p, x.shape[3] // p
         x = x[:, :, :gh * p, :gw * p].reshape(N, C, gh, p, gw, p)  # edge pixels short of a patch drop, as in conv
@@ -236,7 +239,8 @@ class CLIP(nn.Module):
         """ids: (N, L) token ids, EOT the largest id of each row -> (N, D). prompts[0] replaces tokens 1..n (after SOT).
         cut=False: the caller has already cut the ids after their last EOT (vifi.py does it once per class list)."""
         if cut and not torch.compiler.is_compiling():
-            # Causal attention: nothing after the batch's last EOT can change an EOT output, so drop it (exact).
+            # Causal attention: nothing after the batch's last EOT can change an EOT output, so drop it (exact; a
+            # class prompt is ~10-20 of the 77 tokens).
             # Finding where to cut reads a GPU value, which stalls the CPU until the GPU has caught up: callers that
             # encode the same ids every step cut them once. Under torch.compile nothing is cut, for a static graph.
             ids = ids[:, : int(ids.argmax(dim=-1).max()) + 1]
