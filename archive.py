@@ -23,7 +23,7 @@ import io
 import os
 import pickle
 import sys
-import urllib.error
+import tempfile
 import urllib.request
 import warnings
 import zipfile
@@ -160,34 +160,38 @@ def file_sha256(path):
 
 
 def download(url, path, sha256):
-    """Fetch url to path through a temp file, renamed into place only when its sha256 matches. A file already at path
-    is hashed again on every call (about half a second for ViT-B/16): one that is not the release loads with a
-    warning, since read_archive runs no code from it whatever it is, and one placed there on purpose (a test's tiny
-    model, a fine-tuned base) is the user's choice; one placed there by mistake is named on every run."""
+    """path, fetched from url first if it is not there: into a temp file beside it, renamed into place only when its
+    sha256 matches, so no reader ever sees a partial or wrong file under that name. A file already at path is hashed
+    again on every call. One that differs loads with a warning rather than an error: read_archive runs no code from
+    it whatever it is, one placed there on purpose (a test's tiny model, a fine-tuned base) is the user's choice, and
+    one placed there by mistake is named on every run."""
     if os.path.isfile(path):
         found = file_sha256(path)
         if found != sha256:
             warnings.warn(f"{path} is not OpenAI's release (sha256 {found}, expected {sha256}); loading it anyway. "
                           f"Delete it to download the release from {url}.")
         return path
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp, digest = path + ".part", hashlib.sha256()
+    folder, name = os.path.split(path)
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=name + ".", suffix=".part")  # unique: two fetches never share it
+    digest = hashlib.sha256()
     try:
-        with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
+        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=60) as r:
             total = int(r.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=os.path.basename(path)) as bar:
+            with tqdm(total=total, unit="B", unit_scale=True, desc=name) as bar:
                 while chunk := r.read(1 << 20):
                     f.write(chunk)
                     digest.update(chunk)
                     bar.update(len(chunk))
-    except (urllib.error.URLError, OSError) as e:
-        if os.path.exists(tmp):
+        if digest.hexdigest() != sha256:
+            raise CheckpointError(f"Checksum mismatch: the download of {url} is corrupt (sha256 {digest.hexdigest()}, "
+                                  f"expected {sha256}). Nothing was written to {path}; try again, or place a good "
+                                  "copy there.")
+        os.replace(tmp, path)
+    except OSError as e:  # no network (URLError is an OSError), a timeout, a reset, a full disk
+        raise CheckpointError(f"Could not download {url} ({e}). Without network, fetch it elsewhere and place it at "
+                              f"{path} (or set $VIFI_CACHE to the folder that holds it).") from None
+    finally:
+        if os.path.exists(tmp):  # a failed or interrupted download leaves nothing behind
             os.remove(tmp)
-        raise CheckpointError(f"could not download {url} ({e}). Without network, fetch it elsewhere and place it "
-                              f"at {path} (or set VIFI_CACHE to the folder that holds it).") from None
-    if digest.hexdigest() != sha256:
-        os.remove(tmp)
-        raise CheckpointError(f"download of {url} is corrupt (sha256 {digest.hexdigest()}, expected {sha256}); "
-                              f"nothing was written to {path}. Try again.")
-    os.replace(tmp, path)
     return path
