@@ -8,39 +8,33 @@ and `logit_scale` is the learned inverse temperature of the cosine similarities.
 
 Parameter names and shapes are OpenAI's, so an OpenAI state dict loads with `load_state_dict(strict=True)` and no
 rename table; every size is read off the state dict's shapes, as OpenAI's `build_model` does. What differs from
-OpenAI's model.py is how the math runs:
+OpenAI's model.py is how the math runs (each point is explained where it is done):
 - batch-first tensors and `F.scaled_dot_product_attention` (flash / memory-efficient kernels on GPU) instead of
-  `nn.MultiheadAttention`; the packed `in_proj_weight` is kept, so one matmul makes q, k and v;
-- the text side is causal through `is_causal=True` and stops at the last EOT of the batch: with causal attention no
-  token after EOT can reach the EOT output, so cutting the padding is exact and turns 77 tokens into ~10-20;
-- the image side reads only the class token, so its last block computes that token alone (exact, ~6% fewer FLOPs);
+  `nn.MultiheadAttention`; the packed `in_proj_weight` is kept, so one matmul makes q, k and v (Attention);
+- QuickGELU as one silu kernel, its constants folded into the MLP's weights (MLP);
+- the patch embedding as one matmul over the cut-out patches instead of a convolution (VisionTransformer.forward);
+- the text side stops at the last EOT of the batch (CLIP.encode_text), and the image side's last block computes
+  the class token alone, the only token read (VisionTransformer.forward);
 - fp32 parameters that run under `torch.autocast` (bf16/fp16), optional activation checkpointing per block, and
   positional embeddings interpolated when the input size differs from the checkpoint's.
 
 Both encoders take optional deep prompts (a list, one (n, width) tensor per layer from the first): the hook that
 ViFi-CLIP's "bridge and prompt" stage needs (vifi.py). Without them this is plain CLIP.
 
-`load(name_or_path)` downloads OpenAI's release by name (sha256 checked; a cached file that differs is named on every
-load) or reads a TorchScript archive, a state dict or a checkpoint of this project, without running code from the file.
+`load(name_or_path)` takes a name of MODELS (OpenAI's release, downloaded once, sha256 checked) or the path of a
+TorchScript archive, a state dict or a checkpoint of this project. archive.py reads every file, without running code
+from it.
 """
-import collections
-import hashlib
-import io
 import math
 import os
-import pickle
-import sys
-import urllib.error
-import urllib.request
-import warnings
-import zipfile
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
-from tqdm import tqdm
+
+import archive
 
 # OpenAI's public releases; the folder name in each URL is the file's sha256.
 MODELS = {
@@ -156,7 +150,8 @@ class Transformer(nn.Module):
                 x = torch.cat([x[:, :prompt_start], p, x[:, prompt_start + p.shape[1]:]], dim=1)
             n_out = out_tokens if i == len(self.resblocks) - 1 else None
             if self.grad_checkpointing and torch.is_grad_enabled():
-                # Keep only each block's input; recompute the inside in backward. Long clips fit, ~30% slower.
+                # Keep only each block's input and recompute the block in backward: long clips fit in memory, for
+                # the price of a second forward pass.
                 x = checkpoint(block, x, causal, n_out, use_reentrant=False)
             else:
                 x = block(x, causal, n_out)
@@ -188,8 +183,8 @@ class VisionTransformer(nn.Module):
 
     def forward(self, x, prompts=None):
         """x: (N, 3, H, W) normalized pixels -> (N, D). prompts: [layer-0 tokens appended, then one per later block]."""
-        # The stride-p convolution over non-overlapping patches is one matmul: cut the image into patches and apply
-        # conv1's weight as a linear layer (cuDNN's kernel for this convolution took 10% of an H200's forward).
+        # A stride-p convolution over non-overlapping p x p patches is one matmul: cut the image into patches and
+        # apply conv1's weight as a linear layer. The same function, and faster than cuDNN's kernels for this conv.
         N, C, p = x.shape[0], x.shape[1], self.patch_size
         gh, gw = x.shape[2] // p, x.shape[3] // p
         x = x[:, :, :gh * p, :gw * p].reshape(N, C, gh, p, gw, p)  # edge pixels short of a patch drop, as in conv
@@ -244,7 +239,8 @@ class CLIP(nn.Module):
         """ids: (N, L) token ids, EOT the largest id of each row -> (N, D). prompts[0] replaces tokens 1..n (after SOT).
         cut=False: the caller has already cut the ids after their last EOT (vifi.py does it once per class list)."""
         if cut and not torch.compiler.is_compiling():
-            # Causal attention: nothing after the batch's last EOT can change an EOT output, so drop it (exact).
+            # Causal attention: nothing after the batch's last EOT can change an EOT output, so drop it (exact; a
+            # class prompt is ~10-20 of the 77 tokens).
             # Finding where to cut reads a GPU value, which stalls the CPU until the GPU has caught up: callers that
             # encode the same ids every step cut them once. Under torch.compile nothing is cut, for a static graph.
             ids = ids[:, : int(ids.argmax(dim=-1).max()) + 1]
@@ -266,201 +262,37 @@ class CLIP(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Loading
-#
-# torch.save and torch.jit.save both write a zip archive: one folder holding data.pkl (the pickled object, each tensor
-# a reference to a record) and data/<key> (each tensor's raw bytes). torch.load and torch.jit.load can run code from
-# such a file: a pickle calls whatever globals it names, torch.load falls back to a plain pickle.load for a file it
-# does not take for a zip, and TorchScript runs the archive's own __setstate__ methods. So the archives are read here
-# instead: zipfile (which checks each record's CRC-32 as it reads it), then an unpickler that resolves only the
-# globals listed below and builds each tensor as a bounds-checked view of its record. Neither torch.load nor
-# torch.jit.load is ever called.
-
-class CheckpointError(RuntimeError):
-    """A file that cannot be turned into CLIP weights; the message says which file, why, and what to do."""
-
-
-# torch.save names each tensor's storage by a legacy class such as torch.HalfStorage; only its dtype matters here.
-STORAGE_DTYPES = {"HalfStorage": torch.float16, "FloatStorage": torch.float32, "DoubleStorage": torch.float64,
-                  "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
-                  "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
-                  "BoolStorage": torch.bool}
-
-
-def _rebuild_tensor(record, offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
-    """Stands in for torch._utils._rebuild_tensor_v2: a view of its record's bytes. as_strided refuses a view past
-    their end (unlike Tensor.set_, which would grow the storage into uninitialized memory)."""
-    return record.as_strided(size, stride, offset)
-
-
-def _rebuild_parameter(data, requires_grad, backward_hooks):
-    """Stands in for torch._utils._rebuild_parameter (a state dict of nn.Parameters): the tensor it holds."""
-    return data
-
-
-class ScriptObject:
-    """Stands in for every class of a TorchScript archive (`__torch__.*`, the modules of the scripted model): it keeps
-    the pickled attributes and runs none of the archive's code, so a scripted __setstate__ never executes."""
-
-    def __setstate__(self, state):
-        if not isinstance(state, dict):  # pickled by its own __getstate__: only its scripted __setstate__ reads that
-            raise pickle.UnpicklingError(f"refusing to restore {type(self).__name__} through its own TorchScript "
-                                         "__setstate__ (the modules of a CLIP release have none)")
-        self.__dict__.update(state)
-
-
-# Everything a state dict of tensors pickles: its OrderedDict, the tensors, and their storages' dtypes.
-TENSOR_GLOBALS = {("collections", "OrderedDict"): collections.OrderedDict,
-                  ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
-                  ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-                  **{("torch", name): dtype for name, dtype in STORAGE_DTYPES.items()}}
-
-
-def read_archive(path, expected, extra_globals=None, script=False):
-    """The object torch.save wrote to path (with script=True also a torch.jit.save archive, its modules as
-    ScriptObjects), read without running code: only TENSOR_GLOBALS and extra_globals ({(module, name): object})
-    unpickle. Errors are CheckpointErrors naming the file and `expected`, what the caller wanted it to be."""
-    def fail(why):
-        return CheckpointError(f"{path}: {why}; expected {expected}")
-
-    if not os.path.isfile(path):
-        raise fail("no such file")
-    try:
-        archive = zipfile.ZipFile(path)
-    except Exception as e:  # zipfile raises several types for what is not a zip archive; all mean the same here
-        raise fail(f"not a PyTorch checkpoint (not a readable zip archive: {e}); a download or copy may be truncated, "
-                   "or it was saved by torch < 1.6") from None
-    allowed = {**TENSOR_GLOBALS, **(extra_globals or {})}
-    with archive as z:
-        names = z.namelist()
-        top = names[0].split("/")[0] if names else ""
-        if f"{top}/data.pkl" not in names or any(not n.startswith(top + "/") for n in names):
-            raise fail("a zip archive, but not one torch.save writes (one folder holding data.pkl)")
-        if f"{top}/constants.pkl" in names and not script:
-            raise fail("a TorchScript archive, the format OpenAI releases CLIP in: give it as the base CLIP (--model)")
-        records = {}  # key -> the record's bytes as a flat tensor of its dtype, read once however many views share it
-
-        class Unpickler(pickle.Unpickler):
-            def find_class(self, module, name):
-                if (module, name) in allowed:
-                    return allowed[module, name]
-                if script and (module == "__torch__" or module.startswith("__torch__.")):
-                    return type(name, (ScriptObject,), {})
-                raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only tensors and plain containers "
-                                             "are read, so that no file can run code")
-
-            def persistent_load(self, pid):  # ('storage', storage class (here: its dtype), key, device, numel)
-                _, dtype, key, _, _ = pid  # the numel it states is not trusted: views are checked against the bytes
-                if key not in records:
-                    raw = bytearray(z.read(f"{top}/data/{key}"))  # zipfile raises here if the CRC-32 does not match
-                    records[key] = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
-                return records[key]
-
-        try:
-            order = z.read(f"{top}/byteorder").decode() if f"{top}/byteorder" in names else sys.byteorder
-            if order != sys.byteorder:  # the records hold raw bytes in the writer's order
-                raise fail(f"written on a {order}-endian machine; this one is {sys.byteorder}-endian")
-            return Unpickler(io.BytesIO(z.read(f"{top}/data.pkl"))).load()
-        except CheckpointError:
-            raise
-        except zipfile.BadZipFile as e:  # a CRC-32 mismatch or a damaged record header: the bytes changed on disk
-            raise fail(f"corrupt ({e}): the file changed after it was written (a disk, copy or download error); "
-                       "use an intact copy") from None
-        except pickle.UnpicklingError as e:
-            raise fail(str(e)) from None
-        except Exception as e:  # a crafted pickle can fail in any of Python's ways; none of them runs code
-            raise fail(f"unreadable ({type(e).__name__}: {e})") from None
-
-
-def script_tensors(root):
-    """{name: tensor} of a TorchScript module tree, named as its state_dict() names them. A traced module (OpenAI's
-    releases are traced) keeps only parameters, buffers and submodules as attributes, and flags such as `training`."""
-    out, todo, seen = {}, [("", root)], set()
-    while todo:
-        prefix, module = todo.pop()
-        if id(module) in seen:  # a crafted archive can make the tree a cycle
-            continue
-        seen.add(id(module))
-        for name, value in vars(module).items():
-            if torch.is_tensor(value):
-                out[prefix + name] = value
-            elif isinstance(value, ScriptObject):
-                todo.append((prefix + name + ".", value))
-    return out
-
-
-def cache_dir():
-    return os.environ.get("VIFI_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "vifi")
-
-
-def file_sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def download(url, path, sha256):
-    """Fetch url to path through a temp file, renamed into place only when its sha256 matches. A file already at path
-    is hashed again on every call (about half a second for ViT-B/16): one that is not the release loads with a
-    warning, since read_archive runs no code from it whatever it is, and one placed there on purpose (a test's tiny
-    model, a fine-tuned base) is the user's choice; one placed there by mistake is named on every run."""
-    if os.path.isfile(path):
-        found = file_sha256(path)
-        if found != sha256:
-            warnings.warn(f"{path} is not OpenAI's release (sha256 {found}, expected {sha256}); loading it anyway. "
-                          f"Delete it to download the release from {url}.")
-        return path
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp, digest = path + ".part", hashlib.sha256()
-    try:
-        with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
-            total = int(r.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=os.path.basename(path)) as bar:
-                while chunk := r.read(1 << 20):
-                    f.write(chunk)
-                    digest.update(chunk)
-                    bar.update(len(chunk))
-    except (urllib.error.URLError, OSError) as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise CheckpointError(f"could not download {url} ({e}). Without network, fetch it elsewhere and place it "
-                              f"at {path} (or set VIFI_CACHE to the folder that holds it).") from None
-    if digest.hexdigest() != sha256:
-        os.remove(tmp)
-        raise CheckpointError(f"download of {url} is corrupt (sha256 {digest.hexdigest()}, expected {sha256}); "
-                              f"nothing was written to {path}. Try again.")
-    os.replace(tmp, path)
-    return path
-
+# Loading: OpenAI's releases and this project's checkpoints -> a CLIP. archive.py reads the files (without running
+# code from them) and downloads the releases; what follows turns what it reads into a model.
 
 def read_state_dict(path):
     """A TorchScript archive (OpenAI's format), a plain state dict, or a checkpoint holding one under 'model'; read by
     read_archive, so no file can run code whatever it holds."""
-    obj = read_archive(path, f"a CLIP state dict, a checkpoint holding one under 'model', OpenAI's TorchScript "
-                             f"release or one of the names {list(MODELS)} (official ViFi-CLIP checkpoints load with "
-                             "vifi.load_official_checkpoint or --checkpoint)", script=True)
-    if isinstance(obj, ScriptObject):
-        return script_tensors(obj)
+    expected = (f"a CLIP state dict, a checkpoint holding one under 'model', OpenAI's TorchScript release or one of "
+                f"the names {list(MODELS)} (official ViFi-CLIP checkpoints load with vifi.load_official_checkpoint or "
+                "--checkpoint)")
+    obj = archive.read_archive(path, expected, script=True)
+    if isinstance(obj, archive.ScriptObject):
+        return archive.script_tensors(obj)
     return obj.get("model", obj) if isinstance(obj, dict) else obj
 
 
 def clip_state_dict(sd, path="<state dict>"):
     """Strip any prefix ('module.', 'clip.') in front of OpenAI's names; fp32 tensors; drop the non-tensor extras."""
     if not isinstance(sd, dict):
-        raise CheckpointError(f"{path}: expected a dict of tensors, found {type(sd).__name__}")
+        raise archive.CheckpointError(f"{path}: expected a dict of tensors, found {type(sd).__name__}")
     anchor = "visual.conv1.weight"
     prefixes = [k[: -len(anchor)] for k in sd if isinstance(k, str) and k.endswith(anchor)]
     if not prefixes:
-        raise CheckpointError(f"{path}: not a CLIP ViT state dict (no key ending in '{anchor}'; found e.g. "
-                              f"{list(sd)[:3]}). Official ViFi-CLIP checkpoints load through vifi.load_official_checkpoint.")
+        raise archive.CheckpointError(f"{path}: not a CLIP ViT state dict (no key ending in '{anchor}'; found e.g. "
+                                      f"{list(sd)[:3]}). Official ViFi-CLIP checkpoints load through "
+                                      "vifi.load_official_checkpoint.")
     p = prefixes[0]
     out = {k[len(p):]: v.float() for k, v in sd.items() if k.startswith(p) and torch.is_tensor(v)}
     for extra in ("input_resolution", "context_length", "vocab_size"):  # OpenAI's archives carry these; unused
         out.pop(extra, None)
     if "visual.proj" not in out:
-        raise CheckpointError(f"{path}: a ResNet CLIP (no 'visual.proj'); only the ViT models are supported.")
+        raise archive.CheckpointError(f"{path}: a ResNet CLIP (no 'visual.proj'); only the ViT models are supported.")
     return out
 
 
@@ -470,7 +302,7 @@ def build(sd, path="<state dict>"):
     try:
         cfg = CLIPConfig.from_state_dict(sd)
     except KeyError as e:
-        raise CheckpointError(f"{path}: missing key {e.args[0]!r} of a CLIP state dict") from None
+        raise archive.CheckpointError(f"{path}: missing key {e.args[0]!r} of a CLIP state dict") from None
     with torch.device("meta"):  # no memory, no init: every tensor comes from sd
         model = CLIP(cfg)
     check_state_dict(sd, model.state_dict(), path, f"the CLIP ViT its other shapes describe ({cfg})")
@@ -483,20 +315,23 @@ def check_state_dict(sd, expected, path, model):
     shape; the error names the file, the first offending key and `model`, the model it was checked against."""
     for k, v in expected.items():
         if k not in sd:
-            raise CheckpointError(f"{path}: missing key {k!r} (expected shape {tuple(v.shape)}) of {model}")
+            raise archive.CheckpointError(f"{path}: missing key {k!r} (expected shape {tuple(v.shape)}) of {model}")
         found = tuple(sd[k].shape) if torch.is_tensor(sd[k]) else type(sd[k]).__name__
         if found != tuple(v.shape):
-            raise CheckpointError(f"{path}: key {k!r} has shape {found}, expected {tuple(v.shape)} for {model}")
+            raise archive.CheckpointError(f"{path}: key {k!r} has shape {found}, expected {tuple(v.shape)} for "
+                                          f"{model}")
     unexpected = [k for k in sd if k not in expected]
     if unexpected:
-        raise CheckpointError(f"{path}: unexpected key {unexpected[0]!r} ({len(unexpected)} in all) for {model}")
+        raise archive.CheckpointError(f"{path}: unexpected key {unexpected[0]!r} ({len(unexpected)} in all) for "
+                                      f"{model}")
 
 
 def load(name_or_path, device="cpu"):
     """A model name of MODELS (downloaded once into $VIFI_CACHE or ~/.cache/vifi) or a checkpoint path -> fp32 CLIP."""
     if name_or_path in MODELS:
         url = MODELS[name_or_path]
-        path = download(url, os.path.join(cache_dir(), os.path.basename(url)), sha256=url.split("/")[-2])
+        path = os.path.join(archive.cache_dir(), os.path.basename(url))
+        archive.download(url, path, sha256=url.split("/")[-2])
     else:
         path = name_or_path
     return build(read_state_dict(path), path).to(device).eval()

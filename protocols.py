@@ -23,7 +23,7 @@ import sys
 
 import torch
 
-import clip_model
+import archive
 import data
 
 PROTOCOLS = ["few-shot", "base-novel", "zero-shot", "supervised", "vanilla-zero-shot"]
@@ -222,7 +222,7 @@ def fetch_splits(args, also=()):
     if local and not os.path.isdir(args.splits):
         raise data.DatasetError(f"--splits {args.splits!r}: expected 'official', 'native' or a folder holding the "
                                 "official repository's labels/ and datasets_splits/")
-    folder = args.splits if local else os.path.join(clip_model.cache_dir(), f"splits-{OFFICIAL_COMMIT[:7]}")
+    folder = args.splits if local else os.path.join(archive.cache_dir(), f"splits-{OFFICIAL_COMMIT[:7]}")
     hashes, failed = official_hashes(), []
     for path in sorted({path for f in official_files(args).values() if f for path in f[1:]}):
         if check_official_file(folder, path, hashes[path]) is not None:
@@ -231,8 +231,8 @@ def fetch_splits(args, also=()):
             failed.append(f"{os.path.join(folder, path)} (missing)")
             continue
         try:
-            clip_model.download(OFFICIAL_URL + path, os.path.join(folder, path), hashes[path])
-        except clip_model.CheckpointError as e:
+            archive.download(OFFICIAL_URL + path, os.path.join(folder, path), hashes[path])
+        except archive.CheckpointError as e:
             why = "sha256 mismatch, nothing written" if "corrupt" in str(e) else "no network?"
             failed.append(f"{OFFICIAL_URL + path} -> {os.path.join(folder, path)} ({why})")
     if failed:

@@ -38,6 +38,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import archive
 import clip_model
 import tokenizer
 from tokenizer import BPE_FILE, BPE_URL, Tokenizer, tokenize
@@ -286,24 +287,24 @@ def test_load_plain_state_dict_and_project_checkpoint(tmp_path, tiny_clip):
 
 
 def test_load_errors_name_the_file_and_the_key(tmp_path, tiny_clip):
-    with pytest.raises(clip_model.CheckpointError, match="no such file"):
+    with pytest.raises(archive.CheckpointError, match="no such file"):
         clip_model.load(str(tmp_path / "missing.pt"))
     (tmp_path / "notes.pt").write_text("not a checkpoint")
-    with pytest.raises(clip_model.CheckpointError, match="notes.pt: not a PyTorch checkpoint"):
+    with pytest.raises(archive.CheckpointError, match="notes.pt: not a PyTorch checkpoint"):
         clip_model.load(str(tmp_path / "notes.pt"))
     data = open(fixture("clip_tiny_openai_jit.pt"), "rb").read()
     (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
-    with pytest.raises(clip_model.CheckpointError, match="truncated"):
+    with pytest.raises(archive.CheckpointError, match="truncated"):
         clip_model.load(str(tmp_path / "cut.pt"))
     sd = tiny_clip.state_dict()
     sd["transformer.resblocks.1.mlp.c_fc.weight"] = torch.zeros(10, 128)
     torch.save(sd, tmp_path / "shapes.pt")
-    with pytest.raises(clip_model.CheckpointError, match=r"'transformer.resblocks.1.mlp.c_fc.weight' has shape \(10, 128\)"):
+    with pytest.raises(archive.CheckpointError, match=r"'transformer.resblocks.1.mlp.c_fc.weight' has shape \(10, 128\)"):
         clip_model.load(str(tmp_path / "shapes.pt"))
     torch.save({"weight": torch.zeros(3)}, tmp_path / "other.pt")
-    with pytest.raises(clip_model.CheckpointError, match="not a CLIP ViT state dict"):
+    with pytest.raises(archive.CheckpointError, match="not a CLIP ViT state dict"):
         clip_model.load(str(tmp_path / "other.pt"))
-    with pytest.raises(clip_model.CheckpointError, match="vifi.load_official_checkpoint"):
+    with pytest.raises(archive.CheckpointError, match="vifi.load_official_checkpoint"):
         clip_model.load(fixture("vifi_official_finetune_ckpt.pth"))
 
 
@@ -313,7 +314,7 @@ def test_download_without_network_names_url_and_path(tmp_path, monkeypatch):
     def offline(*a, **k):
         raise urllib.error.URLError("no network")
     monkeypatch.setattr(urllib.request, "urlopen", offline)
-    with pytest.raises(clip_model.CheckpointError) as e:
+    with pytest.raises(archive.CheckpointError) as e:
         clip_model.load("ViT-B/32")
     assert clip_model.MODELS["ViT-B/32"] in str(e.value) and str(tmp_path / "ViT-B-32.pt") in str(e.value)
     assert os.listdir(tmp_path) == []
@@ -325,8 +326,8 @@ class FakeResponse(io.BytesIO):
 
 def test_corrupt_download_leaves_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: FakeResponse(b"oops"))
-    with pytest.raises(clip_model.CheckpointError, match="corrupt"):
-        clip_model.download("https://example.invalid/abc/x.pt", str(tmp_path / "x.pt"), sha256="abc")
+    with pytest.raises(archive.CheckpointError, match="corrupt"):
+        archive.download("https://example.invalid/abc/x.pt", str(tmp_path / "x.pt"), sha256="abc")
     assert os.listdir(tmp_path) == []
 
 
@@ -336,9 +337,9 @@ def test_cached_release_is_hashed_again(tmp_path):
     url = "https://example.invalid/abc/ViT-X.pt"  # never fetched: the file is there
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the release itself: no warning
-        assert clip_model.download(url, str(path), hashlib.sha256(b"weights").hexdigest()) == str(path)
+        assert archive.download(url, str(path), hashlib.sha256(b"weights").hexdigest()) == str(path)
     with pytest.warns(UserWarning, match=r"ViT-X.pt is not OpenAI's release \(sha256 \w+, expected 0{64}\).*Delete"):
-        assert clip_model.download(url, str(path), "0" * 64) == str(path)
+        assert archive.download(url, str(path), "0" * 64) == str(path)
     assert path.read_bytes() == b"weights"  # left for the user to inspect or delete
 
 
@@ -404,14 +405,14 @@ def test_the_payloads_run_code_through_torch_loaders(tmp_path):
 def test_load_runs_no_code_from_any_file(payloads, tmp_path, monkeypatch):
     files, marker = payloads
     for load in (clip_model.load, clip_model.read_state_dict):
-        with pytest.raises(clip_model.CheckpointError, match="polyglot.pt: a zip archive, but not one torch.save"):
+        with pytest.raises(archive.CheckpointError, match="polyglot.pt: a zip archive, but not one torch.save"):
             load(str(files["polyglot"]))
-        with pytest.raises(clip_model.CheckpointError, match="scripted.pt: refusing to restore .* __setstate__"):
+        with pytest.raises(archive.CheckpointError, match="scripted.pt: refusing to restore .* __setstate__"):
             load(str(files["torchscript"]))
     monkeypatch.setenv("VIFI_CACHE", str(tmp_path))  # a cached release replaced by the TorchScript payload
     shutil.copy(files["torchscript"], tmp_path / "ViT-B-32.pt")
     with pytest.warns(UserWarning, match="ViT-B-32.pt is not OpenAI's release"):
-        with pytest.raises(clip_model.CheckpointError, match="ViT-B-32.pt: refusing to restore"):
+        with pytest.raises(archive.CheckpointError, match="ViT-B-32.pt: refusing to restore"):
             clip_model.load("ViT-B/32")
     assert not marker.exists()
 
@@ -446,16 +447,16 @@ def test_archives_that_lie_about_their_tensors_are_refused(tmp_path):
              "big-endian": ({"byteorder": b"big"}, "written on a big-endian machine")}
     for name, (replace, error) in cases.items():
         rewrite_archive(tmp_path / "w.pt", tmp_path / f"{name}.pt", replace)
-        with pytest.raises(clip_model.CheckpointError, match=f"{name}.pt: {error}"):
-            clip_model.read_archive(str(tmp_path / f"{name}.pt"), "a test archive")
-    assert torch.equal(clip_model.read_archive(str(tmp_path / "w.pt"), "a test archive")["w"], torch.arange(4.0))
+        with pytest.raises(archive.CheckpointError, match=f"{name}.pt: {error}"):
+            archive.read_archive(str(tmp_path / f"{name}.pt"), "a test archive")
+    assert torch.equal(archive.read_archive(str(tmp_path / "w.pt"), "a test archive")["w"], torch.arange(4.0))
 
 
 def test_torchscript_module_tree_is_walked_once_even_with_a_cycle():
-    root, child = clip_model.ScriptObject(), clip_model.ScriptObject()
+    root, child = archive.ScriptObject(), archive.ScriptObject()
     root.__dict__.update(w=torch.zeros(1), training=False, child=child)
     child.__dict__.update(b=torch.ones(1), parent=root)  # a crafted archive can point back up the tree
-    assert sorted(clip_model.script_tensors(root)) == ["child.b", "w"]
+    assert sorted(archive.script_tensors(root)) == ["child.b", "w"]
 
 
 def test_damaged_checkpoint_is_refused_with_its_name(tmp_path, tiny_clip):
@@ -465,7 +466,7 @@ def test_damaged_checkpoint_is_refused_with_its_name(tmp_path, tiny_clip):
         path = tmp_path / f"flipped{i}.pt"
         shutil.copy(tmp_path / "intact.pt", path)
         flip_bytes(path, at)
-        with pytest.raises(clip_model.CheckpointError, match=f"flipped{i}.pt: corrupt .*Bad CRC-32"):
+        with pytest.raises(archive.CheckpointError, match=f"flipped{i}.pt: corrupt .*Bad CRC-32"):
             clip_model.load(str(path))
 
 
@@ -619,13 +620,13 @@ def test_official_checkpoint_parity(tiny_clip, expected, kind):
 
 
 def test_official_checkpoint_errors(tmp_path, tiny_clip, expected):
-    with pytest.raises(clip_model.CheckpointError, match="no such file"):
+    with pytest.raises(archive.CheckpointError, match="no such file"):
         vifi.load_official_checkpoint(str(tmp_path / "nope.pth"), tiny_clip, expected["classes"])
     torch.save({"model": tiny_clip.state_dict()}, tmp_path / "clip_only.pt")
-    with pytest.raises(clip_model.CheckpointError, match="not an official ViFi-CLIP checkpoint.*image_encoder"):
+    with pytest.raises(archive.CheckpointError, match="not an official ViFi-CLIP checkpoint.*image_encoder"):
         vifi.load_official_checkpoint(str(tmp_path / "clip_only.pt"), tiny_clip, expected["classes"])
     other_base = small_clip(vocab_size=49408)  # width 64: not the base the checkpoint was trained from
-    with pytest.raises(clip_model.CheckpointError, match="Does the base CLIP match.*ViT-B/16"):
+    with pytest.raises(archive.CheckpointError, match="Does the base CLIP match.*ViT-B/16"):
         vifi.load_official_checkpoint(fixture("vifi_official_finetune_ckpt.pth"), other_base, expected["classes"])
 
 
@@ -636,7 +637,7 @@ class Exploit:
 
 def test_official_loader_refuses_code_in_pickles(tmp_path, expected, tiny_clip):
     torch.save({"model": {}, "config": Exploit()}, tmp_path / "evil.pth")
-    with pytest.raises(clip_model.CheckpointError, match="refusing to load.*system"):
+    with pytest.raises(archive.CheckpointError, match="refusing to load.*system"):
         vifi.load_official_checkpoint(str(tmp_path / "evil.pth"), tiny_clip, expected["classes"])
 
 
@@ -647,7 +648,7 @@ def test_checkpoint_loaders_run_no_code(payloads, tiny_clip, expected, capsys, t
     official = lambda path: vifi.load_official_checkpoint(path, tiny_clip, expected["classes"])  # noqa: E731
     for path in files.values():
         for load in (vifi.read_checkpoint, vifi.load_checkpoint, official):
-            with pytest.raises(clip_model.CheckpointError, match=re.escape(str(path))):
+            with pytest.raises(archive.CheckpointError, match=re.escape(str(path))):
                 load(str(path))
         for flag in ("--checkpoint", "--model"):
             assert vifi.main([str(video), "--labels", "a,b", flag, str(path)]) == 2
@@ -657,16 +658,16 @@ def test_checkpoint_loaders_run_no_code(payloads, tiny_clip, expected, capsys, t
 
 
 def test_read_checkpoint_says_what_the_file_is_instead(tmp_path, tiny_clip):
-    with pytest.raises(clip_model.CheckpointError, match="a TorchScript archive, the format OpenAI.*--model"):
+    with pytest.raises(archive.CheckpointError, match="a TorchScript archive, the format OpenAI.*--model"):
         vifi.read_checkpoint(fixture("clip_tiny_openai_jit.pt"))
     shutil.make_archive(str(tmp_path / "frames"), "zip", root_dir=HERE, base_dir="README.md")
-    with pytest.raises(clip_model.CheckpointError, match="frames.zip: a zip archive, but not one torch.save writes"):
+    with pytest.raises(archive.CheckpointError, match="frames.zip: a zip archive, but not one torch.save writes"):
         vifi.read_checkpoint(str(tmp_path / "frames.zip"))
     torch.save(torch.zeros(3), tmp_path / "tensor.pt")
-    with pytest.raises(clip_model.CheckpointError, match="tensor.pt: holds a Tensor, not a checkpoint"):
+    with pytest.raises(archive.CheckpointError, match="tensor.pt: holds a Tensor, not a checkpoint"):
         vifi.read_checkpoint(str(tmp_path / "tensor.pt"))
     torch.save(tiny_clip.state_dict(), tmp_path / "clip.pt")
-    with pytest.raises(clip_model.CheckpointError, match="clip.pt: holds a dict with keys.*own weights go to --model"):
+    with pytest.raises(archive.CheckpointError, match="clip.pt: holds a dict with keys.*own weights go to --model"):
         vifi.read_checkpoint(str(tmp_path / "clip.pt"))
 
 
@@ -684,7 +685,7 @@ def test_own_checkpoint_must_match_its_model_exactly(tmp_path):
     }
     for name, (weights, config, error) in cases.items():
         torch.save({"model": weights, "vifi": config}, tmp_path / f"{name}.pt")
-        with pytest.raises(clip_model.CheckpointError, match=f"{name}.pt: {error}"):
+        with pytest.raises(archive.CheckpointError, match=f"{name}.pt: {error}"):
             vifi.load_checkpoint(str(tmp_path / f"{name}.pt"))
 
 
@@ -1765,7 +1766,7 @@ def test_resume_refuses_another_runs_checkpoint(tmp_path, synth_tree):
     run = ["--dataset", "synthetic", "--shots", "1", "--batch-size", "9", "--micro-batch", "9", "--epochs", "1",
            "--frames", "2", "--device", "cpu", "--eval-every", "0"]
     train.main(train.get_args(run + ["--out", str(tmp_path / "a")]))
-    with pytest.raises(clip_model.CheckpointError, match=r"continues a synthetic run on synthetic \(9 classes\), "
+    with pytest.raises(archive.CheckpointError, match=r"continues a synthetic run on synthetic \(9 classes\), "
                                                          r"not this supervised run on ucf101 \(18 classes\)"):
         train.main(train.get_args(file_run(synth_tree, "--workers", "0", "--out", str(tmp_path / "b"),
                                            "--resume", str(tmp_path / "a" / "last.pt"))))
@@ -2255,7 +2256,7 @@ def test_offline_one_message_lists_every_missing_file(tmp_path, monkeypatch):
     for url in (protocols.OFFICIAL_URL + "datasets_splits/ucf_splits/train1_few_shot_2.txt", weights, tokenizer.BPE_URL):
         assert url in str(error.value)
     assert str(tmp_path / "cache" / tokenizer.BPE_FILE) in str(error.value)
-    with pytest.raises(clip_model.CheckpointError) as error, warnings.catch_warnings():  # splits in place
+    with pytest.raises(archive.CheckpointError) as error, warnings.catch_warnings():  # splits in place
         warnings.simplefilter("ignore")  # the test list is cut to 5 videos
         train.main(train.get_args(args + ["--splits", official()]))
     assert f"{weights} -> {tmp_path / 'cache' / os.path.basename(weights)}" in str(error.value)
@@ -2296,7 +2297,7 @@ def test_checkpoint_flags_run_no_code(payloads, tmp_path):
     files, marker = payloads
     for path in files.values():
         for flags in (["--checkpoint"], ["--eval-only", "--checkpoint"], ["--resume"], ["--model"]):
-            with pytest.raises(clip_model.CheckpointError, match=re.escape(str(path))):
+            with pytest.raises(archive.CheckpointError, match=re.escape(str(path))):
                 train.main(train.get_args(TINY_RUN + [*flags, str(path), "--out", str(tmp_path)]))
     for flag, path in (("--resume", files["polyglot"]), ("--checkpoint", files["torchscript"])):
         run = run_cli("train.py", *TINY_RUN, flag, str(path), "--out", str(tmp_path))
@@ -2312,12 +2313,12 @@ def test_resume_refuses_what_it_cannot_continue(tmp_path):
     other_size = ["--model", fixture("clip_tiny_openai_jit.pt")]
     for flags, error in ((other_size, r"last.pt: key 'clip\.\S+' has shape .* the model these flags build"),
                          (["--towers", "text"], "optimizer state does not fit what these flags train")):
-        with pytest.raises(clip_model.CheckpointError, match=error):
+        with pytest.raises(archive.CheckpointError, match=error):
             train.main(train.get_args(TINY_RUN + [*flags, "--resume", last, "--out", str(tmp_path / "again")]))
     with pytest.raises(vifi.ConfigError, match=f"only evaluates: to evaluate {re.escape(last)}, pass it as --check"):
         train.main(train.get_args(TINY_RUN + ["--eval-only", "--resume", last, "--out", str(tmp_path / "again")]))
     flip_bytes(Path(last), os.path.getsize(last) // 2)
-    with pytest.raises(clip_model.CheckpointError, match=f"{re.escape(last)}: corrupt"):
+    with pytest.raises(archive.CheckpointError, match=f"{re.escape(last)}: corrupt"):
         train.main(train.get_args(TINY_RUN + ["--resume", last, "--out", out]))
 
 
@@ -2335,7 +2336,7 @@ def test_full_disk_keeps_the_last_checkpoint_and_says_so(tmp_path, monkeypatch, 
         Path(path).write_bytes(b"PK\x03\x04 part of a checkpoint")
         raise error
     monkeypatch.setattr(torch, "save", full_disk)
-    with pytest.raises(clip_model.CheckpointError) as e:
+    with pytest.raises(archive.CheckpointError) as e:
         train.save_atomic({"model": {}}, str(last))
     assert re.match(rf"could not write {re.escape(str(last))} \(.*; [\d.]+ MiB free on its disk\)", str(e.value))
     assert "unexpected pos" not in str(e.value)

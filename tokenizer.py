@@ -68,38 +68,39 @@ def clean(text):
 
 
 def cache_dir():
+    """Where downloads are kept: $VIFI_CACHE, else ~/.cache/vifi."""
     return os.environ.get("VIFI_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "vifi")
 
 
-def download_vocab(dest):
-    """Fetch OpenAI's merges file to `dest`: written to a temp file beside it, renamed only if the sha256 matches."""
-    os.makedirs(os.path.dirname(dest), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dest), prefix=BPE_FILE, suffix=".part")
+def download_vocab(path):
+    """path, with OpenAI's merges file fetched there first if it is not there: into a temp file beside it, renamed into
+    place only when its sha256 matches. A file already at path is taken as it is (load_merges checks its format)."""
+    if os.path.isfile(path):
+        return path
+    folder, name = os.path.split(path)
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=name + ".", suffix=".part")  # unique: two fetches never share it
+    digest = hashlib.sha256()
     try:
-        digest = hashlib.sha256()
-        with os.fdopen(fd, "wb") as f:
-            try:
-                with urllib.request.urlopen(BPE_URL, timeout=60) as r:
-                    size = int(r.headers.get("Content-Length") or 0) or None
-                    with tqdm(total=size, unit="B", unit_scale=True, desc=BPE_FILE) as bar:
-                        while chunk := r.read(1 << 16):
-                            f.write(chunk)
-                            digest.update(chunk)
-                            bar.update(len(chunk))
-            except OSError as e:  # URLError, timeouts, resets
-                raise VocabError(
-                    f"Could not download the BPE vocab from {BPE_URL} ({e}). Without network, download it "
-                    f"elsewhere and place it at {dest}, or set $VIFI_BPE to its path."
-                ) from e
+        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(BPE_URL, timeout=60) as r:
+            total = int(r.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=name) as bar:
+                while chunk := r.read(1 << 20):
+                    f.write(chunk)
+                    digest.update(chunk)
+                    bar.update(len(chunk))
         if digest.hexdigest() != BPE_SHA256:
-            raise VocabError(
-                f"Checksum mismatch for {BPE_URL}: expected sha256 {BPE_SHA256}, got {digest.hexdigest()}. "
-                f"The download was discarded; retry, or place a good copy at {dest}."
-            )
-        os.replace(tmp, dest)  # atomic: a reader never sees a half-written vocab
+            raise VocabError(f"Checksum mismatch: the download of {BPE_URL} is corrupt (sha256 {digest.hexdigest()}, "
+                             f"expected {BPE_SHA256}). Nothing was written to {path}; try again, or place a good copy "
+                             "there.")
+        os.replace(tmp, path)
+    except OSError as e:  # no network (URLError is an OSError), a timeout, a reset, a full disk
+        raise VocabError(f"Could not download {BPE_URL} ({e}). Without network, fetch it elsewhere and place it at "
+                         f"{path} (or set $VIFI_BPE to its path).") from None
     finally:
-        if os.path.exists(tmp):
+        if os.path.exists(tmp):  # a failed or interrupted download leaves nothing behind
             os.remove(tmp)
+    return path
 
 
 def find_vocab(bpe_path=None):
@@ -109,10 +110,7 @@ def find_vocab(bpe_path=None):
         if not os.path.isfile(path):
             raise VocabError(f"BPE vocab {path} does not exist; expected OpenAI's {BPE_FILE} ({BPE_URL}).")
         return path
-    path = os.path.join(cache_dir(), BPE_FILE)
-    if not os.path.isfile(path):
-        download_vocab(path)
-    return path
+    return download_vocab(os.path.join(cache_dir(), BPE_FILE))
 
 
 def load_merges(path):

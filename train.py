@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import archive
 import clip_model
 import data
 import protocols
@@ -314,7 +315,7 @@ def model_files(args, own=None):
     files = []
     if own is None and args.model in clip_model.MODELS:
         url = clip_model.MODELS[args.model]
-        files.append((url, os.path.join(clip_model.cache_dir(), os.path.basename(url)), url.split("/")[-2]))
+        files.append((url, os.path.join(archive.cache_dir(), os.path.basename(url)), url.split("/")[-2]))
     if args.model != "scratch" and not os.environ.get("VIFI_BPE"):
         files.append((tokenizer.BPE_URL, os.path.join(tokenizer.cache_dir(), tokenizer.BPE_FILE), tokenizer.BPE_SHA256))
     return files
@@ -325,13 +326,13 @@ def fetch_model_files(args, own=None):
     failed = []
     for url, path, sha256 in model_files(args, own):
         try:
-            clip_model.download(url, path, sha256)
-        except clip_model.CheckpointError:
+            archive.download(url, path, sha256)
+        except archive.CheckpointError:
             failed.append(f"{url} -> {path}")
     if failed:
-        raise clip_model.CheckpointError("could not fetch what the model needs:\n  " + "\n  ".join(failed) + "\nWithout "
-                                         "network, download them elsewhere and place them there (VIFI_CACHE sets the "
-                                         "folder; VIFI_BPE may name the vocabulary file)")
+        raise archive.CheckpointError("could not fetch what the model needs:\n  " + "\n  ".join(failed) + "\nWithout "
+                                      "network, download them elsewhere and place them there (VIFI_CACHE sets the "
+                                      "folder; VIFI_BPE may name the vocabulary file)")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -359,11 +360,11 @@ class Training:
         """Continue from a last.pt written by a run of the same flags: weights, optimizer, scaler, progress, rngs."""
         ck = vifi.read_checkpoint(path)
         if "optimizer" not in ck:
-            raise clip_model.CheckpointError(f"--resume {path}: not a last.pt written by train.py (no optimizer "
-                                             "state); to start from weights, use --checkpoint")
+            raise archive.CheckpointError(f"--resume {path}: not a last.pt written by train.py (no optimizer "
+                                          "state); to start from weights, use --checkpoint")
         saved = (ck["args"].get("dataset"), ck["args"].get("protocol"), ck["vifi"].get("classnames"))
         if saved != (args.dataset, args.protocol, self.model.classnames):
-            raise clip_model.CheckpointError(
+            raise archive.CheckpointError(
                 f"--resume {path} continues a {saved[1]} run on {saved[0]} ({len(saved[2] or [])} classes), not this "
                 f"{args.protocol} run on {args.dataset} ({len(self.model.classnames)} classes): resume with the flags "
                 "of the run that wrote it, or start from its weights with --checkpoint")
@@ -373,8 +374,8 @@ class Training:
         try:
             self.optimizer.load_state_dict(ck["optimizer"])
         except ValueError as e:  # the same weights, but other ones train (--mode, --towers)
-            raise clip_model.CheckpointError(f"--resume {path}: its optimizer state does not fit what these flags "
-                                             f"train ({e}); resume with the run's flags") from None
+            raise archive.CheckpointError(f"--resume {path}: its optimizer state does not fit what these flags "
+                                          f"train ({e}); resume with the run's flags") from None
         self.scaler.load_state_dict(ck["scaler"])
         self.epoch, self.step, self.best_top1, self.best_epoch, self.log = (
             ck["epoch"] + 1, ck["step"], ck["best_top1"], ck["best_epoch"], ck["log"])
@@ -558,7 +559,7 @@ def save_atomic(obj, path):
             os.remove(tmp)
         reason = e.strerror if isinstance(e, OSError) and e.strerror else "the write stopped short"
         free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
-        raise clip_model.CheckpointError(
+        raise archive.CheckpointError(
             f"could not write {path} ({reason}; {free / 2**20:.1f} MiB free on its disk): free some space or choose "
             f"another --out. Any earlier {os.path.basename(path)} there is intact.") from None
 
@@ -666,7 +667,7 @@ def main(args):
 if __name__ == "__main__":
     try:
         main(get_args())
-    except (data.DatasetError, clip_model.CheckpointError, tokenizer.VocabError, vifi.ConfigError) as e:
+    except (data.DatasetError, archive.CheckpointError, tokenizer.VocabError, vifi.ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except FloatingPointError as e:

@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import archive
 import clip_model
 from tokenizer import Tokenizer, VocabError, default_tokenizer, tokenize
 
@@ -180,12 +181,12 @@ OFFICIAL_GLOBALS = {("yacs.config", "CfgNode"): _CfgNode, ("builtins", "set"): s
 
 
 def read_checkpoint(path):
-    """The dict in a checkpoint file, ours or an official release. clip_model.read_archive reads it: only tensors,
+    """The dict in a checkpoint file, ours or an official release. archive.read_archive reads it: only tensors,
     plain containers and yacs config nodes unpickle, so no file can run code, and a damaged file is refused."""
-    ck = clip_model.read_archive(path, "an official ViFi-CLIP checkpoint or one written by train.py", OFFICIAL_GLOBALS)
+    ck = archive.read_archive(path, "an official ViFi-CLIP checkpoint or one written by train.py", OFFICIAL_GLOBALS)
     if not (isinstance(ck, dict) and isinstance(ck.get("model"), dict)):
         found = f"a dict with keys {list(ck)[:4]}" if isinstance(ck, dict) else f"a {type(ck).__name__}"
-        raise clip_model.CheckpointError(f"{path}: holds {found}, not a checkpoint (a dict with the weights under "
+        raise archive.CheckpointError(f"{path}: holds {found}, not a checkpoint (a dict with the weights under "
                                          "'model', as train.py and the official code write); a CLIP's own weights "
                                          "go to --model")
     return ck
@@ -200,7 +201,7 @@ def load_official_checkpoint(path, clip, classnames, clean_names=False, ck=None,
     sd = ck.get("model", ck) if isinstance(ck, dict) else {}
     sd = {k.removeprefix("module."): v for k, v in sd.items()}
     if "image_encoder.conv1.weight" not in sd:
-        raise clip_model.CheckpointError(
+        raise archive.CheckpointError(
             f"{path}: not an official ViFi-CLIP checkpoint: expected keys 'image_encoder.*', 'text_encoder.*', "
             f"'logit_scale' under 'model', found e.g. {list(sd)[:3]}. Checkpoints of train.py load with load_checkpoint.")
     deep = re.compile(r"(image|text)_encoder\.transformer\.resblocks\.(\d+)\.VPT_shallow")
@@ -222,8 +223,8 @@ def load_official_checkpoint(path, clip, classnames, clean_names=False, ck=None,
     base = clip.state_dict()
     try:
         model_clip = clip_model.build({**base, **mapped, "token_embedding.weight": base["token_embedding.weight"]}, path)
-    except clip_model.CheckpointError as e:
-        raise clip_model.CheckpointError(f"{e}. Does the base CLIP match the checkpoint? Its config says {arch}.") from None
+    except archive.CheckpointError as e:
+        raise archive.CheckpointError(f"{e}. Does the base CLIP match the checkpoint? Its config says {arch}.") from None
     prompted = dict(mode="prompt", n_ctx_text=len(text_p[0]), n_ctx_vision=len(vision_p[0]),
                     depth_text=len(text_p), depth_vision=len(vision_p)) if text_p else dict(mode="finetune")
     model = ViFiCLIP(model_clip.to(clip.logit_scale.device), classnames, clean_names=clean_names, norm="imagenet",
@@ -251,7 +252,7 @@ def load_checkpoint(path, clip=None, classnames=None, tokenizer=None, ck=None, *
     ck = read_checkpoint(path) if ck is None else ck
     if not (isinstance(ck, dict) and "vifi" in ck):
         if clip is None:
-            raise clip_model.CheckpointError(f"{path} is an official ViFi-CLIP checkpoint: pass the base CLIP (--model)")
+            raise archive.CheckpointError(f"{path} is an official ViFi-CLIP checkpoint: pass the base CLIP (--model)")
         return load_official_checkpoint(path, clip, classnames, ck=ck, **kw)
     saved_clip = clip_model.build(ck["model"], path)  # an own checkpoint holds its whole CLIP
     try:
@@ -260,7 +261,7 @@ def load_checkpoint(path, clip=None, classnames=None, tokenizer=None, ck=None, *
         cfg.pop("classnames", None)
         model = ViFiCLIP(saved_clip, names, tokenizer=tokenizer, **cfg)
     except (TypeError, KeyError) as e:
-        raise clip_model.CheckpointError(f"{path}: its 'vifi' entry does not describe a ViFiCLIP ({type(e).__name__}: "
+        raise archive.CheckpointError(f"{path}: its 'vifi' entry does not describe a ViFiCLIP ({type(e).__name__}: "
                                          f"{e}); expected the checkpoint_config(...) that train.py saves") from None
     # build() checked the CLIP's keys; the prompts are checked here, so a missing or renamed one is an error too
     clip_model.check_state_dict(ck["model"], model.state_dict(), path, "the ViFi-CLIP its 'vifi' entry describes")
@@ -363,7 +364,7 @@ def main(argv=None):
         clips, crops = (int(v) for v in args.views.split("x"))
         size = model.clip.config.image_resolution
         video, _ = data.VideoDataset([(args.video, 0)], labels, args.frames, size, clips=clips, crops=crops).load(args.video)
-    except (OSError, data.VideoError, data.DatasetError, clip_model.CheckpointError, VocabError,
+    except (OSError, data.VideoError, data.DatasetError, archive.CheckpointError, VocabError,
             ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
