@@ -23,7 +23,7 @@ What is timed (median of timed repeats after warm-up, the device synchronized ar
   data                  clips/s of one worker (one thread, as in a DataLoader worker) on generated UCF101-like
                         (320x240, 7 s, MPEG-4 AVI) and Kinetics-like (340x256, 10 s, H.264 MP4) videos: decoding
                         the sampled frames alone vs the training pipeline (decode + TSN sample + augment, uint8 out)
-  e2e                   data.py prepare's trade-off on Kinetics-like videos, smooth and textured: keyframe interval
+  e2e                   tools.py prepare's trade-off on Kinetics-like videos, smooth and textured: keyframe interval
                         x x264 CRF -> one worker's clips/s at T = 16 against the original's (the files take turns,
                         medians), bytes, PSNR of the frames against the original's; DataLoader worker scaling, 1 to
                         all cores, original and prepared; train.py's own loop (2 epochs of >= 50 steps, the second
@@ -56,6 +56,7 @@ import torch.nn.functional as F
 import clip_model
 import data
 import tokenizer
+import tools
 import train
 import vifi
 
@@ -65,7 +66,7 @@ FULL = dict(small=False, res=224, clips=32, T=8, classes=(101, 400), mem_clips=8
             data_size=224, matmul=8192, warmup=3, repeats=10)
 SMALL = dict(small=True, res=32, clips=2, T=4, classes=(10, 40), mem_clips=2, mem_T=8, data_T=(8, 32),
              data_size=32, matmul=512, warmup=1, repeats=3)
-# --e2e: the trade-off grid of data.py prepare, (keyframe interval, x264 CRF, fastdecode) on Kinetics-like videos;
+# --e2e: the trade-off grid of tools.py prepare, (keyframe interval, x264 CRF, fastdecode) on Kinetics-like videos;
 # reads per file and round x rounds; the textured video's noise (grey levels, standard deviation); train.py's loop
 # per device: micro-batch, worker processes, optimizer steps per epoch, input size; clips per worker when scaling.
 PREPARE_GRID = [(k, q, True) for k in (1, 4, 8, 16) for q in (17, 20, 23)] + [(8, 20, False)]
@@ -372,7 +373,7 @@ def generated_videos(cfg, folder):
     os.makedirs(folder, exist_ok=True)
     for name, (extension, kw) in kinds.items():
         paths[name] = os.path.join(folder, f"{name}_like.{extension}")
-        data.make_test_video(paths[name], **kw)
+        tools.make_test_video(paths[name], **kw)
     return paths
 
 
@@ -405,7 +406,7 @@ def bench_data(cfg, videos):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The data path end to end: prepared copies (data.py prepare), worker scaling, and train.py's own loop
+# The data path end to end: prepared copies (tools.py prepare), worker scaling, and train.py's own loop
 
 def read_rates(paths, T, size, clips, rounds):
     """clips/s of one worker reading `clips` training clips (decode, TSN sampling, augmentation) from each of `paths`.
@@ -434,12 +435,12 @@ def psnr(original, prepared, T=16, clips=4):
 
 
 def prepared_copy(src, folder, keyint=None, crf=None, fast_decode=True):
-    """data.prepare_video with its defaults, or a setting of the trade-off -> (path, seconds to encode)."""
+    """tools.prepare_video with its defaults, or a setting of the trade-off -> (path, seconds to encode)."""
     tag = "default" if keyint is None else f"k{keyint}_crf{crf}{'' if fast_decode else '_nofastdecode'}"
     dst = os.path.join(folder, f"{tag}_{os.path.basename(src)}")
     settings = {} if keyint is None else dict(keyint=keyint, quality={"libx264": crf}, fast_decode=fast_decode)
     start = time.perf_counter()
-    data.prepare_video(src, dst, **settings)
+    tools.prepare_video(src, dst, **settings)
     return dst, time.perf_counter() - start
 
 
