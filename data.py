@@ -2,14 +2,14 @@
 paper (UCF101, HMDB51, Kinetics-400/600, Something-Something v2, the official list files) and a synthetic one
 rendered in memory, few-shot / base-to-novel / zero-shot splits, and bad-file handling.
 
-A sample is a dict: "video" uint8 (T, 3, H, W), or (V, T, 3, H, W) for V = clips x crops test views;
-"colour" float32 (2, 3, 3), the clip's colour jitter (identity when testing); "label" and "index" ints;
-"failed" str (below). Clips stay uint8 until they reach the device (4x less to copy than float), where the
+A sample is a dict: "video" uint8, (T, 3, H, W) when training and (V, T, 3, H, W) when testing, V = clips x crops
+views (V = 1 too); "colour" float32 (2, 3, 3), the clip's colour jitter (identity when testing); "label" and "index"
+ints; "failed" str (below). Clips stay uint8 until they reach the device (4x less to copy than float), where the
 consumer calls `normalize(batch["video"], mean, std, colour=batch["colour"])`, which applies the colour jitter
-and the normalization there: per pixel they are both affine maps, nearly free on a GPU but as costly as decoding
-on a CPU. Everything else (sampling, crop, resize, flip) happens in the DataLoader workers. CLIP_MEAN/CLIP_STD
-and IMAGENET_MEAN/IMAGENET_STD are on the 0-1 scale, as published; `normalize` rescales. The official ViFi-CLIP
-checkpoints were trained with ImageNet's constants, so evaluating them needs those.
+(see colour_matrix) and the normalization there. Everything else (sampling, crop, resize, flip) happens in the
+DataLoader workers. CLIP_MEAN/CLIP_STD and IMAGENET_MEAN/IMAGENET_STD are on the 0-1 scale, as published;
+`normalize` rescales. The official ViFi-CLIP checkpoints were trained with ImageNet's constants, so evaluating
+them needs those.
 
 Bad files. A video that cannot be read (missing, empty, truncated, not a video, undecodable) raises VideoError.
 A training set then loads the next index instead, up to `max_retries` in a row; a test set returns a black clip
@@ -68,15 +68,15 @@ class DatasetError(Exception):
 # ----------------------------------------------------------------------------------------------------------------
 # Sampling and decoding
 
-def sample_indices(num_frames, num_segments, train, clip=0, num_clips=1, rng=random):
+def sample_indices(num_frames, num_segments, train, shift=0, num_shifts=1, rng=random):
     """TSN sampling: split the video into `num_segments` equal segments and take one frame from each, a random
-    one when training, else the one at offset (clip + 0.5) / num_clips inside each segment (the centre for a
-    single clip; evenly shifted for multi-clip testing). Segments are fractional, so a video shorter than
-    `num_segments` frames repeats indices in order instead of failing. Python's `random` by default: DataLoader
-    seeds it differently in every worker."""
+    one when training, else the one at offset (shift + 0.5) / num_shifts inside each segment: the centre for a
+    single test clip; test clip k of n (multi-clip testing) passes shift=k, num_shifts=n. Segments are
+    fractional, so a video shorter than `num_segments` frames repeats indices in order instead of failing.
+    Python's `random` by default: DataLoader seeds it differently in every worker."""
     assert num_frames >= 1
     length = num_frames / num_segments
-    offsets = [rng.random() for _ in range(num_segments)] if train else [(clip + 0.5) / num_clips] * num_segments
+    offsets = [rng.random() for _ in range(num_segments)] if train else [(shift + 0.5) / num_shifts] * num_segments
     return [min(int((i + offset) * length), num_frames - 1) for i, offset in enumerate(offsets)]
 
 
@@ -97,7 +97,7 @@ class VideoReader:
     none), each frame's index as the rank of its timestamp (B-frames arrive out of order), and where the
     keyframes are, so `read` skips to the keyframe before a wanted frame when one lies ahead of the decoder.
     Threading: one decoder thread. Frame threading can hang when decoding stops before the end with torch
-    loaded (PyAV issues 1849 and 1861), and the DataLoader workers already use every core.
+    loaded, and the DataLoader workers already use every core.
     """
 
     def __init__(self, path):
@@ -121,7 +121,7 @@ class VideoReader:
         self.stream = self.container.streams.video[0]
         self.stream.codec_context.thread_type = "SLICE"  # never FRAME (see above); with one thread: none
         self.stream.codec_context.thread_count = 1
-        self.to_rgb = VideoReformatter()  # frame.to_ndarray() sets up a converter per frame: 5x slower
+        self.to_rgb = VideoReformatter()  # one converter for all frames: frame.to_ndarray() builds one per frame
         self.packets = [p for p in self.container.demux(self.stream) if p.size]  # the last, empty one only flushes
         if not self.packets:
             raise VideoError(f"{self.path}: no video frames")
@@ -164,15 +164,15 @@ class VideoReader:
         want = set(indices)
         got = {}
         starts = [k[0] for k in self.keyframes]
-        frames, at = None, -1  # the running decoder and the index of its last frame
+        decoder, at = None, -1  # the running decoder and the index of its last frame
         with _video_errors(self.path, "cannot decode"):
             for target in sorted(want):
                 if target in got:
                     continue
                 keyframe = self.keyframes[bisect.bisect_right(starts, target) - 1]
-                if frames is None or keyframe[0] > at + 1:
-                    frames = self._decode(keyframe, want)
-                for at, frame in frames:
+                if decoder is None or keyframe[0] > at + 1:
+                    decoder = self._decode(keyframe, want)
+                for at, frame in decoder:
                     fresh = at in want and at not in got  # (frames before a keyframe may come out broken)
                     if fresh or at >= target:
                         image = self.to_rgb.reformat(frame, format="rgb24").to_ndarray()
@@ -289,13 +289,13 @@ def colour_matrix(view):
     return torch.stack([a, b]).float()
 
 
-def render(frames, view, size):
+def render(video, view, size):
     """uint8 (T, 3, H, W) -> uint8 (T, 3, size, size): the view's box, resized, flipped. Memory stays
     channels-last (free here, and any layout is fine on the device)."""
     top, left, height, width = view.box
-    video = F.interpolate(frames[:, :, top:top + height, left:left + width], size=(size, size), mode="bilinear",
-                          antialias=True, align_corners=False)  # uint8 in and out: torch's fast path on CPU
-    return video.flip(-1) if view.flip else video
+    out = F.interpolate(video[:, :, top:top + height, left:left + width], size=(size, size), mode="bilinear",
+                        antialias=True, align_corners=False)  # uint8 in and out: torch's fast path on CPU
+    return out.flip(-1) if view.flip else out
 
 
 def normalize(video, mean=CLIP_MEAN, std=CLIP_STD, colour=None):
@@ -320,8 +320,8 @@ NO_COLOUR = torch.stack([torch.eye(3), torch.zeros(3, 3)])  # colour_matrix of a
 # Datasets
 
 class VideoDataset(Dataset):
-    """Videos as a list of (path, label), with readable `classnames`. Training: one TSN-sampled clip, augmented;
-    testing: `clips` clips x `crops` crops, V views stacked as (V, T, 3, H, W) when V > 1."""
+    """Videos as a list of (path, label), with readable `classnames`. Training: one TSN-sampled clip, augmented,
+    (T, 3, H, W); testing: `clips` clips x `crops` crops, V views stacked as (V, T, 3, H, W), V = 1 included."""
 
     def __init__(self, samples, classnames, frames=8, size=224, train=False, clips=1, crops=1, root=None,
                  missing=(), max_retries=10):
@@ -336,16 +336,16 @@ class VideoDataset(Dataset):
         """One video -> (uint8 views (V, T, 3, size, size), colour (2, 3, 3) for normalize()); random choices
         (training frames and view) from `rng`."""
         clips = 1 if self.train else self.clips
-        with VideoReader(path) as video:
-            picks = [sample_indices(len(video), self.frames, self.train, k, clips, rng) for k in range(clips)]
-            frames = video.read([i for pick in picks for i in pick])
-        frames = frames.unflatten(0, (clips, self.frames))  # (N*T, 3, H, W) -> (N, T, 3, H, W)
-        height, width = frames.shape[-2:]
+        with VideoReader(path) as reader:
+            picks = [sample_indices(len(reader), self.frames, self.train, k, clips, rng) for k in range(clips)]
+            decoded = reader.read([i for pick in picks for i in pick])
+        videos = decoded.unflatten(0, (clips, self.frames))  # (N*T, 3, H, W) -> (N, T, 3, H, W)
+        height, width = videos.shape[-2:]
         if self.train:
             view = train_view(height, width, rng)
-            return render(frames[0], view, self.size)[None], colour_matrix(view)
+            return render(videos[0], view, self.size)[None], colour_matrix(view)
         views = test_views(height, width, self.size, self.crops)
-        return torch.stack([render(clip, view, self.size) for clip in frames for view in views]), NO_COLOUR
+        return torch.stack([render(video, view, self.size) for video in videos for view in views]), NO_COLOUR
 
     def __getitem__(self, key):
         """key: an index, or (index, draw): then the sample's random choices come from random.Random(draw) alone,
@@ -371,7 +371,7 @@ class VideoDataset(Dataset):
         else:
             raise DatasetError(f"{len(failed)} videos in a row could not be read, for example {failed[0]}. "
                                f"Is --root {self.root} the dataset's folder?")
-        video = video[0] if len(video) == 1 else video
+        video = video[0] if self.train else video  # training: the one view, (1, T, 3, H, W) -> (T, 3, H, W)
         return {"video": video, "colour": colour, "label": label, "index": index, "failed": "\n".join(failed)}
 
     def subset(self, samples, classnames=None):
@@ -749,5 +749,5 @@ class SyntheticVideos(VideoDataset):
 
     def load(self, key, rng=None):
         classname = self.names[int(key.split("/")[1])]
-        clip = render_synthetic(classname, f"{self.seed}/{key}", self.frames, self.size)
-        return clip[None].expand(1 if self.train else self.clips * self.crops, *clip.shape), NO_COLOUR
+        video = render_synthetic(classname, f"{self.seed}/{key}", self.frames, self.size)
+        return video[None].expand(1 if self.train else self.clips * self.crops, *video.shape), NO_COLOUR

@@ -933,8 +933,8 @@ def test_train_sampling_draws_one_frame_inside_each_segment():
 
 def test_test_sampling_takes_centres_and_shifts_clips():
     assert data.sample_indices(80, 8, train=False) == [5, 15, 25, 35, 45, 55, 65, 75]
-    first = data.sample_indices(80, 8, train=False, clip=0, num_clips=2)
-    second = data.sample_indices(80, 8, train=False, clip=1, num_clips=2)
+    first = data.sample_indices(80, 8, train=False, shift=0, num_shifts=2)
+    second = data.sample_indices(80, 8, train=False, shift=1, num_shifts=2)
     assert first == [2, 12, 22, 32, 42, 52, 62, 72] and second == [7, 17, 27, 37, 47, 57, 67, 77]
 
 
@@ -953,7 +953,7 @@ def test_sampling_exact_indices_in_fractional_segments():
     assert data.sample_indices(50, 4, train=True, rng=Offsets(0.0, 0.999, 0.5, 0.3)) == [0, 24, 31, 41]
     # testing: the centres of 8 segments of 6.25 frames; the last of 3 clips at offset 2.5 / 3 of each segment
     assert data.sample_indices(50, 8, train=False) == [3, 9, 15, 21, 28, 34, 40, 46]
-    assert data.sample_indices(50, 4, train=False, clip=2, num_clips=3) == [10, 22, 35, 47]
+    assert data.sample_indices(50, 4, train=False, shift=2, num_shifts=3) == [10, 22, 35, 47]
 
 
 @pytest.mark.parametrize("train", [True, False])
@@ -1525,7 +1525,7 @@ def test_synthetic_ucf_layout_reads_back_through_the_ucf101_parser(tmp_path):
     test = data.build_dataset("ucf101", root, "test", frames=8, size=32)
     assert [vifi.clean_classname(c) for c in test.classnames] == data.synthetic_classes() and len(test) == 18
     path, label = test.samples[4]
-    assert label == 4 and test[4]["video"].shape == (8, 3, 32, 32)
+    assert label == 4 and test[4]["video"].shape == (1, 8, 3, 32, 32)
     rendered = data.SyntheticVideos("test", 8, 32, per_class=1)[4]["video"]
     decoded = data.read_frames(path, range(8))
     assert (decoded.float() - rendered.float()).abs().mean() < 10  # the same clip, through MPEG-4

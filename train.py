@@ -429,8 +429,6 @@ def evaluate(model, dataset, args, norm, device, autocast, rank, world, desc):
     for batch in tqdm(loader(dataset, args, rank, world, train=False), desc=desc, leave=False, disable=rank > 0):
         failures.update(batch["failed"])
         video = data.normalize(batch["video"].to(device, non_blocking=True), *norm)
-        if video.dim() == 5:
-            video = video[:, None]  # one view: (B, T, 3, H, W) -> (B, 1, T, 3, H, W)
         B, V = video.shape[:2]
         with autocast:
             logits = model(video.flatten(0, 1))  # (B, V, T, 3, H, W) -> (B*V, T, 3, H, W) -> (B*V, C)
