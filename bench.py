@@ -4,7 +4,7 @@ Random weights with the real sizes (no download) and synthetic inputs, on cuda i
 
     python bench.py                   # ViT-B/16 at 224 (hours on a CPU: use --small there)
     python bench.py --compile         # the torch.compile variants too
-    python bench.py --small           # a tiny CLIP and tiny videos, seconds on a CPU (the tests run this)
+    python bench.py --small           # train.py's scratch CLIP, tiny videos: seconds on a CPU (the tests run this)
     python bench.py --json out.json   # every number, with the device, torch version and date
     python bench.py --e2e             # the data path end to end (below); --small runs a tiny version of it too
 
@@ -61,7 +61,7 @@ import train
 import vifi
 
 # Sizes of a full run and of --small. Frames = clips x T; mem_* is the memory test at 32 frames per clip.
-# --small has fewer classes: with a 64-wide text tower, 400 prompts would outweigh 8 tiny frames 30 to 1.
+# --small has fewer classes: 400 prompts through its text tower would outweigh a step's 8 tiny frames many times over.
 FULL = dict(small=False, res=224, clips=32, T=8, classes=(101, 400), mem_clips=8, mem_T=32, data_T=(8, 32),
             data_size=224, matmul=8192, warmup=3, repeats=10)
 SMALL = dict(small=True, res=32, clips=2, T=4, classes=(10, 40), mem_clips=2, mem_T=8, data_T=(8, 32),
@@ -76,8 +76,6 @@ E2E_CPU = dict(micro_batch=2, workers=os.cpu_count(), steps=50, size=32, clips_p
 FULL.update(prepare_grid=PREPARE_GRID, prepare_reads=(8, 3))
 SMALL.update(prepare_grid=[(4, 20, True), (8, 20, False)], prepare_reads=(2, 1),
              e2e=dict(micro_batch=2, workers=2, steps=3, clips_per_worker=4))
-TINY_CLIP = clip_model.CLIPConfig(embed_dim=64, image_resolution=32, vision_layers=2, vision_width=64, patch_size=8,
-                                  text_width=64, text_layers=2)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -193,7 +191,7 @@ class Bench:
     def new_clip(self):
         free(self.device)
         torch.manual_seed(0)
-        return clip_model.CLIP(TINY_CLIP if self.cfg["small"] else clip_model.CLIPConfig()).to(self.device)
+        return clip_model.CLIP(train.SCRATCH if self.cfg["small"] else clip_model.CLIPConfig()).to(self.device)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -224,11 +222,16 @@ class RandomTokens:
         return [self.rng.randrange(self.sot) for _ in re.findall(r"\w+|[^\w\s]", text)]
 
 
-def text_tokenizer(vocab_size):
+def text_tokenizer(config):
+    """The tokenizer that fits a CLIP's vocabulary: byte-level for train.SCRATCH (as train.py pairs them), else
+    CLIP's BPE, or random ids of realistic lengths when its vocabulary file is not here (the bench never downloads)."""
+    byte_level = tokenizer.Tokenizer(byte_level=True)
+    if config.vocab_size == byte_level.vocab_size:
+        return byte_level, "byte-level (train.py's scratch CLIP)"
     path = os.environ.get("VIFI_BPE") or os.path.join(tokenizer.cache_dir(), tokenizer.BPE_FILE)
     if os.path.isfile(path):
         return tokenizer.Tokenizer(path), "CLIP BPE"
-    return RandomTokens(vocab_size), "random ids of realistic lengths (no BPE vocab: set VIFI_BPE)"
+    return RandomTokens(config.vocab_size), "random ids of realistic lengths (no BPE vocab: set VIFI_BPE)"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -325,8 +328,9 @@ def bench_vifi(b, clip, tok, compiled):
         if not compiled:  # the official style, eager as the official code runs: same weights, same FLOPs of work
             official = OfficialStyle(model).to(b.device)
             s0 = b.seconds(lambda: vifi_step(official, opt, video, labels, b.amp))
-            b.add(f"vifi_train_official_c{C}", f"vifi train, official style (77 tokens), C={C}", s0, B * T,
-                  3 * (vision + C * text_flops(clip.config, clip.config.context_length)), speedup=s0 / s)
+            L0 = clip.config.context_length  # every prompt at full length
+            b.add(f"vifi_train_official_c{C}", f"vifi train, official style ({L0} tokens), C={C}", s0, B * T,
+                  3 * (vision + C * text_flops(clip.config, L0)), speedup=s0 / s)
 
         def evaluate():
             with torch.no_grad(), b.amp:
@@ -639,7 +643,7 @@ def bench_model(args, device, cfg, results, videos):
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN picks its kernels (the official style's conv) once
     b = Bench(device, cfg)
-    tok, tok_name = text_tokenizer((TINY_CLIP if args.small else clip_model.CLIPConfig()).vocab_size)
+    tok, tok_name = text_tokenizer(train.SCRATCH if args.small else clip_model.CLIPConfig())
     print_header(device, b, tok_name)
     results.update(tokenizer=tok_name, peak_tflops=b.peak / 1e12, peak_dtype=b.peak_dtype, model=b.rows)
     clip = b.new_clip()
@@ -693,7 +697,7 @@ def save(results, path):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--small", action="store_true", help="a tiny CLIP, few frames, tiny videos: seconds on a CPU")
+    parser.add_argument("--small", action="store_true", help="train.py's scratch CLIP, few frames, tiny videos: seconds on a CPU")
     parser.add_argument("--compile", action="store_true", help="also time the torch.compile variants")
     parser.add_argument("--device", help="cuda or cpu (default: cuda if available)")
     parser.add_argument("--repeats", type=int, help="timed repeats per measurement (default 10; --small 3)")
