@@ -4,7 +4,7 @@ Random weights with the real sizes (no download) and synthetic inputs, on cuda i
 
     python bench.py                   # ViT-B/16 at 224 (hours on a CPU: use --small there)
     python bench.py --compile         # the torch.compile variants too
-    python bench.py --small           # a tiny CLIP and tiny videos, seconds on a CPU (the tests run this)
+    python bench.py --small           # a small CLIP, tiny videos: seconds on a CPU (the tests run this)
     python bench.py --json out.json   # every number, with the device, torch version and date
     python bench.py --e2e             # the data path end to end (below); --small runs a tiny version of it too
 
@@ -23,7 +23,7 @@ What is timed (median of timed repeats after warm-up, the device synchronized ar
   data                  clips/s of one worker (one thread, as in a DataLoader worker) on generated UCF101-like
                         (320x240, 7 s, MPEG-4 AVI) and Kinetics-like (340x256, 10 s, H.264 MP4) videos: decoding
                         the sampled frames alone vs the training pipeline (decode + TSN sample + augment, uint8 out)
-  e2e                   data.py prepare's trade-off on Kinetics-like videos, smooth and textured: keyframe interval
+  e2e                   tools.py prepare's trade-off on Kinetics-like videos, smooth and textured: keyframe interval
                         x x264 CRF -> one worker's clips/s at T = 16 against the original's (the files take turns,
                         medians), bytes, PSNR of the frames against the original's; DataLoader worker scaling, 1 to
                         all cores, original and prepared; train.py's own loop (2 epochs of >= 50 steps, the second
@@ -36,6 +36,7 @@ measured in this run: bf16 on CUDA (what autocast runs the model in), fp32 on CP
 import argparse
 import contextlib
 import ctypes
+import dataclasses
 import datetime
 import gc
 import itertools
@@ -56,16 +57,17 @@ import torch.nn.functional as F
 import clip_model
 import data
 import tokenizer
+import tools
 import train
 import vifi
 
 # Sizes of a full run and of --small. Frames = clips x T; mem_* is the memory test at 32 frames per clip.
-# --small has fewer classes: with a 64-wide text tower, 400 prompts would outweigh 8 tiny frames 30 to 1.
+# --small has fewer classes: 400 prompts through its text tower would outweigh a step's 8 tiny frames many times over.
 FULL = dict(small=False, res=224, clips=32, T=8, classes=(101, 400), mem_clips=8, mem_T=32, data_T=(8, 32),
             data_size=224, matmul=8192, warmup=3, repeats=10)
 SMALL = dict(small=True, res=32, clips=2, T=4, classes=(10, 40), mem_clips=2, mem_T=8, data_T=(8, 32),
              data_size=32, matmul=512, warmup=1, repeats=3)
-# --e2e: the trade-off grid of data.py prepare, (keyframe interval, x264 CRF, fastdecode) on Kinetics-like videos;
+# --e2e: the trade-off grid of tools.py prepare, (keyframe interval, x264 CRF, fastdecode) on Kinetics-like videos;
 # reads per file and round x rounds; the textured video's noise (grey levels, standard deviation); train.py's loop
 # per device: micro-batch, worker processes, optimizer steps per epoch, input size; clips per worker when scaling.
 PREPARE_GRID = [(k, q, True) for k in (1, 4, 8, 16) for q in (17, 20, 23)] + [(8, 20, False)]
@@ -75,8 +77,9 @@ E2E_CPU = dict(micro_batch=2, workers=os.cpu_count(), steps=50, size=32, clips_p
 FULL.update(prepare_grid=PREPARE_GRID, prepare_reads=(8, 3))
 SMALL.update(prepare_grid=[(4, 20, True), (8, 20, False)], prepare_reads=(2, 1),
              e2e=dict(micro_batch=2, workers=2, steps=3, clips_per_worker=4))
-TINY_CLIP = clip_model.CLIPConfig(embed_dim=64, image_resolution=32, vision_layers=2, vision_width=64, patch_size=8,
-                                  text_width=64, text_layers=2)
+# --small's model: train.py's scratch CLIP with CLIP's vocabulary and 77-token context, so that class prompts
+# tokenize and pad as they do for the real models.
+SMALL_CLIP = dataclasses.replace(train.SCRATCH, vocab_size=clip_model.CLIPConfig().vocab_size, context_length=77)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -192,7 +195,7 @@ class Bench:
     def new_clip(self):
         free(self.device)
         torch.manual_seed(0)
-        return clip_model.CLIP(TINY_CLIP if self.cfg["small"] else clip_model.CLIPConfig()).to(self.device)
+        return clip_model.CLIP(SMALL_CLIP if self.cfg["small"] else clip_model.CLIPConfig()).to(self.device)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -324,8 +327,9 @@ def bench_vifi(b, clip, tok, compiled):
         if not compiled:  # the official style, eager as the official code runs: same weights, same FLOPs of work
             official = OfficialStyle(model).to(b.device)
             s0 = b.seconds(lambda: vifi_step(official, opt, video, labels, b.amp))
-            b.add(f"vifi_train_official_c{C}", f"vifi train, official style (77 tokens), C={C}", s0, B * T,
-                  3 * (vision + C * text_flops(clip.config, clip.config.context_length)), speedup=s0 / s)
+            L0 = clip.config.context_length  # every prompt at full length
+            b.add(f"vifi_train_official_c{C}", f"vifi train, official style ({L0} tokens), C={C}", s0, B * T,
+                  3 * (vision + C * text_flops(clip.config, L0)), speedup=s0 / s)
 
         def evaluate():
             with torch.no_grad(), b.amp:
@@ -372,7 +376,7 @@ def generated_videos(cfg, folder):
     os.makedirs(folder, exist_ok=True)
     for name, (extension, kw) in kinds.items():
         paths[name] = os.path.join(folder, f"{name}_like.{extension}")
-        data.make_test_video(paths[name], **kw)
+        tools.make_test_video(paths[name], **kw)
     return paths
 
 
@@ -405,7 +409,7 @@ def bench_data(cfg, videos):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The data path end to end: prepared copies (data.py prepare), worker scaling, and train.py's own loop
+# The data path end to end: prepared copies (tools.py prepare), worker scaling, and train.py's own loop
 
 def read_rates(paths, T, size, clips, rounds):
     """clips/s of one worker reading `clips` training clips (decode, TSN sampling, augmentation) from each of `paths`.
@@ -434,12 +438,12 @@ def psnr(original, prepared, T=16, clips=4):
 
 
 def prepared_copy(src, folder, keyint=None, crf=None, fast_decode=True):
-    """data.prepare_video with its defaults, or a setting of the trade-off -> (path, seconds to encode)."""
+    """tools.prepare_video with its defaults, or a setting of the trade-off -> (path, seconds to encode)."""
     tag = "default" if keyint is None else f"k{keyint}_crf{crf}{'' if fast_decode else '_nofastdecode'}"
     dst = os.path.join(folder, f"{tag}_{os.path.basename(src)}")
     settings = {} if keyint is None else dict(keyint=keyint, quality={"libx264": crf}, fast_decode=fast_decode)
     start = time.perf_counter()
-    data.prepare_video(src, dst, **settings)
+    tools.prepare_video(src, dst, **settings)
     return dst, time.perf_counter() - start
 
 
@@ -638,7 +642,7 @@ def bench_model(args, device, cfg, results, videos):
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN picks its kernels (the official style's conv) once
     b = Bench(device, cfg)
-    tok, tok_name = text_tokenizer((TINY_CLIP if args.small else clip_model.CLIPConfig()).vocab_size)
+    tok, tok_name = text_tokenizer((SMALL_CLIP if args.small else clip_model.CLIPConfig()).vocab_size)
     print_header(device, b, tok_name)
     results.update(tokenizer=tok_name, peak_tflops=b.peak / 1e12, peak_dtype=b.peak_dtype, model=b.rows)
     clip = b.new_clip()
@@ -692,7 +696,7 @@ def save(results, path):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--small", action="store_true", help="a tiny CLIP, few frames, tiny videos: seconds on a CPU")
+    parser.add_argument("--small", action="store_true", help="a small CLIP, few frames, tiny videos: seconds on a CPU")
     parser.add_argument("--compile", action="store_true", help="also time the torch.compile variants")
     parser.add_argument("--device", help="cuda or cpu (default: cuda if available)")
     parser.add_argument("--repeats", type=int, help="timed repeats per measurement (default 10; --small 3)")

@@ -1,15 +1,15 @@
 """Video data for ViFi-CLIP: PyAV decoding, TSN frame sampling, clip augmentation in torch, the datasets of the
-paper (UCF101, HMDB51, Kinetics-400/600, Something-Something v2, the official list files) and an embedded
-synthetic one, few-shot / base-to-novel / zero-shot splits, and bad-file handling.
+paper (UCF101, HMDB51, Kinetics-400/600, Something-Something v2, the official list files) and a synthetic one
+rendered in memory, few-shot / base-to-novel / zero-shot splits, and bad-file handling.
 
-A sample is a dict: "video" uint8 (T, 3, H, W), or (V, T, 3, H, W) for V = clips x crops test views;
-"colour" float32 (2, 3, 3), the clip's colour jitter (identity when testing); "label" and "index" ints;
-"failed" str (below). Clips stay uint8 until they reach the device (4x less to copy than float), where the
+A sample is a dict: "video" uint8, (T, 3, H, W) when training and (V, T, 3, H, W) when testing, V = clips x crops
+views (V = 1 too); "colour" float32 (2, 3, 3), the clip's colour jitter (identity when testing); "label" and "index"
+ints; "failed" str (below). Clips stay uint8 until they reach the device (4x less to copy than float), where the
 consumer calls `normalize(batch["video"], mean, std, colour=batch["colour"])`, which applies the colour jitter
-and the normalization there: per pixel they are both affine maps, nearly free on a GPU but as costly as decoding
-on a CPU. Everything else (sampling, crop, resize, flip) happens in the DataLoader workers. CLIP_MEAN/CLIP_STD
-and IMAGENET_MEAN/IMAGENET_STD are on the 0-1 scale, as published; `normalize` rescales. The official ViFi-CLIP
-checkpoints were trained with ImageNet's constants, so evaluating them needs those.
+(see colour_matrix) and the normalization there. Everything else (sampling, crop, resize, flip) happens in the
+DataLoader workers. CLIP_MEAN/CLIP_STD and IMAGENET_MEAN/IMAGENET_STD are on the 0-1 scale, as published;
+`normalize` rescales. The official ViFi-CLIP checkpoints were trained with ImageNet's constants, so evaluating
+them needs those.
 
 Bad files. A video that cannot be read (missing, empty, truncated, not a video, undecodable) raises VideoError.
 A training set then loads the next index instead, up to `max_retries` in a row; a test set returns a black clip
@@ -23,16 +23,10 @@ flattened copies both work; see LAYOUTS. Videos listed but absent (common in Kin
 construction and counted in `dataset.missing`. The paper's protocols read the official repository's list files
 with the list dataset (protocols.py); splits can also be drawn from a dataset's own lists (few_shot,
 base_novel_classes + subset_classes, k600_novel_subset); write_list saves any split in the official list format.
-
-Command line:
-    python data.py check --dataset ucf101 --root DIR [--fold 1]   # counts per split, every unreadable file;
-                                                                  # exit 1 if any, 2 for a wrong root
-    python data.py synth-ucf DIR [--frames 8 --size 32]           # the synthetic set as UCF101-style AVI files
-    python data.py prepare --dataset k400 --root DIR --out FAST   # a copy with a keyframe every 8 frames: T = 16
-                                                                  # clips decode ~2.7x faster; then --root FAST
+Checking a copy of a dataset, preparing one for fast decoding and writing the synthetic set as files is tools.py's
+command line.
 """
 
-import argparse
 import bisect
 import contextlib
 import copy
@@ -43,15 +37,9 @@ import json
 import math
 import os
 import random
-import re
-import shutil
-import sys
-import time
 import warnings
 import zlib
 from dataclasses import dataclass
-from fractions import Fraction
-from multiprocessing import Pool
 
 import av
 from av.video.reformatter import VideoReformatter
@@ -59,7 +47,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
-from tqdm import tqdm
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -80,15 +67,15 @@ class DatasetError(Exception):
 # ----------------------------------------------------------------------------------------------------------------
 # Sampling and decoding
 
-def sample_indices(num_frames, num_segments, train, clip=0, num_clips=1, rng=random):
+def sample_indices(num_frames, num_segments, train, shift=0, num_shifts=1, rng=random):
     """TSN sampling: split the video into `num_segments` equal segments and take one frame from each, a random
-    one when training, else the one at offset (clip + 0.5) / num_clips inside each segment (the centre for a
-    single clip; evenly shifted for multi-clip testing). Segments are fractional, so a video shorter than
-    `num_segments` frames repeats indices in order instead of failing. Python's `random` by default: DataLoader
-    seeds it differently in every worker."""
+    one when training, else the one at offset (shift + 0.5) / num_shifts inside each segment: the centre for a
+    single test clip; test clip k of n (multi-clip testing) passes shift=k, num_shifts=n. Segments are
+    fractional, so a video shorter than `num_segments` frames repeats indices in order instead of failing.
+    Python's `random` by default: DataLoader seeds it differently in every worker."""
     assert num_frames >= 1
     length = num_frames / num_segments
-    offsets = [rng.random() for _ in range(num_segments)] if train else [(clip + 0.5) / num_clips] * num_segments
+    offsets = [rng.random() for _ in range(num_segments)] if train else [(shift + 0.5) / num_shifts] * num_segments
     return [min(int((i + offset) * length), num_frames - 1) for i, offset in enumerate(offsets)]
 
 
@@ -109,7 +96,7 @@ class VideoReader:
     none), each frame's index as the rank of its timestamp (B-frames arrive out of order), and where the
     keyframes are, so `read` skips to the keyframe before a wanted frame when one lies ahead of the decoder.
     Threading: one decoder thread. Frame threading can hang when decoding stops before the end with torch
-    loaded (PyAV issues 1849 and 1861), and the DataLoader workers already use every core.
+    loaded, and the DataLoader workers already use every core.
     """
 
     def __init__(self, path):
@@ -133,7 +120,7 @@ class VideoReader:
         self.stream = self.container.streams.video[0]
         self.stream.codec_context.thread_type = "SLICE"  # never FRAME (see above); with one thread: none
         self.stream.codec_context.thread_count = 1
-        self.to_rgb = VideoReformatter()  # frame.to_ndarray() sets up a converter per frame: 5x slower
+        self.to_rgb = VideoReformatter()  # one converter for all frames: frame.to_ndarray() builds one per frame
         self.packets = [p for p in self.container.demux(self.stream) if p.size]  # the last, empty one only flushes
         if not self.packets:
             raise VideoError(f"{self.path}: no video frames")
@@ -176,15 +163,15 @@ class VideoReader:
         want = set(indices)
         got = {}
         starts = [k[0] for k in self.keyframes]
-        frames, at = None, -1  # the running decoder and the index of its last frame
+        decoder, at = None, -1  # the running decoder and the index of its last frame
         with _video_errors(self.path, "cannot decode"):
             for target in sorted(want):
                 if target in got:
                     continue
                 keyframe = self.keyframes[bisect.bisect_right(starts, target) - 1]
-                if frames is None or keyframe[0] > at + 1:
-                    frames = self._decode(keyframe, want)
-                for at, frame in frames:
+                if decoder is None or keyframe[0] > at + 1:
+                    decoder = self._decode(keyframe, want)
+                for at, frame in decoder:
                     fresh = at in want and at not in got  # (frames before a keyframe may come out broken)
                     if fresh or at >= target:
                         image = self.to_rgb.reformat(frame, format="rgb24").to_ndarray()
@@ -301,13 +288,13 @@ def colour_matrix(view):
     return torch.stack([a, b]).float()
 
 
-def render(frames, view, size):
+def render(video, view, size):
     """uint8 (T, 3, H, W) -> uint8 (T, 3, size, size): the view's box, resized, flipped. Memory stays
     channels-last (free here, and any layout is fine on the device)."""
     top, left, height, width = view.box
-    video = F.interpolate(frames[:, :, top:top + height, left:left + width], size=(size, size), mode="bilinear",
-                          antialias=True, align_corners=False)  # uint8 in and out: torch's fast path on CPU
-    return video.flip(-1) if view.flip else video
+    out = F.interpolate(video[:, :, top:top + height, left:left + width], size=(size, size), mode="bilinear",
+                        antialias=True, align_corners=False)  # uint8 in and out: torch's fast path on CPU
+    return out.flip(-1) if view.flip else out
 
 
 def normalize(video, mean=CLIP_MEAN, std=CLIP_STD, colour=None):
@@ -332,8 +319,8 @@ NO_COLOUR = torch.stack([torch.eye(3), torch.zeros(3, 3)])  # colour_matrix of a
 # Datasets
 
 class VideoDataset(Dataset):
-    """Videos as a list of (path, label), with readable `classnames`. Training: one TSN-sampled clip, augmented;
-    testing: `clips` clips x `crops` crops, V views stacked as (V, T, 3, H, W) when V > 1."""
+    """Videos as a list of (path, label), with readable `classnames`. Training: one TSN-sampled clip, augmented,
+    (T, 3, H, W); testing: `clips` clips x `crops` crops, V views stacked as (V, T, 3, H, W), V = 1 included."""
 
     def __init__(self, samples, classnames, frames=8, size=224, train=False, clips=1, crops=1, root=None,
                  missing=(), max_retries=10):
@@ -348,16 +335,16 @@ class VideoDataset(Dataset):
         """One video -> (uint8 views (V, T, 3, size, size), colour (2, 3, 3) for normalize()); random choices
         (training frames and view) from `rng`."""
         clips = 1 if self.train else self.clips
-        with VideoReader(path) as video:
-            picks = [sample_indices(len(video), self.frames, self.train, k, clips, rng) for k in range(clips)]
-            frames = video.read([i for pick in picks for i in pick])
-        frames = frames.unflatten(0, (clips, self.frames))  # (N*T, 3, H, W) -> (N, T, 3, H, W)
-        height, width = frames.shape[-2:]
+        with VideoReader(path) as reader:
+            picks = [sample_indices(len(reader), self.frames, self.train, k, clips, rng) for k in range(clips)]
+            decoded = reader.read([i for pick in picks for i in pick])
+        videos = decoded.unflatten(0, (clips, self.frames))  # (N*T, 3, H, W) -> (N, T, 3, H, W)
+        height, width = videos.shape[-2:]
         if self.train:
             view = train_view(height, width, rng)
-            return render(frames[0], view, self.size)[None], colour_matrix(view)
+            return render(videos[0], view, self.size)[None], colour_matrix(view)
         views = test_views(height, width, self.size, self.crops)
-        return torch.stack([render(clip, view, self.size) for clip in frames for view in views]), NO_COLOUR
+        return torch.stack([render(video, view, self.size) for video in videos for view in views]), NO_COLOUR
 
     def __getitem__(self, key):
         """key: an index, or (index, draw): then the sample's random choices come from random.Random(draw) alone,
@@ -383,7 +370,7 @@ class VideoDataset(Dataset):
         else:
             raise DatasetError(f"{len(failed)} videos in a row could not be read, for example {failed[0]}. "
                                f"Is --root {self.root} the dataset's folder?")
-        video = video[0] if len(video) == 1 else video
+        video = video[0] if self.train else video  # training: the one view, (1, T, 3, H, W) -> (T, 3, H, W)
         return {"video": video, "colour": colour, "label": label, "index": index, "failed": "\n".join(failed)}
 
     def subset(self, samples, classnames=None):
@@ -425,7 +412,7 @@ def check_root(name, root):
     raise DatasetError(f"{name}: {root!r} {found}. Expected {LAYOUTS[name]}; the paper's protocols need only the "
                        f"videos under it, found by file name. {name} is published at {HOMES[name]}. Put it there "
                        f"(or pass --root DIR, or set VIFI_DATA to the folder holding <dataset>/), then verify it with "
-                       f"`python data.py check --dataset {name} --root {root}`")
+                       f"`python tools.py check --dataset {name} --root {root}`")
 
 
 def _annotation(root, candidates):
@@ -520,7 +507,7 @@ def _list(list_file, labels_file):
     for path in (list_file, labels_file):
         if not path or not os.path.isfile(path):
             raise DatasetError(f"a list of videos needs a list file and an 'id,name' labels file (train.py: --train-list, "
-                               f"--test-list, --labels; data.py: --list-file, --labels-file); "
+                               f"--test-list, --labels; tools.py: --list-file, --labels-file); "
                                f"{'none was given' if not path else repr(path) + ' is not a file'}")
     classes = read_labels(labels_file)
     entries = []
@@ -682,246 +669,5 @@ class SyntheticVideos(VideoDataset):
 
     def load(self, key, rng=None):
         classname = self.names[int(key.split("/")[1])]
-        clip = render_synthetic(classname, f"{self.seed}/{key}", self.frames, self.size)
-        return clip[None].expand(1 if self.train else self.clips * self.crops, *clip.shape), NO_COLOUR
-
-
-def write_video(path, frames, fps=25, codec="mpeg4", gop=250, bit_rate=600_000):
-    """Encode uint8 frames (T, H, W, 3), an array or any iterable of (H, W, 3) arrays, to a file with PyAV."""
-    frames = iter(frames)
-    first = next(frames)
-    with av.open(path, "w") as container:
-        stream = container.add_stream(codec, rate=fps)
-        stream.height, stream.width = first.shape[:2]
-        stream.pix_fmt = "yuv420p"
-        stream.codec_context.gop_size, stream.bit_rate = gop, bit_rate
-        for image in itertools.chain([first], frames):
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")))
-        container.mux(stream.encode())
-
-
-def write_synthetic_ucf(root, frames=8, size=32, train_per_class=64, test_per_class=16, seed=0):
-    """Write SyntheticVideos' clips as MPEG-4 AVI files in UCF101's layout (class folders, ucfTrainTestlist/
-    classInd.txt, trainlist01.txt, testlist01.txt), so build_dataset('ucf101', root) reads them back."""
-    names = synthetic_classes()
-    folders = ["".join(word.capitalize() for word in name.split()) for name in names]  # UCF101's CamelCase
-    os.makedirs(os.path.join(root, "ucfTrainTestlist"), exist_ok=True)
-    with open(os.path.join(root, "ucfTrainTestlist", "classInd.txt"), "w") as f:
-        f.write("".join(f"{i + 1} {folder}\n" for i, folder in enumerate(folders)))
-    for split, per_class in (("train", train_per_class), ("test", test_per_class)):
-        dataset = SyntheticVideos(split, frames, size, per_class, seed)
-        lines = []
-        for key, label in dataset.samples:
-            name = f"{folders[label]}/v_{folders[label]}_{split}{key.split('/')[2]}.avi"
-            os.makedirs(os.path.join(root, "UCF-101", folders[label]), exist_ok=True)
-            clip = dataset.load(key)[0][0].permute(0, 2, 3, 1).numpy()  # (T, 3, H, W) -> (T, H, W, 3)
-            write_video(os.path.join(root, "UCF-101", name), clip, bit_rate=2_000_000)  # nearly lossless
-            lines.append(f"{name} {label + 1}\n" if split == "train" else f"{name}\n")
-        with open(os.path.join(root, "ucfTrainTestlist", f"{split}list01.txt"), "w") as f:
-            f.writelines(lines)
-
-
-def make_test_video(path, num_frames=175, width=320, height=240, fps=25, codec="mpeg4", gop=250, bit_rate=600_000,
-                    texture=0.0):
-    """A video for tests and benchmarks: smooth moving colour patterns under a 16-row band that encodes the frame
-    index i (left half grey level 16 * (i % 16) + 8, right half 16 * (i // 16 % 16) + 8). The defaults are
-    UCF101-like (320x240, 7 s, MPEG-4 in AVI); Kinetics-like is 340x256, 250 frames at 25 fps, libx264 in MP4.
-    texture > 0 adds grey noise of that standard deviation, smooth over 2 to 16 pixels, panning 2 px right and
-    1 px down per frame under the pattern: detail that moves, as in camera footage, and costs bits."""
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    rows, cols, g = height + num_frames, width + 2 * num_frames, torch.Generator().manual_seed(0)
-    field = np.zeros((rows, cols), np.float32)  # (height + T, width + 2T): frame i sees a window at (i, 2i)
-    if texture:  # noise at 1/2 to 1/16 resolution, upsampled; coarser: stronger
-        noise = sum(s * F.interpolate(torch.randn(1, 1, rows // s + 1, cols // s + 1, generator=g), scale_factor=s,
-                                      mode="bicubic")[0, 0, :rows, :cols] for s in (2, 4, 8, 16))
-        field = (texture / noise.std() * noise).numpy()
-
-    def frame(i):
-        image = np.stack([128 + 90 * np.sin(x / (17 + 5 * c) + y / (23 - 4 * c) + i / (6 + c)) for c in range(3)], -1)
-        image[16:] += 20 * (np.sin(x[16:] * 0.7 + i) * np.cos(y[16:] * 0.5))[..., None]  # fine texture for the codec
-        image[16:] += field[i:i + height - 16, 2 * i:2 * i + width, None]
-        image[:16, : width // 2] = 16 * (i % 16) + 8
-        image[:16, width // 2:] = 16 * (i // 16 % 16) + 8
-        return image.clip(0, 255).astype(np.uint8)
-
-    write_video(path, (frame(i) for i in range(num_frames)), fps, codec, gop, bit_rate)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Preparing a dataset: a copy that decodes fast at any position
-
-# Per file extension (kept, so names stay): the container and the encoder PyAV ships for it. Quality: lower is better
-# and bigger; CRF for x264 (0-51) and VP9 (0-63), a fixed quantizer for MPEG-4 (1-31). The defaults here and of
-# prepare_video are chosen from the measurements in README (bench.py --e2e).
-ENCODERS = {".mp4": ("mp4", "libx264"), ".m4v": ("mp4", "libx264"), ".mov": ("mov", "libx264"),
-            ".mkv": ("matroska", "libx264"), ".webm": ("webm", "libvpx-vp9"), ".avi": ("avi", "mpeg4")}
-QUALITY = {"libx264": 20, "libvpx-vp9": 32, "mpeg4": 3}
-
-
-def prepare_video(src, dst, keyint=8, quality=None, short_side=256, fast_decode=True):
-    """Re-encode `src` into `dst` (container and encoder from dst's extension) with a keyframe every `keyint`
-    frames, scaled down to `short_side` if its short side is longer. Every frame is kept, at the source's average
-    rate; audio is dropped. Written through dst + '.tmp': dst exists only complete."""
-    if os.path.splitext(dst)[1].lower() not in ENCODERS:
-        raise VideoError(f"{src}: cannot write {os.path.splitext(dst)[1]!r} here, only {', '.join(ENCODERS)}")
-    fmt, codec = ENCODERS[os.path.splitext(dst)[1].lower()]
-    q = {**QUALITY, **(quality or {})}[codec]
-    with VideoReader(src) as video, _video_errors(src, "cannot decode"), av.open(dst + ".tmp", "w", fmt) as out:
-        h, w = video.stream.height, video.stream.width
-        scale = min(1.0, short_side / min(h, w)) if short_side else 1.0
-        height, width = 2 * round(h * scale / 2), 2 * round(w * scale / 2)  # 4:2:0 chroma needs even sides
-        rate = Fraction(video.stream.average_rate or 25)
-        stream = out.add_stream(codec, rate=rate)
-        stream.height, stream.width, stream.pix_fmt = height, width, "yuv420p"
-        stream.codec_context.gop_size = keyint
-        stream.codec_context.thread_count = 1  # one process per core
-        if codec == "mpeg4":
-            stream.codec_context.qmin = stream.codec_context.qmax = q  # a fixed quantizer: constant quality
-        elif codec == "libx264":  # fastdecode: no CABAC, deblocking or weighted B-frames: decodes ~2x faster
-            stream.options = {"crf": str(q), "preset": "fast", **({"tune": "fastdecode"} if fast_decode else {})}
-        else:  # VP9's constant-quality mode needs bit rate 0; cpu-used 5 encodes far faster than the default
-            stream.bit_rate, stream.options = 0, {"crf": str(q), "cpu-used": "5", "row-mt": "0"}
-        for i, (_, frame) in enumerate(video._decode(video.keyframes[0])):
-            frame = frame.reformat(width, height, "yuv420p", interpolation="AREA")
-            frame.pts, frame.time_base = i, 1 / rate  # frame i at i / rate: no gaps
-            out.mux(stream.encode(frame))
-        out.mux(stream.encode())
-    os.replace(dst + ".tmp", dst)
-
-
-def _prepare_one(task):
-    """Pool worker: (src, dst, settings) -> (bytes of src, bytes of dst, error or ''). A dst that exists was
-    finished by an earlier run (see prepare_video); a leftover dst + '.tmp' is overwritten."""
-    src, dst, settings = task
-    try:
-        if not os.path.exists(dst):
-            os.makedirs(os.path.dirname(dst), exist_ok=True)
-            prepare_video(src, dst, **settings)
-        return os.path.getsize(src), os.path.getsize(dst), ""
-    except (VideoError, OSError) as error:
-        with contextlib.suppress(OSError):
-            os.remove(dst + ".tmp")
-        return 0, 0, str(error).replace("\n", " ")
-
-
-def _quality(text):
-    """--quality ENCODER=N -> (encoder, N)."""
-    encoder, _, value = text.partition("=")
-    if encoder not in QUALITY or not value.isdigit():
-        raise argparse.ArgumentTypeError(f"expected ENCODER=NUMBER, ENCODER one of {', '.join(QUALITY)}; got {text}")
-    return encoder, int(value)
-
-
-def prepare(args):
-    """Every video the dataset lists (all splits and folds) re-encoded into --out under the same relative path, and
-    every other file under --root of at most 256 MB (annotations) copied. Returns the exit code."""
-    root, out = os.path.abspath(args.root), os.path.abspath(args.out)
-    if out == root or out.startswith(root + os.sep):
-        print(f"error: --out {args.out} must lie outside --root {args.root}", file=sys.stderr)
-        return 2
-    lists = [("train", 1, f) for f in args.list_file or [None]] if args.dataset == "list" else [
-        (split, fold, None) for split in ("train", "test") for fold in  # a fold's unused videos are another's
-        ((1, 2, 3) if args.dataset in ("ucf101", "hmdb51") else (1,))]
-    paths = set()
-    for split, fold, list_file in lists:
-        try:
-            paths |= {path for path, _ in build_dataset(args.dataset, root, split, fold, list_file=list_file,
-                                                       labels_file=args.labels_file).samples}
-        except DatasetError as error:
-            if fold == 1:  # folds 2 and 3 may be absent from a copy: the same videos, split otherwise
-                print(f"error: {error}", file=sys.stderr)
-                return 2
-    settings = dict(keyint=args.keyint, quality=dict(args.quality), short_side=args.short_side)
-    tasks = [(p, os.path.join(out, os.path.relpath(p, root)), settings) for p in sorted(paths)]
-    start, sizes, errors = time.time(), [], []
-    with Pool(max(1, args.workers)) as pool:
-        for before, after, error in tqdm(pool.imap_unordered(_prepare_one, tasks), total=len(tasks),
-                                         desc="preparing", unit="video", smoothing=0.05):
-            (errors.append(error) if error else sizes.append((before, after)))
-    before, after = (sum(s) for s in zip(*sizes)) if sizes else (0, 0)
-    others = [os.path.join(d, n) for d, _, names in os.walk(root) for n in names if not n.lower().endswith(
-        VIDEO_EXTENSIONS) and os.path.getsize(os.path.join(d, n)) <= 2 ** 28]
-    for src in others:
-        os.makedirs(os.path.dirname(os.path.join(out, os.path.relpath(src, root))), exist_ok=True)
-        shutil.copy2(src, os.path.join(out, os.path.relpath(src, root)))
-    print(f"{len(sizes)} of {len(tasks)} videos in {out}, {len(errors)} unreadable and left out: {before / 1e9:.3g} "
-          f"GB -> {after / 1e9:.3g} GB ({after / max(before, 1):.2f}x); {len(others)} other files copied; "
-          f"{time.time() - start:.0f} s")
-    for error in errors:
-        print(f"  unreadable: {error}")
-    return 1 if errors else 0
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Command line
-
-def _probe(path):
-    """'' if the first and last frames of `path` decode, else the reason."""
-    try:
-        with VideoReader(path) as video:
-            video.read([0, len(video) - 1])
-        return ""
-    except VideoError as error:
-        return str(error)
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True)
-    check = commands.add_parser("check", help="scan a dataset: counts per split and every unreadable file")
-    check.add_argument("--dataset", required=True, choices=["ucf101", "hmdb51", "k400", "k600", "ssv2", "list"])
-    check.add_argument("--root", required=True)
-    check.add_argument("--fold", type=int, default=1)
-    check.add_argument("--list-file", help="for --dataset list")
-    check.add_argument("--labels-file", help="for --dataset list")
-    check.add_argument("--workers", type=int, default=os.cpu_count())
-    prep = commands.add_parser("prepare", help="re-encode a dataset into a copy that decodes fast at any position",
-                               description=prepare.__doc__.split(". Returns")[0] + ". Resumable: finished files are "
-                               "skipped. Exit 1 if a source was unreadable (it is left out), 2 for wrong arguments.")
-    prep.add_argument("--dataset", required=True, choices=["ucf101", "hmdb51", "k400", "k600", "ssv2", "list"])
-    prep.add_argument("--root", required=True, help="the dataset as it is")
-    prep.add_argument("--out", required=True, help="the prepared copy (then train with --root OUT)")
-    prep.add_argument("--list-file", nargs="+", help="for --dataset list: one or more list files")
-    prep.add_argument("--labels-file", help="for --dataset list")
-    prep.add_argument("--keyint", type=int, default=8, help="a keyframe every N frames (README: the trade-off)")
-    prep.add_argument("--short-side", type=int, default=256,
-                      help="scale videos whose short side is longer down to this (0: keep every size)")
-    prep.add_argument("--quality", nargs="+", default=[], type=_quality, metavar="ENCODER=N",
-                      help=f"lower is better and bigger; default {' '.join(f'{k}={v}' for k, v in QUALITY.items())}")
-    prep.add_argument("--workers", type=int, default=os.cpu_count())
-    synth = commands.add_parser("synth-ucf", help="write the synthetic dataset as UCF101-style AVI files")
-    synth.add_argument("dir")
-    synth.add_argument("--frames", type=int, default=8)
-    synth.add_argument("--size", type=int, default=32)
-    synth.add_argument("--train-per-class", type=int, default=64)
-    synth.add_argument("--test-per-class", type=int, default=16)
-    args = parser.parse_args(argv)
-
-    if args.command == "synth-ucf":
-        write_synthetic_ucf(args.dir, args.frames, args.size, args.train_per_class, args.test_per_class)
-        print(f"wrote {len(synthetic_classes())} classes to {args.dir}")
-        return 0
-    if args.command == "prepare":
-        return prepare(args)
-    unreadable = 0
-    for split in ["train"] if args.dataset == "list" else ["train", "test"]:
-        try:
-            dataset = build_dataset(args.dataset, args.root, split, args.fold, list_file=args.list_file,
-                                    labels_file=args.labels_file)
-        except DatasetError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
-        with Pool(max(1, args.workers)) as pool:
-            probes = pool.imap(_probe, [path for path, _ in dataset.samples], chunksize=8)
-            errors = [e for e in tqdm(probes, total=len(dataset), desc=f"checking {split}", leave=False) if e]
-        print(f"{split}: {len(dataset)} videos in {len(dataset.classnames)} classes, {len(dataset.missing)} listed "
-              f"but missing, {len(errors)} unreadable")
-        for error in errors:
-            print(f"  unreadable: {error}")
-        unreadable += len(errors)
-    return 1 if unreadable else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        video = render_synthetic(classname, f"{self.seed}/{key}", self.frames, self.size)
+        return video[None].expand(1 if self.train else self.clips * self.crops, *video.shape), NO_COLOUR

@@ -288,7 +288,7 @@ def check_readable(sets):
                 reasons.append(str(e))
         else:
             raise data.DatasetError(f"none of the first {len(reasons)} videos of the {name} set could be read, e.g. "
-                                    f"{reasons[0]}; check the copy with `python data.py check`")
+                                    f"{reasons[0]}; check the copy with `python tools.py check`")
 
 
 def datasets(args, splits_dir=None):
@@ -316,7 +316,7 @@ def official_list(root, files, splits_dir, split, common):
                                   labels_file=os.path.join(splits_dir, labels_file), **common)
     except data.DatasetError as e:
         raise data.DatasetError(f"{dataset}: the paper's {list_file} does not match the videos under {root}: {e}. "
-                                f"The official lists name {dataset}'s own files; for other videos (such as data.py "
+                                f"The official lists name {dataset}'s own files; for other videos (such as tools.py "
                                 "synth-ucf output) use --splits native") from None
 
 

@@ -895,6 +895,7 @@ def test_bench_small_runs_and_writes_finite_numbers(tmp_path):
 # data.py
 
 import data  # noqa: E402
+import tools  # noqa: E402
 
 
 def frame_codes(video):
@@ -915,7 +916,7 @@ def videos(tmp_path_factory):
     paths = {}
     for extension, codec in CODECS:
         paths[extension] = str(folder / f"clip.{extension}")
-        data.make_test_video(paths[extension], num_frames=40, width=64, height=48, codec=codec, gop=8)
+        tools.make_test_video(paths[extension], num_frames=40, width=64, height=48, codec=codec, gop=8)
     return paths
 
 
@@ -933,8 +934,8 @@ def test_train_sampling_draws_one_frame_inside_each_segment():
 
 def test_test_sampling_takes_centres_and_shifts_clips():
     assert data.sample_indices(80, 8, train=False) == [5, 15, 25, 35, 45, 55, 65, 75]
-    first = data.sample_indices(80, 8, train=False, clip=0, num_clips=2)
-    second = data.sample_indices(80, 8, train=False, clip=1, num_clips=2)
+    first = data.sample_indices(80, 8, train=False, shift=0, num_shifts=2)
+    second = data.sample_indices(80, 8, train=False, shift=1, num_shifts=2)
     assert first == [2, 12, 22, 32, 42, 52, 62, 72] and second == [7, 17, 27, 37, 47, 57, 67, 77]
 
 
@@ -953,7 +954,7 @@ def test_sampling_exact_indices_in_fractional_segments():
     assert data.sample_indices(50, 4, train=True, rng=Offsets(0.0, 0.999, 0.5, 0.3)) == [0, 24, 31, 41]
     # testing: the centres of 8 segments of 6.25 frames; the last of 3 clips at offset 2.5 / 3 of each segment
     assert data.sample_indices(50, 8, train=False) == [3, 9, 15, 21, 28, 34, 40, 46]
-    assert data.sample_indices(50, 4, train=False, clip=2, num_clips=3) == [10, 22, 35, 47]
+    assert data.sample_indices(50, 4, train=False, shift=2, num_shifts=3) == [10, 22, 35, 47]
 
 
 @pytest.mark.parametrize("train", [True, False])
@@ -993,7 +994,7 @@ def test_read_starts_at_the_keyframe_before_and_stops_at_the_last_wanted_frame(v
 
 def test_unwanted_frames_that_nothing_refers_to_are_not_decoded(tmp_path):
     path = str(tmp_path / "long_gop.mp4")
-    data.make_test_video(path, num_frames=60, width=64, height=48, codec="libx264")  # one keyframe, B-frames
+    tools.make_test_video(path, num_frames=60, width=64, height=48, codec="libx264")  # one keyframe, B-frames
     indices = [5, 20, 21, 40, 59]
     with data.VideoReader(path) as video:
         everything = [index for index, _ in video._decode(video.keyframes[0])]
@@ -1382,7 +1383,7 @@ def test_bad_files_are_replaced_and_counted_across_workers(videos, tmp_path):
 
 def test_truncated_file_with_intact_header_is_rejected(tmp_path):
     path = str(tmp_path / "long.avi")
-    data.make_test_video(path, num_frames=60, width=64, height=48)
+    tools.make_test_video(path, num_frames=60, width=64, height=48)
     with open(path, "rb") as f:
         content = f.read()
     with open(path, "wb") as f:
@@ -1398,7 +1399,7 @@ def test_only_bad_files_stop_with_a_clear_error(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# data.py prepare
+# tools.py prepare
 
 def psnr(a, b):
     return 10 * math.log10(255 ** 2 / (a.double() - b.double()).square().mean().item())
@@ -1409,7 +1410,7 @@ def list_dataset(root, names):
     for i, name in enumerate(names):
         os.makedirs(os.path.dirname(os.path.join(root, name)), exist_ok=True)
         codec = dict(CODECS)[name.rsplit(".", 1)[1]]
-        data.make_test_video(os.path.join(root, name), num_frames=40, width=64, height=48, codec=codec,
+        tools.make_test_video(os.path.join(root, name), num_frames=40, width=64, height=48, codec=codec,
                              bit_rate=2_000_000)
     with open(os.path.join(root, "list.txt"), "w") as f:
         f.writelines(f"{name} {i}\n" for i, name in enumerate(names))
@@ -1423,7 +1424,7 @@ def test_prepare_keeps_names_and_frames_with_short_keyframe_intervals(tmp_path):
     src, out = str(tmp_path / "src"), str(tmp_path / "out")
     names = ["a/clip.avi", "b/clip.mp4", "b/c/clip.webm"]
     flags = list_dataset(src, names)
-    assert data.main(["prepare", *flags, "--root", src, "--out", out, "--keyint", "4", "--workers", "2"]) == 0
+    assert tools.main(["prepare", *flags, "--root", src, "--out", out, "--keyint", "4", "--workers", "2"]) == 0
     assert sorted(os.listdir(out)) == ["a", "b", "labels.csv", "list.txt"]  # annotations copied, no temp files
     for name, (_, codec) in zip(names, CODECS):
         with data.VideoReader(os.path.join(src, name)) as before, data.VideoReader(os.path.join(out, name)) as after:
@@ -1435,7 +1436,7 @@ def test_prepare_keeps_names_and_frames_with_short_keyframe_intervals(tmp_path):
     prepared = data.build_dataset("list", out, "train", frames=4, size=16, list_file=os.path.join(out, "list.txt"),
                                   labels_file=os.path.join(out, "labels.csv"))
     assert [os.path.relpath(p, out) for p, _ in prepared.samples] == names and prepared[2]["failed"] == ""
-    data.prepare_video(os.path.join(src, names[1]), str(tmp_path / "small.mp4"), short_side=24)
+    tools.prepare_video(os.path.join(src, names[1]), str(tmp_path / "small.mp4"), short_side=24)
     assert data.read_frames(str(tmp_path / "small.mp4"), [0]).shape == (1, 3, 24, 32)  # 64x48 -> 32x24
 
 
@@ -1448,11 +1449,11 @@ def test_prepare_resumes_and_reports_unreadable_sources(tmp_path, capsys):
     with open(os.path.join(src, "list.txt"), "a") as f:
         f.write("broken.mp4 1\n")
     os.makedirs(out)  # an interrupted run: v0 finished, v1 half written under its temp name
-    data.prepare_video(os.path.join(src, "v0.mp4"), os.path.join(out, "v0.mp4"))
+    tools.prepare_video(os.path.join(src, "v0.mp4"), os.path.join(out, "v0.mp4"))
     with open(os.path.join(out, "v1.mp4.tmp"), "w") as f:
         f.write("half a video")
     finished = os.stat(os.path.join(out, "v0.mp4")).st_mtime_ns
-    assert data.main(["prepare", *flags]) == 1
+    assert tools.main(["prepare", *flags]) == 1
     report = capsys.readouterr().out
     assert "2 of 3 videos" in report and "1 unreadable" in report
     assert f"unreadable: {os.path.join(src, 'broken.mp4')}: not a readable video" in report
@@ -1460,7 +1461,7 @@ def test_prepare_resumes_and_reports_unreadable_sources(tmp_path, capsys):
     assert os.stat(os.path.join(out, "v0.mp4")).st_mtime_ns == finished  # skipped, not encoded again
     assert frame_codes(data.read_frames(os.path.join(out, "v1.mp4"), range(40))) == list(range(40))
     again = os.stat(os.path.join(out, "v1.mp4")).st_mtime_ns
-    assert data.main(["prepare", *flags]) == 1 and os.stat(os.path.join(out, "v1.mp4")).st_mtime_ns == again
+    assert tools.main(["prepare", *flags]) == 1 and os.stat(os.path.join(out, "v1.mp4")).st_mtime_ns == again
 
 
 def test_prepare_argument_errors_exit_2(tmp_path):
@@ -1469,9 +1470,9 @@ def test_prepare_argument_errors_exit_2(tmp_path):
     for extra, message in [(["--out", os.path.join(src, "fast")], "must lie outside --root"),
                            (["--out", str(tmp_path / "o"), "--quality", "libx264=high"], "ENCODER=NUMBER"),
                            (["--out", str(tmp_path / "o"), "--quality", "h265=20"], "ENCODER=NUMBER")]:
-        run = run_cli("data.py", "prepare", *flags, "--root", src, *extra)
+        run = run_cli("tools.py", "prepare", *flags, "--root", src, *extra)
         assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr, run.stderr
-    run = run_cli("data.py", "prepare", "--dataset", "k400", "--root", src, "--out", str(tmp_path / "o"))
+    run = run_cli("tools.py", "prepare", "--dataset", "k400", "--root", src, "--out", str(tmp_path / "o"))
     assert run.returncode == 2 and "train.csv" in run.stderr
 
 
@@ -1521,11 +1522,11 @@ def test_synthetic_clips_do_not_depend_on_the_process():
 
 def test_synthetic_ucf_layout_reads_back_through_the_ucf101_parser(tmp_path):
     root = str(tmp_path / "synth")
-    data.main(["synth-ucf", root, "--frames", "8", "--size", "32", "--train-per-class", "1", "--test-per-class", "1"])
+    tools.main(["synth-ucf", root, "--frames", "8", "--size", "32", "--train-per-class", "1", "--test-per-class", "1"])
     test = data.build_dataset("ucf101", root, "test", frames=8, size=32)
     assert [vifi.clean_classname(c) for c in test.classnames] == data.synthetic_classes() and len(test) == 18
     path, label = test.samples[4]
-    assert label == 4 and test[4]["video"].shape == (8, 3, 32, 32)
+    assert label == 4 and test[4]["video"].shape == (1, 8, 3, 32, 32)
     rendered = data.SyntheticVideos("test", 8, 32, per_class=1)[4]["video"]
     decoded = data.read_frames(path, range(8))
     assert (decoded.float() - rendered.float()).abs().mean() < 10  # the same clip, through MPEG-4
@@ -1533,15 +1534,15 @@ def test_synthetic_ucf_layout_reads_back_through_the_ucf101_parser(tmp_path):
 
 def test_check_command_exit_codes(tmp_path, capsys):
     root = str(tmp_path / "synth")
-    data.write_synthetic_ucf(root, frames=4, size=16, train_per_class=1, test_per_class=1)
-    assert data.main(["check", "--dataset", "ucf101", "--root", root, "--workers", "1"]) == 0
+    tools.write_synthetic_ucf(root, frames=4, size=16, train_per_class=1, test_per_class=1)
+    assert tools.main(["check", "--dataset", "ucf101", "--root", root, "--workers", "1"]) == 0
     assert "train: 18 videos in 18 classes, 0 listed but missing, 0 unreadable" in capsys.readouterr().out
     broken = os.path.join(root, "UCF-101", "RedSquareMovingUp", "v_RedSquareMovingUp_test000.avi")
     with open(broken, "w") as f:
         f.write("garbage")
-    assert data.main(["check", "--dataset", "ucf101", "--root", root, "--workers", "2"]) == 1
+    assert tools.main(["check", "--dataset", "ucf101", "--root", root, "--workers", "2"]) == 1
     assert f"unreadable: {broken}" in capsys.readouterr().out
-    result = subprocess.run([sys.executable, data.__file__, "check", "--dataset", "hmdb51", "--root", str(tmp_path)],
+    result = subprocess.run([sys.executable, tools.__file__, "check", "--dataset", "hmdb51", "--root", str(tmp_path)],
                             capture_output=True, text=True)
     assert result.returncode == 2 and "testTrainMulti_7030_splits" in result.stderr
 
@@ -1716,7 +1717,7 @@ def kinetics_tree(root, video, per_class=20):
 
 def test_supervised_and_zero_shot_train_on_every_listed_video_with_official_names(tmp_path):
     video = tmp_path / "v.mp4"
-    data.make_test_video(str(video), num_frames=8, width=40, height=32, codec="libx264", gop=4)
+    tools.make_test_video(str(video), num_frames=8, width=40, height=32, codec="libx264", gop=4)
     classes = kinetics_tree(tmp_path / "k400", video)
     link_tree(tmp_path / "ucf", video, [f"datasets_splits/ucf_splits/val{k}.txt" for k in (1, 2, 3)], limit=20)
     k400_names = official_names("labels/kinetics_400_labels.csv")
@@ -2033,7 +2034,7 @@ def test_resume_gives_identical_weights(tmp_path, monkeypatch):
 def synth_tree(tmp_path_factory):
     """The synthetic set as UCF101-style AVI files: 36 training and 18 test videos that train.py augments."""
     root = str(tmp_path_factory.mktemp("synth_ucf"))
-    data.main(["synth-ucf", root, "--frames", "4", "--size", "32", "--train-per-class", "2", "--test-per-class", "1"])
+    tools.main(["synth-ucf", root, "--frames", "4", "--size", "32", "--train-per-class", "2", "--test-per-class", "1"])
     return root
 
 
@@ -2228,7 +2229,7 @@ def test_missing_dataset_fails_before_any_network_access(tmp_path, monkeypatch):
     monkeypatch.delenv("VIFI_DATA", raising=False)
     monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: pytest.fail(f"network touched: {a}"))
     with pytest.raises(data.DatasetError, match=r"ucf101: 'data/ucf101' is not a folder.*UCF-101/<Class>.*"
-                                                r"crcv\.ucf\.edu.*VIFI_DATA.*python data.py check --dataset ucf101"):
+                                                r"crcv\.ucf\.edu.*VIFI_DATA.*python tools.py check --dataset ucf101"):
         train.main(train.get_args(["--dataset", "ucf101", "--shots", "8"]))
     with pytest.raises(data.DatasetError, match=r"hmdb51: '.*nowhere/hmdb51' is not a folder.*serre-lab"):
         monkeypatch.setenv("VIFI_DATA", str(tmp_path / "nowhere"))
@@ -2243,7 +2244,7 @@ def test_missing_dataset_fails_before_any_network_access(tmp_path, monkeypatch):
 
 
 def test_offline_one_message_lists_every_missing_file(tmp_path, monkeypatch):
-    data.make_test_video(str(tmp_path / "v.avi"), num_frames=4, width=32, height=32)
+    tools.make_test_video(str(tmp_path / "v.avi"), num_frames=4, width=32, height=32)
     link_tree(tmp_path / "ucf", tmp_path / "v.avi", ["datasets_splits/ucf_splits/train1_few_shot_2.txt"])
     link_tree(tmp_path / "ucf", tmp_path / "v.avi", ["datasets_splits/ucf_splits/val1.txt"], limit=5)
     monkeypatch.setenv("VIFI_CACHE", str(tmp_path / "cache"))
@@ -2268,7 +2269,7 @@ def test_the_mission_command_runs_as_typed(tmp_path, bpe):
     the official 8-shot list and a quarter of their test videos in split 1, one tiny clip hard-linked under each
     name), the model and the split files already in the cache (the tiny OpenAI-format fixture as ViT-B/16)."""
     video = tmp_path / "v.avi"
-    data.make_test_video(str(video), num_frames=12, width=40, height=32)
+    tools.make_test_video(str(video), num_frames=12, width=40, height=32)
     few, val = "datasets_splits/ucf_splits/train1_few_shot_8.txt", "datasets_splits/ucf_splits/val1.txt"
     tested = [(name, label) for name, label in official_lines(val) if label < 2][::4]
     keep = [(name, label) for name, label in official_lines(few) if label < 2] + tested
@@ -2381,7 +2382,7 @@ def test_readme_vifi_command_parses_and_runs(tmp_path):
     (argv,) = [c for c in readme_commands("vifi.py") if "--labels" in c]
     assert vifi.parse_args(argv).checkpoint == "vifi_clip_k400.pth"
     video = str(tmp_path / "clip.avi")
-    data.make_test_video(video, num_frames=20, width=64, height=48)
+    tools.make_test_video(video, num_frames=20, width=64, height=48)
     run = run_cli("vifi.py", video, "--labels", "archery,playing guitar,brushing hair", "--model",
                   fixture("clip_tiny_openai_jit.pt"), "--checkpoint", fixture("vifi_official_prompt_ckpt.pth"),
                   "--frames", "4", "--device", "cpu")
@@ -2412,7 +2413,7 @@ class Images(html.parser.HTMLParser):
 
 def test_explain_report_holds_votes_and_one_map_per_frame(tmp_path):
     video, report = str(tmp_path / "clip.avi"), tmp_path / "report.html"
-    data.make_test_video(video, num_frames=20, width=64, height=48)
+    tools.make_test_video(video, num_frames=20, width=64, height=48)
     run = run_cli("vifi.py", video, "--labels", "archery,playing guitar,brushing hair", "--model",
                   fixture("clip_tiny_openai_jit.pt"), "--checkpoint", fixture("vifi_official_finetune_ckpt.pth"),
                   "--frames", "4", "--device", "cpu", "--explain", str(report), "--compare-base")
@@ -2453,14 +2454,14 @@ def test_explain_reports_a_missing_video_before_loading_a_model(tmp_path, monkey
 
 
 def test_readme_data_commands_run(tmp_path):
-    commands = readme_commands("data.py")
+    commands = readme_commands("tools.py")
     assert sorted(c[0] for c in commands) == ["check", "check", "prepare", "synth-ucf"]
     root, fast = str(tmp_path / "synth"), str(tmp_path / "fast")
     # write the set, prepare it (the README's example names Kinetics; the synthetic set is laid out as UCF101),
     # then check the prepared copy
     for argv in sorted(commands, key=lambda c: ["synth-ucf", "prepare", "check"].index(c[0])):
         names = {"DIR": fast if argv[0] == "check" else root, "data/ucf101": fast, "FAST": fast, "k400": "ucf101"}
-        run = run_cli("data.py", *[names.get(a, a) for a in argv])
+        run = run_cli("tools.py", *[names.get(a, a) for a in argv])
         assert run.returncode == 0, (argv, run.stderr[-2000:])
     assert "train: 1152 videos in 18 classes, 0 listed but missing, 0 unreadable" in run.stdout
 

@@ -495,8 +495,6 @@ def evaluate(model, dataset, args, rt, desc="eval"):
     for batch in tqdm(loader(dataset, args, rt, train=False), desc=desc, leave=False, disable=rt.rank > 0):
         failures.update(batch["failed"])
         video = data.normalize(batch["video"].to(rt.device, non_blocking=True), mean, std)
-        if video.dim() == 5:
-            video = video[:, None]  # one view: (B, T, 3, H, W) -> (B, 1, T, 3, H, W)
         B, V = video.shape[:2]
         with rt.autocast:
             logits = model(video.flatten(0, 1))  # (B, V, T, 3, H, W) -> (B*V, T, 3, H, W) -> (B*V, C)
