@@ -793,6 +793,29 @@ def test_own_checkpoint_round_trip(tmp_path, mode):
     assert vifi.load_checkpoint(str(tmp_path / "own.pt"), classnames=["a", "b"]).classnames == ["a", "b"]
 
 
+def test_config_fields_are_overridden_by_keywords_and_saved_under_the_old_keys():
+    cfg = vifi.ViFiConfig(mode="prompt", n_ctx_text=3, depth_text=2, depth_vision=2)
+    model = vifi.ViFiCLIP(byte_clip(), CLASSES, cfg=cfg, n_ctx_vision=4)
+    assert (model.mode, len(model.text_prompts[0]), len(model.vision_prompts[0])) == ("prompt", 3, 4)
+    assert cfg.n_ctx_vision == 10 and cfg.template is None  # the model holds a copy, its template filled in
+    model.norm = "imagenet"  # as train.py sets the normalization a run used
+    saved = vifi.checkpoint_config(model)
+    assert set(saved) == {"mode", "towers", "template", "clean_names", "norm", "classnames", "n_ctx_text",
+                          "depth_text", "n_ctx_vision", "depth_vision"}  # what checkpoints of earlier code hold
+    assert saved["norm"] == "imagenet" and saved["template"] == "a photo of a {}." and saved["classnames"] == CLASSES
+
+
+def test_predict_averages_each_views_softmax_in_float32():
+    model = vifi.ViFiCLIP(byte_clip(), CLASSES).eval()
+    views = torch.randn(2, 3, 2, 3, 32, 32)  # (B, V, T, 3, H, W)
+    with torch.no_grad():
+        logits = model(views.flatten(0, 1)).view(2, 3, -1)  # (B*V, C) -> (B, V, C)
+    torch.testing.assert_close(model.predict(views), logits.softmax(-1).mean(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        probs = model.predict(views)
+    assert probs.dtype == torch.float32 and probs.shape == (2, len(CLASSES))
+
+
 @pytest.mark.parametrize("mode", ["finetune", "prompt"])
 def test_frame_votes_sum_to_the_logit_and_relevance_covers_the_patch_grid(mode):
     model = vifi.ViFiCLIP(byte_clip(), CLASSES, mode=mode, depth_text=2, depth_vision=2).eval()
@@ -1551,6 +1574,7 @@ def test_check_command_exit_codes(tmp_path, capsys):
 # train.py
 
 import protocols  # noqa: E402
+import report  # noqa: E402  (curves.svg; the --explain page is tested with vifi.py's command line)
 import train  # noqa: E402
 
 # A few seconds per epoch on a CPU: 2 synthetic clips per base class, a micro-batch of 6, mixup and cutmix on so
@@ -1935,6 +1959,8 @@ class ViewLogits(torch.nn.Module):
     def forward(self, video):  # (N, T, 3, H, W) -> (N, C)
         return self.table[video[:, 0, 0, 0, 0].round().long()]
 
+    predict = vifi.ViFiCLIP.predict  # the averaging over views under test
+
 
 NO_NORM = ((0.0, 0.0, 0.0), (1 / 255,) * 3)
 
@@ -2008,7 +2034,7 @@ def test_resume_gives_identical_weights(tmp_path, monkeypatch):
     def stop_after_first_epoch(*a):  # as if the job were killed right after epoch 1's checkpoint
         calls.append(1)
         raise KeyboardInterrupt
-    monkeypatch.setattr(train, "write_curves", stop_after_first_epoch)
+    monkeypatch.setattr(report, "write_curves", stop_after_first_epoch)
     with pytest.raises(KeyboardInterrupt):
         train.main(train.get_args(TINY_RUN + ["--out", str(tmp_path / "b")]))
     monkeypatch.undo()
@@ -2048,7 +2074,7 @@ def file_run(root, *extra):
 def test_resume_with_workers_gives_identical_weights(tmp_path, monkeypatch, synth_tree):
     run = file_run(synth_tree, "--workers", "2", "--lr", "1e-3")
     train.main(train.get_args(run + ["--out", str(tmp_path / "a")]))
-    monkeypatch.setattr(train, "write_curves", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(report, "write_curves", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):  # killed after epoch 1's last.pt, before its log row and curves
         train.main(train.get_args(run + ["--out", str(tmp_path / "b")]))
     monkeypatch.undo()
@@ -2179,7 +2205,7 @@ def test_gradient_accumulation_equals_the_whole_batch(tmp_path, monkeypatch):
 
 def test_curves_svg_has_loss_and_accuracy_panels_with_ticks(tmp_path):
     log = [dict(epoch=e, loss=2.0 / e, **(dict(top1=10.0 * e, top5=50.0) if e % 5 == 0 else {})) for e in range(1, 21)]
-    train.write_curves(log, tmp_path / "curves.svg")
+    report.write_curves(log, tmp_path / "curves.svg")
     svg = "{http://www.w3.org/2000/svg}"
     panels = ET.parse(tmp_path / "curves.svg").getroot().findall(f"{svg}g")
     assert len(panels) == 2
@@ -2433,6 +2459,14 @@ def test_explain_report_holds_votes_and_one_map_per_frame(tmp_path):
     assert out["settings"]["frames"] == 4 and out["settings"]["base"] == fixture("clip_tiny_openai_jit.pt")
     assert f"{out['top5'][0]['label']}" in run.stdout.splitlines()[0]  # the printed top class is the report's
     assert f"logit {out['logit']:.3f}" in report.read_text()
+    # the report's logit (the explanation path) is the ordinary SDPA forward's, computed here independently
+    labels = ["archery", "playing guitar", "brushing hair"]
+    model = vifi.load_official_checkpoint(fixture("vifi_official_finetune_ckpt.pth"),
+                                          clip_model.load(fixture("clip_tiny_openai_jit.pt")), labels)
+    frames, _ = data.VideoDataset([(video, 0)], labels, 4, 32).load(video)  # (V=1, T, 3, H, W)
+    with torch.no_grad():
+        logits = model(data.normalize(frames, *data.NORMS[model.norm]))[0]
+    assert abs(logits[labels.index(out["label"])].item() - out["logit"]) < 1e-4
     assert len(out["relevance"]) == len(out["base_relevance"]) == 4
     (readme,) = [c for c in readme_commands("vifi.py") if "--explain" in c]  # README's example parses
     assert vifi.parse_args(readme).explain == "report.html"
@@ -2451,6 +2485,18 @@ def test_explain_reports_a_missing_video_before_loading_a_model(tmp_path, monkey
     with pytest.raises(SystemExit):
         vifi.parse_args(argv[:3] + ["--explain", str(tmp_path / "no" / "r.html")])
     assert "its folder does not exist" in capsys.readouterr().err
+
+
+def test_vifi_offline_names_the_weights_and_the_vocabulary_in_one_message(tmp_path, monkeypatch, capsys):
+    video = str(tmp_path / "clip.avi")
+    tools.make_test_video(video, num_frames=4, width=32, height=32)
+    cache = offline_cache(tmp_path / "cache", monkeypatch,
+                          lambda *a, **k: (_ for _ in ()).throw(urllib.error.URLError("offline")))
+    assert vifi.main([video, "--labels", "a,b", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    weights = clip_model.MODELS["ViT-B/16"]
+    assert err.startswith("error: could not fetch") and err.count("error:") == 1 and "Traceback" not in err
+    assert f"{weights} -> {cache / os.path.basename(weights)}" in err and f"{BPE_URL} -> {cache / BPE_FILE}" in err
 
 
 def test_readme_data_commands_run(tmp_path):

@@ -32,6 +32,7 @@ import archive
 import clip_model
 import data
 import protocols
+import report
 import tokenizer
 import vifi
 
@@ -274,7 +275,8 @@ def setup_model(args, train_set, tests, rt):
     # An own checkpoint holds its whole model; an official one needs the base CLIP (--model) it was trained from.
     ck = vifi.read_checkpoint(args.checkpoint) if args.checkpoint else None
     own = vifi.load_checkpoint(args.checkpoint, ck=ck) if ck and "vifi" in ck else None
-    rank0_first(lambda: fetch_model_files(args, own), rt)
+    need_vocab = args.model != "scratch"  # the scratch CLIP reads bytes; an own checkpoint holds its CLIP
+    rank0_first(lambda: vifi.fetch_model_files(None if own else args.model, need_vocab), rt)
     clip = own.clip if own else load_clip(args)
     args.input_size = args.input_size or clip.config.image_resolution
     if args.input_size < clip.config.patch_size:
@@ -290,11 +292,11 @@ def setup_model(args, train_set, tests, rt):
 def build_model(args, clip, classnames, own=None, ck=None):
     """The ViFiCLIP of the flags, with the name of the pixel mean/std it expects in .norm. own: the model of an own
     --checkpoint; ck: the contents of an official one (its weights go onto `clip`)."""
-    kw = dict(mode=args.mode, towers=args.towers, template=args.template, clean_names=args.clean_names,
-              n_ctx_text=args.n_ctx[0], n_ctx_vision=args.n_ctx[-1], depth_text=args.depth[0],
-              depth_vision=args.depth[-1])
+    cfg = vifi.ViFiConfig(mode=args.mode, towers=args.towers, template=args.template, clean_names=args.clean_names,
+                          n_ctx_text=args.n_ctx[0], n_ctx_vision=args.n_ctx[-1], depth_text=args.depth[0],
+                          depth_vision=args.depth[-1])
     if not args.checkpoint:
-        model = vifi.ViFiCLIP(clip, classnames, **kw)
+        model = vifi.ViFiCLIP(clip, classnames, cfg=cfg)
     else:
         loaded = own or vifi.load_official_checkpoint(args.checkpoint, clip, classnames, ck=ck,
                                                         clean_names=args.clean_names)
@@ -302,37 +304,12 @@ def build_model(args, clip, classnames, own=None, ck=None):
         # Evaluate it as it is, continue its own mode, or build the asked-for mode on its (video-fine-tuned) CLIP,
         # as "bridge and prompt" starts prompting from a fine-tuned model.
         keep = args.eval_only or loaded.mode == args.mode
-        model = loaded if keep else vifi.ViFiCLIP(loaded.clip, classnames, norm=loaded.norm, **kw)
+        model = loaded if keep else vifi.ViFiCLIP(loaded.clip, classnames, cfg=cfg, norm=loaded.norm)
     # ImageNet's mean/std, as the official training and evaluation use, unless --norm or a checkpoint says otherwise
     model.norm = args.norm or (model.norm if args.checkpoint else "imagenet")
     if args.grad_checkpointing:
         model.clip.set_grad_checkpointing(True)
     return model
-
-
-def model_files(args, own=None):
-    """(url, path, sha256) of the CLIP weights and the BPE vocabulary the run needs from the network."""
-    files = []
-    if own is None and args.model in clip_model.MODELS:
-        url = clip_model.MODELS[args.model]
-        files.append((url, os.path.join(archive.cache_dir(), os.path.basename(url)), url.split("/")[-2]))
-    if args.model != "scratch" and not os.environ.get("VIFI_BPE"):
-        files.append((tokenizer.BPE_URL, os.path.join(tokenizer.cache_dir(), tokenizer.BPE_FILE), tokenizer.BPE_SHA256))
-    return files
-
-
-def fetch_model_files(args, own=None):
-    """Fetch the weights and the vocabulary together, so that offline one message names every missing file."""
-    failed = []
-    for url, path, sha256 in model_files(args, own):
-        try:
-            archive.download(url, path, sha256)
-        except archive.CheckpointError:
-            failed.append(f"{url} -> {path}")
-    if failed:
-        raise archive.CheckpointError("could not fetch what the model needs:\n  " + "\n  ".join(failed) + "\nWithout "
-                                      "network, download them elsewhere and place them there (VIFI_CACHE sets the "
-                                      "folder; VIFI_BPE may name the vocabulary file)")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -495,10 +472,8 @@ def evaluate(model, dataset, args, rt, desc="eval"):
     for batch in tqdm(loader(dataset, args, rt, train=False), desc=desc, leave=False, disable=rt.rank > 0):
         failures.update(batch["failed"])
         video = data.normalize(batch["video"].to(rt.device, non_blocking=True), mean, std)
-        B, V = video.shape[:2]
         with rt.autocast:
-            logits = model(video.flatten(0, 1))  # (B, V, T, 3, H, W) -> (B*V, T, 3, H, W) -> (B*V, C)
-        probs = logits.float().softmax(-1).view(B, V, -1).mean(1)  # (B*V, C) -> (B, C)
+            probs = model.predict(video)  # (B, V, T, 3, H, W) -> (B, C)
         top5 = probs.topk(min(5, probs.shape[1]), dim=-1).indices.cpu()
         labels = batch["label"][:, None]  # -1 for an unreadable video: it matches no class and is not counted
         counts += torch.tensor([(top5[:, :1] == labels).sum(), (top5 == labels).sum(), (labels >= 0).sum()],
@@ -542,7 +517,7 @@ def write_outputs(ck, out):
     with open(os.path.join(out, "log.jsonl.tmp"), "w") as f:
         f.writelines(json.dumps(row) + "\n" for row in ck["log"])
     os.replace(os.path.join(out, "log.jsonl.tmp"), os.path.join(out, "log.jsonl"))
-    write_curves(ck["log"], os.path.join(out, "curves.svg"))
+    report.write_curves(ck["log"], os.path.join(out, "curves.svg"))
 
 
 def save_atomic(obj, path):
@@ -560,46 +535,6 @@ def save_atomic(obj, path):
         raise archive.CheckpointError(
             f"could not write {path} ({reason}; {free / 2**20:.1f} MiB free on its disk): free some space or choose "
             f"another --out. Any earlier {os.path.basename(path)} there is intact.") from None
-
-
-def ticks(top, count=5):
-    """About `count` round values from 0 to at least `top`, a step of 1, 2 or 5 times a power of ten apart."""
-    raw = max(top, 1e-9) / count
-    power = 10 ** math.floor(math.log10(raw))
-    step = next(s * power for s in (1, 2, 5, 10) if s * power >= raw)
-    return [i * step for i in range(math.ceil(top / step - 1e-9) + 1)]
-
-
-def write_curves(log, path):
-    """curves.svg, no plotting library: the mean training loss of each epoch above, the top-1 accuracy (%) of each
-    evaluation below (its points marked), on one epoch axis with ticks."""
-    W, H, left, right, top, bottom = 640, 230, 64, 24, 30, 44  # one panel; the margins hold titles and tick labels
-    xs = [e for e in ticks(max([r["epoch"] for r in log] + [1])) if e == int(e)]  # whole epochs only
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{2 * H}" font-family="sans-serif" '
-           f'font-size="12"><rect width="{W}" height="{2 * H}" fill="white"/>']
-    for k, (key, title, unit, colour) in enumerate([("loss", "training loss", "cross-entropy", "#d62728"),
-                                                    ("top1", "test accuracy", "top-1 accuracy (%)", "#1f77b4")]):
-        pts = [(r["epoch"], r[key]) for r in log if key in r]
-        ys = list(range(0, 101, 20)) if key == "top1" else ticks(max([v for _, v in pts] + [0.1]))
-        def x(e): return left + (W - left - right) * e / xs[-1]
-        def y(v): return k * H + H - bottom - (H - top - bottom) * v / ys[-1]
-        xy = [(x(e), y(v)) for e, v in pts]
-        out += [f'<g class="panel"><text x="{left}" y="{k * H + 18}" font-weight="bold">{title}</text>',
-                *(f'<line x1="{left}" x2="{W - right}" y1="{y(v):.1f}" y2="{y(v):.1f}" stroke="#e3e3e3"/><text '
-                  f'x="{left - 6}" y="{y(v) + 4:.1f}" text-anchor="end">{v:g}</text>' for v in ys),
-                *(f'<line x1="{x(e):.1f}" x2="{x(e):.1f}" y1="{y(0):.1f}" y2="{y(0) + 5:.1f}" stroke="black"/><text '
-                  f'x="{x(e):.1f}" y="{y(0) + 18:.1f}" text-anchor="middle">{e:g}</text>' for e in xs),
-                f'<path d="M{left},{top + k * H}V{y(0):.1f}H{W - right}" fill="none" stroke="black"/>',
-                f'<text x="{(left + W - right) / 2}" y="{(k + 1) * H - 8}" text-anchor="middle">epoch</text>',
-                f'<text transform="translate(16,{k * H + (H + top - bottom) / 2}) rotate(-90)" '
-                f'text-anchor="middle">{unit}</text>',
-                f'<polyline points="{" ".join(f"{a:.1f},{b:.1f}" for a, b in xy)}" fill="none" stroke="{colour}" '
-                f'stroke-width="2"/>',
-                *(f'<circle cx="{a:.1f}" cy="{b:.1f}" r="{4 if key == "top1" else 2}" fill="{colour}"/>'
-                  for a, b in xy),
-                "</g>"]
-    with open(path, "w") as f:
-        f.write("\n".join(out + ["</svg>"]))
 
 
 def write_results(args, model, train_set, t, results, wall_time):
@@ -642,7 +577,8 @@ def main(args):
     rt = start(args, world)
     # The data first (folders, split files, lists, a readable video), so that a wrong --root costs no download.
     protocols.check_data(args)
-    also = [f"{url} -> {path}" for url, path, _ in model_files(args) if not os.path.isfile(path)]
+    also = [f"{url} -> {path}" for url, path, _ in vifi.model_files(args.model, args.model != "scratch")
+            if not os.path.isfile(path)]  # offline: named in the same message as the split files
     splits_dir = rank0_first(lambda: protocols.fetch_splits(args, also), rt)
     train_set, tests = protocols.datasets(args, splits_dir)
     protocols.check_readable({"train": train_set, **tests})

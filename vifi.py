@@ -8,23 +8,24 @@ The whole method is CLIP applied to frames, with nothing added for time:
   logits = exp(logit_scale) * cos(video, class)                                  -> (B, C)
 Fine-tuning both towers on video with cross-entropy over these logits ("ViFi-CLIP", paper Sec. 3) is enough to
 bridge the image-to-video gap: the frame-level features learn motion cues through the averaged loss. Mean pooling
-works because each frame embedding already describes its scene and pose; the average keeps what the clip's frames
+works because each frame embedding already describes its scene and pose; the average keeps what the video's frames
 agree on, and fine-tuning teaches the encoder to make frame features whose average is discriminative.
 
 For low-data regimes, "bridge and prompt" (Sec. 3.2): freeze the video-fine-tuned model and learn deep prompts,
 n tokens per layer on each side (text: right after SOT; vision: after the patch tokens), replaced before every
-layer up to a depth. The design copies the official code's, so its prompt checkpoints load here.
+layer up to a depth. The layout is the official repository's, so its prompt checkpoints load here.
 
-Letters in shape comments: B clips, T frames, C classes, D joint embedding size, L tokens (of a text, or of an
-image: class token, patches, prompts), n prompt tokens.
+Letters in shape comments: B clips, V views of a video (clips x crops, averaged in evaluation), T frames, C classes,
+D joint embedding size, L tokens (of a text, or of an image: class token, patches, prompts), n prompt tokens.
 
 Run on a video: `python vifi.py VIDEO --labels "class a,class b" [--model ViT-B/16] [--checkpoint FILE]`;
-`--explain report.html` adds what each frame votes and where the encoder looks (votes_and_relevance, explain.py).
+`--explain report.html` adds what each frame votes and where the encoder looks (votes_and_relevance, report.py).
 """
 import argparse
 import os
 import re
 import sys
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 
 import archive
 import clip_model
-from tokenizer import Tokenizer, VocabError, default_tokenizer, tokenize
+import tokenizer
 
 MODES = ("finetune", "prompt", "zeroshot")
 TOWERS = ("both", "image", "text")
@@ -44,8 +45,8 @@ class ConfigError(ValueError):
 
 def tokenizer_for(clip):
     """CLIP's BPE for OpenAI's vocabulary; the byte-level tokenizer for a model trained from scratch with it."""
-    byte_level = Tokenizer(byte_level=True)
-    return byte_level if clip.config.vocab_size == byte_level.vocab_size else default_tokenizer()
+    byte_level = tokenizer.Tokenizer(byte_level=True)
+    return byte_level if clip.config.vocab_size == byte_level.vocab_size else tokenizer.default_tokenizer()
 
 
 def clean_classname(name):
@@ -55,91 +56,95 @@ def clean_classname(name):
     return " ".join(name.split()).lower()
 
 
+@dataclass
+class ViFiConfig:
+    """What a ViFiCLIP is, beyond the CLIP it wraps and its class list; a checkpoint saves it as a dict."""
+    mode: str = "finetune"     # one of MODES
+    towers: str = "both"       # finetune: the encoders that train, one of TOWERS
+    template: str | None = None  # the prompt around a class name; None: the mode's own (see ViFiCLIP)
+    clean_names: bool = False  # prompts hold clean_classname(name) instead of the name verbatim
+    n_ctx_text: int = 10       # prompt mode: learned tokens per layer on the text side,
+    n_ctx_vision: int = 10     # on the vision side,
+    depth_text: int = 12       # and how many layers get them, text
+    depth_vision: int = 12     # and vision
+    norm: str = "clip"         # the name of the pixel mean/std the inputs need: "clip" or "imagenet" (data.NORMS)
+
+
 class ViFiCLIP(nn.Module):
     """
-    clip: a clip_model.CLIP; classnames: the labels, in class-id order, used verbatim in the prompts unless
-    clean_names (then clean_classname's words); mode: one of MODES.
+    clip: a clip_model.CLIP; classnames: the labels, in class-id order; mode: one of MODES; cfg: a ViFiConfig, whose
+    fields `mode` and the other keywords override; tokenizer: tokenizer_for(clip) unless given.
     finetune: the towers named by `towers` train ('both' is ViFi-CLIP; 'image' and 'text' are the paper's ablations).
-    prompt: every CLIP weight frozen; deep text and vision prompts train (n_ctx_* tokens, depth_* layers).
-    zeroshot: vanilla CLIP, nothing trains.
-    norm names the pixel normalization the inputs need (data.py's CLIP or ImageNet constants).
+    prompt: every CLIP weight frozen, deep text and vision prompts train (n_ctx_*, depth_*); zeroshot: vanilla CLIP.
     """
 
-    def __init__(self, clip, classnames, mode="finetune", towers="both", template=None, clean_names=False,
-                 n_ctx_text=10, n_ctx_vision=10, depth_text=12, depth_vision=12, tokenizer=None,
-                 norm="clip"):
+    def __init__(self, clip, classnames, mode=None, cfg=None, tokenizer=None, **overrides):
         super().__init__()
-        if mode not in MODES or towers not in TOWERS:
-            raise ConfigError(f"mode must be one of {MODES} and towers one of {TOWERS}; got {mode!r}, {towers!r}")
-        self.clip, self.mode, self.towers = clip, mode, towers
-        # The official prompts: the bare class name for vanilla CLIP, "a photo of a {}." for a fine-tuned one.
-        self.template = template or ("{}" if mode == "zeroshot" else "a photo of a {}.")
-        if self.template.count("{}") != 1:
-            raise ConfigError(f"the template must hold exactly one '{{}}' for the class name; got {self.template!r}")
-        self.clean_names = clean_names
-        self.norm = norm  # the pixel mean/std ('clip' or 'imagenet') the model expects: metadata for its users
-        self.tokenizer = tokenizer or tokenizer_for(clip)
-        self.text_prompts = nn.ParameterList()
-        self.vision_prompts = nn.ParameterList()
-        if mode == "prompt":
-            cfg = clip.config
-            if not (0 < depth_text <= cfg.text_layers and 0 < depth_vision <= cfg.vision_layers):
-                raise ConfigError(f"prompt depths must be in 1..{cfg.text_layers} (text) and 1..{cfg.vision_layers} "
-                                 f"(vision); got {depth_text}, {depth_vision}")
-            if not (0 < n_ctx_text <= cfg.context_length - 4 and n_ctx_vision > 0):  # SOT, a name, '.', EOT
-                raise ConfigError(f"prompt tokens must be in 1..{cfg.context_length - 4} (text, a context of "
-                                  f"{cfg.context_length}) and at least 1 (vision); got {n_ctx_text}, {n_ctx_vision}")
-            # One (n, width) prompt per layer up to the depth; std 0.02 as the official initialization.
-            self.text_prompts.extend(nn.Parameter(0.02 * torch.randn(n_ctx_text, cfg.text_width)) for _ in range(depth_text))
-            self.vision_prompts.extend(nn.Parameter(0.02 * torch.randn(n_ctx_vision, cfg.vision_width))
-                                       for _ in range(depth_vision))
-        # What text_trains() looks at, in a plain list (so nothing is registered twice). torch 2.11's compiler
-        # failed to unpack a ParameterList inside the graph; a list of parameters it reads.
+        cfg = replace(cfg or ViFiConfig(), **overrides, **({"mode": mode} if mode else {}))  # this model's own copy
+        if cfg.mode not in MODES or cfg.towers not in TOWERS:
+            raise ConfigError(f"mode must be one of {MODES} and towers one of {TOWERS}; got {cfg.mode!r}, {cfg.towers!r}")
+        cfg.template = cfg.template or ("{}" if cfg.mode == "zeroshot" else "a photo of a {}.")  # the official prompts
+        if cfg.template.count("{}") != 1:
+            raise ConfigError(f"the template must hold exactly one '{{}}' for the class name; got {cfg.template!r}")
+        self.clip, self.cfg, self.tokenizer = clip, cfg, tokenizer or tokenizer_for(clip)
+        self.text_prompts, self.vision_prompts = nn.ParameterList(), nn.ParameterList()
+        if cfg.mode == "prompt":
+            c = clip.config
+            n_text, n_vision, d_text, d_vision = cfg.n_ctx_text, cfg.n_ctx_vision, cfg.depth_text, cfg.depth_vision
+            if not (0 < d_text <= c.text_layers and 0 < d_vision <= c.vision_layers):
+                raise ConfigError(f"prompt depths must be in 1..{c.text_layers} (text) and 1..{c.vision_layers} "
+                                  f"(vision); got {d_text}, {d_vision}")
+            if not (0 < n_text <= c.context_length - 4 and n_vision > 0):  # SOT, a name, '.', EOT
+                raise ConfigError(f"prompt tokens must be in 1..{c.context_length - 4} (text, a context of "
+                                  f"{c.context_length}) and at least 1 (vision); got {n_text}, {n_vision}")
+            # One (n, width) prompt per layer up to the depth, drawn with std 0.02 as the official ones were.
+            self.text_prompts.extend(nn.Parameter(0.02 * torch.randn(n_text, c.text_width)) for _ in range(d_text))
+            self.vision_prompts.extend(nn.Parameter(0.02 * torch.randn(n_vision, c.vision_width))
+                                       for _ in range(d_vision))
+        # Checked by text_features: a plain list (nothing registered twice), which torch.compile reads (README, Speed)
         self.text_side = [*self.text_prompts, *clip.transformer.parameters()]
         trainable = {id(p) for p in self.trainable_parameters()}
         for p in self.parameters():
             p.requires_grad_(id(p) in trainable)
         self.set_classnames(classnames)
 
+    mode = property(lambda self: self.cfg.mode)  # model.mode, model.norm: the config's (train.py sets the norm used)
+    norm = property(lambda self: self.cfg.norm, lambda self, name: setattr(self.cfg, "norm", name))
+
     def trainable_parameters(self):
         """The parameters this mode trains; all others are frozen by the constructor."""
-        if self.mode == "prompt":
+        if self.cfg.mode == "prompt":
             return [*self.text_prompts, *self.vision_prompts]
-        if self.mode == "zeroshot":
+        if self.cfg.mode == "zeroshot":
             return []
         c = self.clip
-        # As the official code: the token embedding stays frozen (it embeds the prompts once, outside the trained
-        # text encoder); logit_scale trains only when both towers do.
+        # What the official fine-tuning trains: not the token embedding (it embeds the prompts once, outside the
+        # trained text encoder), and logit_scale only when both towers train.
         text = [c.positional_embedding, c.text_projection, *c.transformer.parameters(), *c.ln_final.parameters()]
         image = list(c.visual.parameters())
-        return {"both": image + text + [c.logit_scale], "image": image, "text": text}[self.towers]
+        return {"both": image + text + [c.logit_scale], "image": image, "text": text}[self.cfg.towers]
 
     # --- text side --------------------------------------------------------------------------------------------
 
     def prompts_for(self, classnames):
-        names = [clean_classname(n) if self.clean_names else n for n in classnames]
-        if self.mode == "prompt":  # n placeholder tokens, replaced by the learned text prompts after embedding
+        names = [clean_classname(n) if self.cfg.clean_names else n for n in classnames]
+        if self.cfg.mode == "prompt":  # n placeholder tokens, replaced by the learned text prompts after embedding
             x = " ".join(["X"] * len(self.text_prompts[0]))
-            return [f"{x} {name.replace('_', ' ')}." for name in names]  # underscores to spaces, as the official code
-        return [self.template.format(name) for name in names]
+            return [f"{x} {name.replace('_', ' ')}." for name in names]  # '_' -> ' ', as the official prompt learner
+        return [self.cfg.template.format(name) for name in names]
 
     def set_classnames(self, classnames):
         """Switch the class list (for example base -> novel classes); the text cache starts again."""
         self.classnames = list(classnames)
-        ids = tokenize(self.prompts_for(self.classnames), self.clip.config.context_length,
+        ids = tokenizer.tokenize(self.prompts_for(self.classnames), self.clip.config.context_length,
                                  tokenizer=self.tokenizer)
-        ids = ids[:, : int(ids.argmax(dim=-1).max()) + 1]  # (C, 77) -> (C, L): cut after the last EOT, once
-        device = self.clip.logit_scale.device
-        self.register_buffer("text_ids", ids.to(device), persistent=False)
+        ids = ids[:, : int(ids.argmax(dim=-1).max()) + 1]  # (C, 77) -> (C, L): cut after the last EOT (encode_text)
+        self.register_buffer("text_ids", ids.to(self.clip.logit_scale.device), persistent=False)
         self.text_cache = None
 
-    def text_trains(self):
-        return any(p.requires_grad for p in self.text_side)
-
     def text_features(self):
-        """(C, D). Computed once and cached unless the text side is being trained right now; the official code
-        re-encodes every class prompt for every batch, even in evaluation."""
-        if self.training and self.text_trains() and torch.is_grad_enabled():
+        """(C, D); cached unless the text side is training right now, so evaluation encodes the prompts once."""
+        if self.training and torch.is_grad_enabled() and any(p.requires_grad for p in self.text_side):
             return self.clip.encode_text(self.text_ids, list(self.text_prompts), cut=False)
         if self.text_cache is None or self.text_cache.device != self.text_ids.device:
             with torch.no_grad():
@@ -168,15 +173,21 @@ class ViFiCLIP(nn.Module):
         t = F.normalize(self.text_features(), dim=-1)
         return self.clip.logit_scale.exp() * v @ t.t().to(v.dtype)
 
+    @torch.no_grad()
+    def predict(self, views):
+        """views: (B, V, T, 3, H, W) normalized pixels, V views of each video -> (B, C) class probabilities: the
+        softmax of each view's logits, averaged over the views. In float32, also under autocast."""
+        logits = self(views.flatten(0, 1))  # (B, V, T, 3, H, W) -> (B*V, T, 3, H, W) -> (B*V, C)
+        return logits.float().softmax(-1).view(*views.shape[:2], -1).mean(dim=1)  # (B*V, C) -> (B, V, C) -> (B, C)
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Checkpoints: the official releases and this project's own
 
 class _CfgNode(dict):
-    """Stands in for yacs.config.CfgNode (a dict subclass) so official checkpoints unpickle without yacs."""
+    """Stands in for yacs' CfgNode, a dict subclass holding sets of key names, so official configs unpickle."""
 
 
-# What an official checkpoint pickles beyond tensors: its yacs config, a dict subclass holding sets of key names.
 OFFICIAL_GLOBALS = {("yacs.config", "CfgNode"): _CfgNode, ("builtins", "set"): set, ("__builtin__", "set"): set}
 
 
@@ -187,16 +198,15 @@ def read_checkpoint(path):
     if not (isinstance(ck, dict) and isinstance(ck.get("model"), dict)):
         found = f"a dict with keys {list(ck)[:4]}" if isinstance(ck, dict) else f"a {type(ck).__name__}"
         raise archive.CheckpointError(f"{path}: holds {found}, not a checkpoint (a dict with the weights under "
-                                         "'model', as train.py and the official code write); a CLIP's own weights "
-                                         "go to --model")
+                                      "'model', as train.py and the official code write); a CLIP's own weights "
+                                      "go to --model")
     return ck
 
 
 def load_official_checkpoint(path, clip, classnames, clean_names=False, ck=None, **kw):
-    """A ViFiCLIP holding an official ViFi-CLIP release (fine-tuned or prompt-learned). `clip` is the base CLIP it
-    was trained from: it supplies the token embedding, which the official checkpoints do not store. Official models
-    were trained on raw class names (clean_names=False) and ImageNet mean/std pixels. `ck`: the file's contents, if
-    already read."""
+    """A ViFiCLIP holding an official ViFi-CLIP release (fine-tuned or prompt-learned). `clip` is the base CLIP it was
+    trained from: it supplies the token embedding, which official checkpoints do not store. Official models were
+    trained on raw class names (clean_names=False) and ImageNet mean/std pixels. `ck`: the file's contents, if read."""
     ck = read_checkpoint(path) if ck is None else ck
     sd = ck.get("model", ck) if isinstance(ck, dict) else {}
     sd = {k.removeprefix("module."): v for k, v in sd.items()}
@@ -237,12 +247,8 @@ def load_official_checkpoint(path, clip, classnames, clean_names=False, ck=None,
 
 
 def checkpoint_config(model):
-    """What load_checkpoint needs to rebuild a ViFiCLIP around its saved weights."""
-    return dict(mode=model.mode, towers=model.towers, template=model.template, clean_names=model.clean_names,
-                norm=model.norm, classnames=model.classnames,
-                n_ctx_text=len(model.text_prompts[0]) if model.text_prompts else 0, depth_text=len(model.text_prompts),
-                n_ctx_vision=len(model.vision_prompts[0]) if model.vision_prompts else 0,
-                depth_vision=len(model.vision_prompts))
+    """What load_checkpoint needs to rebuild a ViFiCLIP around its saved weights: its config and class list."""
+    return {**asdict(model.cfg), "classnames": model.classnames}
 
 
 def load_checkpoint(path, clip=None, classnames=None, tokenizer=None, ck=None, **kw):
@@ -256,25 +262,46 @@ def load_checkpoint(path, clip=None, classnames=None, tokenizer=None, ck=None, *
         return load_official_checkpoint(path, clip, classnames, ck=ck, **kw)
     saved_clip = clip_model.build(ck["model"], path)  # an own checkpoint holds its whole CLIP
     try:
-        cfg = {**ck["vifi"], **kw}
-        names = classnames or cfg.pop("classnames")
-        cfg.pop("classnames", None)
-        model = ViFiCLIP(saved_clip, names, tokenizer=tokenizer, **cfg)
+        saved = ViFiConfig(**{k: v for k, v in ck["vifi"].items() if k != "classnames"})
+        model = ViFiCLIP(saved_clip, classnames or ck["vifi"]["classnames"], cfg=saved, tokenizer=tokenizer, **kw)
     except (TypeError, KeyError) as e:
         raise archive.CheckpointError(f"{path}: its 'vifi' entry does not describe a ViFiCLIP ({type(e).__name__}: "
-                                         f"{e}); expected the checkpoint_config(...) that train.py saves") from None
+                                      f"{e}); expected the checkpoint_config(...) that train.py saves") from None
     # build() checked the CLIP's keys; the prompts are checked here, so a missing or renamed one is an error too
     clip_model.check_state_dict(ck["model"], model.state_dict(), path, "the ViFi-CLIP its 'vifi' entry describes")
     model.load_state_dict(ck["model"])
     return model.eval()
 
 
+def model_files(model_name, need_vocab=True):
+    """(url, path, sha256) of what a model needs from the network: OpenAI's weights for a name of clip_model.MODELS
+    (nothing for a path or None), and CLIP's BPE vocabulary if need_vocab and $VIFI_BPE does not name a copy."""
+    url = clip_model.MODELS.get(model_name)  # its folder name is the file's sha256
+    weights = [(url, os.path.join(archive.cache_dir(), os.path.basename(url)), url.split("/")[-2])] if url else []
+    vocab = [(tokenizer.BPE_URL, os.path.join(tokenizer.cache_dir(), tokenizer.BPE_FILE), tokenizer.BPE_SHA256)]
+    return weights + (vocab if need_vocab and not os.environ.get("VIFI_BPE") else [])
+
+
+def fetch_model_files(model_name, need_vocab=True):
+    """Download what model_files names, every file before failing: offline, one message names all that is missing."""
+    failed = []
+    for url, path, sha256 in model_files(model_name, need_vocab):
+        try:
+            archive.download(url, path, sha256)
+        except archive.CheckpointError:
+            failed.append(f"{url} -> {path}")
+    if failed:
+        raise archive.CheckpointError("could not fetch what the model needs:\n  " + "\n  ".join(failed) +
+                                      "\nWithout network, download them elsewhere and place them there "
+                                      "(VIFI_CACHE sets the folder; VIFI_BPE may name the vocabulary file)")
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# Explanation: what each frame votes for, and where the image encoder looks (rendered by explain.py)
+# Explanation: what each frame votes for, and where the image encoder looks (drawn by report.py)
 
 def votes_and_relevance(model, video, target=None):
-    """video: one clip (T, 3, H, W), normalized. -> logits (C,), votes (T, C), and for `target` (default: the top
-    class) relevance (T, gh, gw) over the patch grid.
+    """video: one video's frames (T, 3, H, W), normalized. -> logits (C,), votes (T, C), and for `target` (default:
+    the top class) relevance (T, gh, gw) over the patch grid.
     votes: the video embedding is the mean of the T frame embeddings f_t, so every logit splits exactly into T terms:
     s <mean f, t_c> / (|mean f| |t_c|) = sum_t s <f_t, t_c> / (T |mean f| |t_c|), one per frame.
     relevance (Chefer et al. 2021, gradient-weighted attention rollout): raw attention in a ViT is mostly mixing that
@@ -339,32 +366,33 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     import data  # only the command line decodes video: the model itself stays independent of the data code
-
-    if not os.path.isfile(args.video):  # said before any model is loaded (or downloaded)
-        print(f"error: {args.video}: no such file; expected a video file that PyAV can decode", file=sys.stderr)
-        return 2
     try:
-        if args.labels_file:  # one name per line, or an 'id,name' CSV as train.py and the official repo write
+        if not os.path.isfile(args.video):  # said before any model is loaded (or downloaded)
+            raise FileNotFoundError(f"{args.video}: no such file; expected a video file that PyAV can decode")
+        if args.labels_file:  # one name per line, or an 'id,name' CSV (train.py's and the official label files)
             with open(args.labels_file, newline="") as f:
                 lines = [line.strip() for line in f if line.strip()]
-            csv_file = lines and lines[0].replace(" ", "") == "id,name"
-            labels = data.read_labels(args.labels_file) if csv_file else lines
+            labels = data.read_labels(args.labels_file) if lines and lines[0].replace(" ", "") == "id,name" else lines
         else:
             labels = [name.strip() for name in args.labels.split(",") if name.strip()]
         if len(labels) < 2 or args.frames < 1:
             raise ConfigError(f"expected at least two class names in --labels / --labels-file (found {len(labels)}) "
                               f"and --frames >= 1 (got {args.frames})")
         ck = read_checkpoint(args.checkpoint) if args.checkpoint else None
-        clip = None if ck and "vifi" in ck else clip_model.load(args.model)  # an own checkpoint holds its CLIP
-        model = load_checkpoint(args.checkpoint, clip, labels, ck=ck) if ck else ViFiCLIP(clip, labels, "zeroshot")
+        own = ck is not None and "vifi" in ck  # an own checkpoint holds its CLIP
+        if args.model in clip_model.MODELS and (not own or args.compare_base):
+            fetch_model_files(args.model)  # OpenAI's weights and the vocabulary they read: offline, one message
+        clip = None if own else clip_model.load(args.model)
+        model = load_checkpoint(args.checkpoint, clip, labels, ck=ck) if ck else ViFiCLIP(clip, labels, mode="zeroshot")
         model.to(args.device).eval()
         base_model = None  # --compare-base: vanilla CLIP, the --model a fine-tuned checkpoint started from
         if args.compare_base:
-            base_model = ViFiCLIP(clip or clip_model.load(args.model), labels, "zeroshot").to(args.device).eval()
-        clips, crops = (int(v) for v in args.views.split("x"))
+            base_model = ViFiCLIP(clip or clip_model.load(args.model), labels, mode="zeroshot").to(args.device).eval()
+        n_clips, n_crops = (int(v) for v in args.views.split("x"))
         size = model.clip.config.image_resolution
-        video, _ = data.VideoDataset([(args.video, 0)], labels, args.frames, size, clips=clips, crops=crops).load(args.video)
-    except (OSError, data.VideoError, data.DatasetError, archive.CheckpointError, VocabError,
+        dataset = data.VideoDataset([(args.video, 0)], labels, args.frames, size, clips=n_clips, crops=n_crops)
+        video, _ = dataset.load(args.video)  # uint8 (V, T, 3, H, W)
+    except (OSError, data.VideoError, data.DatasetError, archive.CheckpointError, tokenizer.VocabError,
             ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -372,11 +400,9 @@ def main(argv=None):
     def pixels(m):  # each model gets the pixel mean/std it was trained with, unless --norm says otherwise
         return data.normalize(video.to(args.device), *data.NORMS[args.norm or m.norm])
 
-    with torch.no_grad():
-        logits = model(pixels(model))  # (V, C), the ordinary (SDPA) forward
-    probs = logits.softmax(-1).mean(0)  # (V, C) -> (C,)
-    if args.explain:  # the same clip again, through the path that keeps attention weights; its votes sum to `logits`
-        import explain
+    probs = model.predict(pixels(model)[None])[0]  # (V, T, 3, H, W) -> (1, V, T, 3, H, W) -> (1, C) -> (C,)
+    if args.explain:  # the same video again, through the path that keeps attention weights (logits: the votes' sums)
+        import report
         result = votes_and_relevance(model, pixels(model)[0], target=int(probs.argmax()))  # (V=1, T, ...) -> (T, ...)
         base = base_model and votes_and_relevance(base_model, pixels(base_model)[0], target=result["target"])
         settings = dict(model=args.model if clip else None, checkpoint=args.checkpoint, frames=args.frames,
@@ -384,7 +410,7 @@ def main(argv=None):
                         logit_scale=round(model.clip.logit_scale.exp().item(), 4),
                         relevance="gradient-weighted attention rollout (Chefer et al. 2021)",
                         base=args.model if base_model else None)
-        explain.write_report(args.explain, args.video, labels, video[0], logits[0], result, settings, base)
+        report.write_report(args.explain, args.video, labels, video[0], result["logits"], result, settings, base)
     for p_, i in zip(*probs.topk(min(5, len(labels)))):
         print(f"{100 * p_.item():6.2f}%  {labels[i]}")
     return 0

@@ -1,17 +1,21 @@
 """
-The explanation report of `python vifi.py VIDEO --labels ... --explain report.html`, rendered from the tensors of
-vifi.votes_and_relevance: one self-contained HTML file (images inline as PNG data: URIs encoded by PyAV, no script,
-no network) and `report.json` beside it with the same numbers for scripts.
+What the command lines draw: self-contained files, written from tensors and lists with no plotting library.
 
-Top to bottom the page shows the top-5 classes, then one row per sampled frame: the frame as the model saw it,
-where the image encoder looks for the top class (with --compare-base also where vanilla CLIP looks for it), and the
-frame's exact vote for the top class and for the runner-up; the last row shows that the votes sum to the logits.
+- `python vifi.py VIDEO --labels ... --explain report.html` (write_report), from the tensors of
+  vifi.votes_and_relevance: one HTML file (images inline as PNG data: URIs encoded by PyAV, no script, no network)
+  and `report.json` beside it with the same numbers for scripts. Top to bottom the page shows the top-5 classes,
+  then one row per sampled frame: the frame as the model saw it, where the image encoder looks for the top class
+  (with --compare-base also where vanilla CLIP looks for it), and the frame's exact vote for the top class and for
+  the runner-up; the last row shows that the votes sum to the logits.
+- train.py's `curves.svg` (write_curves): the training loss and the test accuracy over the epochs.
 
-Imports nothing of the project (vifi.py's command line calls it with tensors), so the model code holds no HTML.
+Imports nothing of the project (the command lines call it with plain values), so the model and the training loop
+hold no HTML or SVG.
 """
 import base64
 import html
 import json
+import math
 import os
 
 import av
@@ -82,8 +86,9 @@ def image(pixels, alt, css=""):
 
 def write_report(path, video_path, labels, frames, logits, result, settings, base=None):
     """Write the HTML report to `path` and its numbers to the .json beside it. frames: uint8 (T, 3, H, W) as the
-    model saw them; logits (C,): the model's ordinary forward, at least two classes; result and base:
-    vifi.votes_and_relevance of the model and of vanilla CLIP, for the top class."""
+    model saw them; logits (C,): the model's, at least two classes (vifi.py passes result["logits"], the votes' sums,
+    which equal the ordinary forward's to 1e-5); result and base: vifi.votes_and_relevance of the model and of
+    vanilla CLIP, for the top class."""
     votes = result["votes"]  # (T, C); each column sums to its logit
     probs = logits.softmax(dim=-1)
     ranked = probs.argsort(descending=True).tolist()
@@ -134,3 +139,46 @@ def write_report(path, video_path, labels, frames, logits, result, settings, bas
                   relevance=result["relevance"].tolist(), base_relevance=base["relevance"].tolist() if base else None)
     with open(os.path.splitext(path)[0] + ".json", "w") as f:
         json.dump(report, f, indent=1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# curves.svg
+
+def ticks(top, count=5):
+    """About `count` round values from 0 to at least `top`, a step of 1, 2 or 5 times a power of ten apart."""
+    raw = max(top, 1e-9) / count
+    power = 10 ** math.floor(math.log10(raw))
+    step = next(s * power for s in (1, 2, 5, 10) if s * power >= raw)
+    return [i * step for i in range(math.ceil(top / step - 1e-9) + 1)]
+
+
+def write_curves(log, path):
+    """curves.svg, no plotting library: the mean training loss of each epoch above, the top-1 accuracy (%) of each
+    evaluation below (its points marked), on one epoch axis with ticks."""
+    W, H, left, right, top, bottom = 640, 230, 64, 24, 30, 44  # one panel; the margins hold titles and tick labels
+    xs = [e for e in ticks(max([r["epoch"] for r in log] + [1])) if e == int(e)]  # whole epochs only
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{2 * H}" font-family="sans-serif" '
+           f'font-size="12"><rect width="{W}" height="{2 * H}" fill="white"/>']
+    for k, (key, title, unit, colour) in enumerate([("loss", "training loss", "cross-entropy", "#d62728"),
+                                                    ("top1", "test accuracy", "top-1 accuracy (%)", "#1f77b4")]):
+        pts = [(r["epoch"], r[key]) for r in log if key in r]
+        ys = list(range(0, 101, 20)) if key == "top1" else ticks(max([v for _, v in pts] + [0.1]))
+        def x(e): return left + (W - left - right) * e / xs[-1]
+        def y(v): return k * H + H - bottom - (H - top - bottom) * v / ys[-1]
+        xy = [(x(e), y(v)) for e, v in pts]
+        out += [f'<g class="panel"><text x="{left}" y="{k * H + 18}" font-weight="bold">{title}</text>',
+                *(f'<line x1="{left}" x2="{W - right}" y1="{y(v):.1f}" y2="{y(v):.1f}" stroke="#e3e3e3"/><text '
+                  f'x="{left - 6}" y="{y(v) + 4:.1f}" text-anchor="end">{v:g}</text>' for v in ys),
+                *(f'<line x1="{x(e):.1f}" x2="{x(e):.1f}" y1="{y(0):.1f}" y2="{y(0) + 5:.1f}" stroke="black"/><text '
+                  f'x="{x(e):.1f}" y="{y(0) + 18:.1f}" text-anchor="middle">{e:g}</text>' for e in xs),
+                f'<path d="M{left},{top + k * H}V{y(0):.1f}H{W - right}" fill="none" stroke="black"/>',
+                f'<text x="{(left + W - right) / 2}" y="{(k + 1) * H - 8}" text-anchor="middle">epoch</text>',
+                f'<text transform="translate(16,{k * H + (H + top - bottom) / 2}) rotate(-90)" '
+                f'text-anchor="middle">{unit}</text>',
+                f'<polyline points="{" ".join(f"{a:.1f},{b:.1f}" for a, b in xy)}" fill="none" stroke="{colour}" '
+                f'stroke-width="2"/>',
+                *(f'<circle cx="{a:.1f}" cy="{b:.1f}" r="{4 if key == "top1" else 2}" fill="{colour}"/>'
+                  for a, b in xy),
+                "</g>"]
+    with open(path, "w") as f:
+        f.write("\n".join(out + ["</svg>"]))
