@@ -1384,7 +1384,7 @@ def test_bad_files_are_replaced_and_counted_across_workers(videos, tmp_path):
     dataset = data.VideoDataset([(p, i) for i, p in enumerate(paths)], [str(i) for i in range(6)], frames=4, size=16,
                                 train=True)
     loader = torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=2)
-    log = train.FailureLog(len(dataset), max_fraction=1.0)
+    log = engine.FailureLog(len(dataset), max_fraction=1.0)
     indices = []
     for batch in loader:
         assert batch["video"].shape == (2, 4, 3, 16, 16)
@@ -1396,7 +1396,7 @@ def test_bad_files_are_replaced_and_counted_across_workers(videos, tmp_path):
                          ("text", "not a readable")]:
         assert any(name in line and reason in line for line in log.failures)
     with pytest.raises(data.DatasetError, match="4 of 6 videos could not be read"):
-        train.FailureLog(len(dataset), max_fraction=0.5, at_least=1).update(list(log.failures))
+        engine.FailureLog(len(dataset), max_fraction=0.5, at_least=1).update(list(log.failures))
     test_set = dataset.subset(dataset.samples)
     test_set.train = False  # testing: no replacement, a black clip with label -1 that evaluation leaves out
     sample = test_set[1]
@@ -1573,6 +1573,7 @@ def test_check_command_exit_codes(tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------------------------
 # train.py
 
+import engine  # noqa: E402
 import protocols  # noqa: E402
 import report  # noqa: E402  (curves.svg; the --explain page is tested with vifi.py's command line)
 import train  # noqa: E402
@@ -1928,11 +1929,11 @@ def test_mix_switch_is_the_probability_of_cutmix():
 
 def test_sampler_shares_are_disjoint_equal_and_seeded_by_epoch():
     # evaluation: in order, every index exactly once, never padded
-    assert [train.EpochSampler(11, r, 3, shuffle=False).indices() for r in range(3)] == [[0, 3, 6, 9], [1, 4, 7, 10],
+    assert [engine.EpochSampler(11, r, 3, shuffle=False).indices() for r in range(3)] == [[0, 3, 6, 9], [1, 4, 7, 10],
                                                                                          [2, 5, 8]]
 
     def shares(seed, epoch, n=11, world=3):
-        samplers = [train.EpochSampler(n, rank, world, shuffle=True, seed=seed) for rank in range(world)]
+        samplers = [engine.EpochSampler(n, rank, world, shuffle=True, seed=seed) for rank in range(world)]
         for sampler in samplers:
             sampler.epoch = epoch
         assert all(len(sampler) == len(sampler.indices()) for sampler in samplers)
@@ -1998,8 +1999,8 @@ def test_evaluate_averages_softmax_probabilities_over_views(monkeypatch):
     assert per_video.mean(1).argmax(1).tolist() == [0, 2, 0, 2, 1]  # averaging logits: 1 of 5 right instead of 3
     args = argparse.Namespace(micro_batch=2, workers=0, device="cpu", seed=0, views="1x3")
     monkeypatch.setitem(data.NORMS, "identity", NO_NORM)
-    runtime = train.Runtime(torch.device("cpu"), contextlib.nullcontext())
-    result = train.evaluate(ViewLogits(table, norm="identity"), CodedViews(labels, 3, 7), args, runtime)
+    runtime = engine.Runtime(torch.device("cpu"), contextlib.nullcontext())
+    result = engine.evaluate(ViewLogits(table, norm="identity"), CodedViews(labels, 3, 7), args, runtime)
     assert (result["top1"], result["top5"], result["videos"], result["classes"]) == (60.0, 80.0, 5, 7)
     assert result["failures"] == 0
 
@@ -2016,10 +2017,10 @@ def test_evaluate_all_harmonic_mean_and_fold_statistics(monkeypatch):
     def evaluate(model, dataset, *args):  # each test set with its own classes
         calls.append((dataset.top1, model.classnames))
         return {"top1": dataset.top1}
-    monkeypatch.setattr(train, "evaluate", evaluate)
+    monkeypatch.setattr(engine, "evaluate", evaluate)
     sets = {"base": 80.0, "novel": 40.0, "ucf101-fold1": 70.0, "ucf101-fold2": 74.0, "ucf101-fold3": 75.0}
     tests = {name: argparse.Namespace(top1=top1, classnames=[name]) for name, top1 in sets.items()}
-    results = train.evaluate_all(model, tests, None, None)
+    results = engine.evaluate_all(model, tests, None, None)
     assert calls == [(top1, [name]) for name, top1 in sets.items()]
     assert model.classnames == ["training classes"]  # the model's own list again
     assert abs(results["harmonic_mean"] - 2 * 80 * 40 / (80 + 40)) < 1e-9  # 53.3, not the mean 60
@@ -2104,14 +2105,14 @@ def test_an_unreadable_test_video_is_left_out_and_reported(tmp_path, synth_tree,
 
 
 def test_failures_are_counted_over_all_processes_and_stop_only_past_5_percent_and_10(monkeypatch):
-    log = train.FailureLog(1000)
+    log = engine.FailureLog(1000)
     log.update(["a: bad\nb: bad", ""])
 
     def gather(shares, mine):  # as if a second process had met c, d and (again) b
         shares[:] = [mine, ["c: bad", "d: bad", "b: bad"]]
-    monkeypatch.setattr(train.dist, "all_gather_object", gather)
+    monkeypatch.setattr(engine.dist, "all_gather_object", gather)
     assert list(log.gather(2).failures) == ["a: bad", "b: bad", "c: bad", "d: bad"]
-    small = train.FailureLog(8)
+    small = engine.FailureLog(8)
     small.update(["x: bad"] + [f"{i}: bad" for i in range(8)])  # 9 of 8: a small set stops only at 10 files
     with pytest.raises(data.DatasetError, match="10 of 8 videos"):
         small.update("y: bad")
@@ -2183,8 +2184,8 @@ def test_gradient_accumulation_equals_the_whole_batch(tmp_path, monkeypatch):
     # micro-batch of 1, which must count as a batch of 1, not 1/2 of one.
     monkeypatch.setattr(torch.optim, "AdamW", lambda params, lr, **kw: torch.optim.SGD(params, lr=lr))
     monkeypatch.setattr(protocols, "learning_rate", lambda progress, args: args.lr)
-    evaluate_all = train.evaluate_all  # not the subject here: on one video per test set
-    monkeypatch.setattr(train, "evaluate_all", lambda model, tests, *a: evaluate_all(
+    evaluate_all = engine.evaluate_all  # not the subject here: on one video per test set
+    monkeypatch.setattr(engine, "evaluate_all", lambda model, tests, *a: evaluate_all(
         model, {name: test.subset(test.samples[:1]) for name, test in tests.items()}, *a))
     weights = []
     for micro in (8, 4):
