@@ -241,6 +241,14 @@ def train_view(height, width, rng=random):
     return View(box, flip=rng.random() < 0.5, jitter=tuple(jitter), gray=rng.random() < 0.2)
 
 
+def parse_views(text):
+    """'4x3' -> (4, 3): CLIPS clips in time x CROPS crops (1 or 3, what test_views makes) of each test video."""
+    clips, _, crops = text.partition("x")
+    if not (clips.isdigit() and int(clips) > 0 and crops in ("1", "3")):
+        raise ValueError(f"--views {text!r}: expected CLIPSxCROPS with CROPS 1 or 3, e.g. 1x1 or 4x3")
+    return int(clips), int(crops)
+
+
 def test_views(height, width, size, crops=1):
     """One centre crop after the short side is resized to 256/224 of `size` (the box covers 224/256 of the short
     side), or, as the official code does for three crops, the short side resized to `size` and three square

@@ -294,7 +294,7 @@ def check_readable(sets):
 def datasets(args, splits_dir=None):
     """(train set or None, {name: test set}) of the protocol: the official lists (copies in `splits_dir`) read
     under each dataset's root, or the dataset's own lists (--splits native, the synthetic set, list files)."""
-    clips, crops = (int(v) for v in args.views.split("x"))
+    clips, crops = data.parse_views(args.views)
     common = dict(frames=args.frames, size=args.input_size, clips=clips, crops=crops, seed=args.seed)
     roots = data_roots(args)
     if args.splits == "native" or args.dataset in ("synthetic", "list"):

@@ -17,7 +17,6 @@ import contextlib
 import json
 import os
 import random
-import re
 import shutil
 import sys
 import time
@@ -121,8 +120,6 @@ def check_args(args, world):
         (args.frames < 1, f"--frames {args.frames}: a clip needs at least one frame"),
         (args.micro_batch < 1 or args.batch_size < 1, "--batch-size and --micro-batch must be at least 1"),
         (args.epochs < 1 and not args.eval_only, f"--epochs {args.epochs}: train at least one epoch, or --eval-only"),
-        (not re.fullmatch(r"[1-9]\d*x[13]", args.views), f"--views {args.views!r}: expected CLIPSxCROPS with "
-                                                          "CROPS 1 or 3, e.g. 1x1 or 4x3"),
         (not 0 <= args.label_smoothing < 1, f"--label-smoothing {args.label_smoothing}: expected 0 <= value < 1"),
         (args.template is not None and args.template.count("{}") != 1,
          f"--template {args.template!r}: expected exactly one {{}} for the name"),
@@ -143,6 +140,10 @@ def check_args(args, world):
     for bad, message in problems:
         if bad:
             raise vifi.ConfigError(message)
+    try:
+        data.parse_views(args.views)
+    except ValueError as e:
+        raise vifi.ConfigError(str(e)) from None
     if not args.eval_only and args.warmup_epochs >= args.epochs:
         top = args.lr * args.epochs / args.warmup_epochs
         print(f"warning: the run ({args.epochs} epochs) ends inside the warm-up ({args.warmup_epochs:g} epochs): the "

@@ -375,6 +375,7 @@ def main(argv=None):
             labels = data.read_labels(args.labels_file) if lines and lines[0].replace(" ", "") == "id,name" else lines
         else:
             labels = [name.strip() for name in args.labels.split(",") if name.strip()]
+        n_clips, n_crops = data.parse_views(args.views)  # bad flags are refused before any download
         if len(labels) < 2 or args.frames < 1:
             raise ConfigError(f"expected at least two class names in --labels / --labels-file (found {len(labels)}) "
                               f"and --frames >= 1 (got {args.frames})")
@@ -388,12 +389,11 @@ def main(argv=None):
         base_model = None  # --compare-base: vanilla CLIP, the --model a fine-tuned checkpoint started from
         if args.compare_base:
             base_model = ViFiCLIP(clip or clip_model.load(args.model), labels, mode="zeroshot").to(args.device).eval()
-        n_clips, n_crops = (int(v) for v in args.views.split("x"))
         size = model.clip.config.image_resolution
         dataset = data.VideoDataset([(args.video, 0)], labels, args.frames, size, clips=n_clips, crops=n_crops)
         video, _ = dataset.load(args.video)  # uint8 (V, T, 3, H, W)
     except (OSError, data.VideoError, data.DatasetError, archive.CheckpointError, tokenizer.VocabError,
-            ConfigError) as e:
+            ValueError) as e:  # ValueError: a ConfigError, or --views that is not CLIPSxCROPS
         print(f"error: {e}", file=sys.stderr)
         return 2
 
