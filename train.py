@@ -165,9 +165,10 @@ def start(args, world):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[args.precision]
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
     random.seed(args.seed + rank)
     torch.manual_seed(args.seed + rank)
-    return engine.Runtime(device, torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext(), rank, world)
+    return engine.Runtime(device, autocast, rank, world)
 
 
 def pick_device(name, local_rank):
@@ -241,10 +242,11 @@ def build_model(args, clip, classnames, own=None, ck=None):
 
 def checkpoint(t, args):
     """last.pt: the weights and what rebuilds their model, the optimizer and scaler, progress, rngs and flags."""
-    return {"model": t.model.state_dict(), "vifi": vifi.checkpoint_config(t.model), "optimizer": t.optimizer.state_dict(),
-            "scaler": t.scaler.state_dict(), "epoch": t.epoch, "step": t.step, "best_top1": t.best_top1,
-            "best_epoch": t.best_epoch, "log": t.log, "rng": {"python": random.getstate(), "torch": torch.get_rng_state()},
-            "args": dict(vars(args))}
+    rng = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    return {"model": t.model.state_dict(), "vifi": vifi.checkpoint_config(t.model),
+            "optimizer": t.optimizer.state_dict(), "scaler": t.scaler.state_dict(), "epoch": t.epoch, "step": t.step,
+            "best_top1": t.best_top1, "best_epoch": t.best_epoch, "log": t.log, "rng": rng, "args": dict(vars(args))}
+
 
 def resume(t, path, args):
     """Continue t from a last.pt written by a run of the same flags: weights, optimizer, scaler, progress, rngs."""

@@ -82,7 +82,7 @@ class ViFiCLIP(nn.Module):
         super().__init__()
         cfg = replace(cfg or ViFiConfig(), **overrides, **({"mode": mode} if mode else {}))  # this model's own copy
         if cfg.mode not in MODES or cfg.towers not in TOWERS:
-            raise ConfigError(f"mode must be one of {MODES} and towers one of {TOWERS}; got {cfg.mode!r}, {cfg.towers!r}")
+            raise ConfigError(f"mode must be one of {MODES}, towers one of {TOWERS}; got {cfg.mode!r}, {cfg.towers!r}")
         cfg.template = cfg.template or ("{}" if cfg.mode == "zeroshot" else "a photo of a {}.")  # the official prompts
         if cfg.template.count("{}") != 1:
             raise ConfigError(f"the template must hold exactly one '{{}}' for the class name; got {cfg.template!r}")
