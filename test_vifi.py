@@ -4,12 +4,17 @@ The test suite: CPU only, a few minutes on two cores. `python -m pytest -q test_
 Parity tests read the reference fixtures (outputs of openai/CLIP and of the official ViFi-CLIP code) from
 $VIFI_FIXTURES, else from ../shared/fixtures beside the checkout; with neither they are skipped with a reason.
 When $VIFI_FIXTURES is set (as CI sets it), a missing fixture fails instead of skipping.
+
+The helpers and fixtures that tests of several files share come first, then one block per project file, leaf
+first: archive.py, clip_model.py, tokenizer.py, data.py, vifi.py, report.py, protocols.py, engine.py,
+train.py, tools.py, bench.py. Each block (or sub-block) opens with the helpers that only its own tests use.
 """
 import argparse
 import base64
 import collections
 import contextlib
 import csv
+import dataclasses
 import errno
 import hashlib
 import html.parser
@@ -39,8 +44,16 @@ import torch
 import torch.nn.functional as F
 
 import archive
+import bench
 import clip_model
+import data
+import engine
+import protocols
+import report
 import tokenizer
+import tools
+import train
+import vifi
 from tokenizer import BPE_FILE, BPE_URL, Tokenizer, tokenize
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -49,6 +62,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if not os.environ.get("VIFI_BPE") and os.path.isfile(os.path.join(HERE, "..", "shared", "assets", BPE_FILE)):
     os.environ["VIFI_BPE"] = os.path.join(HERE, "..", "shared", "assets", BPE_FILE)
 
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shared by the blocks below
+
+# The reference fixtures, and small random models
 
 def fixture(name):
     """Path of a shared fixture file, or a skip (a failure when VIFI_FIXTURES names a folder without it)."""
@@ -75,12 +93,271 @@ def tiny_clip():
 
 
 def small_clip(**kw):
-    """A random CLIP small enough for CPU tests."""
-    cfg = dict(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=64, patch_size=8,
-               context_length=77, vocab_size=600, text_width=64, text_layers=2)
+    """A random CLIP small enough for CPU tests: the demo's (train.SCRATCH) at half its width, with CLIP's context of
+    77 tokens and a vocabulary of 600."""
+    cfg = dict(embed_dim=32, vision_width=64, context_length=77, vocab_size=600, text_width=64)
     torch.manual_seed(0)
-    return clip_model.CLIP(clip_model.CLIPConfig(**{**cfg, **kw})).eval()
+    return clip_model.CLIP(dataclasses.replace(train.SCRATCH, **{**cfg, **kw})).eval()
 
+
+CLASSES = ["ApplyEyeMakeup", "brush_hair", "red square moving left", "YoYo"]
+
+
+def byte_clip():
+    """A small random CLIP whose vocabulary is the byte-level tokenizer's (no BPE file needed)."""
+    return small_clip(vocab_size=Tokenizer(byte_level=True).vocab_size)
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    """OpenAI's merges file from $VIFI_BPE (it must exist when set), else ../shared/assets, else None."""
+    if os.environ.get("VIFI_BPE"):
+        assert os.path.isfile(os.environ["VIFI_BPE"]), f"VIFI_BPE={os.environ['VIFI_BPE']} does not exist"
+        return Path(os.environ["VIFI_BPE"])
+    path = Path(HERE, "..", "shared", "assets", BPE_FILE)
+    return path if path.exists() else None
+
+
+# Stand-ins for the network
+
+class FakeResponse(io.BytesIO):
+    headers = {}
+
+
+def offline_cache(tmp_path, monkeypatch, urlopen):
+    """An empty $VIFI_CACHE, no $VIFI_BPE, and urlopen replaced."""
+    monkeypatch.delenv("VIFI_BPE", raising=False)
+    monkeypatch.setenv("VIFI_CACHE", str(tmp_path))
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    return tmp_path
+
+
+# Files that ran code through this project's loaders (issue 13). Each creates `marker` when a loader runs code from
+# it: a legacy (non-zip) torch checkpoint, which is a plain pickle, with a zip end record appended so that
+# zipfile.is_zipfile accepts it; and a TorchScript archive whose scripted __setstate__ creates a file.
+
+class CreatesFile:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):  # unpickling calls open(path, "w")
+        return (open, (self.path, "w"))
+
+
+class ScriptedSetstateCreatesFile(torch.nn.Module):
+    def __init__(self, marker: str):
+        super().__init__()
+        self.marker = marker
+        self.weight = torch.zeros(2)
+
+    def forward(self, x):
+        return x
+
+    @torch.jit.export
+    def __getstate__(self) -> Tuple[str, bool, torch.Tensor]:
+        return (self.marker, self.training, self.weight)
+
+    @torch.jit.export
+    def __setstate__(self, state: Tuple[str, bool, torch.Tensor]) -> None:
+        self.marker = state[0]
+        self.training = state[1]
+        # from_file(shared=True) creates the file; using its result keeps TorchScript from dropping the call
+        self.weight = state[2] + torch.from_file(self.marker, shared=True, size=2)
+
+
+def write_code_payloads(folder):
+    """({kind: path} of the two files, the path of the file they create when run)."""
+    marker = folder / "code_ran"
+    polyglot = folder / "polyglot.pt"
+    polyglot.write_bytes(pickle.dumps({"model": CreatesFile(str(marker))}) + b"PK\x05\x06" + bytes(18))
+    scripted = folder / "scripted.pt"
+    torch.jit.save(torch.jit.script(ScriptedSetstateCreatesFile(str(marker))), str(scripted))
+    return {"polyglot": polyglot, "torchscript": scripted}, marker
+
+
+@pytest.fixture(scope="module")
+def payloads(tmp_path_factory):
+    return write_code_payloads(tmp_path_factory.mktemp("payloads"))
+
+
+# Files to test with
+
+def flip_bytes(path, at, n=64):
+    data = bytearray(path.read_bytes())
+    data[at:at + n] = bytes(b ^ 0xFF for b in data[at:at + n])
+    path.write_bytes(bytes(data))
+
+
+def write(path, text):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def frame_codes(video):
+    """The frame indices that make_test_video encodes in the top band of each frame of uint8 (T, 3, H, W)."""
+    half = video.shape[-1] // 2
+    low = ((video[:, :, 2:14, 4:half - 4].float().mean(dim=(1, 2, 3)) - 8) / 16).round().long()
+    high = ((video[:, :, 2:14, half + 4:-4].float().mean(dim=(1, 2, 3)) - 8) / 16).round().long()
+    return (low + 16 * high).tolist()
+
+
+CODECS = [("avi", "mpeg4"), ("mp4", "libx264"), ("webm", "libvpx-vp9")]
+
+
+@pytest.fixture(scope="module")
+def synth_tree(tmp_path_factory):
+    """The synthetic set as UCF101-style AVI files: 36 training and 18 test videos that train.py augments."""
+    root = str(tmp_path_factory.mktemp("synth_ucf"))
+    tools.main(["synth-ucf", root, "--frames", "4", "--size", "32", "--train-per-class", "2", "--test-per-class", "1"])
+    return root
+
+
+# The official split files (../shared/official beside the fixtures)
+
+def official(rel=""):
+    """A path in the official repository's split and label files (../shared/official beside the fixtures)."""
+    path = os.path.join(os.path.dirname(fixture("clip_tiny_expected.json")), "..", "official", rel)
+    assert os.path.exists(path), f"no official split files at {path}"
+    return path
+
+
+def official_lines(rel, limit=None):
+    with open(official(rel)) as f:
+        return [(path, int(label)) for path, label in (line.rsplit(maxsplit=1) for line in f if line.strip())][:limit]
+
+
+def link_tree(root, video, rels, limit=None):
+    """Hard-link one video under the names the official lists give (the first `limit` of each): a fake copy of a
+    dataset, laid out as the lists say, in milliseconds."""
+    for rel in rels:
+        for name, _ in official_lines(rel, limit):
+            dest = os.path.join(root, name)
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            if not os.path.exists(dest):
+                os.link(video, dest)
+
+
+# Runs of the command lines
+
+# A few seconds per epoch on a CPU: 2 synthetic clips per base class, a micro-batch of 6, mixup and cutmix on so
+# that resuming must restore the random state too.
+TINY_RUN = ["--dataset", "synthetic", "--shots", "2", "--batch-size", "6", "--micro-batch", "3", "--epochs", "2",
+            "--mixup", "0.8", "--cutmix", "1.0", "--label-smoothing", "0.1", "--device", "cpu"]
+
+
+def run_cli(*argv, env=None, timeout=300):
+    return subprocess.run([sys.executable, *argv], cwd=HERE, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+# README: every command in it parses (the ones that need real data or downloads) or runs (in .ci/run and above);
+# each is tested in the block of the file it runs.
+
+def readme_commands(script):
+    text = open(os.path.join(HERE, "README.md")).read()
+    found = re.findall(rf"python {script} ([^`\n]*)", text)
+    return [shlex.split(c.split("#")[0].replace("...", "")) for c in found]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# archive.py
+
+def test_the_payloads_run_code_through_torch_loaders(tmp_path):
+    """The payloads are live, so the tests below that find no marker show a loader ran no code."""
+    files, marker = write_code_payloads(tmp_path)
+    with pytest.raises(RuntimeError, match="magic number"):  # torch.load's legacy path: the pickle ran first
+        torch.load(files["polyglot"], weights_only=False)
+    assert marker.exists()
+    marker.unlink()
+    torch.jit.load(str(files["torchscript"]))
+    assert marker.exists()
+
+
+# Reading archives
+
+def rewrite_archive(src, dst, replace):
+    """Copy the zip at src to dst with the records whose names end in a key of `replace` replaced by its bytes.
+    zipfile writes fresh CRCs, so only the reader's own checks can refuse the result."""
+    with zipfile.ZipFile(src) as z, zipfile.ZipFile(dst, "w") as out:
+        for name in z.namelist():
+            ends = [k for k in replace if name.endswith(k)]
+            out.writestr(name, replace[ends[0]] if ends else z.read(name))
+
+
+def test_archives_that_lie_about_their_tensors_are_refused(tmp_path):
+    torch.save({"w": torch.arange(4.0)}, tmp_path / "w.pt")
+    cases = {"short": ({"data/0": bytes(8)}, r"unreadable \(RuntimeError: .*out of bounds for storage of size 8"),
+             "ragged": ({"data/0": bytes(7)}, r"unreadable \(ValueError: .*multiple of element size"),
+             "big-endian": ({"byteorder": b"big"}, "written on a big-endian machine")}
+    for name, (replace, error) in cases.items():
+        rewrite_archive(tmp_path / "w.pt", tmp_path / f"{name}.pt", replace)
+        with pytest.raises(archive.CheckpointError, match=f"{name}.pt: {error}"):
+            archive.read_archive(str(tmp_path / f"{name}.pt"), "a test archive")
+    assert torch.equal(archive.read_archive(str(tmp_path / "w.pt"), "a test archive")["w"], torch.arange(4.0))
+
+
+def test_torchscript_module_tree_is_walked_once_even_with_a_cycle():
+    root, child = archive.ScriptObject(), archive.ScriptObject()
+    root.__dict__.update(w=torch.zeros(1), training=False, child=child)
+    child.__dict__.update(b=torch.ones(1), parent=root)  # a crafted archive can point back up the tree
+    assert sorted(archive.script_tensors(root)) == ["child.b", "w"]
+
+
+def test_torchscript_release_reads_as_torch_jit_load_gives_it():
+    path = fixture("clip_tiny_openai_jit.pt")
+    sd, ref = clip_model.read_state_dict(path), torch.jit.load(path).state_dict()  # jit.load: a trusted fixture
+    assert sd.keys() == ref.keys()
+    for k, v in ref.items():
+        assert sd[k].dtype == v.dtype and sd[k].stride() == v.stride() and torch.equal(sd[k], v), k
+
+
+def test_damaged_checkpoint_is_refused_with_its_name(tmp_path, tiny_clip):
+    torch.save(tiny_clip.state_dict(), tmp_path / "intact.pt")
+    size = (tmp_path / "intact.pt").stat().st_size
+    for i, at in enumerate((size // 4, size // 2, 3 * size // 4)):  # inside tensor records (most of the file)
+        path = tmp_path / f"flipped{i}.pt"
+        shutil.copy(tmp_path / "intact.pt", path)
+        flip_bytes(path, at)
+        with pytest.raises(archive.CheckpointError, match=f"flipped{i}.pt: corrupt .*Bad CRC-32"):
+            clip_model.load(str(path))
+
+
+# Downloads
+
+def test_corrupt_download_leaves_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: FakeResponse(b"oops"))
+    with pytest.raises(archive.CheckpointError, match="corrupt"):
+        archive.download("https://example.invalid/abc/x.pt", str(tmp_path / "x.pt"), sha256="abc")
+    assert os.listdir(tmp_path) == []
+
+
+def test_cached_release_is_hashed_again(tmp_path):
+    path = tmp_path / "ViT-X.pt"
+    path.write_bytes(b"weights")
+    url = "https://example.invalid/abc/ViT-X.pt"  # never fetched: the file is there
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the release itself: no warning
+        assert archive.download(url, str(path), hashlib.sha256(b"weights").hexdigest()) == str(path)
+    with pytest.warns(UserWarning, match=r"ViT-X.pt is not OpenAI's release \(sha256 \w+, expected 0{64}\).*Delete"):
+        assert archive.download(url, str(path), "0" * 64) == str(path)
+    assert path.read_bytes() == b"weights"  # left for the user to inspect or delete
+
+
+def test_download_without_network_names_url_and_path(tmp_path, monkeypatch):
+    monkeypatch.setenv("VIFI_CACHE", str(tmp_path))
+
+    def offline(*a, **k):
+        raise urllib.error.URLError("no network")
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(archive.CheckpointError) as e:
+        clip_model.load("ViT-B/32")
+    assert clip_model.MODELS["ViT-B/32"] in str(e.value) and str(tmp_path / "ViT-B-32.pt") in str(e.value)
+    assert os.listdir(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# clip_model.py
 
 def random_ids(n, lengths, vocab=600):
     """(n, 77) ids: SOT=vocab-2, random words, EOT=vocab-1 (the largest id) at the given positions, zero padding."""
@@ -92,8 +369,39 @@ def random_ids(n, lengths, vocab=600):
     return ids
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# clip_model.py
+def openai_shapes(width, layers, patch, resolution, embed, text_width, text_layers):
+    """The keys and shapes of an OpenAI ViT CLIP release, listed from its published architecture."""
+    shapes = {"visual.class_embedding": (width,), "visual.positional_embedding": ((resolution // patch) ** 2 + 1, width),
+              "visual.proj": (width, embed), "visual.conv1.weight": (width, 3, patch, patch),
+              "visual.ln_pre.weight": (width,), "visual.ln_pre.bias": (width,), "visual.ln_post.weight": (width,),
+              "visual.ln_post.bias": (width,), "positional_embedding": (77, text_width),
+              "text_projection": (text_width, embed), "logit_scale": (), "token_embedding.weight": (49408, text_width),
+              "ln_final.weight": (text_width,), "ln_final.bias": (text_width,)}
+    for prefix, w, n in (("visual.transformer", width, layers), ("transformer", text_width, text_layers)):
+        for i in range(n):
+            b = f"{prefix}.resblocks.{i}."
+            shapes.update({b + "attn.in_proj_weight": (3 * w, w), b + "attn.in_proj_bias": (3 * w,),
+                           b + "attn.out_proj.weight": (w, w), b + "attn.out_proj.bias": (w,),
+                           b + "ln_1.weight": (w,), b + "ln_1.bias": (w,), b + "ln_2.weight": (w,), b + "ln_2.bias": (w,),
+                           b + "mlp.c_fc.weight": (4 * w, w), b + "mlp.c_fc.bias": (4 * w,),
+                           b + "mlp.c_proj.weight": (w, 4 * w), b + "mlp.c_proj.bias": (w,)})
+    return shapes
+
+
+def cubic_resize_rows(grid, n_out):
+    """Resize (n_in, ...) along its first axis as PyTorch's bicubic does (align_corners=False): Keys' cubic
+    kernel with a = -0.75 on the four nearest source rows, indices clamped at the border, written out by hand."""
+    def kernel(d):
+        d, a = abs(d), -0.75
+        return (a + 2) * d ** 3 - (a + 3) * d ** 2 + 1 if d <= 1 else a * d ** 3 - 5 * a * d ** 2 + 8 * a * d - 4 * a
+    n_in = grid.shape[0]
+    rows = []
+    for i in range(n_out):
+        x = (i + 0.5) * n_in / n_out - 0.5  # the output row's centre in source coordinates
+        x0 = math.floor(x)
+        rows.append(sum(kernel(x - (x0 + k)) * grid[min(max(x0 + k, 0), n_in - 1)] for k in (-1, 0, 1, 2)))
+    return torch.stack(rows)
+
 
 def test_clip_parity_with_openai(tiny_clip, expected):
     images, ids = torch.tensor(expected["images"]), torch.tensor(expected["text_ids"])
@@ -120,25 +428,6 @@ def test_text_truncation_after_eot_is_exact(monkeypatch):
     torch.testing.assert_close(alone, full, atol=1e-5, rtol=0)
 
 
-def openai_shapes(width, layers, patch, resolution, embed, text_width, text_layers):
-    """The keys and shapes of an OpenAI ViT CLIP release, listed from its published architecture."""
-    shapes = {"visual.class_embedding": (width,), "visual.positional_embedding": ((resolution // patch) ** 2 + 1, width),
-              "visual.proj": (width, embed), "visual.conv1.weight": (width, 3, patch, patch),
-              "visual.ln_pre.weight": (width,), "visual.ln_pre.bias": (width,), "visual.ln_post.weight": (width,),
-              "visual.ln_post.bias": (width,), "positional_embedding": (77, text_width),
-              "text_projection": (text_width, embed), "logit_scale": (), "token_embedding.weight": (49408, text_width),
-              "ln_final.weight": (text_width,), "ln_final.bias": (text_width,)}
-    for prefix, w, n in (("visual.transformer", width, layers), ("transformer", text_width, text_layers)):
-        for i in range(n):
-            b = f"{prefix}.resblocks.{i}."
-            shapes.update({b + "attn.in_proj_weight": (3 * w, w), b + "attn.in_proj_bias": (3 * w,),
-                           b + "attn.out_proj.weight": (w, w), b + "attn.out_proj.bias": (w,),
-                           b + "ln_1.weight": (w,), b + "ln_1.bias": (w,), b + "ln_2.weight": (w,), b + "ln_2.bias": (w,),
-                           b + "mlp.c_fc.weight": (4 * w, w), b + "mlp.c_fc.bias": (4 * w,),
-                           b + "mlp.c_proj.weight": (w, 4 * w), b + "mlp.c_proj.bias": (w,)})
-    return shapes
-
-
 @pytest.mark.parametrize("name,args", [("ViT-B/16", (768, 12, 16, 224, 512, 512, 12)),
                                        ("ViT-L/14", (1024, 24, 14, 224, 768, 768, 12))])
 def test_real_sizes_build_and_load_strictly(name, args):
@@ -153,21 +442,6 @@ def test_real_sizes_build_and_load_strictly(name, args):
     with torch.no_grad():
         logits, _ = model(torch.randn(2, 3, 224, 224), random_ids(3, [4, 6, 5], vocab=49408))
     assert logits.shape == (2, 3) and torch.isfinite(logits).all()
-
-
-def cubic_resize_rows(grid, n_out):
-    """Resize (n_in, ...) along its first axis as PyTorch's bicubic does (align_corners=False): Keys' cubic
-    kernel with a = -0.75 on the four nearest source rows, indices clamped at the border, written out by hand."""
-    def kernel(d):
-        d, a = abs(d), -0.75
-        return (a + 2) * d ** 3 - (a + 3) * d ** 2 + 1 if d <= 1 else a * d ** 3 - 5 * a * d ** 2 + 8 * a * d - 4 * a
-    n_in = grid.shape[0]
-    rows = []
-    for i in range(n_out):
-        x = (i + 0.5) * n_in / n_out - 0.5  # the output row's centre in source coordinates
-        x0 = math.floor(x)
-        rows.append(sum(kernel(x - (x0 + k)) * grid[min(max(x0 + k, 0), n_in - 1)] for k in (-1, 0, 1, 2)))
-    return torch.stack(rows)
 
 
 def test_positional_embedding_interpolation():
@@ -277,6 +551,8 @@ def test_compile_has_no_graph_breaks():
         torch.testing.assert_close(compiled(images, ids)[0], model(images, ids)[0])
 
 
+# Loading
+
 def test_load_plain_state_dict_and_project_checkpoint(tmp_path, tiny_clip):
     sd = tiny_clip.state_dict()
     torch.save(sd, tmp_path / "plain.pt")
@@ -308,100 +584,6 @@ def test_load_errors_name_the_file_and_the_key(tmp_path, tiny_clip):
         clip_model.load(fixture("vifi_official_finetune_ckpt.pth"))
 
 
-def test_download_without_network_names_url_and_path(tmp_path, monkeypatch):
-    monkeypatch.setenv("VIFI_CACHE", str(tmp_path))
-
-    def offline(*a, **k):
-        raise urllib.error.URLError("no network")
-    monkeypatch.setattr(urllib.request, "urlopen", offline)
-    with pytest.raises(archive.CheckpointError) as e:
-        clip_model.load("ViT-B/32")
-    assert clip_model.MODELS["ViT-B/32"] in str(e.value) and str(tmp_path / "ViT-B-32.pt") in str(e.value)
-    assert os.listdir(tmp_path) == []
-
-
-class FakeResponse(io.BytesIO):
-    headers = {}
-
-
-def test_corrupt_download_leaves_nothing(tmp_path, monkeypatch):
-    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: FakeResponse(b"oops"))
-    with pytest.raises(archive.CheckpointError, match="corrupt"):
-        archive.download("https://example.invalid/abc/x.pt", str(tmp_path / "x.pt"), sha256="abc")
-    assert os.listdir(tmp_path) == []
-
-
-def test_cached_release_is_hashed_again(tmp_path):
-    path = tmp_path / "ViT-X.pt"
-    path.write_bytes(b"weights")
-    url = "https://example.invalid/abc/ViT-X.pt"  # never fetched: the file is there
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the release itself: no warning
-        assert archive.download(url, str(path), hashlib.sha256(b"weights").hexdigest()) == str(path)
-    with pytest.warns(UserWarning, match=r"ViT-X.pt is not OpenAI's release \(sha256 \w+, expected 0{64}\).*Delete"):
-        assert archive.download(url, str(path), "0" * 64) == str(path)
-    assert path.read_bytes() == b"weights"  # left for the user to inspect or delete
-
-
-# Files that ran code through this project's loaders (issue 13). Each creates `marker` when a loader runs code from
-# it: a legacy (non-zip) torch checkpoint, which is a plain pickle, with a zip end record appended so that
-# zipfile.is_zipfile accepts it; and a TorchScript archive whose scripted __setstate__ creates a file.
-
-class CreatesFile:
-    def __init__(self, path):
-        self.path = path
-
-    def __reduce__(self):  # unpickling calls open(path, "w")
-        return (open, (self.path, "w"))
-
-
-class ScriptedSetstateCreatesFile(torch.nn.Module):
-    def __init__(self, marker: str):
-        super().__init__()
-        self.marker = marker
-        self.weight = torch.zeros(2)
-
-    def forward(self, x):
-        return x
-
-    @torch.jit.export
-    def __getstate__(self) -> Tuple[str, bool, torch.Tensor]:
-        return (self.marker, self.training, self.weight)
-
-    @torch.jit.export
-    def __setstate__(self, state: Tuple[str, bool, torch.Tensor]) -> None:
-        self.marker = state[0]
-        self.training = state[1]
-        # from_file(shared=True) creates the file; using its result keeps TorchScript from dropping the call
-        self.weight = state[2] + torch.from_file(self.marker, shared=True, size=2)
-
-
-def write_code_payloads(folder):
-    """({kind: path} of the two files, the path of the file they create when run)."""
-    marker = folder / "code_ran"
-    polyglot = folder / "polyglot.pt"
-    polyglot.write_bytes(pickle.dumps({"model": CreatesFile(str(marker))}) + b"PK\x05\x06" + bytes(18))
-    scripted = folder / "scripted.pt"
-    torch.jit.save(torch.jit.script(ScriptedSetstateCreatesFile(str(marker))), str(scripted))
-    return {"polyglot": polyglot, "torchscript": scripted}, marker
-
-
-@pytest.fixture(scope="module")
-def payloads(tmp_path_factory):
-    return write_code_payloads(tmp_path_factory.mktemp("payloads"))
-
-
-def test_the_payloads_run_code_through_torch_loaders(tmp_path):
-    """The payloads are live, so the tests below that find no marker show a loader ran no code."""
-    files, marker = write_code_payloads(tmp_path)
-    with pytest.raises(RuntimeError, match="magic number"):  # torch.load's legacy path: the pickle ran first
-        torch.load(files["polyglot"], weights_only=False)
-    assert marker.exists()
-    marker.unlink()
-    torch.jit.load(str(files["torchscript"]))
-    assert marker.exists()
-
-
 def test_load_runs_no_code_from_any_file(payloads, tmp_path, monkeypatch):
     files, marker = payloads
     for load in (clip_model.load, clip_model.read_state_dict):
@@ -417,71 +599,8 @@ def test_load_runs_no_code_from_any_file(payloads, tmp_path, monkeypatch):
     assert not marker.exists()
 
 
-def test_torchscript_release_reads_as_torch_jit_load_gives_it():
-    path = fixture("clip_tiny_openai_jit.pt")
-    sd, ref = clip_model.read_state_dict(path), torch.jit.load(path).state_dict()  # jit.load: a trusted fixture
-    assert sd.keys() == ref.keys()
-    for k, v in ref.items():
-        assert sd[k].dtype == v.dtype and sd[k].stride() == v.stride() and torch.equal(sd[k], v), k
-
-
-def flip_bytes(path, at, n=64):
-    data = bytearray(path.read_bytes())
-    data[at:at + n] = bytes(b ^ 0xFF for b in data[at:at + n])
-    path.write_bytes(bytes(data))
-
-
-def rewrite_archive(src, dst, replace):
-    """Copy the zip at src to dst with the records whose names end in a key of `replace` replaced by its bytes.
-    zipfile writes fresh CRCs, so only the reader's own checks can refuse the result."""
-    with zipfile.ZipFile(src) as z, zipfile.ZipFile(dst, "w") as out:
-        for name in z.namelist():
-            ends = [k for k in replace if name.endswith(k)]
-            out.writestr(name, replace[ends[0]] if ends else z.read(name))
-
-
-def test_archives_that_lie_about_their_tensors_are_refused(tmp_path):
-    torch.save({"w": torch.arange(4.0)}, tmp_path / "w.pt")
-    cases = {"short": ({"data/0": bytes(8)}, r"unreadable \(RuntimeError: .*out of bounds for storage of size 8"),
-             "ragged": ({"data/0": bytes(7)}, r"unreadable \(ValueError: .*multiple of element size"),
-             "big-endian": ({"byteorder": b"big"}, "written on a big-endian machine")}
-    for name, (replace, error) in cases.items():
-        rewrite_archive(tmp_path / "w.pt", tmp_path / f"{name}.pt", replace)
-        with pytest.raises(archive.CheckpointError, match=f"{name}.pt: {error}"):
-            archive.read_archive(str(tmp_path / f"{name}.pt"), "a test archive")
-    assert torch.equal(archive.read_archive(str(tmp_path / "w.pt"), "a test archive")["w"], torch.arange(4.0))
-
-
-def test_torchscript_module_tree_is_walked_once_even_with_a_cycle():
-    root, child = archive.ScriptObject(), archive.ScriptObject()
-    root.__dict__.update(w=torch.zeros(1), training=False, child=child)
-    child.__dict__.update(b=torch.ones(1), parent=root)  # a crafted archive can point back up the tree
-    assert sorted(archive.script_tensors(root)) == ["child.b", "w"]
-
-
-def test_damaged_checkpoint_is_refused_with_its_name(tmp_path, tiny_clip):
-    torch.save(tiny_clip.state_dict(), tmp_path / "intact.pt")
-    size = (tmp_path / "intact.pt").stat().st_size
-    for i, at in enumerate((size // 4, size // 2, 3 * size // 4)):  # inside tensor records (most of the file)
-        path = tmp_path / f"flipped{i}.pt"
-        shutil.copy(tmp_path / "intact.pt", path)
-        flip_bytes(path, at)
-        with pytest.raises(archive.CheckpointError, match=f"flipped{i}.pt: corrupt .*Bad CRC-32"):
-            clip_model.load(str(path))
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # tokenizer.py
-
-@pytest.fixture(scope="module")
-def bpe():
-    """OpenAI's merges file from $VIFI_BPE (it must exist when set), else ../shared/assets, else None."""
-    if os.environ.get("VIFI_BPE"):
-        assert os.path.isfile(os.environ["VIFI_BPE"]), f"VIFI_BPE={os.environ['VIFI_BPE']} does not exist"
-        return Path(os.environ["VIFI_BPE"])
-    path = Path(HERE, "..", "shared", "assets", BPE_FILE)
-    return path if path.exists() else None
-
 
 @pytest.fixture(scope="module")
 def clip_tok(bpe):
@@ -538,14 +657,6 @@ def test_bad_vocab_path_names_the_file(tmp_path, monkeypatch):
         Tokenizer()
 
 
-def offline_cache(tmp_path, monkeypatch, urlopen):
-    """An empty $VIFI_CACHE, no $VIFI_BPE, and urlopen replaced."""
-    monkeypatch.delenv("VIFI_BPE", raising=False)
-    monkeypatch.setenv("VIFI_CACHE", str(tmp_path))
-    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
-    return tmp_path
-
-
 def test_no_network_error_names_url_and_cache_path(tmp_path, monkeypatch):
     def no_network(*args, **kwargs):
         raise urllib.error.URLError("no network")
@@ -586,16 +697,566 @@ def test_clean_like_clip():
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# data.py
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory):
+    """One 40-frame 64x48 video per codec, keyframe every 8 frames."""
+    folder = tmp_path_factory.mktemp("videos")
+    paths = {}
+    for extension, codec in CODECS:
+        paths[extension] = str(folder / f"clip.{extension}")
+        tools.make_test_video(paths[extension], num_frames=40, width=64, height=48, codec=codec, gop=8)
+    return paths
+
+
+def touch(path):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    open(path, "w").close()
+
+
+# Sampling
+
+class Offsets:
+    """A stand-in for `random` whose random() returns the given numbers in turn."""
+
+    def __init__(self, *values):
+        self.values = list(values)
+
+    def random(self):
+        return self.values.pop(0)
+
+
+def test_train_sampling_draws_one_frame_inside_each_segment():
+    rng = random.Random(0)
+    draws = [data.sample_indices(100, 8, train=True, rng=rng) for _ in range(200)]
+    for indices in draws:
+        for i, index in enumerate(indices):
+            assert int(i * 12.5) <= index < (i + 1) * 12.5
+    assert len({tuple(d) for d in draws}) > 150  # random, not fixed
+
+
+def test_test_sampling_takes_centres_and_shifts_clips():
+    assert data.sample_indices(80, 8, train=False) == [5, 15, 25, 35, 45, 55, 65, 75]
+    first = data.sample_indices(80, 8, train=False, shift=0, num_shifts=2)
+    second = data.sample_indices(80, 8, train=False, shift=1, num_shifts=2)
+    assert first == [2, 12, 22, 32, 42, 52, 62, 72] and second == [7, 17, 27, 37, 47, 57, 67, 77]
+
+
+def test_sampling_exact_indices_in_fractional_segments():
+    # 50 frames in 4 segments of 12.5 frames: segment i gives frame int((i + offset) * 12.5), one offset per segment
+    assert data.sample_indices(50, 4, train=True, rng=Offsets(0.0, 0.999, 0.5, 0.3)) == [0, 24, 31, 41]
+    # testing: the centres of 8 segments of 6.25 frames; the last of 3 clips at offset 2.5 / 3 of each segment
+    assert data.sample_indices(50, 8, train=False) == [3, 9, 15, 21, 28, 34, 40, 46]
+    assert data.sample_indices(50, 4, train=False, shift=2, num_shifts=3) == [10, 22, 35, 47]
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_short_video_repeats_indices_in_order(train):
+    indices = data.sample_indices(3, 8, train=train, rng=random.Random(1))
+    assert len(indices) == 8 and indices == sorted(indices) and set(indices) == {0, 1, 2}
+
+
+# Decoding
+
+@pytest.mark.parametrize("extension", [e for e, _ in CODECS])
+def test_read_returns_exactly_the_requested_frames(videos, extension):
+    with data.VideoReader(videos[extension]) as video:
+        assert len(video) == 40  # WebM declares no frame count: counted from the packets
+        indices = [0, 39, 17, 5, 5, 30, 31, 2]
+        frames = video.read(indices)
+    assert frames.shape == (8, 3, 48, 64) and frames.dtype == torch.uint8
+    assert frame_codes(frames) == indices
+
+
+@pytest.mark.parametrize("extension", [e for e, _ in CODECS])
+def test_read_starts_at_the_keyframe_before_and_stops_at_the_last_wanted_frame(videos, extension):
+    with data.VideoReader(videos[extension]) as video:
+        decode, seen = video._decode, []
+
+        def counting(keyframe, want=None):
+            for index, frame in decode(keyframe, want):
+                seen.append(index)
+                yield index, frame
+
+        video._decode = counting
+        assert frame_codes(video.read([3, 35])) == [3, 35]
+    # from frame 0 (unwanted B-frames before 3 may be dropped unread) to 3, then from keyframe 32 to 35
+    assert seen[0] == 0 and seen.index(3) <= 3 and seen[seen.index(3) + 1] == 32 and seen[-1] == 35
+
+
+def test_unwanted_frames_that_nothing_refers_to_are_not_decoded(tmp_path):
+    path = str(tmp_path / "long_gop.mp4")
+    tools.make_test_video(path, num_frames=60, width=64, height=48, codec="libx264")  # one keyframe, B-frames
+    indices = [5, 20, 21, 40, 59]
+    with data.VideoReader(path) as video:
+        everything = [index for index, _ in video._decode(video.keyframes[0])]
+        wanted = [index for index, _ in video._decode(video.keyframes[0], set(indices))]
+        assert frame_codes(video.read(indices)) == indices
+    assert everything == list(range(60)) and set(indices) <= set(wanted) and len(wanted) < 60
+
+
+# Augmentation
+
+def identity_normalize(video, colour):
+    """normalize() with mean 0 and std 1/255: just the colour transform, in 0-255."""
+    return data.normalize(video, (0, 0, 0), (1 / 255,) * 3, colour=colour)
+
+
+def test_views_cover_the_documented_boxes():
+    assert data.test_views(240, 320, 224)[0].box == (15, 55, 210, 210)  # 224/256 of the short side, centred
+    assert data.test_views(320, 240, 224)[0].box == (55, 15, 210, 210)  # portrait: the long side is the height
+    # 32 pixels: the short side goes to int(32 * 256 / 224) = 36, so the box covers 32 / 36 of it: 42.67 -> 43
+    assert data.test_views(48, 64, 32)[0].box == (2, 10, 43, 43)
+    assert [v.box for v in data.test_views(240, 320, 224, crops=3)] == [(0, 0, 240, 240), (0, 40, 240, 240),
+                                                                         (0, 80, 240, 240)]
+    assert [v.box for v in data.test_views(300, 200, 32, crops=3)] == [(0, 0, 200, 200), (50, 0, 200, 200),
+                                                                        (100, 0, 200, 200)]
+    assert not any(v.flip or v.jitter or v.gray for v in data.test_views(300, 200, 32, crops=3))
+
+
+def test_train_view_draws_the_documented_distribution():
+    rng, n = random.Random(0), 2000
+    for height, width in [(48, 64), (90, 60)]:  # landscape and portrait: crop sizes follow the short side
+        side = min(height, width)
+        sizes = [int(side * s) for s in (1, 0.875, 0.75, 0.66)]
+        views = [data.train_view(height, width, rng) for _ in range(n)]
+        scales, places = collections.Counter(), collections.Counter()
+        for view in views:
+            top, left, h, w = view.box
+            scales[sizes.index(h), sizes.index(w)] += 1  # ValueError for any other crop size
+            places[[(0, 0), (0, width - w), (height - h, 0), (height - h, width - w),  # corners, centre
+                    (round((height - h) / 2), round((width - w) / 2))].index((top, left))] += 1
+        # height and width scales at most one step apart, each pair equally likely; five places equally likely
+        assert set(scales) == {(i, j) for i in range(4) for j in range(4) if abs(i - j) <= 1}
+        assert all(abs(count - n / 10) < 60 for count in scales.values()), scales
+        ambiguous = sum(1 for v in views if v.box[2] == height or v.box[3] == width)  # a full side: places coincide
+        assert len(places) == 5 and all(abs(count - (n - ambiguous) / 5) < 80 + ambiguous for count in places.values())
+        assert abs(sum(v.flip for v in views) / n - 0.5) < 0.05
+        assert abs(sum(v.gray for v in views) / n - 0.2) < 0.04
+        jittered = [v.jitter for v in views if v.jitter]
+        assert abs(len(jittered) / n - 0.8) < 0.04
+        for name, low, high in [("brightness", 0.6, 1.4), ("contrast", 0.6, 1.4), ("saturation", 0.8, 1.2),
+                                ("hue", -0.1, 0.1)]:
+            factors = [f for jitter in jittered for op, f in jitter if op == name]
+            assert len(factors) == len(jittered)  # all four operations in every jitter
+            assert low <= min(factors) < low + 0.02 and high - 0.02 < max(factors) <= high, name
+        assert len({tuple(op for op, _ in jitter) for jitter in jittered}) == 24  # every order of the four
+
+
+def test_render_crops_resizes_and_flips_the_box():
+    torch.manual_seed(0)
+    frames = torch.randint(0, 256, (3, 3, 48, 64), dtype=torch.uint8)
+    crop = frames[:, :, 5:21, 11:27]  # box (top 5, left 11, 16 x 16): already the output size, a plain crop
+    assert torch.equal(data.render(frames, data.View((5, 11, 16, 16)), 16), crop)
+    assert torch.equal(data.render(frames, data.View((5, 11, 16, 16), flip=True), 16), crop.flip(-1))
+    # a 30 x 40 box from (7, 9), resized to 20 x 20 without keeping the aspect ratio: float bilinear with
+    # antialiasing, to within the rounding of the uint8 result
+    expect = F.interpolate(frames[:, :, 7:37, 9:49].float(), size=(20, 20), mode="bilinear", antialias=True,
+                           align_corners=False)
+    for flip in (False, True):
+        out = data.render(frames, data.View((7, 9, 30, 40), flip=flip), 20)
+        assert out.shape == (3, 3, 20, 20) and out.dtype == torch.uint8
+        assert (out.float() - (expect.flip(-1) if flip else expect)).abs().max() <= 1
+
+
+def test_train_sample_is_one_view_of_one_frame_per_segment(videos, monkeypatch):
+    """dataset[i] in training: frame t is a frame of segment t, every frame with the same crop and flip, and the
+    colour matrix of that same view, once for the clip."""
+    source = data.read_frames(videos["avi"], range(40))  # (40, 3, 48, 64), every frame of the video
+    dataset = data.VideoDataset([(videos["avi"], 0)], ["x"], frames=4, size=32, train=True)
+    drawn, train_view = [], data.train_view
+    monkeypatch.setattr(data, "train_view", lambda *a, **k: drawn.append(train_view(*a, **k)) or drawn[-1])
+    views, picks = [], set()
+    for seed in range(8):
+        drawn.clear()
+        sample = dataset[0, f"1/0/{seed}"]  # drawn from the key 'seed/epoch/index', as train.py asks
+        (view,) = drawn  # one view for the clip, not one per frame
+        views.append(view)
+        assert sample["video"].shape == (4, 3, 32, 32) and sample["video"].dtype == torch.uint8
+        pick = []
+        for t in range(4):  # 10-frame segments: frame t is one of frames 10t .. 10t+9, under that one view
+            pick += [k for k in range(10 * t, 10 * t + 10)
+                     if torch.equal(sample["video"][t], data.render(source[k:k + 1], view, 32)[0])]
+        assert len(pick) == 4, (seed, view, pick)
+        picks.add(tuple(pick))
+        assert torch.equal(sample["colour"], data.colour_matrix(view))  # (2, 3, 3): one matrix for the clip
+    assert len(picks) > 4  # random frames within the segments
+    assert {v.flip for v in views} == {True, False} and len({v.box for v in views}) > 3 and any(v.jitter for v in views)
+
+
+def test_train_clip_uses_the_same_crop_and_flip_for_every_frame(videos):
+    dataset = data.VideoDataset([(videos["avi"], 0)], ["x"], frames=4, size=32, train=True)
+    frames = data.read_frames(videos["avi"], [7] * 4)  # four copies of one frame
+    for seed in range(10):
+        view = data.train_view(48, 64, random.Random(seed))
+        out = data.render(frames, view, 32)
+        assert out.shape == (4, 3, 32, 32) and out.dtype == torch.uint8
+        assert all(torch.equal(out[0], out[t]) for t in range(1, 4))
+        if view.flip:
+            unflipped = data.render(frames, data.View(view.box), 32)
+            assert torch.equal(out, unflipped.flip(-1))
+    sample = dataset[0]
+    assert sample["video"].shape == (4, 3, 32, 32) and sample["colour"].shape == (2, 3, 3)
+
+
+def test_multi_view_test_sample_stacks_clips_times_crops(videos):
+    dataset = data.VideoDataset([(videos["mp4"], 3)], ["x"], frames=4, size=24, clips=2, crops=3)
+    sample = dataset[0]
+    assert sample["video"].shape == (6, 4, 3, 24, 24) and sample["label"] == 3
+    assert torch.equal(sample["colour"], data.NO_COLOUR)
+    source = data.read_frames(videos["mp4"], range(40))
+    picks = [[2, 12, 22, 32], [7, 17, 27, 37]]  # 10-frame segments at offsets 1/4 (clip 1) and 3/4 (clip 2)
+    boxes = [(0, 0, 48, 48), (0, 8, 48, 48), (0, 16, 48, 48)]  # the 48-pixel square at the start, centre, end
+    expect = torch.stack([data.render(source[pick], data.View(box), 24) for pick in picks for box in boxes])
+    assert torch.equal(sample["video"], expect)  # views clip-major: clip 1's three crops, then clip 2's
+
+
+def test_colour_matrix_matches_direct_formulas():
+    video = torch.randint(30, 220, (2, 4, 3, 8, 8), dtype=torch.uint8)
+    x = video.float()
+    luma = torch.tensor([0.299, 0.587, 0.114]).view(1, 1, 3, 1, 1)
+    grey = (x * luma).sum(2, keepdim=True)
+
+    def apply(*jitter, gray=False):
+        colour = data.colour_matrix(data.View((0, 0, 8, 8), jitter=jitter, gray=gray))
+        return identity_normalize(video, colour.expand(2, 2, 3, 3))
+
+    def close(a, b):
+        return torch.allclose(a, b.clamp(0, 255), atol=1e-3)
+
+    assert close(apply(), x)
+    assert close(apply(("brightness", 1.3)), x * 1.3)
+    assert close(apply(("saturation", 0.5)), 0.5 * x + 0.5 * grey)
+    level = grey.mean(dim=(1, 3, 4), keepdim=True)  # one grey level per clip, not per frame
+    assert close(apply(("contrast", 0.7)), 0.7 * x + 0.3 * level)
+    assert close(apply(("brightness", 1.2), ("contrast", 0.7)), 0.7 * 1.2 * x + 0.3 * 1.2 * level)
+    assert close(apply(("hue", 0.0)), x) and not close(apply(("hue", 0.1)), x)
+    gray = apply(("hue", 0.05), gray=True)
+    assert close(gray[:, :, 0], gray[:, :, 1]) and close(gray[:, :, 1], gray[:, :, 2])
+
+
+def test_colour_matrix_hue_turns_chroma_about_the_grey_axis():
+    # NTSC's RGB -> YIQ (luma Y, chroma I and Q); hue f turns the (I, Q) plane by f turns and keeps luma
+    yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], dtype=torch.float64)
+    for f in (0.03, -0.1, 0.25):
+        a, b = data.colour_matrix(data.View((0, 0, 1, 1), jitter=(("hue", f),))).double()
+        turn = yiq @ a @ torch.linalg.inv(yiq)  # the map in YIQ coordinates
+        c, s = math.cos(2 * math.pi * f), abs(math.sin(2 * math.pi * f))
+        torch.testing.assert_close(turn[0], torch.tensor([1.0, 0, 0], dtype=torch.float64), atol=1e-6, rtol=0)
+        torch.testing.assert_close(turn[:, 0], torch.tensor([1.0, 0, 0], dtype=torch.float64), atol=1e-6, rtol=0)
+        assert abs(turn[1, 1] - c) < 1e-6 and abs(turn[2, 2] - c) < 1e-6
+        assert abs(abs(turn[1, 2]) - s) < 1e-6 and abs(turn[1, 2] + turn[2, 1]) < 1e-6  # a rotation
+        assert torch.equal(b, torch.zeros(3, 3, dtype=torch.float64))
+    a, b = data.colour_matrix(data.View((0, 0, 1, 1), jitter=(("brightness", 1.2),), gray=True))
+    luma = torch.tensor([0.299, 0.587, 0.114])
+    torch.testing.assert_close(a, 1.2 * luma.expand(3, 3))  # every channel <- the jittered pixel's luma
+    assert torch.equal(b, torch.zeros(3, 3))
+
+
+def test_normalize_is_the_per_channel_affine_map():
+    torch.manual_seed(0)
+    video = torch.randint(0, 256, (2, 3, 3, 5, 7), dtype=torch.uint8)
+    for mean, std in [(data.CLIP_MEAN, data.CLIP_STD), (data.IMAGENET_MEAN, data.IMAGENET_STD)]:
+        out = data.normalize(video, mean, std)
+        assert out.dtype == torch.float32 and out.shape == video.shape
+        for c in range(3):
+            expect = (video[:, :, c].double() / 255 - mean[c]) / std[c]
+            torch.testing.assert_close(out[:, :, c].double(), expect, atol=1e-5, rtol=0)
+
+
+def test_normalize_applies_each_clips_colour_map_with_its_own_mean_then_clamps():
+    torch.manual_seed(0)
+    # two clips, three frames of different brightness each, so per-frame and per-clip means differ
+    video = (torch.randint(0, 120, (2, 3, 3, 5, 7)) + torch.tensor([0, 60, 120]).view(1, 3, 1, 1, 1)).to(torch.uint8)
+    # per clip a pair [A, B] of random, non-symmetric matrices, different for the two clips: (2, 2, 3, 3)
+    colour = torch.stack([torch.stack([torch.eye(3) + 0.4 * torch.randn(3, 3), 0.3 * torch.randn(3, 3)]) for _ in "ab"])
+    out = data.normalize(video, data.CLIP_MEAN, data.CLIP_STD, colour=colour)
+    clamped = 0
+    for clip in range(2):
+        x = video[clip].double()  # (T, 3, H, W)
+        a, b = colour[clip].double()
+        m = [x[:, k].mean().item() for k in range(3)]  # the clip's mean colour, over all of its frames
+        for c in range(3):
+            y = sum(a[c, k] * x[:, k] + b[c, k] * m[k] for k in range(3))
+            clamped += ((y < 0) | (y > 255)).sum().item()
+            expect = (y.clamp(0, 255) / 255 - data.CLIP_MEAN[c]) / data.CLIP_STD[c]
+            torch.testing.assert_close(out[clip, :, c].double(), expect, atol=1e-4, rtol=0)
+    assert clamped > 10  # the clamp was exercised
+
+
+# Dataset layouts and list files (parsing only: the videos are empty placeholder files)
+
+def test_ucf101_layout(tmp_path):
+    root = str(tmp_path)
+    for name in ["ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi", "ApplyEyeMakeup/v_ApplyEyeMakeup_g01_c01.avi",
+                 "YoYo/v_YoYo_g09_c02.avi", "YoYo/v_YoYo_g02_c01.avi"]:
+        touch(f"{root}/UCF-101/{name}")
+    write(f"{root}/ucfTrainTestlist/classInd.txt", "1 ApplyEyeMakeup\n2 YoYo\n")
+    write(f"{root}/ucfTrainTestlist/trainlist01.txt",
+          "ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi 1\nYoYo/v_YoYo_g09_c02.avi 2\n")
+    write(f"{root}/ucfTrainTestlist/testlist01.txt",
+          "ApplyEyeMakeup/v_ApplyEyeMakeup_g01_c01.avi\nyoyo/v_YoYo_g02_c01.avi\n")  # folder case as in UCF101
+    train = data.build_dataset("ucf101", root, "train")
+    test = data.build_dataset("ucf101", root, "test")
+    assert train.classnames == ["ApplyEyeMakeup", "YoYo"] and train.train and not test.train  # names verbatim
+    assert [(os.path.basename(p), label) for p, label in train.samples] == [("v_ApplyEyeMakeup_g08_c01.avi", 0),
+                                                                           ("v_YoYo_g09_c02.avi", 1)]
+    assert [label for _, label in test.samples] == [0, 1]
+    assert all(os.path.isfile(p) for p, _ in train.samples + test.samples)
+
+
+def test_hmdb51_layout(tmp_path):
+    root = str(tmp_path)
+    for name in ["brush_hair/a.avi", "brush_hair/b.avi", "brush_hair/c.avi", "ride_bike/d.avi", "ride_bike/e.avi"]:
+        touch(f"{root}/hmdb51_org/{name}")
+    write(f"{root}/testTrainMulti_7030_splits/brush_hair_test_split1.txt", "a.avi 1 \nb.avi 2 \nc.avi 0 \n")
+    write(f"{root}/testTrainMulti_7030_splits/ride_bike_test_split1.txt", "d.avi 2\ne.avi 1\n")
+    write(f"{root}/testTrainMulti_7030_splits/ride_bike_test_split2.txt", "d.avi 1\ne.avi 2\n")
+    train = data.build_dataset("hmdb51", root, "train")
+    test = data.build_dataset("hmdb51", root, "test")
+    assert train.classnames == ["brush_hair", "ride_bike"]
+    assert sorted((os.path.basename(p), label) for p, label in train.samples) == [("a.avi", 0), ("e.avi", 1)]
+    assert sorted((os.path.basename(p), label) for p, label in test.samples) == [("b.avi", 0), ("d.avi", 1)]
+
+
+def test_kinetics_layout_skips_and_counts_missing_videos(tmp_path):
+    root = str(tmp_path)
+    header = "label,youtube_id,time_start,time_end,split\n"
+    write(f"{root}/annotations/train.csv", header + "abseiling,aaa,10,20,train\n\"air drumming\",bbb,0,10,train\n"
+                                                    "abseiling,ccc,5,15,train\n")
+    write(f"{root}/annotations/validate.csv", header + "air drumming,ddd,30,40,val\n")
+    touch(f"{root}/train/abseiling/aaa_000010_000020.mp4")
+    touch(f"{root}/train/air_drumming/bbb_000000_000010.mkv")  # another container: found by name stem
+    touch(f"{root}/val/ddd_000030_000040.mp4")
+    with pytest.warns(UserWarning, match="1 of 3"):
+        train = data.build_dataset("k400", root, "train")
+    assert train.missing == ["ccc_000005_000015"] and len(train) == 2
+    assert train.classnames == ["abseiling", "air drumming"] and [l for _, l in train.samples] == [0, 1]
+    test = data.build_dataset("k600", root, "test")
+    assert [l for _, l in test.samples] == [1] and test.missing == []
+
+
+def test_ssv2_layout_uses_templates_without_brackets(tmp_path):
+    root = str(tmp_path)
+    write(f"{root}/labels/labels.json", json.dumps({"Holding something": "1", "Putting something into something": "0"}))
+    write(f"{root}/labels/train.json", json.dumps([{"id": "7", "template": "Putting [something] into [something]"},
+                                                   {"id": "8", "template": "Holding [something]"}]))
+    write(f"{root}/labels/validation.json", json.dumps([{"id": "9", "template": "Holding [something]"}]))
+    for i in (7, 8, 9):
+        touch(f"{root}/20bn-something-something-v2/{i}.webm")
+    train = data.build_dataset("ssv2", root, "train")
+    assert train.classnames == ["Putting something into something", "Holding something"]
+    assert [(os.path.basename(p), l) for p, l in train.samples] == [("7.webm", 0), ("8.webm", 1)]
+    assert [l for _, l in data.build_dataset("ssv2", root, "test").samples] == [1]
+
+
+def test_list_format_and_write_list_round_trip(tmp_path):
+    root = str(tmp_path)
+    for name in ["a/x.mp4", "b/y.mp4", "b/z.mp4"]:
+        touch(f"{root}/videos/{name}")
+    # as the official label files write them: a name with commas is quoted (Something-Something v2 has such)
+    write(f"{root}/labels.csv", 'id,name\n0,playing_guitar\n1,riding a bike\n2,"Removing something, revealing it"\n')
+    write(f"{root}/train.txt", "videos/a/x.mp4 0\nvideos/b/y.mp4 2\nb/z.mp4 1\n")
+    dataset = data.build_dataset("list", root, "train", list_file=f"{root}/train.txt", labels_file=f"{root}/labels.csv")
+    assert dataset.classnames == ["playing_guitar", "riding a bike", "Removing something, revealing it"]  # verbatim
+    assert [l for _, l in dataset.samples] == [0, 2, 1]
+    data.write_list(dataset, f"{root}/again.txt", f"{root}/again.csv")
+    assert open(f"{root}/again.txt").read() == "videos/a/x.mp4 0\nvideos/b/y.mp4 2\nvideos/b/z.mp4 1\n"  # relative
+    again = data.build_dataset("list", root, "train", list_file=f"{root}/again.txt", labels_file=f"{root}/again.csv")
+    assert again.samples == dataset.samples and again.classnames == dataset.classnames
+    novel = data.subset_classes(dataset, [2, 0])  # relabelled 0, 1 in that order: the written lists follow
+    data.write_list(novel, f"{root}/novel.txt", f"{root}/novel.csv")
+    assert open(f"{root}/novel.txt").read() == "videos/a/x.mp4 1\nvideos/b/y.mp4 0\n"
+    reread = data.build_dataset("list", root, "train", list_file=f"{root}/novel.txt", labels_file=f"{root}/novel.csv")
+    assert reread.classnames == ["Removing something, revealing it", "playing_guitar"]
+
+
+def test_wrong_root_names_the_file_and_the_layout(tmp_path):
+    with pytest.raises(data.DatasetError, match=r"classInd\.txt not found.*UCF-101/<Class>"):
+        data.build_dataset("ucf101", str(tmp_path), "train")
+    with pytest.raises(data.DatasetError, match="is not a folder"):
+        data.build_dataset("hmdb51", str(tmp_path / "nowhere"), "train")
+    write(f"{tmp_path}/ucfTrainTestlist/classInd.txt", "1 YoYo\n")
+    write(f"{tmp_path}/ucfTrainTestlist/trainlist01.txt", "YoYo/v_YoYo_g01_c01.avi 1\n")
+    with pytest.raises(data.DatasetError, match="none of the 1 train videos"):
+        data.build_dataset("ucf101", str(tmp_path), "train")
+
+
+def test_list_and_layout_file_names_may_hold_spaces(tmp_path):
+    root = str(tmp_path)
+    touch(f"{root}/UCF-101/Yo Yo/v_Yo Yo_g01_c01.avi")
+    touch(f"{root}/UCF-101/Yo Yo/v_Yo Yo_g02_c01.avi")
+    write(f"{root}/ucfTrainTestlist/classInd.txt", "1 Yo Yo\n")
+    write(f"{root}/ucfTrainTestlist/trainlist01.txt", "Yo Yo/v_Yo Yo_g01_c01.avi 1\n")
+    write(f"{root}/ucfTrainTestlist/testlist01.txt", "Yo Yo/v_Yo Yo_g02_c01.avi\n")
+    train_set = data.build_dataset("ucf101", root, "train")
+    assert train_set.classnames == ["Yo Yo"] and [os.path.basename(p) for p, _ in train_set.samples] == ["v_Yo Yo_g01_c01.avi"]
+    assert len(data.build_dataset("ucf101", root, "test")) == 1
+    touch(f"{root}/hmdb/ride_bike/my ride 1.avi")
+    write(f"{root}/hmdb/testTrainMulti_7030_splits/brush_hair_test_split1.txt", "")
+    write(f"{root}/hmdb/testTrainMulti_7030_splits/ride_bike_test_split1.txt", "my ride 1.avi 1 \n")
+    assert [os.path.basename(p) for p, _ in data.build_dataset("hmdb51", f"{root}/hmdb", "train").samples] == ["my ride 1.avi"]
+
+
+@pytest.mark.parametrize("labels, listing, message", [
+    ("0,a\n1,b\n", "x.mp4 0\n", "first line is 'id,name'"), ("id,name\n0,a\n", "x.mp4 1\n", "label in 0..0"),
+    ("id,name\n0,a\n", "x.mp4\n", "line 1"), ("id,name\n0,a\n2,b\n", "x.mp4 0\n", "without gaps")])
+def test_bad_list_files_name_the_line(tmp_path, labels, listing, message):
+    touch(f"{tmp_path}/x.mp4")
+    write(f"{tmp_path}/labels.csv", labels)
+    write(f"{tmp_path}/list.txt", listing)
+    with pytest.raises(data.DatasetError, match=re.escape(message)):
+        data.build_dataset("list", str(tmp_path), "train", list_file=f"{tmp_path}/list.txt",
+                           labels_file=f"{tmp_path}/labels.csv")
+
+
+# Splits drawn from a dataset's own lists (--splits native)
+
+def toy_dataset(counts):
+    samples = [(f"/v/{c}_{i}.mp4", c) for c, n in enumerate(counts) for i in range(n)]
+    return data.VideoDataset(samples, [f"class {c}" for c in range(len(counts))])
+
+
+def test_few_shot_is_seeded_and_takes_k_per_class():
+    dataset = toy_dataset([10, 10, 2, 7])
+    first, again, other = (data.few_shot(dataset, 3, seed) for seed in (1, 1, 2))
+    assert first.samples == again.samples and first.samples != other.samples
+    counts = [sum(1 for _, l in first.samples if l == c) for c in range(4)]
+    assert counts == [3, 3, 2, 3] and first.classnames == dataset.classnames and len(dataset) == 29
+
+
+def test_base_novel_takes_the_classes_with_most_videos_ties_by_id():
+    train = toy_dataset([5, 3, 5, 1, 3])
+    base, novel = data.base_novel_classes(train)
+    assert base == [0, 1, 2] and novel == [3, 4]
+    novel_set = data.subset_classes(train, novel)
+    assert novel_set.classnames == ["class 3", "class 4"] and sorted({l for _, l in novel_set.samples}) == [0, 1]
+    assert len(novel_set) == 4
+
+
+def test_k600_novel_subsets_exclude_k400_classes():
+    k600 = toy_dataset([1] * 10)
+    subsets = [data.k600_novel_subset(k600, ["Class 0", "class 1"], seed, size=5) for seed in (1, 2, 3)]
+    for subset in subsets:
+        assert len(subset.classnames) == 5 and not {"class 0", "class 1"} & set(subset.classnames)
+    assert len({tuple(s.classnames) for s in subsets}) > 1
+
+
+# Bad files
+
+def bad_files(folder, good):
+    """Six files: two good ones and one of each kind of bad file."""
+    folder.mkdir()
+    paths = [str(folder / f"good{i}.mp4") for i in range(2)]
+    for path in paths:
+        with open(good, "rb") as src, open(path, "wb") as dst:
+            dst.write(src.read())
+    with open(good, "rb") as f:
+        content = f.read()
+    (folder / "empty.mp4").write_bytes(b"")
+    (folder / "truncated.mp4").write_bytes(content[: len(content) // 2])
+    (folder / "text.mp4").write_text("not a video\n" * 100)
+    for name in ["missing.mp4", "empty.mp4", "truncated.mp4", "text.mp4"]:
+        paths.insert(1, str(folder / name))
+    return paths
+
+
+def test_bad_files_are_replaced_and_counted_across_workers(videos, tmp_path):
+    paths = bad_files(tmp_path / "bad", videos["mp4"])
+    dataset = data.VideoDataset([(p, i) for i, p in enumerate(paths)], [str(i) for i in range(6)], frames=4, size=16,
+                                train=True)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=2)
+    log = engine.FailureLog(len(dataset), max_fraction=1.0)
+    indices = []
+    for batch in loader:
+        assert batch["video"].shape == (2, 4, 3, 16, 16)
+        log.update(batch["failed"])
+        indices += batch["index"].tolist()
+    assert set(indices) == {0, 5}  # every bad item became the next good one
+    assert len(log.failures) == 4 and log.report().startswith("4 unreadable")
+    for name, reason in [("missing", "no such file"), ("empty", "empty file"), ("truncated", "not a readable"),
+                         ("text", "not a readable")]:
+        assert any(name in line and reason in line for line in log.failures)
+    with pytest.raises(data.DatasetError, match="4 of 6 videos could not be read"):
+        engine.FailureLog(len(dataset), max_fraction=0.5, at_least=1).update(list(log.failures))
+    test_set = dataset.subset(dataset.samples)
+    test_set.train = False  # testing: no replacement, a black clip with label -1 that evaluation leaves out
+    sample = test_set[1]
+    assert sample["label"] == -1 and sample["index"] == 1 and not sample["video"].any() and sample["failed"]
+    assert test_set[0]["label"] == 0 and not test_set[0]["failed"]
+
+
+def test_truncated_file_with_intact_header_is_rejected(tmp_path):
+    path = str(tmp_path / "long.avi")
+    tools.make_test_video(path, num_frames=60, width=64, height=48)
+    with open(path, "rb") as f:
+        content = f.read()
+    with open(path, "wb") as f:
+        f.write(content[: len(content) // 2])
+    with pytest.raises(data.VideoError, match="truncated"):
+        data.VideoReader(path)
+
+
+def test_only_bad_files_stop_with_a_clear_error(tmp_path):
+    dataset = data.VideoDataset([(str(tmp_path / f"{i}.mp4"), 0) for i in range(3)], ["x"], max_retries=5, train=True)
+    with pytest.raises(data.DatasetError, match="6 videos in a row could not be read"):
+        dataset[0]
+
+
+# The synthetic set
+
+def test_synthetic_is_deterministic_with_a_base_novel_split():
+    train = data.build_dataset("synthetic", split="train", frames=8, size=32)
+    again = data.build_dataset("synthetic", split="train", frames=8, size=32)
+    assert len(train) == 18 * 64 and len(train.classnames) == 18
+    a, b = train[5], again[5]
+    assert a["video"].shape == (8, 3, 32, 32) and a["video"].dtype == torch.uint8
+    assert torch.equal(a["video"], b["video"]) and not torch.equal(a["video"], train[6]["video"])
+    other_seed = data.build_dataset("synthetic", split="train", frames=8, size=32, seed=1)
+    assert not torch.equal(a["video"], other_seed[5]["video"])
+    base, novel = data.base_novel_classes(train)
+    assert base == list(range(9))
+    base_words = {w for c in base for w in train.classnames[c].split()}
+    assert all(set(train.classnames[c].split()) <= base_words for c in novel)  # novel: new combinations only
+    assert not {train.classnames[c] for c in base} & {train.classnames[c] for c in novel}
+    shots = data.few_shot(data.subset_classes(train, novel), 2, seed=1)
+    assert len(shots) == 18 and shots[0]["video"].shape == (8, 3, 32, 32)  # renders by original class id
+
+
+def test_synthetic_clip_shows_its_colour_shape_and_motion():
+    for name in ["red square moving up", "blue circle moving down", "green triangle moving up"]:
+        colour_name, shape, motion = name.split(" ", 2)
+        clip = data.render_synthetic(name, "test/key", 8, 32).float()  # (T, 3, S, S)
+        colour = torch.tensor(data.SYNTH_COLOURS[colour_name]).view(1, 3, 1, 1)
+        body = ((clip - colour).abs() <= 21).all(1)  # the shape, in its colour (+-20 per clip)  (T, S, S)
+        area = body.sum((1, 2)).float()
+        assert area.min() > 0.7 * area.max()  # the whole shape in every frame
+        rows = (body * torch.arange(32.0).view(1, 32, 1)).sum((1, 2)) / area  # its centre's row per frame
+        steps = rows.diff()
+        assert ((steps < 0) if motion == "moving up" else (steps > 0)).all(), (name, rows)
+        fill = (area / body.any(2).sum(1) / body.any(1).sum(1)).mean()  # area over its bounding box's
+        assert {"square": 0.95 < fill, "circle": 0.7 < fill < 0.85, "triangle": 0.4 < fill < 0.6}[shape], (name, fill)
+
+
+def test_synthetic_clips_do_not_depend_on_the_process():
+    # Seeded from the key by crc32, not hash(): every process (each DataLoader worker, each run) renders the same
+    # clip. pytest runs with a random PYTHONHASHSEED, so a hash()-seeded clip would not give this checksum. (An
+    # intended change to the rendering changes it: pin the new value.)
+    clip = data.SyntheticVideos("train", 4, 16, per_class=2, seed=3)[7]["video"]
+    assert zlib.crc32(clip.numpy().tobytes()) == 2333224932
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # vifi.py
 
-import vifi  # noqa: E402  (grouped with its tests)
+class Exploit:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
 
-CLASSES = ["ApplyEyeMakeup", "brush_hair", "red square moving left", "YoYo"]
 
-
-def byte_clip():
-    """A small random CLIP whose vocabulary is the byte-level tokenizer's (no BPE file needed)."""
-    return small_clip(vocab_size=Tokenizer(byte_level=True).vocab_size)
+def trainable_names(model):
+    return {n for n, p in model.named_parameters() if p.requires_grad}
 
 
 def test_vifi_zeroshot_parity_with_official(tiny_clip, expected):
@@ -628,11 +1289,6 @@ def test_official_checkpoint_errors(tmp_path, tiny_clip, expected):
     other_base = small_clip(vocab_size=49408)  # width 64: not the base the checkpoint was trained from
     with pytest.raises(archive.CheckpointError, match="Does the base CLIP match.*ViT-B/16"):
         vifi.load_official_checkpoint(fixture("vifi_official_finetune_ckpt.pth"), other_base, expected["classes"])
-
-
-class Exploit:
-    def __reduce__(self):
-        return (os.system, ("echo pwned",))
 
 
 def test_official_loader_refuses_code_in_pickles(tmp_path, expected, tiny_clip):
@@ -692,10 +1348,6 @@ def test_own_checkpoint_must_match_its_model_exactly(tmp_path):
 def test_clean_classname():
     assert [vifi.clean_classname(n) for n in CLASSES] == ["apply eye makeup", "brush hair", "red square moving left", "yo yo"]
     assert vifi.clean_classname("PlayingDaf") == "playing daf" and vifi.clean_classname("TaiChi") == "tai chi"
-
-
-def trainable_names(model):
-    return {n for n, p in model.named_parameters() if p.requires_grad}
 
 
 def test_trainable_parameters_per_mode():
@@ -833,596 +1485,881 @@ def test_frame_votes_sum_to_the_logit_and_relevance_covers_the_patch_grid(mode):
     assert all(not b.attn.keep_weights and b.attn.weights is None for b in model.clip.visual.transformer.resblocks)
 
 
+# The command line (python vifi.py VIDEO)
+
+def test_readme_vifi_command_parses_and_runs(tmp_path):
+    (argv,) = [c for c in readme_commands("vifi.py") if "--labels" in c]
+    assert vifi.parse_args(argv).checkpoint == "vifi_clip_k400.pth"
+    video = str(tmp_path / "clip.avi")
+    tools.make_test_video(video, num_frames=20, width=64, height=48)
+    run = run_cli("vifi.py", video, "--labels", "archery,playing guitar,brushing hair", "--model",
+                  fixture("clip_tiny_openai_jit.pt"), "--checkpoint", fixture("vifi_official_prompt_ckpt.pth"),
+                  "--frames", "4", "--device", "cpu")
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = run.stdout.strip().splitlines()
+    assert len(lines) == 3 and abs(sum(float(l.split("%")[0]) for l in lines) - 100) < 0.1
+    # as train.py and the official files write them; csv may quote any name
+    (tmp_path / "labels.csv").write_text('id,name\n1,playing guitar\n0,"archery"\n2,brushing hair\n')
+    run2 = run_cli("vifi.py", video, "--labels-file", str(tmp_path / "labels.csv"), "--model",
+                   fixture("clip_tiny_openai_jit.pt"), "--checkpoint", fixture("vifi_official_prompt_ckpt.pth"),
+                   "--frames", "4", "--device", "cpu")
+    assert run2.stdout == run.stdout  # the same classes in the same order, the header skipped
+    run = run_cli("vifi.py", str(tmp_path / "missing.avi"), "--labels", "a,b", "--model", fixture("clip_tiny_openai_jit.pt"))
+    assert run.returncode == 2 and "missing.avi" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_explain_reports_a_missing_video_before_loading_a_model(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(clip_model, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    argv = [str(tmp_path / "missing.avi"), "--labels", "a,b", "--explain", str(tmp_path / "r.html")]
+    assert vifi.main(argv) == 2
+    assert "missing.avi: no such file" in capsys.readouterr().err
+    for extra, message in ((["--compare-base"], "--compare-base compares a fine-tuned --checkpoint"),
+                           (["--views", "2x1"], "leave --views at 1x1")):
+        with pytest.raises(SystemExit) as e:
+            vifi.parse_args(argv + extra)
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        vifi.parse_args(argv[:3] + ["--explain", str(tmp_path / "no" / "r.html")])
+    assert "its folder does not exist" in capsys.readouterr().err
+
+
+def test_vifi_offline_names_the_weights_and_the_vocabulary_in_one_message(tmp_path, monkeypatch, capsys):
+    video = str(tmp_path / "clip.avi")
+    tools.make_test_video(video, num_frames=4, width=32, height=32)
+    cache = offline_cache(tmp_path / "cache", monkeypatch,
+                          lambda *a, **k: (_ for _ in ()).throw(urllib.error.URLError("offline")))
+    assert vifi.main([video, "--labels", "a,b", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    weights = clip_model.MODELS["ViT-B/16"]
+    assert err.startswith("error: could not fetch") and err.count("error:") == 1 and "Traceback" not in err
+    assert f"{weights} -> {cache / os.path.basename(weights)}" in err and f"{BPE_URL} -> {cache / BPE_FILE}" in err
+
+
 # ---------------------------------------------------------------------------------------------------------------
-# bench.py
+# report.py
 
-import bench  # noqa: E402
+class Images(html.parser.HTMLParser):
+    """The <img> tags of a page, as attribute dicts."""
+    def __init__(self, text):
+        super().__init__()
+        self.images = []
+        self.feed(text)
 
-
-def test_image_flops_match_the_published_vit_b16_count():
-    # ViT-B/16 at 224 is 17.6 GMACs per image (timm's table), i.e. ~35.2 GFLOPs at 2 FLOPs per multiply-add, with
-    # all 197 tokens through the last block; this tower's last block computes the class token alone
-    executed = bench.image_flops(clip_model.CLIPConfig(), 224)
-    skipped = bench.block_flops(768, 197, 197) - bench.block_flops(768, 197, 1)
-    assert 34.5e9 < executed + skipped < 35.5e9
-    assert 0.05 < skipped / (executed + skipped) < 0.07
-
-
-def test_random_tokens_give_realistic_prompt_lengths():
-    names = bench.class_names(400)
-    assert len(set(names)) == 400
-    tok = bench.RandomTokens(49408)
-    ids = tokenize([f"a photo of a {n}." for n in names], tokenizer=tok)
-    lengths = (ids.argmax(dim=-1) + 1).tolist()  # up to and including EOT, the largest id
-    assert set(lengths) == {9} and (ids.max(dim=-1).values == tok.eot).all()  # SOT a photo of a verb noun . EOT
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            self.images.append(dict(attrs))
 
 
-def test_bench_summary_says_slower_and_leaves_out_what_it_cannot_measure(capsys):
-    res = dict(model={"a": dict(speedup=0.5, label="official style"), "b": dict(speedup=2.0, label="other")},
-               memory_ratio=None, data={}, data_feed=dict(video="v", workers=2, pipeline_clips_per_s_per_worker=1.0,
-                                                          pipeline_clips_per_s=2.0, train_clips_per_s=3.0, feeds=False))
-    bench.print_summary(res)
-    out = capsys.readouterr().out
-    assert "2.00x slower than: official style" in out and "2.00x faster than: other" in out
-    assert "0.50x" not in out and "cuts peak memory" not in out and "no memory peak can be measured" in out
-    bench.print_summary({**res, "memory_ratio": 0.99})
-    assert "does not cut peak memory at this size (without / with = 0.99)" in capsys.readouterr().out
+def test_curves_svg_has_loss_and_accuracy_panels_with_ticks(tmp_path):
+    log = [dict(epoch=e, loss=2.0 / e, **(dict(top1=10.0 * e, top5=50.0) if e % 5 == 0 else {})) for e in range(1, 21)]
+    report.write_curves(log, tmp_path / "curves.svg")
+    svg = "{http://www.w3.org/2000/svg}"
+    panels = ET.parse(tmp_path / "curves.svg").getroot().findall(f"{svg}g")
+    assert len(panels) == 2
+    labels = [[t.text for t in p.iter(f"{svg}text")] for p in panels]
+    assert {"cross-entropy", "epoch", "0", "1", "2", "10", "20"} <= set(labels[0])
+    assert {"top-1 accuracy (%)", "0", "20", "40", "60", "80", "100"} <= set(labels[1])
+    assert len(panels[1].findall(f"{svg}circle")) == 4  # one marker per evaluation: epochs 5, 10, 15, 20
+    demo = protocols.PRESETS["synthetic"]
+    assert demo["eval_every"] * 4 <= demo["epochs"]  # the demo's accuracy curve has points to show learning
 
 
-def test_bench_small_runs_and_writes_finite_numbers(tmp_path):
-    out = tmp_path / "bench.json"
-    # One thread: other test processes may share the cores, and OpenMP's spinning threads crawl when oversubscribed.
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, "bench.py", "--small", "--device", "cpu", "--json", str(out)], cwd=HERE,
-                         env=env, capture_output=True, text=True, timeout=240)
+def test_explain_report_holds_votes_and_one_map_per_frame(tmp_path):
+    video, report = str(tmp_path / "clip.avi"), tmp_path / "report.html"
+    tools.make_test_video(video, num_frames=20, width=64, height=48)
+    run = run_cli("vifi.py", video, "--labels", "archery,playing guitar,brushing hair", "--model",
+                  fixture("clip_tiny_openai_jit.pt"), "--checkpoint", fixture("vifi_official_finetune_ckpt.pth"),
+                  "--frames", "4", "--device", "cpu", "--explain", str(report), "--compare-base")
+    assert run.returncode == 0, run.stderr[-2000:]
+    images = Images(report.read_text()).images
+    kinds = [i.get("class") for i in images]
+    assert kinds.count("map") == 4 and kinds.count("base-map") == 4  # one map per frame, and vanilla CLIP's
+    assert len(images) == 3 * 4 and all(i["src"].startswith("data:image/png;base64,") for i in images)  # self-contained
+    assert "://" not in report.read_text() and "<script" not in report.read_text()  # nothing fetched, nothing run
+    png = base64.b64decode(images[0]["src"].split(",", 1)[1])
+    frame = av.CodecContext.create("png", "r").decode(av.Packet(png))[0]
+    assert (frame.width, frame.height) == (128, 128)  # the 32 px frame, enlarged 4x
+    out = json.load(open(tmp_path / "report.json"))
+    assert len(out["votes"]) == 4 and abs(sum(out["votes"]) - out["logit"]) < 1e-5
+    assert abs(sum(out["runner_up"]["votes"]) - out["runner_up"]["logit"]) < 1e-5
+    assert out["label"] == out["top5"][0]["label"] and out["runner_up"]["label"] == out["top5"][1]["label"]
+    assert out["settings"]["frames"] == 4 and out["settings"]["base"] == fixture("clip_tiny_openai_jit.pt")
+    assert f"{out['top5'][0]['label']}" in run.stdout.splitlines()[0]  # the printed top class is the report's
+    assert f"logit {out['logit']:.3f}" in report.read_text()
+    # the report's logit (the explanation path) is the ordinary SDPA forward's, computed here independently
+    labels = ["archery", "playing guitar", "brushing hair"]
+    model = vifi.load_official_checkpoint(fixture("vifi_official_finetune_ckpt.pth"),
+                                          clip_model.load(fixture("clip_tiny_openai_jit.pt")), labels)
+    frames, _ = data.VideoDataset([(video, 0)], labels, 4, 32).load(video)  # (V=1, T, 3, H, W)
+    with torch.no_grad():
+        logits = model(data.normalize(frames, *data.NORMS[model.norm]))[0]
+    assert abs(logits[labels.index(out["label"])].item() - out["logit"]) < 1e-4
+    assert len(out["relevance"]) == len(out["base_relevance"]) == 4
+    (readme,) = [c for c in readme_commands("vifi.py") if "--explain" in c]  # README's example parses
+    assert vifi.parse_args(readme).explain == "report.html"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# protocols.py
+
+def official_names(rel):
+    """The class names of an official labels CSV, read here with the csv module alone."""
+    with open(official(rel), newline="") as f:
+        return [row[1] for row in list(csv.reader(f))[1:]]
+
+
+def official_run(root, *argv):
+    """The datasets a run of train.py would read (split files from ../shared/official), without a model."""
+    args = train.get_args(["--root", str(root), "--splits", official(), *argv])
+    return protocols.datasets(args, protocols.fetch_splits(args))
+
+
+def relative(dataset):
+    return [(os.path.relpath(path, dataset.root), label) for path, label in dataset.samples]
+
+
+def kinetics_tree(root, video, per_class=20):
+    """A Kinetics-400 copy: `per_class` training videos of three official classes in train.csv, and the first 30
+    videos of the official validation list."""
+    classes = ["abseiling", "air drumming", "zumba"]
+    rows = [f"{name},vid{c}x{i:03d},0,10,train" for c, name in enumerate(classes) for i in range(per_class)]
+    write(f"{root}/train.csv", "label,youtube_id,time_start,time_end,split\n" + "\n".join(rows) + "\n")
+    for c in range(3):
+        for i in range(per_class):
+            os.makedirs(f"{root}/train", exist_ok=True)
+            os.link(video, f"{root}/train/vid{c}x{i:03d}_000000_000010.mp4")
+    link_tree(root, video, ["datasets_splits/k400_splits/val.txt"], limit=30)
+    return classes
+
+
+def smoothed(labels, num_classes, smoothing):
+    """One-hot targets with label smoothing, as timm's: 1 - s + s / C on the label, s / C elsewhere."""
+    target = torch.full((len(labels), num_classes), smoothing / num_classes)
+    for i, label in enumerate(labels):
+        target[i, label] = 1 - smoothing + smoothing / num_classes
+    return target
+
+
+# Presets and the learning rate
+
+def test_presets_follow_the_protocol_and_flags_win():
+    args = train.get_args(["--dataset", "ucf101", "--root", "x", "--shots", "8"])
+    assert (args.protocol, args.frames, args.batch_size, args.lr, args.epochs, args.eval_every) == ("few-shot", 32, 64, 2e-6, 50, 10)
+    assert args.splits == "official" and args.norm is None  # None: a checkpoint's own, else imagenet (build_model)
+    args = train.get_args(["--dataset", "hmdb51", "--root", "x", "--base-novel", "--mode", "prompt", "--lr", "0.01"])
+    assert (args.protocol, args.lr, args.n_ctx, args.depth, args.epochs) == ("base-novel", 0.01, [16], [9], 11)
+    args = train.get_args(["--dataset", "k400", "--root", "x"])
+    assert (args.protocol, args.frames, args.batch_size, args.views, args.shots, args.eval_every) == ("supervised", 16, 512, "4x3", 0, 1)
+    args = train.get_args(["--dataset", "k400", "--root", "x", "--eval-datasets", "ucf101,hmdb51,k600"])
+    assert (args.protocol, args.batch_size, args.lr, args.shots) == ("zero-shot", 256, 8e-6, 0)
+    args = train.get_args(["--dataset", "ucf101", "--root", "x", "--mode", "zeroshot"])
+    assert args.protocol == "vanilla-zero-shot" and args.eval_only and args.template is None  # "{}" by the mode
+    args = train.get_args(["--dataset", "hmdb51", "--root", "x", "--protocol", "base-novel", "--mode", "zeroshot",
+                           "--eval-only"])  # vanilla CLIP on the official base / novel halves
+    assert (args.protocol, args.frames) == ("base-novel", 32)
+    # --eval-only keeps the protocol's frames and views: UCF101 alone is the zero-shot evaluation, not supervised
+    args = train.get_args(["--dataset", "ucf101", "--root", "x", "--eval-only", "--checkpoint", "c.pth"])
+    assert (args.protocol, args.frames, args.views) == ("zero-shot", 32, "1x1")
+    args = train.get_args(["--dataset", "list", "--protocol", "base-novel", "--root", "x"])
+    assert (args.protocol, args.base_novel, args.splits, args.epochs) == ("base-novel", True, "native", 11)
+    with pytest.raises(vifi.ConfigError, match="--protocol"):
+        train.get_args(["--dataset", "list", "--root", "x"])
+
+
+def test_lr_is_the_official_timm_schedule_at_every_epoch_end(tmp_path):
+    """timm's CosineLRScheduler(t_initial=E*n, lr_min=lr/100, warmup_lr_init=0, warmup_t=W*n, cycle_limit=1,
+    t_in_epochs=False), stepped with step_update(epoch * n + i) after micro-batch i closes an accumulation group,
+    written out here: at the end of epoch e the rate in force is the one for t = e * n + n - 1."""
+    def timm(t, peak, n, epochs, warmup):
+        warmup_t, t_initial, floor = int(warmup * n), int(epochs * n), peak / 100
+        if t < warmup_t:
+            return peak * t / warmup_t
+        return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * t / t_initial)) if t < t_initial else floor
+
+    run = ["--dataset", "synthetic", "--shots", "2", "--batch-size", "6", "--micro-batch", "3", "--epochs", "4",
+           "--warmup-epochs", "2", "--lr", "0.01", "--eval-every", "0", "--device", "cpu", "--frames", "2"]
+    train.main(train.get_args(run + ["--out", str(tmp_path)]))
+    n = 18 // 3  # 9 base classes x 2 shots, micro-batches of 3
+    log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    for e, row in enumerate(log):
+        assert row["lr"] == pytest.approx(timm(e * n + n - 1, 0.01, n, 4, 2), rel=1e-9, abs=0)
+    assert log[2]["lr"] < 0.01 * 0.6  # the cosine counts from step 0: right after warm-up the rate is below the peak
+    args = train.get_args(run)
+    assert protocols.learning_rate(0, args) == 0  # the first optimizer step runs at the warm-up's start value
+    assert protocols.learning_rate(2.0, args) == pytest.approx(0.0001 + 0.5 * 0.0099 * (1 + math.cos(math.pi / 2)))
+
+
+# The official split files: the videos and classes of each of the paper's tables
+
+@pytest.mark.parametrize("dataset, folder, test", [("ucf101", "ucf", "val1.txt"), ("hmdb51", "hmdb", "val1.txt"),
+                                                   ("ssv2", "ssv2", "validation.txt")])
+def test_few_shot_trains_on_exactly_the_official_list(tmp_path, dataset, folder, test):
+    (tmp_path / "v.avi").touch()
+    lists = [f"datasets_splits/{folder}_splits/train1_few_shot_4.txt", f"datasets_splits/{folder}_splits/{test}"]
+    link_tree(tmp_path / "root", tmp_path / "v.avi", lists[:1])
+    link_tree(tmp_path / "root", tmp_path / "v.avi", lists[1:], limit=500)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the test list is cut to 500: the rest is reported missing
+        train_set, tests = official_run(tmp_path / "root", "--dataset", dataset, "--shots", "4")
+    labels = {"ucf101": "ucf_101", "hmdb51": "hmdb_51", "ssv2": "ssv2"}[dataset]
+    assert relative(train_set) == official_lines(lists[0]) and list(tests) == ["test"]
+    assert relative(tests["test"]) == official_lines(lists[1], 500)
+    assert train_set.classnames == tests["test"].classnames == official_names(f"labels/{labels}_labels.csv")
+
+
+@pytest.mark.parametrize("dataset, labels, folder", [("ucf101", "ucf_101", "ucf"), ("hmdb51", "hmdb_51", "hmdb"),
+                                                     ("k400", "kinetics_400", "k400"), ("ssv2", "ssv2_174", "ssv2")])
+def test_base_novel_classes_and_videos_are_the_official_ones(tmp_path, dataset, labels, folder):
+    (tmp_path / "v.avi").touch()
+    b2n = f"datasets_splits/base2novel_splits/{folder}_splits/"
+    lists = [b2n + "fs_base_s2_train.txt", b2n + "base_val.txt", b2n + "novel_val.txt"]
+    link_tree(tmp_path / "root", tmp_path / "v.avi", lists, limit=2000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train_set, tests = official_run(tmp_path / "root", "--dataset", dataset, "--base-novel", "--seed", "2")
+    base, novel = official_names(f"labels/{labels}_base_labels.csv"), official_names(f"labels/{labels}_novel_labels.csv")
+    assert train_set.classnames == tests["base"].classnames == base and tests["novel"].classnames == novel
+    assert relative(train_set) == official_lines(lists[0], 2000)  # 16 per base class: the list, whole where linked
+    assert relative(tests["base"]) == official_lines(lists[1], 2000)
+    assert relative(tests["novel"]) == official_lines(lists[2], 2000)
+    if dataset == "hmdb51":  # the official halves, in the official order (not sorted folder names)
+        assert base[19:21] == ["sword exercise", "sword"] and novel[20:22] == ["kick ball", "kick"]
+        assert len(base) == 26 and len(novel) == 25
+
+
+def test_k600_zero_shot_subsets_are_the_official_ones(tmp_path):
+    (tmp_path / "v.mp4").touch()
+    lists = [f"datasets_splits/k600_splits/ZS_split{k}_K600_eval.txt" for k in (1, 2, 3)]
+    link_tree(tmp_path / "k600", tmp_path / "v.mp4", lists, limit=300)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train_set, tests = official_run(tmp_path / "k600", "--dataset", "k600", "--eval-only", "--checkpoint", "c.pth")
+    assert train_set is None and list(tests) == ["k600-subset1", "k600-subset2", "k600-subset3"]
+    for k in (1, 2, 3):
+        subset = tests[f"k600-subset{k}"]
+        assert subset.classnames == official_names(f"labels/ZS_split{k}_K600.csv") and len(subset.classnames) == 160
+        present = [(name, label) for name, label in official_lines(lists[k - 1]) if (tmp_path / "k600" / name).exists()]
+        assert relative(subset) == present and len(present) >= 300  # every listed video there, in the list's order
+
+
+def test_supervised_and_zero_shot_train_on_every_listed_video_with_official_names(tmp_path):
+    video = tmp_path / "v.mp4"
+    tools.make_test_video(str(video), num_frames=8, width=40, height=32, codec="libx264", gop=4)
+    classes = kinetics_tree(tmp_path / "k400", video)
+    link_tree(tmp_path / "ucf", video, [f"datasets_splits/ucf_splits/val{k}.txt" for k in (1, 2, 3)], limit=20)
+    k400_names = official_names("labels/kinetics_400_labels.csv")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for extra in ([], ["--eval-datasets", "ucf101", "--eval-roots", f"ucf101={tmp_path / 'ucf'}"]):
+            train_set, tests = official_run(tmp_path / "k400", "--dataset", "k400", *extra)
+            assert len(train_set) == 60  # all of them: no 16-shot cap outside the few-shot protocols
+            assert train_set.classnames == k400_names  # the official ids, by name
+            assert sorted({label for _, label in train_set.samples}) == [k400_names.index(c) for c in classes]
+            assert relative(tests["test"]) == official_lines("datasets_splits/k400_splits/val.txt", 30)
+        assert list(tests) == ["test", "ucf101-fold1", "ucf101-fold2", "ucf101-fold3"]
+        # and through a real run: every listed video trains, with the official schedule and ImageNet's mean/std
+        out = tmp_path / "run"
+        train.main(train.get_args(["--dataset", "k400", "--root", str(tmp_path / "k400"), "--splits", official(),
+                                   "--model", "scratch", "--frames", "2", "--batch-size", "12", "--micro-batch", "6",
+                                   "--epochs", "1", "--views", "1x1", "--workers", "0", "--device", "cpu",
+                                   "--out", str(out)]))
+    res = json.load(open(out / "results.json"))
+    assert res["train_videos"] == 60 and res["results"]["test"]["videos"] == 30 and res["norm"] == "imagenet"
+    assert res["splits"].startswith("official") and res["paper_reports"] == "final" and res["best"]["epoch"] == 1
+    assert open(out / "train_labels.csv").read().splitlines()[1:4] == [f"{i},{n}" for i, n in enumerate(k400_names[:3])]
+
+
+def test_own_list_with_unknown_class_names_is_refused(tmp_path):
+    (tmp_path / "v.mp4").touch()
+    kinetics_tree(tmp_path / "k400", tmp_path / "v.mp4", per_class=1)
+    write(f"{tmp_path}/k400/train.csv", "label,youtube_id,time_start,time_end,split\nsnowboarding stunts,vid0x000,0,10,train\n")
+    with pytest.raises(data.DatasetError, match="not in the official class list.*--splits native"):
+        official_run(tmp_path / "k400", "--dataset", "k400")
+
+
+def test_no_official_split_says_what_exists(tmp_path):
+    with pytest.raises(data.DatasetError, match="no few-shot split of ucf101 with --shots 5 .*2/4/8/16.*--splits native"):
+        official_run(tmp_path, "--dataset", "ucf101", "--shots", "5")
+    with pytest.raises(data.DatasetError, match="no supervised split of hmdb51"):
+        official_run(tmp_path, "--dataset", "hmdb51", "--protocol", "supervised")
+
+
+def test_videos_that_are_not_the_datasets_own_get_told_to_use_native_splits(tmp_path, synth_tree):
+    with pytest.raises(data.DatasetError, match=r"ucf101: the paper's .*train1_few_shot_8\.txt does not match the "
+                                                r"videos under .*none of the 808.*use --splits native"):
+        official_run(synth_tree, "--dataset", "ucf101", "--shots", "8")
+
+
+def test_split_files_are_downloaded_checked_and_named_when_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("VIFI_CACHE", str(tmp_path / "cache"))
+    served, tamper = [], []
+
+    def urlopen(url, timeout=None):
+        rel = url.removeprefix(protocols.OFFICIAL_URL)
+        served.append(rel)
+        body = open(official(rel), "rb").read()
+        return FakeResponse(body + b"x" if rel in tamper else body)
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    args = train.get_args(["--dataset", "hmdb51", "--root", "x", "--base-novel", "--seed", "3"])
+    folder = protocols.fetch_splits(args)
+    b2n = "datasets_splits/base2novel_splits/hmdb_splits/"
+    wanted = [b2n + "base_val.txt", b2n + "fs_base_s3_train.txt", b2n + "novel_val.txt",
+              "labels/hmdb_51_base_labels.csv", "labels/hmdb_51_novel_labels.csv"]
+    assert sorted(served) == sorted(wanted)
+    for rel in wanted:
+        assert open(os.path.join(folder, rel), "rb").read() == open(official(rel), "rb").read()
+    served.clear()
+    assert protocols.fetch_splits(args) == folder and served == []  # once
+    tamper.append("datasets_splits/hmdb_splits/val1.txt")
+    few = train.get_args(["--dataset", "hmdb51", "--root", "x", "--shots", "2"])
+    with pytest.raises(data.DatasetError, match=r"(?s)1 of .*hmdb_splits/val1\.txt -> .*val1\.txt \(sha256 mismatch"):
+        protocols.fetch_splits(few)
+    assert not os.path.exists(os.path.join(folder, "datasets_splits/hmdb_splits/val1.txt"))
+
+    def offline(url, timeout=None):
+        raise urllib.error.URLError("no network")
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(data.DatasetError) as error:
+        protocols.fetch_splits(train.get_args(["--dataset", "ucf101", "--root", "x", "--shots", "8"]))
+    message = str(error.value)  # one message, every file with its URL and its destination
+    for rel in ("datasets_splits/ucf_splits/train1_few_shot_8.txt", "datasets_splits/ucf_splits/val1.txt",
+                "labels/ucf_101_labels.csv"):
+        assert f"{protocols.OFFICIAL_URL}{rel} -> {os.path.join(folder, rel)}" in message
+    # a local copy is checked too: an edited file is refused with its name
+    copy = tmp_path / "copy"
+    for rel in wanted:
+        os.makedirs(copy / os.path.dirname(rel), exist_ok=True)
+        shutil.copyfile(official(rel), copy / rel)
+    write(str(copy / wanted[1]), "edited.avi 0\n")
+    with pytest.raises(data.DatasetError, match="fs_base_s3_train.txt is not the official file"):
+        protocols.fetch_splits(train.get_args(["--dataset", "hmdb51", "--root", "x", "--base-novel", "--seed", "3",
+                                           "--splits", str(copy)]))
+
+
+# Mixup and cutmix
+
+def test_mix_targets_sum_to_one_and_keep_frames_aligned():
+    args = argparse.Namespace(label_smoothing=0.1, mixup=0.8, cutmix=1.0, mix_switch=0.5)
+    video = torch.arange(4.0).view(4, 1, 1, 1, 1).expand(4, 3, 3, 8, 8)
+    for _ in range(10):
+        mixed, target = protocols.mix(video, torch.tensor([0, 1, 2, 3]), 5, args)
+        torch.testing.assert_close(target.sum(1), torch.ones(4))
+        assert torch.equal(mixed[:, :1].expand_as(mixed), mixed)  # the same mix for every frame of a clip
+        assert target.max() <= 0.9 + 0.1 / 5 + 1e-6
+
+
+def test_mixup_mixes_video_and_targets_with_the_same_lambda():
+    args = argparse.Namespace(label_smoothing=0.1, mixup=0.8, cutmix=0.0, mix_switch=0.5)
+    torch.manual_seed(0)
+    video, labels = torch.randn(4, 3, 3, 6, 10), torch.tensor([2, 0, 3, 1])
+    target = smoothed([2, 0, 3, 1], 5, 0.1)
+    for seed in range(3):
+        random.seed(seed)
+        mixed, mixed_target = protocols.mix(video, labels, 5, args)
+        random.seed(seed)
+        lam = random.betavariate(0.8, 0.8)  # the one draw mixup makes; clip i is mixed with clip B-1-i, as timm
+        torch.testing.assert_close(mixed, lam * video + (1 - lam) * video.flip(0))
+        torch.testing.assert_close(mixed_target, lam * target + (1 - lam) * target.flip(0))
+
+
+def test_cutmix_pastes_one_box_of_the_paired_clip_and_weights_targets_by_its_area():
+    args = argparse.Namespace(label_smoothing=0.0, mixup=0.0, cutmix=1.0, mix_switch=0.5)
+    torch.manual_seed(0)
+    H, W = 12, 20
+    video, labels = torch.randn(4, 3, 3, H, W), torch.tensor([1, 3, 0, 2])
+    partial = 0
+    for seed in range(6):
+        random.seed(seed)
+        mixed, target = protocols.mix(video, labels, 4, args)
+        pasted = mixed != video  # (B, T, 3, H, W): True inside the box
+        assert torch.equal(pasted, pasted[:1, :1, :1].expand_as(pasted))  # one box for every clip, frame, channel
+        rows, cols = pasted[0, 0, 0].any(1).nonzero().flatten(), pasted[0, 0, 0].any(0).nonzero().flatten()
+        h, w = len(rows), len(cols)
+        if h and w:  # a rectangle of consecutive rows and columns, filled from the paired clip
+            assert pasted[0, 0, 0].sum() == h * w and rows[-1] - rows[0] == h - 1 and cols[-1] - cols[0] == w - 1
+            box = (..., slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+            assert torch.equal(mixed[box], video.flip(0)[box])
+        random.seed(seed)
+        lam = random.betavariate(1.0, 1.0)  # the box's sides: sqrt(1 - lam) of the frame's
+        assert (h, w) == (int(H * math.sqrt(1 - lam)), int(W * math.sqrt(1 - lam)))
+        kept = 1 - h * w / (H * W)  # the targets follow the pixels actually pasted
+        onehot = smoothed([1, 3, 0, 2], 4, 0.0)
+        torch.testing.assert_close(target, kept * onehot + (1 - kept) * onehot.flip(0))
+        partial += 0 < h * w < H * W
+    assert partial >= 4
+
+
+def test_mix_switch_is_the_probability_of_cutmix():
+    args = argparse.Namespace(label_smoothing=0.0, mixup=0.8, cutmix=1.0, mix_switch=0.25)
+    video, labels = torch.randn(4, 1, 3, 12, 20), torch.tensor([0, 1, 2, 3])
+    random.seed(0)
+    # cutmix leaves the pixels outside its box as they were; mixup changes every pixel
+    cutmixed = [bool((protocols.mix(video, labels, 4, args)[0] == video).any()) for _ in range(400)]
+    assert abs(sum(cutmixed) / 400 - 0.25) < 0.07
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# engine.py
+
+class ViewLogits(torch.nn.Module):
+    """A stand-in model: the logits of a view are table[code], code being the value of the view's pixels (they
+    reach the model as they are, with the identity normalization NO_NORM)."""
+
+    def __init__(self, table, norm):
+        super().__init__()
+        self.table, self.norm = table, norm
+
+    def forward(self, video):  # (N, T, 3, H, W) -> (N, C)
+        return self.table[video[:, 0, 0, 0, 0].round().long()]
+
+    predict = vifi.ViFiCLIP.predict  # the averaging over views under test
+
+
+NO_NORM = ((0.0, 0.0, 0.0), (1 / 255,) * 3)
+
+
+class CodedViews(torch.utils.data.Dataset):
+    """Video i has V views (V, T, 3, H, W) filled with the codes i*V .. i*V+V-1."""
+
+    def __init__(self, labels, views, num_classes):
+        self.labels, self.views, self.classnames = labels, views, [f"class {c}" for c in range(num_classes)]
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        codes = torch.arange(i * self.views, (i + 1) * self.views, dtype=torch.uint8)
+        video = codes.view(-1, 1, 1, 1, 1).expand(self.views, 2, 3, 4, 6).clone()
+        return {"video": video, "colour": data.NO_COLOUR, "label": self.labels[i], "index": i, "failed": ""}
+
+
+def test_sampler_shares_are_disjoint_equal_and_seeded_by_epoch():
+    # evaluation: in order, every index exactly once, never padded
+    assert [engine.EpochSampler(11, r, 3, shuffle=False).indices() for r in range(3)] == [[0, 3, 6, 9], [1, 4, 7, 10],
+                                                                                         [2, 5, 8]]
+
+    def shares(seed, epoch, n=11, world=3):
+        samplers = [engine.EpochSampler(n, rank, world, shuffle=True, seed=seed) for rank in range(world)]
+        for sampler in samplers:
+            sampler.epoch = epoch
+        assert all(len(sampler) == len(sampler.indices()) for sampler in samplers)
+        return [sampler.indices() for sampler in samplers]
+
+    first = shares(seed=1, epoch=0)
+    assert [len(share) for share in first] == [3, 3, 3]  # 11 // 3 each: every process makes the same steps
+    together = [i for share in first for i in share]
+    assert len(set(together)) == 9 and set(together) <= set(range(11))  # one shuffled order, split without overlap
+    assert shares(seed=1, epoch=0) == first  # the same (seed, epoch), the same order: a resumed run repeats it
+    assert shares(seed=1, epoch=1) != first and shares(seed=2, epoch=0) != first
+    assert {i for epoch in range(10) for share in shares(1, epoch) for i in share} == set(range(11))  # none left out
+    assert sorted(i for share in shares(1, 0, n=2, world=3) for i in share) in ([0, 0, 1], [0, 1, 1])  # n < world
+
+
+def test_failures_are_counted_over_all_processes_and_stop_only_past_5_percent_and_10(monkeypatch):
+    log = engine.FailureLog(1000)
+    log.update(["a: bad\nb: bad", ""])
+
+    def gather(shares, mine):  # as if a second process had met c, d and (again) b
+        shares[:] = [mine, ["c: bad", "d: bad", "b: bad"]]
+    monkeypatch.setattr(engine.dist, "all_gather_object", gather)
+    assert list(log.gather(2).failures) == ["a: bad", "b: bad", "c: bad", "d: bad"]
+    small = engine.FailureLog(8)
+    small.update(["x: bad"] + [f"{i}: bad" for i in range(8)])  # 9 of 8: a small set stops only at 10 files
+    with pytest.raises(data.DatasetError, match="10 of 8 videos"):
+        small.update("y: bad")
+    with pytest.raises(data.DatasetError, match="51 of 1000"):
+        log.update([f"{i}: bad" for i in range(47)])
+
+
+def test_evaluate_averages_softmax_probabilities_over_views(monkeypatch):
+    # Three views per video, seven classes. In the first three videos one view is very sure of class 0 and two
+    # views fairly sure of class 1: the mean probability picks 1, the mean logit would pick 0.
+    tricky = [[8.0, 0, 0, 0, 0, 0, -1], [0, 3, 0, 0, 0, 0, -1], [0, 3, 0, 0, 0, 0, -1]]
+    table = torch.tensor([*tricky,  # label 1: a hit
+                          *[[row[c] for c in (2, 3, 0, 1, 4, 5, 6)] for row in tricky],  # the same about 2 and 3: label 3
+                          *tricky,  # label 0: a miss
+                          *[[0, 0, 2, 0, 0, 0, 0]] * 3,  # all views agree on 2, label 2: a hit
+                          *[[0, 1, 0, 0, 0, 0, -2]] * 2, [0, 0, 0, 0, 1, 0, -2]])  # label 6, last: top-5 miss
+    labels = [1, 3, 0, 2, 6]
+    per_video = table.view(5, 3, 7)
+    probs = per_video.softmax(-1).mean(1)  # (videos, classes)
+    top1 = [p.argmax().item() == label for p, label in zip(probs, labels)]
+    top5 = [label in p.topk(5).indices.tolist() for p, label in zip(probs, labels)]
+    assert top1 == [True, True, False, True, False] and top5 == [True, True, True, True, False]
+    assert per_video.mean(1).argmax(1).tolist() == [0, 2, 0, 2, 1]  # averaging logits: 1 of 5 right instead of 3
+    args = argparse.Namespace(micro_batch=2, workers=0, device="cpu", seed=0, views="1x3")
+    monkeypatch.setitem(data.NORMS, "identity", NO_NORM)
+    runtime = engine.Runtime(torch.device("cpu"), contextlib.nullcontext())
+    result = engine.evaluate(ViewLogits(table, norm="identity"), CodedViews(labels, 3, 7), args, runtime)
+    assert (result["top1"], result["top5"], result["videos"], result["classes"]) == (60.0, 80.0, 5, 7)
+    assert result["failures"] == 0
+
+
+def test_evaluate_all_harmonic_mean_and_fold_statistics(monkeypatch):
+    class Model:
+        classnames = ["training classes"]
+
+        def set_classnames(self, names):
+            self.classnames = names
+
+    model, calls = Model(), []
+
+    def evaluate(model, dataset, *args):  # each test set with its own classes
+        calls.append((dataset.top1, model.classnames))
+        return {"top1": dataset.top1}
+    monkeypatch.setattr(engine, "evaluate", evaluate)
+    sets = {"base": 80.0, "novel": 40.0, "ucf101-fold1": 70.0, "ucf101-fold2": 74.0, "ucf101-fold3": 75.0}
+    tests = {name: argparse.Namespace(top1=top1, classnames=[name]) for name, top1 in sets.items()}
+    results = engine.evaluate_all(model, tests, None, None)
+    assert calls == [(top1, [name]) for name, top1 in sets.items()]
+    assert model.classnames == ["training classes"]  # the model's own list again
+    assert abs(results["harmonic_mean"] - 2 * 80 * 40 / (80 + 40)) < 1e-9  # 53.3, not the mean 60
+    assert abs(results["ucf101"]["mean_top1"] - 73.0) < 1e-5
+    assert abs(results["ucf101"]["std_top1"] - math.sqrt((9 + 1 + 4) / 3)) < 1e-5  # over the 3 folds, not n - 1
+
+
+# train_one_epoch, through runs of train.py
+
+def test_gradient_accumulation_equals_the_whole_batch(tmp_path, monkeypatch):
+    # Plain SGD instead of AdamW (which is blind to the scale of the gradients) at a constant rate (the schedule
+    # is read at micro-batch boundaries): the weights after an epoch must not depend on how each optimizer step's
+    # batch is cut into micro-batches. 9 clips: micro-batches of 4 in steps of 8 leave a last step of one
+    # micro-batch of 1, which must count as a batch of 1, not 1/2 of one.
+    monkeypatch.setattr(torch.optim, "AdamW", lambda params, lr, **kw: torch.optim.SGD(params, lr=lr))
+    monkeypatch.setattr(protocols, "learning_rate", lambda progress, args: args.lr)
+    evaluate_all = engine.evaluate_all  # not the subject here: on one video per test set
+    monkeypatch.setattr(engine, "evaluate_all", lambda model, tests, *a: evaluate_all(
+        model, {name: test.subset(test.samples[:1]) for name, test in tests.items()}, *a))
+    weights = []
+    for micro in (8, 4):
+        out = tmp_path / f"micro{micro}"
+        train.main(train.get_args(["--dataset", "synthetic", "--shots", "1", "--epochs", "1", "--batch-size", "8",
+                                   "--micro-batch", str(micro), "--mixup", "0", "--cutmix", "0", "--lr", "1.0",
+                                   "--towers", "image", "--frames", "2", "--device", "cpu", "--out", str(out)]))
+        ck = torch.load(out / "last.pt", weights_only=True)
+        assert ck["step"] == 2  # 8 + 1 clips
+        weights.append(ck["model"])
+    start = train.load_clip(train.get_args(["--dataset", "synthetic"])).state_dict()
+    moved = 0
+    for key, value in weights[0].items():
+        torch.testing.assert_close(weights[1][key], value, atol=1e-5, rtol=1e-4, msg=key)
+        moved += key.startswith("clip.") and not torch.allclose(value, start[key[5:]], atol=1e-4)
+    assert moved > 10  # the steps did change the weights
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    normalize, calls = data.normalize, []
+
+    def poisoned(video, *a, **k):  # the second epoch's first batch turns to NaN
+        calls.append(1)
+        out = normalize(video, *a, **k)
+        return out * float("nan") if len(calls) == 7 else out
+    monkeypatch.setattr(data, "normalize", poisoned)
+    with pytest.raises(FloatingPointError, match=r"at optimizer step 4 \(epoch 2\).*last.pt"):
+        train.main(train.get_args(TINY_RUN + ["--out", str(tmp_path), "--eval-every", "0"]))
+    ck = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert ck["epoch"] == 0 and all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# train.py
+
+def file_run(root, *extra):
+    """A run of train.py over files: native lists, a scratch model, two epochs of three optimizer steps."""
+    return ["--dataset", "ucf101", "--splits", "native", "--root", root, "--model", "scratch", "--frames", "2",
+            "--views", "1x1", "--batch-size", "12", "--micro-batch", "6", "--epochs", "2", "--warmup-epochs", "1",
+            "--eval-every", "0", "--device", "cpu", *extra]
+
+
+# A full disk as the OS reports it, and as torch.save (2.13) reports it when the disk fills mid-write.
+FULL_DISK = [OSError(errno.ENOSPC, "No space left on device"),
+             RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")]
+
+
+# Flags and errors
+
+def test_readme_train_commands_parse():
+    commands = readme_commands("train.py")
+    assert len(commands) >= 10
+    for argv in commands:
+        args = train.get_args(argv)
+        assert args.protocol in protocols.PRESETS and args.frames and args.epochs is not None, argv
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--shots", "-1"], "--shots -1"), (["--frames", "0"], "--frames 0"), (["--frames", "-3"], "--frames -3"),
+    (["--micro-batch", "0"], "--micro-batch"), (["--batch-size", "0"], "--batch-size"),
+    (["--epochs", "0"], "--epochs 0"), (["--epochs", "-1"], "--epochs -1"), (["--views", "2x2"], "CLIPSxCROPS"),
+    (["--views", "abc"], "CLIPSxCROPS"), (["--views", "0x1"], "CLIPSxCROPS"), (["--label-smoothing", "2"], "2.0"),
+    (["--template", "a {} of {}"], "exactly one"), (["--template", "video"], "exactly one"),
+    (["--eval-datasets", "ucf101", "--eval-roots", "ucf101"], "NAME=DIR"),
+    (["--eval-datasets", "ucf101,ucf"], "expected names among ucf101"),
+    (["--batch-size", "10", "--micro-batch", "4"], "not a whole number of micro-batches"),
+    (["--input-size", "4"], "smaller than one 8-pixel patch"), (["--mode", "prompt", "--n-ctx", "40", "--depth", "1"],
+                                                                "prompt tokens must be in 1..28"),
+])
+def test_bad_flags_are_refused_with_what_was_expected(tmp_path, flags, message):
+    with pytest.raises(vifi.ConfigError, match=re.escape(message)):
+        train.main(train.get_args(["--dataset", "synthetic", "--out", str(tmp_path), "--device", "cpu", *flags]))
+
+
+def test_a_run_shorter_than_its_warm_up_says_so(capsys):
+    train.check_args(train.get_args(["--dataset", "ucf101", "--shots", "2", "--epochs", "2"]), world=1)
+    assert "ends inside the warm-up (5 epochs): the rate rises only to 8e-07, not to --lr 2e-06" in capsys.readouterr().err
+
+
+def test_bad_flags_exit_2_in_one_line_without_traceback(tmp_path):
+    (tmp_path / "file").touch()
+    for flags in (["--frames", "-3"], ["--views", "0x1"], ["--out", str(tmp_path / "file")],
+                  ["--device", "cuda:0"] if not torch.cuda.is_available() else ["--views", "1"]):
+        run = run_cli("train.py", "--dataset", "ucf101", "--root", str(tmp_path / "none"), *flags)
+        assert run.returncode == 2 and "Traceback" not in run.stderr and "--root" not in run.stderr, run.stderr
+        assert run.stderr.startswith("error: ") and run.stderr.count("\n") == 1
+
+
+def test_cli_errors_exit_2_with_a_clear_message(tmp_path):
+    for splits in ("official", "native"):  # an empty folder: no video, said before any download
+        run = run_cli("train.py", "--dataset", "ucf101", "--root", str(tmp_path), "--shots", "2", "--splits", splits)
+        assert run.returncode == 2 and "holds no video files" in run.stderr and "ucfTrainTestlist" in run.stderr
+        assert "Traceback" not in run.stderr and "crcv.ucf.edu" in run.stderr
+    run = run_cli("train.py", "--dataset", "synthetic", "--model", "ViT-B/32", env={"VIFI_CACHE": str(tmp_path)})
+    assert run.returncode == 2 and clip_model.MODELS["ViT-B/32"] in run.stderr and "Traceback" not in run.stderr
+    run = run_cli("train.py", "--dataset", "synthetic", "--mode", "prompt", "--out", str(tmp_path / "out"))
+    assert run.returncode == 2 and "prompt depths must be in 1..2" in run.stderr and "Traceback" not in run.stderr
+    run = run_cli("train.py", "--dataset", "nonsense")  # rejected before any model is loaded or downloaded
+    assert run.returncode == 2 and "invalid choice: 'nonsense'" in run.stderr
+    assert train.pick_device("cuda", 3) == torch.device("cuda:3") and train.pick_device("cpu", 0).type == "cpu"
+    (tmp_path / "notes.pth").write_text("not a checkpoint")
+    for flag, expect in (("--resume", "missing.pt: no such file"), ("--checkpoint", "notes.pth: not a PyTorch checkpoint")):
+        path = str(tmp_path / ("missing.pt" if flag == "--resume" else "notes.pth"))
+        run = run_cli("train.py", "--dataset", "synthetic", flag, path, "--out", str(tmp_path / "out"))
+        assert run.returncode == 2 and expect in run.stderr and "Traceback" not in run.stderr, run.stderr[-2000:]
+
+
+def test_missing_dataset_fails_before_any_network_access(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("VIFI_DATA", raising=False)
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: pytest.fail(f"network touched: {a}"))
+    with pytest.raises(data.DatasetError, match=r"ucf101: 'data/ucf101' is not a folder.*UCF-101/<Class>.*"
+                                                r"crcv\.ucf\.edu.*VIFI_DATA.*python tools.py check --dataset ucf101"):
+        train.main(train.get_args(["--dataset", "ucf101", "--shots", "8"]))
+    with pytest.raises(data.DatasetError, match=r"hmdb51: '.*nowhere/hmdb51' is not a folder.*serre-lab"):
+        monkeypatch.setenv("VIFI_DATA", str(tmp_path / "nowhere"))
+        (tmp_path / "nowhere" / "k400" / "train").mkdir(parents=True)
+        (tmp_path / "nowhere" / "k400" / "train" / "a.mp4").touch()
+        train.main(train.get_args(["--dataset", "k400", "--eval-datasets", "hmdb51"]))
+    assert not (tmp_path / "runs").exists()
+    run = run_cli("train.py", "--dataset", "ssv2", "--shots", "2", env={"VIFI_DATA": str(tmp_path / "none"),
+                                                                       "VIFI_CACHE": str(tmp_path / "cache")})
+    assert run.returncode == 2 and "qualcomm.com" in run.stderr and "Traceback" not in run.stderr
+    assert not (tmp_path / "cache").exists()  # nothing fetched
+
+
+def test_offline_one_message_lists_every_missing_file(tmp_path, monkeypatch):
+    tools.make_test_video(str(tmp_path / "v.avi"), num_frames=4, width=32, height=32)
+    link_tree(tmp_path / "ucf", tmp_path / "v.avi", ["datasets_splits/ucf_splits/train1_few_shot_2.txt"])
+    link_tree(tmp_path / "ucf", tmp_path / "v.avi", ["datasets_splits/ucf_splits/val1.txt"], limit=5)
+    monkeypatch.setenv("VIFI_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("VIFI_BPE")
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: (_ for _ in ()).throw(urllib.error.URLError("offline")))
+    args = ["--dataset", "ucf101", "--root", str(tmp_path / "ucf"), "--shots", "2"]
+    with pytest.raises(data.DatasetError) as error:  # nothing cached: split files, weights and vocabulary at once
+        train.main(train.get_args(args))
+    weights = clip_model.MODELS["ViT-B/16"]
+    for url in (protocols.OFFICIAL_URL + "datasets_splits/ucf_splits/train1_few_shot_2.txt", weights, tokenizer.BPE_URL):
+        assert url in str(error.value)
+    assert str(tmp_path / "cache" / tokenizer.BPE_FILE) in str(error.value)
+    with pytest.raises(archive.CheckpointError) as error, warnings.catch_warnings():  # splits in place
+        warnings.simplefilter("ignore")  # the test list is cut to 5 videos
+        train.main(train.get_args(args + ["--splits", official()]))
+    assert f"{weights} -> {tmp_path / 'cache' / os.path.basename(weights)}" in str(error.value)
+    assert f"{tokenizer.BPE_URL} -> {tmp_path / 'cache' / tokenizer.BPE_FILE}" in str(error.value)
+
+
+# Models, checkpoints and resuming
+
+def test_official_checkpoints_and_vanilla_clip_prompt_the_raw_names(tiny_clip):
+    names = ["ApplyEyeMakeup", "brush_hair", "Pouring something into something"]
+    fine = vifi.load_official_checkpoint(fixture("vifi_official_finetune_ckpt.pth"), tiny_clip, names)
+    assert fine.prompts_for(names) == [f"a photo of a {n}." for n in names]
+    prompted = vifi.load_official_checkpoint(fixture("vifi_official_prompt_ckpt.pth"), tiny_clip, names)
+    assert prompted.prompts_for(names)[:2] == ["X X X X X ApplyEyeMakeup.", "X X X X X brush hair."]  # '_' -> ' '
+    assert vifi.ViFiCLIP(tiny_clip, names, "zeroshot").prompts_for(names) == names  # the official "{}"
+    args = train.get_args(["--dataset", "ucf101", "--root", "x", "--eval-only", "--checkpoint",
+                           fixture("vifi_official_finetune_ckpt.pth")])
+    model = train.build_model(args, tiny_clip, names)
+    assert model.prompts_for(names)[0] == "a photo of a ApplyEyeMakeup." and model.norm == "imagenet"
+    args = train.get_args(["--dataset", "ucf101", "--root", "x", "--mode", "zeroshot", "--clean-names"])
+    assert train.build_model(args, tiny_clip, names).prompts_for(names)[0] == "apply eye makeup"
+
+
+def test_eval_only_official_checkpoint(tmp_path, expected):
+    out = tmp_path / "ev"
+    results = train.main(train.get_args(["--dataset", "synthetic", "--eval-only", "--model", fixture("clip_tiny_openai_jit.pt"),
+                                         "--checkpoint", fixture("vifi_official_prompt_ckpt.pth"), "--out", str(out),
+                                         "--device", "cpu", "--frames", "2"]))
+    assert results["base"]["videos"] == 144 and 0 <= results["base"]["top1"] <= 100
+    assert json.load(open(out / "results.json"))["norm"] == "imagenet"  # official models were trained with it
+
+
+def test_checkpoint_flags_run_no_code(payloads, tmp_path):
+    files, marker = payloads
+    for path in files.values():
+        for flags in (["--checkpoint"], ["--eval-only", "--checkpoint"], ["--resume"], ["--model"]):
+            with pytest.raises(archive.CheckpointError, match=re.escape(str(path))):
+                train.main(train.get_args(TINY_RUN + [*flags, str(path), "--out", str(tmp_path)]))
+    for flag, path in (("--resume", files["polyglot"]), ("--checkpoint", files["torchscript"])):
+        run = run_cli("train.py", *TINY_RUN, flag, str(path), "--out", str(tmp_path))
+        assert run.returncode == 2 and run.stderr.startswith(f"error: {path}"), run.stderr
+        assert run.stderr.count("\n") == 1, run.stderr  # one line: no traceback, no progress bar
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("error", FULL_DISK)
+def test_full_disk_keeps_the_last_checkpoint_and_says_so(tmp_path, monkeypatch, error):
+    last = tmp_path / "last.pt"
+    last.write_bytes(b"the previous checkpoint")
+
+    def full_disk(obj, path):  # as torch.save on a full disk: part of the file written, then the error
+        Path(path).write_bytes(b"PK\x03\x04 part of a checkpoint")
+        raise error
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(archive.CheckpointError) as e:
+        train.save_atomic({"model": {}}, str(last))
+    assert re.match(rf"could not write {re.escape(str(last))} \(.*; [\d.]+ MiB free on its disk\)", str(e.value))
+    assert "unexpected pos" not in str(e.value)
+    assert os.listdir(tmp_path) == ["last.pt"] and last.read_bytes() == b"the previous checkpoint"
+
+
+def test_resume_gives_identical_weights(tmp_path, monkeypatch):
+    straight = train.main(train.get_args(TINY_RUN + ["--out", str(tmp_path / "a")]))
+    calls = []
+
+    def stop_after_first_epoch(*a):  # as if the job were killed right after epoch 1's checkpoint
+        calls.append(1)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(report, "write_curves", stop_after_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(train.get_args(TINY_RUN + ["--out", str(tmp_path / "b")]))
+    monkeypatch.undo()
+    resumed = train.main(train.get_args(TINY_RUN + ["--out", str(tmp_path / "b"), "--resume", str(tmp_path / "b" / "last.pt")]))
+    a = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 1 and a["step"] == b["step"] > 0
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    assert straight == resumed
+    best = torch.load(tmp_path / "a" / "best.pt", weights_only=True)
+    assert "optimizer" not in best and vifi.load_checkpoint(str(tmp_path / "a" / "best.pt")).mode == "finetune"
+    outs = set(os.listdir(tmp_path / "a"))
+    assert {"results.json", "log.jsonl", "last.pt", "best.pt", "curves.svg", "train_list.txt"} <= outs
+    log = [json.loads(line) for line in open(tmp_path / "a" / "log.jsonl")]
+    assert [r["epoch"] for r in log] == [1, 2] and {"loss", "lr", "clips_per_s", "top1"} <= set(log[-1])
+    res = json.load(open(tmp_path / "a" / "results.json"))
+    assert res["results"]["base"]["videos"] == res["results"]["novel"]["videos"] == 9 * 16
+    assert res["train_videos"] == 18 and "harmonic_mean" in res["results"]
+
+
+def test_resume_with_workers_gives_identical_weights(tmp_path, monkeypatch, synth_tree):
+    run = file_run(synth_tree, "--workers", "2", "--lr", "1e-3")
+    train.main(train.get_args(run + ["--out", str(tmp_path / "a")]))
+    monkeypatch.setattr(report, "write_curves", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):  # killed after epoch 1's last.pt, before its log row and curves
+        train.main(train.get_args(run + ["--out", str(tmp_path / "b")]))
+    monkeypatch.undo()
+    assert not (tmp_path / "b" / "curves.svg").exists()
+    train.main(train.get_args(run + ["--out", str(tmp_path / "b"), "--resume", str(tmp_path / "b" / "last.pt")]))
+    a = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    rows = [[json.loads(line) for line in open(tmp_path / d / "log.jsonl")] for d in "ab"]
+    assert [r["epoch"] for r in rows[1]] == [1, 2]  # the row the kill lost is written again
+    assert [r["loss"] for r in rows[0]] == [r["loss"] for r in rows[1]]
+
+
+def test_resume_refuses_another_runs_checkpoint(tmp_path, synth_tree):
+    run = ["--dataset", "synthetic", "--shots", "1", "--batch-size", "9", "--micro-batch", "9", "--epochs", "1",
+           "--frames", "2", "--device", "cpu", "--eval-every", "0"]
+    train.main(train.get_args(run + ["--out", str(tmp_path / "a")]))
+    with pytest.raises(archive.CheckpointError, match=r"continues a synthetic run on synthetic \(9 classes\), "
+                                                         r"not this supervised run on ucf101 \(18 classes\)"):
+        train.main(train.get_args(file_run(synth_tree, "--workers", "0", "--out", str(tmp_path / "b"),
+                                           "--resume", str(tmp_path / "a" / "last.pt"))))
+
+
+def test_resume_refuses_what_it_cannot_continue(tmp_path):
+    out = str(tmp_path / "run")
+    train.main(train.get_args(TINY_RUN + ["--epochs", "1", "--out", out]))
+    last = os.path.join(out, "last.pt")
+    other_size = ["--model", fixture("clip_tiny_openai_jit.pt")]
+    for flags, error in ((other_size, r"last.pt: key 'clip\.\S+' has shape .* the model these flags build"),
+                         (["--towers", "text"], "optimizer state does not fit what these flags train")):
+        with pytest.raises(archive.CheckpointError, match=error):
+            train.main(train.get_args(TINY_RUN + [*flags, "--resume", last, "--out", str(tmp_path / "again")]))
+    with pytest.raises(vifi.ConfigError, match=f"only evaluates: to evaluate {re.escape(last)}, pass it as --check"):
+        train.main(train.get_args(TINY_RUN + ["--eval-only", "--resume", last, "--out", str(tmp_path / "again")]))
+    flip_bytes(Path(last), os.path.getsize(last) // 2)
+    with pytest.raises(archive.CheckpointError, match=f"{re.escape(last)}: corrupt"):
+        train.main(train.get_args(TINY_RUN + ["--resume", last, "--out", out]))
+
+
+# Whole runs
+
+def test_an_unreadable_test_video_is_left_out_and_reported(tmp_path, synth_tree, capsys):
+    root = tmp_path / "copy"
+    shutil.copytree(synth_tree, root)
+    bad = sorted((root / "UCF-101").rglob("*test000.avi"))[3]
+    bad.write_bytes(b"")
+    results = train.main(train.get_args(file_run(str(root), "--workers", "0", "--epochs", "1", "--out",
+                                                 str(tmp_path / "out"))))
+    assert results["test"]["videos"] == 17 and results["test"]["failures"] == 1  # not 18: no neighbour counted twice
+    assert bad.name in results["test"]["failed_first"][0] and (tmp_path / "out" / "last.pt").exists()
+    assert "1 unreadable videos left out" in capsys.readouterr().out
+    hits = results["test"]["top1"] * 17 / 100
+    assert abs(hits - round(hits)) < 1e-6  # a share of the 17 readable videos
+
+
+def test_distributed_two_processes_count_every_video_once(tmp_path):
+    run = run_cli("-m", "torch.distributed.run", "--nproc_per_node", "2", "train.py", *TINY_RUN, "--epochs", "1",
+                  "--out", str(tmp_path), timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "frames/s" in run.stdout and "pipeline clips/s" in run.stdout and "train.py loop" in run.stdout
-    res = json.loads(out.read_text())
+    res = json.load(open(tmp_path / "results.json"))
+    assert res["results"]["base"]["videos"] == 144 and res["results"]["novel"]["videos"] == 144
 
-    def positive(v):
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
 
-    assert res["device_type"] == "cpu" and res["torch"] and res["date"] and res["small"] is True
-    assert positive(res["peak_tflops"]) and res["peak_dtype"] == "float32", (res["peak_tflops"], res["peak_dtype"])
-    classes = res["config"]["classes"]
-    expected = {"vision_train", "vision_infer", "memory_ckpt", "memory_no_ckpt"}
-    expected |= {f"vifi_{kind}_c{c}" for kind in ("train", "eval", "train_official") for c in classes}
-    assert set(res["model"]) == expected
-    for key, row in res["model"].items():
-        for metric in ("ms", "frames_per_s", "tflops", "mfu"):
-            assert positive(row[metric]), (key, metric, row)
-    if os.access("/proc/self/clear_refs", os.W_OK):  # the CPU peak-memory measurement needs it
-        peaks = res["model"]["memory_ckpt"]["peak_mb"], res["model"]["memory_no_ckpt"]["peak_mb"], res["memory_ratio"]
-        assert all(map(positive, peaks)), peaks
-    assert set(res["data"]) == {f"{v}_t{t}" for v in ("ucf101", "kinetics") for t in res["config"]["data_T"]}
-    for key, rates in res["data"].items():
-        assert all(positive(rates[m]) for m in ("decode_clips_per_s", "pipeline_clips_per_s", "pipeline_over_decode"))
-    feed = res["data_feed"]
-    assert positive(feed["pipeline_clips_per_s"]) and positive(feed["train_clips_per_s"])
-    e2e = res["e2e"]  # --small runs the end-to-end section too, on tiny videos
-    assert {(r["video"], r["keyint"], r["crf"], r["fast_decode"]) for r in e2e["prepare"].values()} == {
-        (v, k, q, fast) for v in ("kinetics", "kinetics_textured") for k, q, fast in res["config"]["prepare_grid"]}
-    for row in e2e["prepare"].values():
-        assert all(positive(row[m]) for m in ("clips_per_s", "speedup", "bytes_ratio", "psnr_db", "encode_s")), row
-        assert row["psnr_db"] > 30, row  # the prepared frames are the original's
-    workers = sorted({r["workers"] for r in e2e["workers"].values()})
-    assert workers[0] == 1 and workers[-1] == os.cpu_count() and len(e2e["workers"]) == 4 * len(workers)
-    assert all(positive(r["clips_per_s"]) for r in e2e["workers"].values())
-    assert {(r["video"], r["T"], r["files"]) for r in e2e["train_loop"].values()} == {
-        (v, t, f) for v, t in (("kinetics", 16), ("ucf101", 8)) for f in ("original", "prepared")}
-    for row in e2e["train_loop"].values():
-        assert all(positive(row[m]) for m in ("clips_per_s", "in_memory_clips_per_s", "of_bound")), row
+def test_the_mission_command_runs_as_typed(tmp_path, bpe):
+    """`python train.py --dataset ucf101 --shots 8` in a fresh folder: the data under ./data/ucf101 (two classes of
+    the official 8-shot list and a quarter of their test videos in split 1, one tiny clip hard-linked under each
+    name), the model and the split files already in the cache (the tiny OpenAI-format fixture as ViT-B/16)."""
+    video = tmp_path / "v.avi"
+    tools.make_test_video(str(video), num_frames=12, width=40, height=32)
+    few, val = "datasets_splits/ucf_splits/train1_few_shot_8.txt", "datasets_splits/ucf_splits/val1.txt"
+    tested = [(name, label) for name, label in official_lines(val) if label < 2][::4]
+    keep = [(name, label) for name, label in official_lines(few) if label < 2] + tested
+    for name, _ in keep:
+        os.makedirs(tmp_path / "data" / "ucf101" / "UCF-101", exist_ok=True)
+        os.link(video, tmp_path / "data" / "ucf101" / "UCF-101" / name)
+    cache = tmp_path / "cache"
+    for rel in (few, val, "labels/ucf_101_labels.csv"):
+        os.makedirs(cache / f"splits-{protocols.OFFICIAL_COMMIT[:7]}" / os.path.dirname(rel), exist_ok=True)
+        shutil.copyfile(official(rel), cache / f"splits-{protocols.OFFICIAL_COMMIT[:7]}" / rel)
+    shutil.copyfile(fixture("clip_tiny_openai_jit.pt"), cache / "ViT-B-16.pt")
+    env = {**os.environ, "VIFI_CACHE": str(cache), "OMP_NUM_THREADS": "1", "VIFI_BPE": str(bpe)}
+    env.pop("VIFI_DATA", None)
+    run = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--dataset", "ucf101", "--shots", "8"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    res = json.load(open(tmp_path / "runs" / "ucf101-few-shot" / "results.json"))
+    assert (res["protocol"], res["train_videos"], res["epochs"], res["frames"]) == ("few-shot", 16, 50, 32)
+    assert res["results"]["test"]["videos"] == len(tested) and res["splits"].startswith("official")
+    log = [json.loads(line) for line in open(tmp_path / "runs" / "ucf101-few-shot" / "log.jsonl")]
+    assert [r["epoch"] for r in log if "top1" in r] == [1, 11, 21, 31, 41, 50]  # the official evaluation epochs
+    assert res["best"]["top1"] == max(r["top1"] for r in log if "top1" in r) and res["paper_reports"] == "best"
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# data.py
-
-import data  # noqa: E402
-import tools  # noqa: E402
-
-
-def frame_codes(video):
-    """The frame indices that make_test_video encodes in the top band of each frame of uint8 (T, 3, H, W)."""
-    half = video.shape[-1] // 2
-    low = ((video[:, :, 2:14, 4:half - 4].float().mean(dim=(1, 2, 3)) - 8) / 16).round().long()
-    high = ((video[:, :, 2:14, half + 4:-4].float().mean(dim=(1, 2, 3)) - 8) / 16).round().long()
-    return (low + 16 * high).tolist()
-
-
-CODECS = [("avi", "mpeg4"), ("mp4", "libx264"), ("webm", "libvpx-vp9")]
-
-
-@pytest.fixture(scope="module")
-def videos(tmp_path_factory):
-    """One 40-frame 64x48 video per codec, keyframe every 8 frames."""
-    folder = tmp_path_factory.mktemp("videos")
-    paths = {}
-    for extension, codec in CODECS:
-        paths[extension] = str(folder / f"clip.{extension}")
-        tools.make_test_video(paths[extension], num_frames=40, width=64, height=48, codec=codec, gop=8)
-    return paths
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Sampling
-
-def test_train_sampling_draws_one_frame_inside_each_segment():
-    rng = random.Random(0)
-    draws = [data.sample_indices(100, 8, train=True, rng=rng) for _ in range(200)]
-    for indices in draws:
-        for i, index in enumerate(indices):
-            assert int(i * 12.5) <= index < (i + 1) * 12.5
-    assert len({tuple(d) for d in draws}) > 150  # random, not fixed
-
-
-def test_test_sampling_takes_centres_and_shifts_clips():
-    assert data.sample_indices(80, 8, train=False) == [5, 15, 25, 35, 45, 55, 65, 75]
-    first = data.sample_indices(80, 8, train=False, shift=0, num_shifts=2)
-    second = data.sample_indices(80, 8, train=False, shift=1, num_shifts=2)
-    assert first == [2, 12, 22, 32, 42, 52, 62, 72] and second == [7, 17, 27, 37, 47, 57, 67, 77]
-
-
-class Offsets:
-    """A stand-in for `random` whose random() returns the given numbers in turn."""
-
-    def __init__(self, *values):
-        self.values = list(values)
-
-    def random(self):
-        return self.values.pop(0)
-
-
-def test_sampling_exact_indices_in_fractional_segments():
-    # 50 frames in 4 segments of 12.5 frames: segment i gives frame int((i + offset) * 12.5), one offset per segment
-    assert data.sample_indices(50, 4, train=True, rng=Offsets(0.0, 0.999, 0.5, 0.3)) == [0, 24, 31, 41]
-    # testing: the centres of 8 segments of 6.25 frames; the last of 3 clips at offset 2.5 / 3 of each segment
-    assert data.sample_indices(50, 8, train=False) == [3, 9, 15, 21, 28, 34, 40, 46]
-    assert data.sample_indices(50, 4, train=False, shift=2, num_shifts=3) == [10, 22, 35, 47]
-
-
-@pytest.mark.parametrize("train", [True, False])
-def test_short_video_repeats_indices_in_order(train):
-    indices = data.sample_indices(3, 8, train=train, rng=random.Random(1))
-    assert len(indices) == 8 and indices == sorted(indices) and set(indices) == {0, 1, 2}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Decoding
-
-@pytest.mark.parametrize("extension", [e for e, _ in CODECS])
-def test_read_returns_exactly_the_requested_frames(videos, extension):
-    with data.VideoReader(videos[extension]) as video:
-        assert len(video) == 40  # WebM declares no frame count: counted from the packets
-        indices = [0, 39, 17, 5, 5, 30, 31, 2]
-        frames = video.read(indices)
-    assert frames.shape == (8, 3, 48, 64) and frames.dtype == torch.uint8
-    assert frame_codes(frames) == indices
-
-
-@pytest.mark.parametrize("extension", [e for e, _ in CODECS])
-def test_read_starts_at_the_keyframe_before_and_stops_at_the_last_wanted_frame(videos, extension):
-    with data.VideoReader(videos[extension]) as video:
-        decode, seen = video._decode, []
-
-        def counting(keyframe, want=None):
-            for index, frame in decode(keyframe, want):
-                seen.append(index)
-                yield index, frame
-
-        video._decode = counting
-        assert frame_codes(video.read([3, 35])) == [3, 35]
-    # from frame 0 (unwanted B-frames before 3 may be dropped unread) to 3, then from keyframe 32 to 35
-    assert seen[0] == 0 and seen.index(3) <= 3 and seen[seen.index(3) + 1] == 32 and seen[-1] == 35
-
-
-def test_unwanted_frames_that_nothing_refers_to_are_not_decoded(tmp_path):
-    path = str(tmp_path / "long_gop.mp4")
-    tools.make_test_video(path, num_frames=60, width=64, height=48, codec="libx264")  # one keyframe, B-frames
-    indices = [5, 20, 21, 40, 59]
-    with data.VideoReader(path) as video:
-        everything = [index for index, _ in video._decode(video.keyframes[0])]
-        wanted = [index for index, _ in video._decode(video.keyframes[0], set(indices))]
-        assert frame_codes(video.read(indices)) == indices
-    assert everything == list(range(60)) and set(indices) <= set(wanted) and len(wanted) < 60
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Augmentation
-
-def test_views_cover_the_documented_boxes():
-    assert data.test_views(240, 320, 224)[0].box == (15, 55, 210, 210)  # 224/256 of the short side, centred
-    assert data.test_views(320, 240, 224)[0].box == (55, 15, 210, 210)  # portrait: the long side is the height
-    # 32 pixels: the short side goes to int(32 * 256 / 224) = 36, so the box covers 32 / 36 of it: 42.67 -> 43
-    assert data.test_views(48, 64, 32)[0].box == (2, 10, 43, 43)
-    assert [v.box for v in data.test_views(240, 320, 224, crops=3)] == [(0, 0, 240, 240), (0, 40, 240, 240),
-                                                                         (0, 80, 240, 240)]
-    assert [v.box for v in data.test_views(300, 200, 32, crops=3)] == [(0, 0, 200, 200), (50, 0, 200, 200),
-                                                                        (100, 0, 200, 200)]
-    assert not any(v.flip or v.jitter or v.gray for v in data.test_views(300, 200, 32, crops=3))
-
-
-def test_train_view_draws_the_documented_distribution():
-    rng, n = random.Random(0), 2000
-    for height, width in [(48, 64), (90, 60)]:  # landscape and portrait: crop sizes follow the short side
-        side = min(height, width)
-        sizes = [int(side * s) for s in (1, 0.875, 0.75, 0.66)]
-        views = [data.train_view(height, width, rng) for _ in range(n)]
-        scales, places = collections.Counter(), collections.Counter()
-        for view in views:
-            top, left, h, w = view.box
-            scales[sizes.index(h), sizes.index(w)] += 1  # ValueError for any other crop size
-            places[[(0, 0), (0, width - w), (height - h, 0), (height - h, width - w),  # corners, centre
-                    (round((height - h) / 2), round((width - w) / 2))].index((top, left))] += 1
-        # height and width scales at most one step apart, each pair equally likely; five places equally likely
-        assert set(scales) == {(i, j) for i in range(4) for j in range(4) if abs(i - j) <= 1}
-        assert all(abs(count - n / 10) < 60 for count in scales.values()), scales
-        ambiguous = sum(1 for v in views if v.box[2] == height or v.box[3] == width)  # a full side: places coincide
-        assert len(places) == 5 and all(abs(count - (n - ambiguous) / 5) < 80 + ambiguous for count in places.values())
-        assert abs(sum(v.flip for v in views) / n - 0.5) < 0.05
-        assert abs(sum(v.gray for v in views) / n - 0.2) < 0.04
-        jittered = [v.jitter for v in views if v.jitter]
-        assert abs(len(jittered) / n - 0.8) < 0.04
-        for name, low, high in [("brightness", 0.6, 1.4), ("contrast", 0.6, 1.4), ("saturation", 0.8, 1.2),
-                                ("hue", -0.1, 0.1)]:
-            factors = [f for jitter in jittered for op, f in jitter if op == name]
-            assert len(factors) == len(jittered)  # all four operations in every jitter
-            assert low <= min(factors) < low + 0.02 and high - 0.02 < max(factors) <= high, name
-        assert len({tuple(op for op, _ in jitter) for jitter in jittered}) == 24  # every order of the four
-
-
-def test_render_crops_resizes_and_flips_the_box():
-    torch.manual_seed(0)
-    frames = torch.randint(0, 256, (3, 3, 48, 64), dtype=torch.uint8)
-    crop = frames[:, :, 5:21, 11:27]  # box (top 5, left 11, 16 x 16): already the output size, a plain crop
-    assert torch.equal(data.render(frames, data.View((5, 11, 16, 16)), 16), crop)
-    assert torch.equal(data.render(frames, data.View((5, 11, 16, 16), flip=True), 16), crop.flip(-1))
-    # a 30 x 40 box from (7, 9), resized to 20 x 20 without keeping the aspect ratio: float bilinear with
-    # antialiasing, to within the rounding of the uint8 result
-    expect = F.interpolate(frames[:, :, 7:37, 9:49].float(), size=(20, 20), mode="bilinear", antialias=True,
-                           align_corners=False)
-    for flip in (False, True):
-        out = data.render(frames, data.View((7, 9, 30, 40), flip=flip), 20)
-        assert out.shape == (3, 3, 20, 20) and out.dtype == torch.uint8
-        assert (out.float() - (expect.flip(-1) if flip else expect)).abs().max() <= 1
-
-
-def test_train_sample_is_one_view_of_one_frame_per_segment(videos, monkeypatch):
-    """dataset[i] in training: frame t is a frame of segment t, every frame with the same crop and flip, and the
-    colour matrix of that same view, once for the clip."""
-    source = data.read_frames(videos["avi"], range(40))  # (40, 3, 48, 64), every frame of the video
-    dataset = data.VideoDataset([(videos["avi"], 0)], ["x"], frames=4, size=32, train=True)
-    drawn, train_view = [], data.train_view
-    monkeypatch.setattr(data, "train_view", lambda *a, **k: drawn.append(train_view(*a, **k)) or drawn[-1])
-    views, picks = [], set()
-    for seed in range(8):
-        drawn.clear()
-        sample = dataset[0, f"1/0/{seed}"]  # drawn from the key 'seed/epoch/index', as train.py asks
-        (view,) = drawn  # one view for the clip, not one per frame
-        views.append(view)
-        assert sample["video"].shape == (4, 3, 32, 32) and sample["video"].dtype == torch.uint8
-        pick = []
-        for t in range(4):  # 10-frame segments: frame t is one of frames 10t .. 10t+9, under that one view
-            pick += [k for k in range(10 * t, 10 * t + 10)
-                     if torch.equal(sample["video"][t], data.render(source[k:k + 1], view, 32)[0])]
-        assert len(pick) == 4, (seed, view, pick)
-        picks.add(tuple(pick))
-        assert torch.equal(sample["colour"], data.colour_matrix(view))  # (2, 3, 3): one matrix for the clip
-    assert len(picks) > 4  # random frames within the segments
-    assert {v.flip for v in views} == {True, False} and len({v.box for v in views}) > 3 and any(v.jitter for v in views)
-
-
-def test_train_clip_uses_the_same_crop_and_flip_for_every_frame(videos):
-    dataset = data.VideoDataset([(videos["avi"], 0)], ["x"], frames=4, size=32, train=True)
-    frames = data.read_frames(videos["avi"], [7] * 4)  # four copies of one frame
-    for seed in range(10):
-        view = data.train_view(48, 64, random.Random(seed))
-        out = data.render(frames, view, 32)
-        assert out.shape == (4, 3, 32, 32) and out.dtype == torch.uint8
-        assert all(torch.equal(out[0], out[t]) for t in range(1, 4))
-        if view.flip:
-            unflipped = data.render(frames, data.View(view.box), 32)
-            assert torch.equal(out, unflipped.flip(-1))
-    sample = dataset[0]
-    assert sample["video"].shape == (4, 3, 32, 32) and sample["colour"].shape == (2, 3, 3)
-
-
-def test_multi_view_test_sample_stacks_clips_times_crops(videos):
-    dataset = data.VideoDataset([(videos["mp4"], 3)], ["x"], frames=4, size=24, clips=2, crops=3)
-    sample = dataset[0]
-    assert sample["video"].shape == (6, 4, 3, 24, 24) and sample["label"] == 3
-    assert torch.equal(sample["colour"], data.NO_COLOUR)
-    source = data.read_frames(videos["mp4"], range(40))
-    picks = [[2, 12, 22, 32], [7, 17, 27, 37]]  # 10-frame segments at offsets 1/4 (clip 1) and 3/4 (clip 2)
-    boxes = [(0, 0, 48, 48), (0, 8, 48, 48), (0, 16, 48, 48)]  # the 48-pixel square at the start, centre, end
-    expect = torch.stack([data.render(source[pick], data.View(box), 24) for pick in picks for box in boxes])
-    assert torch.equal(sample["video"], expect)  # views clip-major: clip 1's three crops, then clip 2's
-
-
-def identity_normalize(video, colour):
-    """normalize() with mean 0 and std 1/255: just the colour transform, in 0-255."""
-    return data.normalize(video, (0, 0, 0), (1 / 255,) * 3, colour=colour)
-
-
-def test_colour_matrix_matches_direct_formulas():
-    video = torch.randint(30, 220, (2, 4, 3, 8, 8), dtype=torch.uint8)
-    x = video.float()
-    luma = torch.tensor([0.299, 0.587, 0.114]).view(1, 1, 3, 1, 1)
-    grey = (x * luma).sum(2, keepdim=True)
-
-    def apply(*jitter, gray=False):
-        colour = data.colour_matrix(data.View((0, 0, 8, 8), jitter=jitter, gray=gray))
-        return identity_normalize(video, colour.expand(2, 2, 3, 3))
-
-    def close(a, b):
-        return torch.allclose(a, b.clamp(0, 255), atol=1e-3)
-
-    assert close(apply(), x)
-    assert close(apply(("brightness", 1.3)), x * 1.3)
-    assert close(apply(("saturation", 0.5)), 0.5 * x + 0.5 * grey)
-    level = grey.mean(dim=(1, 3, 4), keepdim=True)  # one grey level per clip, not per frame
-    assert close(apply(("contrast", 0.7)), 0.7 * x + 0.3 * level)
-    assert close(apply(("brightness", 1.2), ("contrast", 0.7)), 0.7 * 1.2 * x + 0.3 * 1.2 * level)
-    assert close(apply(("hue", 0.0)), x) and not close(apply(("hue", 0.1)), x)
-    gray = apply(("hue", 0.05), gray=True)
-    assert close(gray[:, :, 0], gray[:, :, 1]) and close(gray[:, :, 1], gray[:, :, 2])
-
-
-def test_colour_matrix_hue_turns_chroma_about_the_grey_axis():
-    # NTSC's RGB -> YIQ (luma Y, chroma I and Q); hue f turns the (I, Q) plane by f turns and keeps luma
-    yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], dtype=torch.float64)
-    for f in (0.03, -0.1, 0.25):
-        a, b = data.colour_matrix(data.View((0, 0, 1, 1), jitter=(("hue", f),))).double()
-        turn = yiq @ a @ torch.linalg.inv(yiq)  # the map in YIQ coordinates
-        c, s = math.cos(2 * math.pi * f), abs(math.sin(2 * math.pi * f))
-        torch.testing.assert_close(turn[0], torch.tensor([1.0, 0, 0], dtype=torch.float64), atol=1e-6, rtol=0)
-        torch.testing.assert_close(turn[:, 0], torch.tensor([1.0, 0, 0], dtype=torch.float64), atol=1e-6, rtol=0)
-        assert abs(turn[1, 1] - c) < 1e-6 and abs(turn[2, 2] - c) < 1e-6
-        assert abs(abs(turn[1, 2]) - s) < 1e-6 and abs(turn[1, 2] + turn[2, 1]) < 1e-6  # a rotation
-        assert torch.equal(b, torch.zeros(3, 3, dtype=torch.float64))
-    a, b = data.colour_matrix(data.View((0, 0, 1, 1), jitter=(("brightness", 1.2),), gray=True))
-    luma = torch.tensor([0.299, 0.587, 0.114])
-    torch.testing.assert_close(a, 1.2 * luma.expand(3, 3))  # every channel <- the jittered pixel's luma
-    assert torch.equal(b, torch.zeros(3, 3))
-
-
-def test_normalize_is_the_per_channel_affine_map():
-    torch.manual_seed(0)
-    video = torch.randint(0, 256, (2, 3, 3, 5, 7), dtype=torch.uint8)
-    for mean, std in [(data.CLIP_MEAN, data.CLIP_STD), (data.IMAGENET_MEAN, data.IMAGENET_STD)]:
-        out = data.normalize(video, mean, std)
-        assert out.dtype == torch.float32 and out.shape == video.shape
-        for c in range(3):
-            expect = (video[:, :, c].double() / 255 - mean[c]) / std[c]
-            torch.testing.assert_close(out[:, :, c].double(), expect, atol=1e-5, rtol=0)
-
-
-def test_normalize_applies_each_clips_colour_map_with_its_own_mean_then_clamps():
-    torch.manual_seed(0)
-    # two clips, three frames of different brightness each, so per-frame and per-clip means differ
-    video = (torch.randint(0, 120, (2, 3, 3, 5, 7)) + torch.tensor([0, 60, 120]).view(1, 3, 1, 1, 1)).to(torch.uint8)
-    # per clip a pair [A, B] of random, non-symmetric matrices, different for the two clips: (2, 2, 3, 3)
-    colour = torch.stack([torch.stack([torch.eye(3) + 0.4 * torch.randn(3, 3), 0.3 * torch.randn(3, 3)]) for _ in "ab"])
-    out = data.normalize(video, data.CLIP_MEAN, data.CLIP_STD, colour=colour)
-    clamped = 0
-    for clip in range(2):
-        x = video[clip].double()  # (T, 3, H, W)
-        a, b = colour[clip].double()
-        m = [x[:, k].mean().item() for k in range(3)]  # the clip's mean colour, over all of its frames
-        for c in range(3):
-            y = sum(a[c, k] * x[:, k] + b[c, k] * m[k] for k in range(3))
-            clamped += ((y < 0) | (y > 255)).sum().item()
-            expect = (y.clamp(0, 255) / 255 - data.CLIP_MEAN[c]) / data.CLIP_STD[c]
-            torch.testing.assert_close(out[clip, :, c].double(), expect, atol=1e-4, rtol=0)
-    assert clamped > 10  # the clamp was exercised
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Dataset layouts (parsing only: the videos are empty placeholder files)
-
-def touch(path):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    open(path, "w").close()
-
-
-def write(path, text):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        f.write(text)
-
-
-def test_ucf101_layout(tmp_path):
-    root = str(tmp_path)
-    for name in ["ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi", "ApplyEyeMakeup/v_ApplyEyeMakeup_g01_c01.avi",
-                 "YoYo/v_YoYo_g09_c02.avi", "YoYo/v_YoYo_g02_c01.avi"]:
-        touch(f"{root}/UCF-101/{name}")
-    write(f"{root}/ucfTrainTestlist/classInd.txt", "1 ApplyEyeMakeup\n2 YoYo\n")
-    write(f"{root}/ucfTrainTestlist/trainlist01.txt",
-          "ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi 1\nYoYo/v_YoYo_g09_c02.avi 2\n")
-    write(f"{root}/ucfTrainTestlist/testlist01.txt",
-          "ApplyEyeMakeup/v_ApplyEyeMakeup_g01_c01.avi\nyoyo/v_YoYo_g02_c01.avi\n")  # folder case as in UCF101
-    train = data.build_dataset("ucf101", root, "train")
-    test = data.build_dataset("ucf101", root, "test")
-    assert train.classnames == ["ApplyEyeMakeup", "YoYo"] and train.train and not test.train  # names verbatim
-    assert [(os.path.basename(p), label) for p, label in train.samples] == [("v_ApplyEyeMakeup_g08_c01.avi", 0),
-                                                                           ("v_YoYo_g09_c02.avi", 1)]
-    assert [label for _, label in test.samples] == [0, 1]
-    assert all(os.path.isfile(p) for p, _ in train.samples + test.samples)
-
-
-def test_hmdb51_layout(tmp_path):
-    root = str(tmp_path)
-    for name in ["brush_hair/a.avi", "brush_hair/b.avi", "brush_hair/c.avi", "ride_bike/d.avi", "ride_bike/e.avi"]:
-        touch(f"{root}/hmdb51_org/{name}")
-    write(f"{root}/testTrainMulti_7030_splits/brush_hair_test_split1.txt", "a.avi 1 \nb.avi 2 \nc.avi 0 \n")
-    write(f"{root}/testTrainMulti_7030_splits/ride_bike_test_split1.txt", "d.avi 2\ne.avi 1\n")
-    write(f"{root}/testTrainMulti_7030_splits/ride_bike_test_split2.txt", "d.avi 1\ne.avi 2\n")
-    train = data.build_dataset("hmdb51", root, "train")
-    test = data.build_dataset("hmdb51", root, "test")
-    assert train.classnames == ["brush_hair", "ride_bike"]
-    assert sorted((os.path.basename(p), label) for p, label in train.samples) == [("a.avi", 0), ("e.avi", 1)]
-    assert sorted((os.path.basename(p), label) for p, label in test.samples) == [("b.avi", 0), ("d.avi", 1)]
-
-
-def test_kinetics_layout_skips_and_counts_missing_videos(tmp_path):
-    root = str(tmp_path)
-    header = "label,youtube_id,time_start,time_end,split\n"
-    write(f"{root}/annotations/train.csv", header + "abseiling,aaa,10,20,train\n\"air drumming\",bbb,0,10,train\n"
-                                                    "abseiling,ccc,5,15,train\n")
-    write(f"{root}/annotations/validate.csv", header + "air drumming,ddd,30,40,val\n")
-    touch(f"{root}/train/abseiling/aaa_000010_000020.mp4")
-    touch(f"{root}/train/air_drumming/bbb_000000_000010.mkv")  # another container: found by name stem
-    touch(f"{root}/val/ddd_000030_000040.mp4")
-    with pytest.warns(UserWarning, match="1 of 3"):
-        train = data.build_dataset("k400", root, "train")
-    assert train.missing == ["ccc_000005_000015"] and len(train) == 2
-    assert train.classnames == ["abseiling", "air drumming"] and [l for _, l in train.samples] == [0, 1]
-    test = data.build_dataset("k600", root, "test")
-    assert [l for _, l in test.samples] == [1] and test.missing == []
-
-
-def test_ssv2_layout_uses_templates_without_brackets(tmp_path):
-    root = str(tmp_path)
-    write(f"{root}/labels/labels.json", json.dumps({"Holding something": "1", "Putting something into something": "0"}))
-    write(f"{root}/labels/train.json", json.dumps([{"id": "7", "template": "Putting [something] into [something]"},
-                                                   {"id": "8", "template": "Holding [something]"}]))
-    write(f"{root}/labels/validation.json", json.dumps([{"id": "9", "template": "Holding [something]"}]))
-    for i in (7, 8, 9):
-        touch(f"{root}/20bn-something-something-v2/{i}.webm")
-    train = data.build_dataset("ssv2", root, "train")
-    assert train.classnames == ["Putting something into something", "Holding something"]
-    assert [(os.path.basename(p), l) for p, l in train.samples] == [("7.webm", 0), ("8.webm", 1)]
-    assert [l for _, l in data.build_dataset("ssv2", root, "test").samples] == [1]
-
-
-def test_list_format_and_write_list_round_trip(tmp_path):
-    root = str(tmp_path)
-    for name in ["a/x.mp4", "b/y.mp4", "b/z.mp4"]:
-        touch(f"{root}/videos/{name}")
-    # as the official label files write them: a name with commas is quoted (Something-Something v2 has such)
-    write(f"{root}/labels.csv", 'id,name\n0,playing_guitar\n1,riding a bike\n2,"Removing something, revealing it"\n')
-    write(f"{root}/train.txt", "videos/a/x.mp4 0\nvideos/b/y.mp4 2\nb/z.mp4 1\n")
-    dataset = data.build_dataset("list", root, "train", list_file=f"{root}/train.txt", labels_file=f"{root}/labels.csv")
-    assert dataset.classnames == ["playing_guitar", "riding a bike", "Removing something, revealing it"]  # verbatim
-    assert [l for _, l in dataset.samples] == [0, 2, 1]
-    data.write_list(dataset, f"{root}/again.txt", f"{root}/again.csv")
-    assert open(f"{root}/again.txt").read() == "videos/a/x.mp4 0\nvideos/b/y.mp4 2\nvideos/b/z.mp4 1\n"  # relative
-    again = data.build_dataset("list", root, "train", list_file=f"{root}/again.txt", labels_file=f"{root}/again.csv")
-    assert again.samples == dataset.samples and again.classnames == dataset.classnames
-    novel = data.subset_classes(dataset, [2, 0])  # relabelled 0, 1 in that order: the written lists follow
-    data.write_list(novel, f"{root}/novel.txt", f"{root}/novel.csv")
-    assert open(f"{root}/novel.txt").read() == "videos/a/x.mp4 1\nvideos/b/y.mp4 0\n"
-    reread = data.build_dataset("list", root, "train", list_file=f"{root}/novel.txt", labels_file=f"{root}/novel.csv")
-    assert reread.classnames == ["Removing something, revealing it", "playing_guitar"]
-
-
-def test_wrong_root_names_the_file_and_the_layout(tmp_path):
-    with pytest.raises(data.DatasetError, match=r"classInd\.txt not found.*UCF-101/<Class>"):
-        data.build_dataset("ucf101", str(tmp_path), "train")
-    with pytest.raises(data.DatasetError, match="is not a folder"):
-        data.build_dataset("hmdb51", str(tmp_path / "nowhere"), "train")
-    write(f"{tmp_path}/ucfTrainTestlist/classInd.txt", "1 YoYo\n")
-    write(f"{tmp_path}/ucfTrainTestlist/trainlist01.txt", "YoYo/v_YoYo_g01_c01.avi 1\n")
-    with pytest.raises(data.DatasetError, match="none of the 1 train videos"):
-        data.build_dataset("ucf101", str(tmp_path), "train")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Protocol splits
-
-def toy_dataset(counts):
-    samples = [(f"/v/{c}_{i}.mp4", c) for c, n in enumerate(counts) for i in range(n)]
-    return data.VideoDataset(samples, [f"class {c}" for c in range(len(counts))])
-
-
-def test_few_shot_is_seeded_and_takes_k_per_class():
-    dataset = toy_dataset([10, 10, 2, 7])
-    first, again, other = (data.few_shot(dataset, 3, seed) for seed in (1, 1, 2))
-    assert first.samples == again.samples and first.samples != other.samples
-    counts = [sum(1 for _, l in first.samples if l == c) for c in range(4)]
-    assert counts == [3, 3, 2, 3] and first.classnames == dataset.classnames and len(dataset) == 29
-
-
-def test_base_novel_takes_the_classes_with_most_videos_ties_by_id():
-    train = toy_dataset([5, 3, 5, 1, 3])
-    base, novel = data.base_novel_classes(train)
-    assert base == [0, 1, 2] and novel == [3, 4]
-    novel_set = data.subset_classes(train, novel)
-    assert novel_set.classnames == ["class 3", "class 4"] and sorted({l for _, l in novel_set.samples}) == [0, 1]
-    assert len(novel_set) == 4
-
-
-def test_k600_novel_subsets_exclude_k400_classes():
-    k600 = toy_dataset([1] * 10)
-    subsets = [data.k600_novel_subset(k600, ["Class 0", "class 1"], seed, size=5) for seed in (1, 2, 3)]
-    for subset in subsets:
-        assert len(subset.classnames) == 5 and not {"class 0", "class 1"} & set(subset.classnames)
-    assert len({tuple(s.classnames) for s in subsets}) > 1
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Bad files
-
-def bad_files(folder, good):
-    """Six files: two good ones and one of each kind of bad file."""
-    folder.mkdir()
-    paths = [str(folder / f"good{i}.mp4") for i in range(2)]
-    for path in paths:
-        with open(good, "rb") as src, open(path, "wb") as dst:
-            dst.write(src.read())
-    with open(good, "rb") as f:
-        content = f.read()
-    (folder / "empty.mp4").write_bytes(b"")
-    (folder / "truncated.mp4").write_bytes(content[: len(content) // 2])
-    (folder / "text.mp4").write_text("not a video\n" * 100)
-    for name in ["missing.mp4", "empty.mp4", "truncated.mp4", "text.mp4"]:
-        paths.insert(1, str(folder / name))
-    return paths
-
-
-def test_bad_files_are_replaced_and_counted_across_workers(videos, tmp_path):
-    paths = bad_files(tmp_path / "bad", videos["mp4"])
-    dataset = data.VideoDataset([(p, i) for i, p in enumerate(paths)], [str(i) for i in range(6)], frames=4, size=16,
-                                train=True)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=2)
-    log = engine.FailureLog(len(dataset), max_fraction=1.0)
-    indices = []
-    for batch in loader:
-        assert batch["video"].shape == (2, 4, 3, 16, 16)
-        log.update(batch["failed"])
-        indices += batch["index"].tolist()
-    assert set(indices) == {0, 5}  # every bad item became the next good one
-    assert len(log.failures) == 4 and log.report().startswith("4 unreadable")
-    for name, reason in [("missing", "no such file"), ("empty", "empty file"), ("truncated", "not a readable"),
-                         ("text", "not a readable")]:
-        assert any(name in line and reason in line for line in log.failures)
-    with pytest.raises(data.DatasetError, match="4 of 6 videos could not be read"):
-        engine.FailureLog(len(dataset), max_fraction=0.5, at_least=1).update(list(log.failures))
-    test_set = dataset.subset(dataset.samples)
-    test_set.train = False  # testing: no replacement, a black clip with label -1 that evaluation leaves out
-    sample = test_set[1]
-    assert sample["label"] == -1 and sample["index"] == 1 and not sample["video"].any() and sample["failed"]
-    assert test_set[0]["label"] == 0 and not test_set[0]["failed"]
-
-
-def test_truncated_file_with_intact_header_is_rejected(tmp_path):
-    path = str(tmp_path / "long.avi")
-    tools.make_test_video(path, num_frames=60, width=64, height=48)
-    with open(path, "rb") as f:
-        content = f.read()
-    with open(path, "wb") as f:
-        f.write(content[: len(content) // 2])
-    with pytest.raises(data.VideoError, match="truncated"):
-        data.VideoReader(path)
-
-
-def test_only_bad_files_stop_with_a_clear_error(tmp_path):
-    dataset = data.VideoDataset([(str(tmp_path / f"{i}.mp4"), 0) for i in range(3)], ["x"], max_retries=5, train=True)
-    with pytest.raises(data.DatasetError, match="6 videos in a row could not be read"):
-        dataset[0]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# tools.py prepare
+# tools.py
 
 def psnr(a, b):
     return 10 * math.log10(255 ** 2 / (a.double() - b.double()).square().mean().item())
@@ -1499,50 +2436,6 @@ def test_prepare_argument_errors_exit_2(tmp_path):
     assert run.returncode == 2 and "train.csv" in run.stderr
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Synthetic data and the command line
-
-def test_synthetic_is_deterministic_with_a_base_novel_split():
-    train = data.build_dataset("synthetic", split="train", frames=8, size=32)
-    again = data.build_dataset("synthetic", split="train", frames=8, size=32)
-    assert len(train) == 18 * 64 and len(train.classnames) == 18
-    a, b = train[5], again[5]
-    assert a["video"].shape == (8, 3, 32, 32) and a["video"].dtype == torch.uint8
-    assert torch.equal(a["video"], b["video"]) and not torch.equal(a["video"], train[6]["video"])
-    other_seed = data.build_dataset("synthetic", split="train", frames=8, size=32, seed=1)
-    assert not torch.equal(a["video"], other_seed[5]["video"])
-    base, novel = data.base_novel_classes(train)
-    assert base == list(range(9))
-    base_words = {w for c in base for w in train.classnames[c].split()}
-    assert all(set(train.classnames[c].split()) <= base_words for c in novel)  # novel: new combinations only
-    assert not {train.classnames[c] for c in base} & {train.classnames[c] for c in novel}
-    shots = data.few_shot(data.subset_classes(train, novel), 2, seed=1)
-    assert len(shots) == 18 and shots[0]["video"].shape == (8, 3, 32, 32)  # renders by original class id
-
-
-def test_synthetic_clip_shows_its_colour_shape_and_motion():
-    for name in ["red square moving up", "blue circle moving down", "green triangle moving up"]:
-        colour_name, shape, motion = name.split(" ", 2)
-        clip = data.render_synthetic(name, "test/key", 8, 32).float()  # (T, 3, S, S)
-        colour = torch.tensor(data.SYNTH_COLOURS[colour_name]).view(1, 3, 1, 1)
-        body = ((clip - colour).abs() <= 21).all(1)  # the shape, in its colour (+-20 per clip)  (T, S, S)
-        area = body.sum((1, 2)).float()
-        assert area.min() > 0.7 * area.max()  # the whole shape in every frame
-        rows = (body * torch.arange(32.0).view(1, 32, 1)).sum((1, 2)) / area  # its centre's row per frame
-        steps = rows.diff()
-        assert ((steps < 0) if motion == "moving up" else (steps > 0)).all(), (name, rows)
-        fill = (area / body.any(2).sum(1) / body.any(1).sum(1)).mean()  # area over its bounding box's
-        assert {"square": 0.95 < fill, "circle": 0.7 < fill < 0.85, "triangle": 0.4 < fill < 0.6}[shape], (name, fill)
-
-
-def test_synthetic_clips_do_not_depend_on_the_process():
-    # Seeded from the key by crc32, not hash(): every process (each DataLoader worker, each run) renders the same
-    # clip. pytest runs with a random PYTHONHASHSEED, so a hash()-seeded clip would not give this checksum. (An
-    # intended change to the rendering changes it: pin the new value.)
-    clip = data.SyntheticVideos("train", 4, 16, per_class=2, seed=3)[7]["video"]
-    assert zlib.crc32(clip.numpy().tobytes()) == 2333224932
-
-
 def test_synthetic_ucf_layout_reads_back_through_the_ucf101_parser(tmp_path):
     root = str(tmp_path / "synth")
     tools.main(["synth-ucf", root, "--frames", "8", "--size", "32", "--train-per-class", "1", "--test-per-class", "1"])
@@ -1570,936 +2463,6 @@ def test_check_command_exit_codes(tmp_path, capsys):
     assert result.returncode == 2 and "testTrainMulti_7030_splits" in result.stderr
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# train.py
-
-import engine  # noqa: E402
-import protocols  # noqa: E402
-import report  # noqa: E402  (curves.svg; the --explain page is tested with vifi.py's command line)
-import train  # noqa: E402
-
-# A few seconds per epoch on a CPU: 2 synthetic clips per base class, a micro-batch of 6, mixup and cutmix on so
-# that resuming must restore the random state too.
-TINY_RUN = ["--dataset", "synthetic", "--shots", "2", "--batch-size", "6", "--micro-batch", "3", "--epochs", "2",
-            "--mixup", "0.8", "--cutmix", "1.0", "--label-smoothing", "0.1", "--device", "cpu"]
-
-
-def run_cli(*argv, env=None, timeout=300):
-    return subprocess.run([sys.executable, *argv], cwd=HERE, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
-
-
-def test_presets_follow_the_protocol_and_flags_win():
-    args = train.get_args(["--dataset", "ucf101", "--root", "x", "--shots", "8"])
-    assert (args.protocol, args.frames, args.batch_size, args.lr, args.epochs, args.eval_every) == ("few-shot", 32, 64, 2e-6, 50, 10)
-    assert args.splits == "official" and args.norm is None  # None: a checkpoint's own, else imagenet (build_model)
-    args = train.get_args(["--dataset", "hmdb51", "--root", "x", "--base-novel", "--mode", "prompt", "--lr", "0.01"])
-    assert (args.protocol, args.lr, args.n_ctx, args.depth, args.epochs) == ("base-novel", 0.01, [16], [9], 11)
-    args = train.get_args(["--dataset", "k400", "--root", "x"])
-    assert (args.protocol, args.frames, args.batch_size, args.views, args.shots, args.eval_every) == ("supervised", 16, 512, "4x3", 0, 1)
-    args = train.get_args(["--dataset", "k400", "--root", "x", "--eval-datasets", "ucf101,hmdb51,k600"])
-    assert (args.protocol, args.batch_size, args.lr, args.shots) == ("zero-shot", 256, 8e-6, 0)
-    args = train.get_args(["--dataset", "ucf101", "--root", "x", "--mode", "zeroshot"])
-    assert args.protocol == "vanilla-zero-shot" and args.eval_only and args.template is None  # "{}" by the mode
-    args = train.get_args(["--dataset", "hmdb51", "--root", "x", "--protocol", "base-novel", "--mode", "zeroshot",
-                           "--eval-only"])  # vanilla CLIP on the official base / novel halves
-    assert (args.protocol, args.frames) == ("base-novel", 32)
-    # --eval-only keeps the protocol's frames and views: UCF101 alone is the zero-shot evaluation, not supervised
-    args = train.get_args(["--dataset", "ucf101", "--root", "x", "--eval-only", "--checkpoint", "c.pth"])
-    assert (args.protocol, args.frames, args.views) == ("zero-shot", 32, "1x1")
-    args = train.get_args(["--dataset", "list", "--protocol", "base-novel", "--root", "x"])
-    assert (args.protocol, args.base_novel, args.splits, args.epochs) == ("base-novel", True, "native", 11)
-    with pytest.raises(vifi.ConfigError, match="--protocol"):
-        train.get_args(["--dataset", "list", "--root", "x"])
-
-
-def test_lr_is_the_official_timm_schedule_at_every_epoch_end(tmp_path):
-    """timm's CosineLRScheduler(t_initial=E*n, lr_min=lr/100, warmup_lr_init=0, warmup_t=W*n, cycle_limit=1,
-    t_in_epochs=False), stepped with step_update(epoch * n + i) after micro-batch i closes an accumulation group,
-    written out here: at the end of epoch e the rate in force is the one for t = e * n + n - 1."""
-    def timm(t, peak, n, epochs, warmup):
-        warmup_t, t_initial, floor = int(warmup * n), int(epochs * n), peak / 100
-        if t < warmup_t:
-            return peak * t / warmup_t
-        return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * t / t_initial)) if t < t_initial else floor
-
-    run = ["--dataset", "synthetic", "--shots", "2", "--batch-size", "6", "--micro-batch", "3", "--epochs", "4",
-           "--warmup-epochs", "2", "--lr", "0.01", "--eval-every", "0", "--device", "cpu", "--frames", "2"]
-    train.main(train.get_args(run + ["--out", str(tmp_path)]))
-    n = 18 // 3  # 9 base classes x 2 shots, micro-batches of 3
-    log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
-    for e, row in enumerate(log):
-        assert row["lr"] == pytest.approx(timm(e * n + n - 1, 0.01, n, 4, 2), rel=1e-9, abs=0)
-    assert log[2]["lr"] < 0.01 * 0.6  # the cosine counts from step 0: right after warm-up the rate is below the peak
-    args = train.get_args(run)
-    assert protocols.learning_rate(0, args) == 0  # the first optimizer step runs at the warm-up's start value
-    assert protocols.learning_rate(2.0, args) == pytest.approx(0.0001 + 0.5 * 0.0099 * (1 + math.cos(math.pi / 2)))
-
-
-def official(rel=""):
-    """A path in the official repository's split and label files (../shared/official beside the fixtures)."""
-    path = os.path.join(os.path.dirname(fixture("clip_tiny_expected.json")), "..", "official", rel)
-    assert os.path.exists(path), f"no official split files at {path}"
-    return path
-
-
-def official_names(rel):
-    """The class names of an official labels CSV, read here with the csv module alone."""
-    with open(official(rel), newline="") as f:
-        return [row[1] for row in list(csv.reader(f))[1:]]
-
-
-def official_lines(rel, limit=None):
-    with open(official(rel)) as f:
-        return [(path, int(label)) for path, label in (line.rsplit(maxsplit=1) for line in f if line.strip())][:limit]
-
-
-def link_tree(root, video, rels, limit=None):
-    """Hard-link one video under the names the official lists give (the first `limit` of each): a fake copy of a
-    dataset, laid out as the lists say, in milliseconds."""
-    for rel in rels:
-        for name, _ in official_lines(rel, limit):
-            dest = os.path.join(root, name)
-            os.makedirs(os.path.dirname(dest), exist_ok=True)
-            if not os.path.exists(dest):
-                os.link(video, dest)
-
-
-def official_run(root, *argv):
-    """The datasets a run of train.py would read (split files from ../shared/official), without a model."""
-    args = train.get_args(["--root", str(root), "--splits", official(), *argv])
-    return protocols.datasets(args, protocols.fetch_splits(args))
-
-
-def relative(dataset):
-    return [(os.path.relpath(path, dataset.root), label) for path, label in dataset.samples]
-
-
-@pytest.mark.parametrize("dataset, folder, test", [("ucf101", "ucf", "val1.txt"), ("hmdb51", "hmdb", "val1.txt"),
-                                                   ("ssv2", "ssv2", "validation.txt")])
-def test_few_shot_trains_on_exactly_the_official_list(tmp_path, dataset, folder, test):
-    (tmp_path / "v.avi").touch()
-    lists = [f"datasets_splits/{folder}_splits/train1_few_shot_4.txt", f"datasets_splits/{folder}_splits/{test}"]
-    link_tree(tmp_path / "root", tmp_path / "v.avi", lists[:1])
-    link_tree(tmp_path / "root", tmp_path / "v.avi", lists[1:], limit=500)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the test list is cut to 500: the rest is reported missing
-        train_set, tests = official_run(tmp_path / "root", "--dataset", dataset, "--shots", "4")
-    labels = {"ucf101": "ucf_101", "hmdb51": "hmdb_51", "ssv2": "ssv2"}[dataset]
-    assert relative(train_set) == official_lines(lists[0]) and list(tests) == ["test"]
-    assert relative(tests["test"]) == official_lines(lists[1], 500)
-    assert train_set.classnames == tests["test"].classnames == official_names(f"labels/{labels}_labels.csv")
-
-
-@pytest.mark.parametrize("dataset, labels, folder", [("ucf101", "ucf_101", "ucf"), ("hmdb51", "hmdb_51", "hmdb"),
-                                                     ("k400", "kinetics_400", "k400"), ("ssv2", "ssv2_174", "ssv2")])
-def test_base_novel_classes_and_videos_are_the_official_ones(tmp_path, dataset, labels, folder):
-    (tmp_path / "v.avi").touch()
-    b2n = f"datasets_splits/base2novel_splits/{folder}_splits/"
-    lists = [b2n + "fs_base_s2_train.txt", b2n + "base_val.txt", b2n + "novel_val.txt"]
-    link_tree(tmp_path / "root", tmp_path / "v.avi", lists, limit=2000)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        train_set, tests = official_run(tmp_path / "root", "--dataset", dataset, "--base-novel", "--seed", "2")
-    base, novel = official_names(f"labels/{labels}_base_labels.csv"), official_names(f"labels/{labels}_novel_labels.csv")
-    assert train_set.classnames == tests["base"].classnames == base and tests["novel"].classnames == novel
-    assert relative(train_set) == official_lines(lists[0], 2000)  # 16 per base class: the list, whole where linked
-    assert relative(tests["base"]) == official_lines(lists[1], 2000)
-    assert relative(tests["novel"]) == official_lines(lists[2], 2000)
-    if dataset == "hmdb51":  # the official halves, in the official order (not sorted folder names)
-        assert base[19:21] == ["sword exercise", "sword"] and novel[20:22] == ["kick ball", "kick"]
-        assert len(base) == 26 and len(novel) == 25
-
-
-def test_k600_zero_shot_subsets_are_the_official_ones(tmp_path):
-    (tmp_path / "v.mp4").touch()
-    lists = [f"datasets_splits/k600_splits/ZS_split{k}_K600_eval.txt" for k in (1, 2, 3)]
-    link_tree(tmp_path / "k600", tmp_path / "v.mp4", lists, limit=300)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        train_set, tests = official_run(tmp_path / "k600", "--dataset", "k600", "--eval-only", "--checkpoint", "c.pth")
-    assert train_set is None and list(tests) == ["k600-subset1", "k600-subset2", "k600-subset3"]
-    for k in (1, 2, 3):
-        subset = tests[f"k600-subset{k}"]
-        assert subset.classnames == official_names(f"labels/ZS_split{k}_K600.csv") and len(subset.classnames) == 160
-        present = [(name, label) for name, label in official_lines(lists[k - 1]) if (tmp_path / "k600" / name).exists()]
-        assert relative(subset) == present and len(present) >= 300  # every listed video there, in the list's order
-
-
-def kinetics_tree(root, video, per_class=20):
-    """A Kinetics-400 copy: `per_class` training videos of three official classes in train.csv, and the first 30
-    videos of the official validation list."""
-    classes = ["abseiling", "air drumming", "zumba"]
-    rows = [f"{name},vid{c}x{i:03d},0,10,train" for c, name in enumerate(classes) for i in range(per_class)]
-    write(f"{root}/train.csv", "label,youtube_id,time_start,time_end,split\n" + "\n".join(rows) + "\n")
-    for c in range(3):
-        for i in range(per_class):
-            os.makedirs(f"{root}/train", exist_ok=True)
-            os.link(video, f"{root}/train/vid{c}x{i:03d}_000000_000010.mp4")
-    link_tree(root, video, ["datasets_splits/k400_splits/val.txt"], limit=30)
-    return classes
-
-
-def test_supervised_and_zero_shot_train_on_every_listed_video_with_official_names(tmp_path):
-    video = tmp_path / "v.mp4"
-    tools.make_test_video(str(video), num_frames=8, width=40, height=32, codec="libx264", gop=4)
-    classes = kinetics_tree(tmp_path / "k400", video)
-    link_tree(tmp_path / "ucf", video, [f"datasets_splits/ucf_splits/val{k}.txt" for k in (1, 2, 3)], limit=20)
-    k400_names = official_names("labels/kinetics_400_labels.csv")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for extra in ([], ["--eval-datasets", "ucf101", "--eval-roots", f"ucf101={tmp_path / 'ucf'}"]):
-            train_set, tests = official_run(tmp_path / "k400", "--dataset", "k400", *extra)
-            assert len(train_set) == 60  # all of them: no 16-shot cap outside the few-shot protocols
-            assert train_set.classnames == k400_names  # the official ids, by name
-            assert sorted({label for _, label in train_set.samples}) == [k400_names.index(c) for c in classes]
-            assert relative(tests["test"]) == official_lines("datasets_splits/k400_splits/val.txt", 30)
-        assert list(tests) == ["test", "ucf101-fold1", "ucf101-fold2", "ucf101-fold3"]
-        # and through a real run: every listed video trains, with the official schedule and ImageNet's mean/std
-        out = tmp_path / "run"
-        train.main(train.get_args(["--dataset", "k400", "--root", str(tmp_path / "k400"), "--splits", official(),
-                                   "--model", "scratch", "--frames", "2", "--batch-size", "12", "--micro-batch", "6",
-                                   "--epochs", "1", "--views", "1x1", "--workers", "0", "--device", "cpu",
-                                   "--out", str(out)]))
-    res = json.load(open(out / "results.json"))
-    assert res["train_videos"] == 60 and res["results"]["test"]["videos"] == 30 and res["norm"] == "imagenet"
-    assert res["splits"].startswith("official") and res["paper_reports"] == "final" and res["best"]["epoch"] == 1
-    assert open(out / "train_labels.csv").read().splitlines()[1:4] == [f"{i},{n}" for i, n in enumerate(k400_names[:3])]
-
-
-def test_own_list_with_unknown_class_names_is_refused(tmp_path):
-    (tmp_path / "v.mp4").touch()
-    kinetics_tree(tmp_path / "k400", tmp_path / "v.mp4", per_class=1)
-    write(f"{tmp_path}/k400/train.csv", "label,youtube_id,time_start,time_end,split\nsnowboarding stunts,vid0x000,0,10,train\n")
-    with pytest.raises(data.DatasetError, match="not in the official class list.*--splits native"):
-        official_run(tmp_path / "k400", "--dataset", "k400")
-
-
-def test_no_official_split_says_what_exists(tmp_path):
-    with pytest.raises(data.DatasetError, match="no few-shot split of ucf101 with --shots 5 .*2/4/8/16.*--splits native"):
-        official_run(tmp_path, "--dataset", "ucf101", "--shots", "5")
-    with pytest.raises(data.DatasetError, match="no supervised split of hmdb51"):
-        official_run(tmp_path, "--dataset", "hmdb51", "--protocol", "supervised")
-
-
-def test_videos_that_are_not_the_datasets_own_get_told_to_use_native_splits(tmp_path, synth_tree):
-    with pytest.raises(data.DatasetError, match=r"ucf101: the paper's .*train1_few_shot_8\.txt does not match the "
-                                                r"videos under .*none of the 808.*use --splits native"):
-        official_run(synth_tree, "--dataset", "ucf101", "--shots", "8")
-
-
-def test_resume_refuses_another_runs_checkpoint(tmp_path, synth_tree):
-    run = ["--dataset", "synthetic", "--shots", "1", "--batch-size", "9", "--micro-batch", "9", "--epochs", "1",
-           "--frames", "2", "--device", "cpu", "--eval-every", "0"]
-    train.main(train.get_args(run + ["--out", str(tmp_path / "a")]))
-    with pytest.raises(archive.CheckpointError, match=r"continues a synthetic run on synthetic \(9 classes\), "
-                                                         r"not this supervised run on ucf101 \(18 classes\)"):
-        train.main(train.get_args(file_run(synth_tree, "--workers", "0", "--out", str(tmp_path / "b"),
-                                           "--resume", str(tmp_path / "a" / "last.pt"))))
-
-
-def test_official_checkpoints_and_vanilla_clip_prompt_the_raw_names(tiny_clip):
-    names = ["ApplyEyeMakeup", "brush_hair", "Pouring something into something"]
-    fine = vifi.load_official_checkpoint(fixture("vifi_official_finetune_ckpt.pth"), tiny_clip, names)
-    assert fine.prompts_for(names) == [f"a photo of a {n}." for n in names]
-    prompted = vifi.load_official_checkpoint(fixture("vifi_official_prompt_ckpt.pth"), tiny_clip, names)
-    assert prompted.prompts_for(names)[:2] == ["X X X X X ApplyEyeMakeup.", "X X X X X brush hair."]  # '_' -> ' '
-    assert vifi.ViFiCLIP(tiny_clip, names, "zeroshot").prompts_for(names) == names  # the official "{}"
-    args = train.get_args(["--dataset", "ucf101", "--root", "x", "--eval-only", "--checkpoint",
-                           fixture("vifi_official_finetune_ckpt.pth")])
-    model = train.build_model(args, tiny_clip, names)
-    assert model.prompts_for(names)[0] == "a photo of a ApplyEyeMakeup." and model.norm == "imagenet"
-    args = train.get_args(["--dataset", "ucf101", "--root", "x", "--mode", "zeroshot", "--clean-names"])
-    assert train.build_model(args, tiny_clip, names).prompts_for(names)[0] == "apply eye makeup"
-
-
-def test_split_files_are_downloaded_checked_and_named_when_offline(tmp_path, monkeypatch):
-    monkeypatch.setenv("VIFI_CACHE", str(tmp_path / "cache"))
-    served, tamper = [], []
-
-    def urlopen(url, timeout=None):
-        rel = url.removeprefix(protocols.OFFICIAL_URL)
-        served.append(rel)
-        body = open(official(rel), "rb").read()
-        return FakeResponse(body + b"x" if rel in tamper else body)
-    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
-    args = train.get_args(["--dataset", "hmdb51", "--root", "x", "--base-novel", "--seed", "3"])
-    folder = protocols.fetch_splits(args)
-    b2n = "datasets_splits/base2novel_splits/hmdb_splits/"
-    wanted = [b2n + "base_val.txt", b2n + "fs_base_s3_train.txt", b2n + "novel_val.txt",
-              "labels/hmdb_51_base_labels.csv", "labels/hmdb_51_novel_labels.csv"]
-    assert sorted(served) == sorted(wanted)
-    for rel in wanted:
-        assert open(os.path.join(folder, rel), "rb").read() == open(official(rel), "rb").read()
-    served.clear()
-    assert protocols.fetch_splits(args) == folder and served == []  # once
-    tamper.append("datasets_splits/hmdb_splits/val1.txt")
-    few = train.get_args(["--dataset", "hmdb51", "--root", "x", "--shots", "2"])
-    with pytest.raises(data.DatasetError, match=r"(?s)1 of .*hmdb_splits/val1\.txt -> .*val1\.txt \(sha256 mismatch"):
-        protocols.fetch_splits(few)
-    assert not os.path.exists(os.path.join(folder, "datasets_splits/hmdb_splits/val1.txt"))
-
-    def offline(url, timeout=None):
-        raise urllib.error.URLError("no network")
-    monkeypatch.setattr(urllib.request, "urlopen", offline)
-    with pytest.raises(data.DatasetError) as error:
-        protocols.fetch_splits(train.get_args(["--dataset", "ucf101", "--root", "x", "--shots", "8"]))
-    message = str(error.value)  # one message, every file with its URL and its destination
-    for rel in ("datasets_splits/ucf_splits/train1_few_shot_8.txt", "datasets_splits/ucf_splits/val1.txt",
-                "labels/ucf_101_labels.csv"):
-        assert f"{protocols.OFFICIAL_URL}{rel} -> {os.path.join(folder, rel)}" in message
-    # a local copy is checked too: an edited file is refused with its name
-    copy = tmp_path / "copy"
-    for rel in wanted:
-        os.makedirs(copy / os.path.dirname(rel), exist_ok=True)
-        shutil.copyfile(official(rel), copy / rel)
-    write(str(copy / wanted[1]), "edited.avi 0\n")
-    with pytest.raises(data.DatasetError, match="fs_base_s3_train.txt is not the official file"):
-        protocols.fetch_splits(train.get_args(["--dataset", "hmdb51", "--root", "x", "--base-novel", "--seed", "3",
-                                           "--splits", str(copy)]))
-
-
-def test_mix_targets_sum_to_one_and_keep_frames_aligned():
-    args = argparse.Namespace(label_smoothing=0.1, mixup=0.8, cutmix=1.0, mix_switch=0.5)
-    video = torch.arange(4.0).view(4, 1, 1, 1, 1).expand(4, 3, 3, 8, 8)
-    for _ in range(10):
-        mixed, target = protocols.mix(video, torch.tensor([0, 1, 2, 3]), 5, args)
-        torch.testing.assert_close(target.sum(1), torch.ones(4))
-        assert torch.equal(mixed[:, :1].expand_as(mixed), mixed)  # the same mix for every frame of a clip
-        assert target.max() <= 0.9 + 0.1 / 5 + 1e-6
-
-
-def smoothed(labels, num_classes, smoothing):
-    """One-hot targets with label smoothing, as timm's: 1 - s + s / C on the label, s / C elsewhere."""
-    target = torch.full((len(labels), num_classes), smoothing / num_classes)
-    for i, label in enumerate(labels):
-        target[i, label] = 1 - smoothing + smoothing / num_classes
-    return target
-
-
-def test_mixup_mixes_video_and_targets_with_the_same_lambda():
-    args = argparse.Namespace(label_smoothing=0.1, mixup=0.8, cutmix=0.0, mix_switch=0.5)
-    torch.manual_seed(0)
-    video, labels = torch.randn(4, 3, 3, 6, 10), torch.tensor([2, 0, 3, 1])
-    target = smoothed([2, 0, 3, 1], 5, 0.1)
-    for seed in range(3):
-        random.seed(seed)
-        mixed, mixed_target = protocols.mix(video, labels, 5, args)
-        random.seed(seed)
-        lam = random.betavariate(0.8, 0.8)  # the one draw mixup makes; clip i is mixed with clip B-1-i, as timm
-        torch.testing.assert_close(mixed, lam * video + (1 - lam) * video.flip(0))
-        torch.testing.assert_close(mixed_target, lam * target + (1 - lam) * target.flip(0))
-
-
-def test_cutmix_pastes_one_box_of_the_paired_clip_and_weights_targets_by_its_area():
-    args = argparse.Namespace(label_smoothing=0.0, mixup=0.0, cutmix=1.0, mix_switch=0.5)
-    torch.manual_seed(0)
-    H, W = 12, 20
-    video, labels = torch.randn(4, 3, 3, H, W), torch.tensor([1, 3, 0, 2])
-    partial = 0
-    for seed in range(6):
-        random.seed(seed)
-        mixed, target = protocols.mix(video, labels, 4, args)
-        pasted = mixed != video  # (B, T, 3, H, W): True inside the box
-        assert torch.equal(pasted, pasted[:1, :1, :1].expand_as(pasted))  # one box for every clip, frame, channel
-        rows, cols = pasted[0, 0, 0].any(1).nonzero().flatten(), pasted[0, 0, 0].any(0).nonzero().flatten()
-        h, w = len(rows), len(cols)
-        if h and w:  # a rectangle of consecutive rows and columns, filled from the paired clip
-            assert pasted[0, 0, 0].sum() == h * w and rows[-1] - rows[0] == h - 1 and cols[-1] - cols[0] == w - 1
-            box = (..., slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
-            assert torch.equal(mixed[box], video.flip(0)[box])
-        random.seed(seed)
-        lam = random.betavariate(1.0, 1.0)  # the box's sides: sqrt(1 - lam) of the frame's
-        assert (h, w) == (int(H * math.sqrt(1 - lam)), int(W * math.sqrt(1 - lam)))
-        kept = 1 - h * w / (H * W)  # the targets follow the pixels actually pasted
-        onehot = smoothed([1, 3, 0, 2], 4, 0.0)
-        torch.testing.assert_close(target, kept * onehot + (1 - kept) * onehot.flip(0))
-        partial += 0 < h * w < H * W
-    assert partial >= 4
-
-
-def test_mix_switch_is_the_probability_of_cutmix():
-    args = argparse.Namespace(label_smoothing=0.0, mixup=0.8, cutmix=1.0, mix_switch=0.25)
-    video, labels = torch.randn(4, 1, 3, 12, 20), torch.tensor([0, 1, 2, 3])
-    random.seed(0)
-    # cutmix leaves the pixels outside its box as they were; mixup changes every pixel
-    cutmixed = [bool((protocols.mix(video, labels, 4, args)[0] == video).any()) for _ in range(400)]
-    assert abs(sum(cutmixed) / 400 - 0.25) < 0.07
-
-
-def test_sampler_shares_are_disjoint_equal_and_seeded_by_epoch():
-    # evaluation: in order, every index exactly once, never padded
-    assert [engine.EpochSampler(11, r, 3, shuffle=False).indices() for r in range(3)] == [[0, 3, 6, 9], [1, 4, 7, 10],
-                                                                                         [2, 5, 8]]
-
-    def shares(seed, epoch, n=11, world=3):
-        samplers = [engine.EpochSampler(n, rank, world, shuffle=True, seed=seed) for rank in range(world)]
-        for sampler in samplers:
-            sampler.epoch = epoch
-        assert all(len(sampler) == len(sampler.indices()) for sampler in samplers)
-        return [sampler.indices() for sampler in samplers]
-
-    first = shares(seed=1, epoch=0)
-    assert [len(share) for share in first] == [3, 3, 3]  # 11 // 3 each: every process makes the same steps
-    together = [i for share in first for i in share]
-    assert len(set(together)) == 9 and set(together) <= set(range(11))  # one shuffled order, split without overlap
-    assert shares(seed=1, epoch=0) == first  # the same (seed, epoch), the same order: a resumed run repeats it
-    assert shares(seed=1, epoch=1) != first and shares(seed=2, epoch=0) != first
-    assert {i for epoch in range(10) for share in shares(1, epoch) for i in share} == set(range(11))  # none left out
-    assert sorted(i for share in shares(1, 0, n=2, world=3) for i in share) in ([0, 0, 1], [0, 1, 1])  # n < world
-
-
-class ViewLogits(torch.nn.Module):
-    """A stand-in model: the logits of a view are table[code], code being the value of the view's pixels (they
-    reach the model as they are, with the identity normalization NO_NORM)."""
-
-    def __init__(self, table, norm):
-        super().__init__()
-        self.table, self.norm = table, norm
-
-    def forward(self, video):  # (N, T, 3, H, W) -> (N, C)
-        return self.table[video[:, 0, 0, 0, 0].round().long()]
-
-    predict = vifi.ViFiCLIP.predict  # the averaging over views under test
-
-
-NO_NORM = ((0.0, 0.0, 0.0), (1 / 255,) * 3)
-
-
-class CodedViews(torch.utils.data.Dataset):
-    """Video i has V views (V, T, 3, H, W) filled with the codes i*V .. i*V+V-1."""
-
-    def __init__(self, labels, views, num_classes):
-        self.labels, self.views, self.classnames = labels, views, [f"class {c}" for c in range(num_classes)]
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        codes = torch.arange(i * self.views, (i + 1) * self.views, dtype=torch.uint8)
-        video = codes.view(-1, 1, 1, 1, 1).expand(self.views, 2, 3, 4, 6).clone()
-        return {"video": video, "colour": data.NO_COLOUR, "label": self.labels[i], "index": i, "failed": ""}
-
-
-def test_evaluate_averages_softmax_probabilities_over_views(monkeypatch):
-    # Three views per video, seven classes. In the first three videos one view is very sure of class 0 and two
-    # views fairly sure of class 1: the mean probability picks 1, the mean logit would pick 0.
-    tricky = [[8.0, 0, 0, 0, 0, 0, -1], [0, 3, 0, 0, 0, 0, -1], [0, 3, 0, 0, 0, 0, -1]]
-    table = torch.tensor([*tricky,  # label 1: a hit
-                          *[[row[c] for c in (2, 3, 0, 1, 4, 5, 6)] for row in tricky],  # the same about 2 and 3: label 3
-                          *tricky,  # label 0: a miss
-                          *[[0, 0, 2, 0, 0, 0, 0]] * 3,  # all views agree on 2, label 2: a hit
-                          *[[0, 1, 0, 0, 0, 0, -2]] * 2, [0, 0, 0, 0, 1, 0, -2]])  # label 6, last: top-5 miss
-    labels = [1, 3, 0, 2, 6]
-    per_video = table.view(5, 3, 7)
-    probs = per_video.softmax(-1).mean(1)  # (videos, classes)
-    top1 = [p.argmax().item() == label for p, label in zip(probs, labels)]
-    top5 = [label in p.topk(5).indices.tolist() for p, label in zip(probs, labels)]
-    assert top1 == [True, True, False, True, False] and top5 == [True, True, True, True, False]
-    assert per_video.mean(1).argmax(1).tolist() == [0, 2, 0, 2, 1]  # averaging logits: 1 of 5 right instead of 3
-    args = argparse.Namespace(micro_batch=2, workers=0, device="cpu", seed=0, views="1x3")
-    monkeypatch.setitem(data.NORMS, "identity", NO_NORM)
-    runtime = engine.Runtime(torch.device("cpu"), contextlib.nullcontext())
-    result = engine.evaluate(ViewLogits(table, norm="identity"), CodedViews(labels, 3, 7), args, runtime)
-    assert (result["top1"], result["top5"], result["videos"], result["classes"]) == (60.0, 80.0, 5, 7)
-    assert result["failures"] == 0
-
-
-def test_evaluate_all_harmonic_mean_and_fold_statistics(monkeypatch):
-    class Model:
-        classnames = ["training classes"]
-
-        def set_classnames(self, names):
-            self.classnames = names
-
-    model, calls = Model(), []
-
-    def evaluate(model, dataset, *args):  # each test set with its own classes
-        calls.append((dataset.top1, model.classnames))
-        return {"top1": dataset.top1}
-    monkeypatch.setattr(engine, "evaluate", evaluate)
-    sets = {"base": 80.0, "novel": 40.0, "ucf101-fold1": 70.0, "ucf101-fold2": 74.0, "ucf101-fold3": 75.0}
-    tests = {name: argparse.Namespace(top1=top1, classnames=[name]) for name, top1 in sets.items()}
-    results = engine.evaluate_all(model, tests, None, None)
-    assert calls == [(top1, [name]) for name, top1 in sets.items()]
-    assert model.classnames == ["training classes"]  # the model's own list again
-    assert abs(results["harmonic_mean"] - 2 * 80 * 40 / (80 + 40)) < 1e-9  # 53.3, not the mean 60
-    assert abs(results["ucf101"]["mean_top1"] - 73.0) < 1e-5
-    assert abs(results["ucf101"]["std_top1"] - math.sqrt((9 + 1 + 4) / 3)) < 1e-5  # over the 3 folds, not n - 1
-
-
-def test_resume_gives_identical_weights(tmp_path, monkeypatch):
-    straight = train.main(train.get_args(TINY_RUN + ["--out", str(tmp_path / "a")]))
-    calls = []
-
-    def stop_after_first_epoch(*a):  # as if the job were killed right after epoch 1's checkpoint
-        calls.append(1)
-        raise KeyboardInterrupt
-    monkeypatch.setattr(report, "write_curves", stop_after_first_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        train.main(train.get_args(TINY_RUN + ["--out", str(tmp_path / "b")]))
-    monkeypatch.undo()
-    resumed = train.main(train.get_args(TINY_RUN + ["--out", str(tmp_path / "b"), "--resume", str(tmp_path / "b" / "last.pt")]))
-    a = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
-    b = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
-    assert a["epoch"] == b["epoch"] == 1 and a["step"] == b["step"] > 0
-    for k, v in a["model"].items():
-        assert torch.equal(v, b["model"][k]), k
-    assert straight == resumed
-    best = torch.load(tmp_path / "a" / "best.pt", weights_only=True)
-    assert "optimizer" not in best and vifi.load_checkpoint(str(tmp_path / "a" / "best.pt")).mode == "finetune"
-    outs = set(os.listdir(tmp_path / "a"))
-    assert {"results.json", "log.jsonl", "last.pt", "best.pt", "curves.svg", "train_list.txt"} <= outs
-    log = [json.loads(line) for line in open(tmp_path / "a" / "log.jsonl")]
-    assert [r["epoch"] for r in log] == [1, 2] and {"loss", "lr", "clips_per_s", "top1"} <= set(log[-1])
-    res = json.load(open(tmp_path / "a" / "results.json"))
-    assert res["results"]["base"]["videos"] == res["results"]["novel"]["videos"] == 9 * 16
-    assert res["train_videos"] == 18 and "harmonic_mean" in res["results"]
-
-
-@pytest.fixture(scope="module")
-def synth_tree(tmp_path_factory):
-    """The synthetic set as UCF101-style AVI files: 36 training and 18 test videos that train.py augments."""
-    root = str(tmp_path_factory.mktemp("synth_ucf"))
-    tools.main(["synth-ucf", root, "--frames", "4", "--size", "32", "--train-per-class", "2", "--test-per-class", "1"])
-    return root
-
-
-def file_run(root, *extra):
-    """A run of train.py over files: native lists, a scratch model, two epochs of three optimizer steps."""
-    return ["--dataset", "ucf101", "--splits", "native", "--root", root, "--model", "scratch", "--frames", "2",
-            "--views", "1x1", "--batch-size", "12", "--micro-batch", "6", "--epochs", "2", "--warmup-epochs", "1",
-            "--eval-every", "0", "--device", "cpu", *extra]
-
-
-def test_resume_with_workers_gives_identical_weights(tmp_path, monkeypatch, synth_tree):
-    run = file_run(synth_tree, "--workers", "2", "--lr", "1e-3")
-    train.main(train.get_args(run + ["--out", str(tmp_path / "a")]))
-    monkeypatch.setattr(report, "write_curves", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
-    with pytest.raises(KeyboardInterrupt):  # killed after epoch 1's last.pt, before its log row and curves
-        train.main(train.get_args(run + ["--out", str(tmp_path / "b")]))
-    monkeypatch.undo()
-    assert not (tmp_path / "b" / "curves.svg").exists()
-    train.main(train.get_args(run + ["--out", str(tmp_path / "b"), "--resume", str(tmp_path / "b" / "last.pt")]))
-    a = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
-    b = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
-    for k, v in a["model"].items():
-        assert torch.equal(v, b["model"][k]), k
-    rows = [[json.loads(line) for line in open(tmp_path / d / "log.jsonl")] for d in "ab"]
-    assert [r["epoch"] for r in rows[1]] == [1, 2]  # the row the kill lost is written again
-    assert [r["loss"] for r in rows[0]] == [r["loss"] for r in rows[1]]
-
-
-def test_an_unreadable_test_video_is_left_out_and_reported(tmp_path, synth_tree, capsys):
-    root = tmp_path / "copy"
-    shutil.copytree(synth_tree, root)
-    bad = sorted((root / "UCF-101").rglob("*test000.avi"))[3]
-    bad.write_bytes(b"")
-    results = train.main(train.get_args(file_run(str(root), "--workers", "0", "--epochs", "1", "--out",
-                                                 str(tmp_path / "out"))))
-    assert results["test"]["videos"] == 17 and results["test"]["failures"] == 1  # not 18: no neighbour counted twice
-    assert bad.name in results["test"]["failed_first"][0] and (tmp_path / "out" / "last.pt").exists()
-    assert "1 unreadable videos left out" in capsys.readouterr().out
-    hits = results["test"]["top1"] * 17 / 100
-    assert abs(hits - round(hits)) < 1e-6  # a share of the 17 readable videos
-
-
-def test_failures_are_counted_over_all_processes_and_stop_only_past_5_percent_and_10(monkeypatch):
-    log = engine.FailureLog(1000)
-    log.update(["a: bad\nb: bad", ""])
-
-    def gather(shares, mine):  # as if a second process had met c, d and (again) b
-        shares[:] = [mine, ["c: bad", "d: bad", "b: bad"]]
-    monkeypatch.setattr(engine.dist, "all_gather_object", gather)
-    assert list(log.gather(2).failures) == ["a: bad", "b: bad", "c: bad", "d: bad"]
-    small = engine.FailureLog(8)
-    small.update(["x: bad"] + [f"{i}: bad" for i in range(8)])  # 9 of 8: a small set stops only at 10 files
-    with pytest.raises(data.DatasetError, match="10 of 8 videos"):
-        small.update("y: bad")
-    with pytest.raises(data.DatasetError, match="51 of 1000"):
-        log.update([f"{i}: bad" for i in range(47)])
-
-
-@pytest.mark.parametrize("flags, message", [
-    (["--shots", "-1"], "--shots -1"), (["--frames", "0"], "--frames 0"), (["--frames", "-3"], "--frames -3"),
-    (["--micro-batch", "0"], "--micro-batch"), (["--batch-size", "0"], "--batch-size"),
-    (["--epochs", "0"], "--epochs 0"), (["--epochs", "-1"], "--epochs -1"), (["--views", "2x2"], "CLIPSxCROPS"),
-    (["--views", "abc"], "CLIPSxCROPS"), (["--views", "0x1"], "CLIPSxCROPS"), (["--label-smoothing", "2"], "2.0"),
-    (["--template", "a {} of {}"], "exactly one"), (["--template", "video"], "exactly one"),
-    (["--eval-datasets", "ucf101", "--eval-roots", "ucf101"], "NAME=DIR"),
-    (["--eval-datasets", "ucf101,ucf"], "expected names among ucf101"),
-    (["--batch-size", "10", "--micro-batch", "4"], "not a whole number of micro-batches"),
-    (["--input-size", "4"], "smaller than one 8-pixel patch"), (["--mode", "prompt", "--n-ctx", "40", "--depth", "1"],
-                                                                "prompt tokens must be in 1..28"),
-])
-def test_bad_flags_are_refused_with_what_was_expected(tmp_path, flags, message):
-    with pytest.raises(vifi.ConfigError, match=re.escape(message)):
-        train.main(train.get_args(["--dataset", "synthetic", "--out", str(tmp_path), "--device", "cpu", *flags]))
-
-
-def test_a_run_shorter_than_its_warm_up_says_so(capsys):
-    train.check_args(train.get_args(["--dataset", "ucf101", "--shots", "2", "--epochs", "2"]), world=1)
-    assert "ends inside the warm-up (5 epochs): the rate rises only to 8e-07, not to --lr 2e-06" in capsys.readouterr().err
-
-
-def test_bad_flags_exit_2_in_one_line_without_traceback(tmp_path):
-    (tmp_path / "file").touch()
-    for flags in (["--frames", "-3"], ["--views", "0x1"], ["--out", str(tmp_path / "file")],
-                  ["--device", "cuda:0"] if not torch.cuda.is_available() else ["--views", "1"]):
-        run = run_cli("train.py", "--dataset", "ucf101", "--root", str(tmp_path / "none"), *flags)
-        assert run.returncode == 2 and "Traceback" not in run.stderr and "--root" not in run.stderr, run.stderr
-        assert run.stderr.startswith("error: ") and run.stderr.count("\n") == 1
-
-
-def test_list_and_layout_file_names_may_hold_spaces(tmp_path):
-    root = str(tmp_path)
-    touch(f"{root}/UCF-101/Yo Yo/v_Yo Yo_g01_c01.avi")
-    touch(f"{root}/UCF-101/Yo Yo/v_Yo Yo_g02_c01.avi")
-    write(f"{root}/ucfTrainTestlist/classInd.txt", "1 Yo Yo\n")
-    write(f"{root}/ucfTrainTestlist/trainlist01.txt", "Yo Yo/v_Yo Yo_g01_c01.avi 1\n")
-    write(f"{root}/ucfTrainTestlist/testlist01.txt", "Yo Yo/v_Yo Yo_g02_c01.avi\n")
-    train_set = data.build_dataset("ucf101", root, "train")
-    assert train_set.classnames == ["Yo Yo"] and [os.path.basename(p) for p, _ in train_set.samples] == ["v_Yo Yo_g01_c01.avi"]
-    assert len(data.build_dataset("ucf101", root, "test")) == 1
-    touch(f"{root}/hmdb/ride_bike/my ride 1.avi")
-    write(f"{root}/hmdb/testTrainMulti_7030_splits/brush_hair_test_split1.txt", "")
-    write(f"{root}/hmdb/testTrainMulti_7030_splits/ride_bike_test_split1.txt", "my ride 1.avi 1 \n")
-    assert [os.path.basename(p) for p, _ in data.build_dataset("hmdb51", f"{root}/hmdb", "train").samples] == ["my ride 1.avi"]
-
-
-@pytest.mark.parametrize("labels, listing, message", [
-    ("0,a\n1,b\n", "x.mp4 0\n", "first line is 'id,name'"), ("id,name\n0,a\n", "x.mp4 1\n", "label in 0..0"),
-    ("id,name\n0,a\n", "x.mp4\n", "line 1"), ("id,name\n0,a\n2,b\n", "x.mp4 0\n", "without gaps")])
-def test_bad_list_files_name_the_line(tmp_path, labels, listing, message):
-    touch(f"{tmp_path}/x.mp4")
-    write(f"{tmp_path}/labels.csv", labels)
-    write(f"{tmp_path}/list.txt", listing)
-    with pytest.raises(data.DatasetError, match=re.escape(message)):
-        data.build_dataset("list", str(tmp_path), "train", list_file=f"{tmp_path}/list.txt",
-                           labels_file=f"{tmp_path}/labels.csv")
-def test_gradient_accumulation_equals_the_whole_batch(tmp_path, monkeypatch):
-    # Plain SGD instead of AdamW (which is blind to the scale of the gradients) at a constant rate (the schedule
-    # is read at micro-batch boundaries): the weights after an epoch must not depend on how each optimizer step's
-    # batch is cut into micro-batches. 9 clips: micro-batches of 4 in steps of 8 leave a last step of one
-    # micro-batch of 1, which must count as a batch of 1, not 1/2 of one.
-    monkeypatch.setattr(torch.optim, "AdamW", lambda params, lr, **kw: torch.optim.SGD(params, lr=lr))
-    monkeypatch.setattr(protocols, "learning_rate", lambda progress, args: args.lr)
-    evaluate_all = engine.evaluate_all  # not the subject here: on one video per test set
-    monkeypatch.setattr(engine, "evaluate_all", lambda model, tests, *a: evaluate_all(
-        model, {name: test.subset(test.samples[:1]) for name, test in tests.items()}, *a))
-    weights = []
-    for micro in (8, 4):
-        out = tmp_path / f"micro{micro}"
-        train.main(train.get_args(["--dataset", "synthetic", "--shots", "1", "--epochs", "1", "--batch-size", "8",
-                                   "--micro-batch", str(micro), "--mixup", "0", "--cutmix", "0", "--lr", "1.0",
-                                   "--towers", "image", "--frames", "2", "--device", "cpu", "--out", str(out)]))
-        ck = torch.load(out / "last.pt", weights_only=True)
-        assert ck["step"] == 2  # 8 + 1 clips
-        weights.append(ck["model"])
-    start = train.load_clip(train.get_args(["--dataset", "synthetic"])).state_dict()
-    moved = 0
-    for key, value in weights[0].items():
-        torch.testing.assert_close(weights[1][key], value, atol=1e-5, rtol=1e-4, msg=key)
-        moved += key.startswith("clip.") and not torch.allclose(value, start[key[5:]], atol=1e-4)
-    assert moved > 10  # the steps did change the weights
-
-
-def test_curves_svg_has_loss_and_accuracy_panels_with_ticks(tmp_path):
-    log = [dict(epoch=e, loss=2.0 / e, **(dict(top1=10.0 * e, top5=50.0) if e % 5 == 0 else {})) for e in range(1, 21)]
-    report.write_curves(log, tmp_path / "curves.svg")
-    svg = "{http://www.w3.org/2000/svg}"
-    panels = ET.parse(tmp_path / "curves.svg").getroot().findall(f"{svg}g")
-    assert len(panels) == 2
-    labels = [[t.text for t in p.iter(f"{svg}text")] for p in panels]
-    assert {"cross-entropy", "epoch", "0", "1", "2", "10", "20"} <= set(labels[0])
-    assert {"top-1 accuracy (%)", "0", "20", "40", "60", "80", "100"} <= set(labels[1])
-    assert len(panels[1].findall(f"{svg}circle")) == 4  # one marker per evaluation: epochs 5, 10, 15, 20
-    demo = protocols.PRESETS["synthetic"]
-    assert demo["eval_every"] * 4 <= demo["epochs"]  # the demo's accuracy curve has points to show learning
-
-
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    normalize, calls = data.normalize, []
-
-    def poisoned(video, *a, **k):  # the second epoch's first batch turns to NaN
-        calls.append(1)
-        out = normalize(video, *a, **k)
-        return out * float("nan") if len(calls) == 7 else out
-    monkeypatch.setattr(data, "normalize", poisoned)
-    with pytest.raises(FloatingPointError, match=r"at optimizer step 4 \(epoch 2\).*last.pt"):
-        train.main(train.get_args(TINY_RUN + ["--out", str(tmp_path), "--eval-every", "0"]))
-    ck = torch.load(tmp_path / "last.pt", weights_only=True)
-    assert ck["epoch"] == 0 and all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
-
-
-def test_cli_errors_exit_2_with_a_clear_message(tmp_path):
-    for splits in ("official", "native"):  # an empty folder: no video, said before any download
-        run = run_cli("train.py", "--dataset", "ucf101", "--root", str(tmp_path), "--shots", "2", "--splits", splits)
-        assert run.returncode == 2 and "holds no video files" in run.stderr and "ucfTrainTestlist" in run.stderr
-        assert "Traceback" not in run.stderr and "crcv.ucf.edu" in run.stderr
-    run = run_cli("train.py", "--dataset", "synthetic", "--model", "ViT-B/32", env={"VIFI_CACHE": str(tmp_path)})
-    assert run.returncode == 2 and clip_model.MODELS["ViT-B/32"] in run.stderr and "Traceback" not in run.stderr
-    run = run_cli("train.py", "--dataset", "synthetic", "--mode", "prompt", "--out", str(tmp_path / "out"))
-    assert run.returncode == 2 and "prompt depths must be in 1..2" in run.stderr and "Traceback" not in run.stderr
-    run = run_cli("train.py", "--dataset", "nonsense")  # rejected before any model is loaded or downloaded
-    assert run.returncode == 2 and "invalid choice: 'nonsense'" in run.stderr
-    assert train.pick_device("cuda", 3) == torch.device("cuda:3") and train.pick_device("cpu", 0).type == "cpu"
-    (tmp_path / "notes.pth").write_text("not a checkpoint")
-    for flag, expect in (("--resume", "missing.pt: no such file"), ("--checkpoint", "notes.pth: not a PyTorch checkpoint")):
-        path = str(tmp_path / ("missing.pt" if flag == "--resume" else "notes.pth"))
-        run = run_cli("train.py", "--dataset", "synthetic", flag, path, "--out", str(tmp_path / "out"))
-        assert run.returncode == 2 and expect in run.stderr and "Traceback" not in run.stderr, run.stderr[-2000:]
-
-
-def test_missing_dataset_fails_before_any_network_access(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("VIFI_DATA", raising=False)
-    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: pytest.fail(f"network touched: {a}"))
-    with pytest.raises(data.DatasetError, match=r"ucf101: 'data/ucf101' is not a folder.*UCF-101/<Class>.*"
-                                                r"crcv\.ucf\.edu.*VIFI_DATA.*python tools.py check --dataset ucf101"):
-        train.main(train.get_args(["--dataset", "ucf101", "--shots", "8"]))
-    with pytest.raises(data.DatasetError, match=r"hmdb51: '.*nowhere/hmdb51' is not a folder.*serre-lab"):
-        monkeypatch.setenv("VIFI_DATA", str(tmp_path / "nowhere"))
-        (tmp_path / "nowhere" / "k400" / "train").mkdir(parents=True)
-        (tmp_path / "nowhere" / "k400" / "train" / "a.mp4").touch()
-        train.main(train.get_args(["--dataset", "k400", "--eval-datasets", "hmdb51"]))
-    assert not (tmp_path / "runs").exists()
-    run = run_cli("train.py", "--dataset", "ssv2", "--shots", "2", env={"VIFI_DATA": str(tmp_path / "none"),
-                                                                       "VIFI_CACHE": str(tmp_path / "cache")})
-    assert run.returncode == 2 and "qualcomm.com" in run.stderr and "Traceback" not in run.stderr
-    assert not (tmp_path / "cache").exists()  # nothing fetched
-
-
-def test_offline_one_message_lists_every_missing_file(tmp_path, monkeypatch):
-    tools.make_test_video(str(tmp_path / "v.avi"), num_frames=4, width=32, height=32)
-    link_tree(tmp_path / "ucf", tmp_path / "v.avi", ["datasets_splits/ucf_splits/train1_few_shot_2.txt"])
-    link_tree(tmp_path / "ucf", tmp_path / "v.avi", ["datasets_splits/ucf_splits/val1.txt"], limit=5)
-    monkeypatch.setenv("VIFI_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("VIFI_BPE")
-    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: (_ for _ in ()).throw(urllib.error.URLError("offline")))
-    args = ["--dataset", "ucf101", "--root", str(tmp_path / "ucf"), "--shots", "2"]
-    with pytest.raises(data.DatasetError) as error:  # nothing cached: split files, weights and vocabulary at once
-        train.main(train.get_args(args))
-    weights = clip_model.MODELS["ViT-B/16"]
-    for url in (protocols.OFFICIAL_URL + "datasets_splits/ucf_splits/train1_few_shot_2.txt", weights, tokenizer.BPE_URL):
-        assert url in str(error.value)
-    assert str(tmp_path / "cache" / tokenizer.BPE_FILE) in str(error.value)
-    with pytest.raises(archive.CheckpointError) as error, warnings.catch_warnings():  # splits in place
-        warnings.simplefilter("ignore")  # the test list is cut to 5 videos
-        train.main(train.get_args(args + ["--splits", official()]))
-    assert f"{weights} -> {tmp_path / 'cache' / os.path.basename(weights)}" in str(error.value)
-    assert f"{tokenizer.BPE_URL} -> {tmp_path / 'cache' / tokenizer.BPE_FILE}" in str(error.value)
-
-
-def test_the_mission_command_runs_as_typed(tmp_path, bpe):
-    """`python train.py --dataset ucf101 --shots 8` in a fresh folder: the data under ./data/ucf101 (two classes of
-    the official 8-shot list and a quarter of their test videos in split 1, one tiny clip hard-linked under each
-    name), the model and the split files already in the cache (the tiny OpenAI-format fixture as ViT-B/16)."""
-    video = tmp_path / "v.avi"
-    tools.make_test_video(str(video), num_frames=12, width=40, height=32)
-    few, val = "datasets_splits/ucf_splits/train1_few_shot_8.txt", "datasets_splits/ucf_splits/val1.txt"
-    tested = [(name, label) for name, label in official_lines(val) if label < 2][::4]
-    keep = [(name, label) for name, label in official_lines(few) if label < 2] + tested
-    for name, _ in keep:
-        os.makedirs(tmp_path / "data" / "ucf101" / "UCF-101", exist_ok=True)
-        os.link(video, tmp_path / "data" / "ucf101" / "UCF-101" / name)
-    cache = tmp_path / "cache"
-    for rel in (few, val, "labels/ucf_101_labels.csv"):
-        os.makedirs(cache / f"splits-{protocols.OFFICIAL_COMMIT[:7]}" / os.path.dirname(rel), exist_ok=True)
-        shutil.copyfile(official(rel), cache / f"splits-{protocols.OFFICIAL_COMMIT[:7]}" / rel)
-    shutil.copyfile(fixture("clip_tiny_openai_jit.pt"), cache / "ViT-B-16.pt")
-    env = {**os.environ, "VIFI_CACHE": str(cache), "OMP_NUM_THREADS": "1", "VIFI_BPE": str(bpe)}
-    env.pop("VIFI_DATA", None)
-    run = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--dataset", "ucf101", "--shots", "8"],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0, run.stderr[-3000:]
-    res = json.load(open(tmp_path / "runs" / "ucf101-few-shot" / "results.json"))
-    assert (res["protocol"], res["train_videos"], res["epochs"], res["frames"]) == ("few-shot", 16, 50, 32)
-    assert res["results"]["test"]["videos"] == len(tested) and res["splits"].startswith("official")
-    log = [json.loads(line) for line in open(tmp_path / "runs" / "ucf101-few-shot" / "log.jsonl")]
-    assert [r["epoch"] for r in log if "top1" in r] == [1, 11, 21, 31, 41, 50]  # the official evaluation epochs
-    assert res["best"]["top1"] == max(r["top1"] for r in log if "top1" in r) and res["paper_reports"] == "best"
-
-
-def test_checkpoint_flags_run_no_code(payloads, tmp_path):
-    files, marker = payloads
-    for path in files.values():
-        for flags in (["--checkpoint"], ["--eval-only", "--checkpoint"], ["--resume"], ["--model"]):
-            with pytest.raises(archive.CheckpointError, match=re.escape(str(path))):
-                train.main(train.get_args(TINY_RUN + [*flags, str(path), "--out", str(tmp_path)]))
-    for flag, path in (("--resume", files["polyglot"]), ("--checkpoint", files["torchscript"])):
-        run = run_cli("train.py", *TINY_RUN, flag, str(path), "--out", str(tmp_path))
-        assert run.returncode == 2 and run.stderr.startswith(f"error: {path}"), run.stderr
-        assert run.stderr.count("\n") == 1, run.stderr  # one line: no traceback, no progress bar
-    assert not marker.exists()
-
-
-def test_resume_refuses_what_it_cannot_continue(tmp_path):
-    out = str(tmp_path / "run")
-    train.main(train.get_args(TINY_RUN + ["--epochs", "1", "--out", out]))
-    last = os.path.join(out, "last.pt")
-    other_size = ["--model", fixture("clip_tiny_openai_jit.pt")]
-    for flags, error in ((other_size, r"last.pt: key 'clip\.\S+' has shape .* the model these flags build"),
-                         (["--towers", "text"], "optimizer state does not fit what these flags train")):
-        with pytest.raises(archive.CheckpointError, match=error):
-            train.main(train.get_args(TINY_RUN + [*flags, "--resume", last, "--out", str(tmp_path / "again")]))
-    with pytest.raises(vifi.ConfigError, match=f"only evaluates: to evaluate {re.escape(last)}, pass it as --check"):
-        train.main(train.get_args(TINY_RUN + ["--eval-only", "--resume", last, "--out", str(tmp_path / "again")]))
-    flip_bytes(Path(last), os.path.getsize(last) // 2)
-    with pytest.raises(archive.CheckpointError, match=f"{re.escape(last)}: corrupt"):
-        train.main(train.get_args(TINY_RUN + ["--resume", last, "--out", out]))
-
-
-# A full disk as the OS reports it, and as torch.save (2.13) reports it when the disk fills mid-write.
-FULL_DISK = [OSError(errno.ENOSPC, "No space left on device"),
-             RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")]
-
-
-@pytest.mark.parametrize("error", FULL_DISK)
-def test_full_disk_keeps_the_last_checkpoint_and_says_so(tmp_path, monkeypatch, error):
-    last = tmp_path / "last.pt"
-    last.write_bytes(b"the previous checkpoint")
-
-    def full_disk(obj, path):  # as torch.save on a full disk: part of the file written, then the error
-        Path(path).write_bytes(b"PK\x03\x04 part of a checkpoint")
-        raise error
-    monkeypatch.setattr(torch, "save", full_disk)
-    with pytest.raises(archive.CheckpointError) as e:
-        train.save_atomic({"model": {}}, str(last))
-    assert re.match(rf"could not write {re.escape(str(last))} \(.*; [\d.]+ MiB free on its disk\)", str(e.value))
-    assert "unexpected pos" not in str(e.value)
-    assert os.listdir(tmp_path) == ["last.pt"] and last.read_bytes() == b"the previous checkpoint"
-
-
-def test_eval_only_official_checkpoint(tmp_path, expected):
-    out = tmp_path / "ev"
-    results = train.main(train.get_args(["--dataset", "synthetic", "--eval-only", "--model", fixture("clip_tiny_openai_jit.pt"),
-                                         "--checkpoint", fixture("vifi_official_prompt_ckpt.pth"), "--out", str(out),
-                                         "--device", "cpu", "--frames", "2"]))
-    assert results["base"]["videos"] == 144 and 0 <= results["base"]["top1"] <= 100
-    assert json.load(open(out / "results.json"))["norm"] == "imagenet"  # official models were trained with it
-
-
-def test_distributed_two_processes_count_every_video_once(tmp_path):
-    run = run_cli("-m", "torch.distributed.run", "--nproc_per_node", "2", "train.py", *TINY_RUN, "--epochs", "1",
-                  "--out", str(tmp_path), timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    res = json.load(open(tmp_path / "results.json"))
-    assert res["results"]["base"]["videos"] == 144 and res["results"]["novel"]["videos"] == 144
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# README: every command in it parses (the ones that need real data or downloads) or runs (in .ci/run and above)
-
-def readme_commands(script):
-    text = open(os.path.join(HERE, "README.md")).read()
-    found = re.findall(rf"python {script} ([^`\n]*)", text)
-    return [shlex.split(c.split("#")[0].replace("...", "")) for c in found]
-
-
-def test_readme_train_commands_parse():
-    commands = readme_commands("train.py")
-    assert len(commands) >= 10
-    for argv in commands:
-        args = train.get_args(argv)
-        assert args.protocol in protocols.PRESETS and args.frames and args.epochs is not None, argv
-
-
-def test_readme_vifi_command_parses_and_runs(tmp_path):
-    (argv,) = [c for c in readme_commands("vifi.py") if "--labels" in c]
-    assert vifi.parse_args(argv).checkpoint == "vifi_clip_k400.pth"
-    video = str(tmp_path / "clip.avi")
-    tools.make_test_video(video, num_frames=20, width=64, height=48)
-    run = run_cli("vifi.py", video, "--labels", "archery,playing guitar,brushing hair", "--model",
-                  fixture("clip_tiny_openai_jit.pt"), "--checkpoint", fixture("vifi_official_prompt_ckpt.pth"),
-                  "--frames", "4", "--device", "cpu")
-    assert run.returncode == 0, run.stderr[-2000:]
-    lines = run.stdout.strip().splitlines()
-    assert len(lines) == 3 and abs(sum(float(l.split("%")[0]) for l in lines) - 100) < 0.1
-    # as train.py and the official files write them; csv may quote any name
-    (tmp_path / "labels.csv").write_text('id,name\n1,playing guitar\n0,"archery"\n2,brushing hair\n')
-    run2 = run_cli("vifi.py", video, "--labels-file", str(tmp_path / "labels.csv"), "--model",
-                   fixture("clip_tiny_openai_jit.pt"), "--checkpoint", fixture("vifi_official_prompt_ckpt.pth"),
-                   "--frames", "4", "--device", "cpu")
-    assert run2.stdout == run.stdout  # the same classes in the same order, the header skipped
-    run = run_cli("vifi.py", str(tmp_path / "missing.avi"), "--labels", "a,b", "--model", fixture("clip_tiny_openai_jit.pt"))
-    assert run.returncode == 2 and "missing.avi" in run.stderr and "Traceback" not in run.stderr
-
-
-class Images(html.parser.HTMLParser):
-    """The <img> tags of a page, as attribute dicts."""
-    def __init__(self, text):
-        super().__init__()
-        self.images = []
-        self.feed(text)
-
-    def handle_starttag(self, tag, attrs):
-        if tag == "img":
-            self.images.append(dict(attrs))
-
-
-def test_explain_report_holds_votes_and_one_map_per_frame(tmp_path):
-    video, report = str(tmp_path / "clip.avi"), tmp_path / "report.html"
-    tools.make_test_video(video, num_frames=20, width=64, height=48)
-    run = run_cli("vifi.py", video, "--labels", "archery,playing guitar,brushing hair", "--model",
-                  fixture("clip_tiny_openai_jit.pt"), "--checkpoint", fixture("vifi_official_finetune_ckpt.pth"),
-                  "--frames", "4", "--device", "cpu", "--explain", str(report), "--compare-base")
-    assert run.returncode == 0, run.stderr[-2000:]
-    images = Images(report.read_text()).images
-    kinds = [i.get("class") for i in images]
-    assert kinds.count("map") == 4 and kinds.count("base-map") == 4  # one map per frame, and vanilla CLIP's
-    assert len(images) == 3 * 4 and all(i["src"].startswith("data:image/png;base64,") for i in images)  # self-contained
-    assert "://" not in report.read_text() and "<script" not in report.read_text()  # nothing fetched, nothing run
-    png = base64.b64decode(images[0]["src"].split(",", 1)[1])
-    frame = av.CodecContext.create("png", "r").decode(av.Packet(png))[0]
-    assert (frame.width, frame.height) == (128, 128)  # the 32 px frame, enlarged 4x
-    out = json.load(open(tmp_path / "report.json"))
-    assert len(out["votes"]) == 4 and abs(sum(out["votes"]) - out["logit"]) < 1e-5
-    assert abs(sum(out["runner_up"]["votes"]) - out["runner_up"]["logit"]) < 1e-5
-    assert out["label"] == out["top5"][0]["label"] and out["runner_up"]["label"] == out["top5"][1]["label"]
-    assert out["settings"]["frames"] == 4 and out["settings"]["base"] == fixture("clip_tiny_openai_jit.pt")
-    assert f"{out['top5'][0]['label']}" in run.stdout.splitlines()[0]  # the printed top class is the report's
-    assert f"logit {out['logit']:.3f}" in report.read_text()
-    # the report's logit (the explanation path) is the ordinary SDPA forward's, computed here independently
-    labels = ["archery", "playing guitar", "brushing hair"]
-    model = vifi.load_official_checkpoint(fixture("vifi_official_finetune_ckpt.pth"),
-                                          clip_model.load(fixture("clip_tiny_openai_jit.pt")), labels)
-    frames, _ = data.VideoDataset([(video, 0)], labels, 4, 32).load(video)  # (V=1, T, 3, H, W)
-    with torch.no_grad():
-        logits = model(data.normalize(frames, *data.NORMS[model.norm]))[0]
-    assert abs(logits[labels.index(out["label"])].item() - out["logit"]) < 1e-4
-    assert len(out["relevance"]) == len(out["base_relevance"]) == 4
-    (readme,) = [c for c in readme_commands("vifi.py") if "--explain" in c]  # README's example parses
-    assert vifi.parse_args(readme).explain == "report.html"
-
-
-def test_explain_reports_a_missing_video_before_loading_a_model(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(clip_model, "load", lambda *a, **k: pytest.fail("the model was loaded"))
-    argv = [str(tmp_path / "missing.avi"), "--labels", "a,b", "--explain", str(tmp_path / "r.html")]
-    assert vifi.main(argv) == 2
-    assert "missing.avi: no such file" in capsys.readouterr().err
-    for extra, message in ((["--compare-base"], "--compare-base compares a fine-tuned --checkpoint"),
-                           (["--views", "2x1"], "leave --views at 1x1")):
-        with pytest.raises(SystemExit) as e:
-            vifi.parse_args(argv + extra)
-        assert e.value.code == 2 and message in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        vifi.parse_args(argv[:3] + ["--explain", str(tmp_path / "no" / "r.html")])
-    assert "its folder does not exist" in capsys.readouterr().err
-
-
-def test_vifi_offline_names_the_weights_and_the_vocabulary_in_one_message(tmp_path, monkeypatch, capsys):
-    video = str(tmp_path / "clip.avi")
-    tools.make_test_video(video, num_frames=4, width=32, height=32)
-    cache = offline_cache(tmp_path / "cache", monkeypatch,
-                          lambda *a, **k: (_ for _ in ()).throw(urllib.error.URLError("offline")))
-    assert vifi.main([video, "--labels", "a,b", "--device", "cpu"]) == 2
-    err = capsys.readouterr().err
-    weights = clip_model.MODELS["ViT-B/16"]
-    assert err.startswith("error: could not fetch") and err.count("error:") == 1 and "Traceback" not in err
-    assert f"{weights} -> {cache / os.path.basename(weights)}" in err and f"{BPE_URL} -> {cache / BPE_FILE}" in err
-
-
 def test_readme_data_commands_run(tmp_path):
     commands = readme_commands("tools.py")
     assert sorted(c[0] for c in commands) == ["check", "check", "prepare", "synth-ucf"]
@@ -2513,11 +2476,37 @@ def test_readme_data_commands_run(tmp_path):
     assert "train: 1152 videos in 18 classes, 0 listed but missing, 0 unreadable" in run.stdout
 
 
-def test_readme_bench_commands_parse():
-    commands = readme_commands("bench.py")
-    assert {"--small", "--compile", "--json"} <= {a for c in commands for a in c}
-    for argv in commands:
-        bench.parse_args(argv)
+# ---------------------------------------------------------------------------------------------------------------
+# bench.py
+
+def test_image_flops_match_the_published_vit_b16_count():
+    # ViT-B/16 at 224 is 17.6 GMACs per image (timm's table), i.e. ~35.2 GFLOPs at 2 FLOPs per multiply-add, with
+    # all 197 tokens through the last block; this tower's last block computes the class token alone
+    executed = bench.image_flops(clip_model.CLIPConfig(), 224)
+    skipped = bench.block_flops(768, 197, 197) - bench.block_flops(768, 197, 1)
+    assert 34.5e9 < executed + skipped < 35.5e9
+    assert 0.05 < skipped / (executed + skipped) < 0.07
+
+
+def test_random_tokens_give_realistic_prompt_lengths():
+    names = bench.class_names(400)
+    assert len(set(names)) == 400
+    tok = bench.RandomTokens(49408)
+    ids = tokenize([f"a photo of a {n}." for n in names], tokenizer=tok)
+    lengths = (ids.argmax(dim=-1) + 1).tolist()  # up to and including EOT, the largest id
+    assert set(lengths) == {9} and (ids.max(dim=-1).values == tok.eot).all()  # SOT a photo of a verb noun . EOT
+
+
+def test_bench_summary_says_slower_and_leaves_out_what_it_cannot_measure(capsys):
+    res = dict(model={"a": dict(speedup=0.5, label="official style"), "b": dict(speedup=2.0, label="other")},
+               memory_ratio=None, data={}, data_feed=dict(video="v", workers=2, pipeline_clips_per_s_per_worker=1.0,
+                                                          pipeline_clips_per_s=2.0, train_clips_per_s=3.0, feeds=False))
+    bench.print_summary(res)
+    out = capsys.readouterr().out
+    assert "2.00x slower than: official style" in out and "2.00x faster than: other" in out
+    assert "0.50x" not in out and "cuts peak memory" not in out and "no memory peak can be measured" in out
+    bench.print_summary({**res, "memory_ratio": 0.99})
+    assert "does not cut peak memory at this size (without / with = 0.99)" in capsys.readouterr().out
 
 
 def test_official_style_baseline_computes_the_same_logits():
@@ -2525,3 +2514,55 @@ def test_official_style_baseline_computes_the_same_logits():
     video = torch.randn(2, 3, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(bench.OfficialStyle(model)(video), model(video), atol=1e-4, rtol=0)
+
+
+def test_bench_small_runs_and_writes_finite_numbers(tmp_path):
+    out = tmp_path / "bench.json"
+    # One thread: other test processes may share the cores, and OpenMP's spinning threads crawl when oversubscribed.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "bench.py", "--small", "--device", "cpu", "--json", str(out)], cwd=HERE,
+                         env=env, capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "frames/s" in run.stdout and "pipeline clips/s" in run.stdout and "train.py loop" in run.stdout
+    res = json.loads(out.read_text())
+
+    def positive(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+    assert res["device_type"] == "cpu" and res["torch"] and res["date"] and res["small"] is True
+    assert positive(res["peak_tflops"]) and res["peak_dtype"] == "float32", (res["peak_tflops"], res["peak_dtype"])
+    classes = res["config"]["classes"]
+    expected = {"vision_train", "vision_infer", "memory_ckpt", "memory_no_ckpt"}
+    expected |= {f"vifi_{kind}_c{c}" for kind in ("train", "eval", "train_official") for c in classes}
+    assert set(res["model"]) == expected
+    for key, row in res["model"].items():
+        for metric in ("ms", "frames_per_s", "tflops", "mfu"):
+            assert positive(row[metric]), (key, metric, row)
+    if os.access("/proc/self/clear_refs", os.W_OK):  # the CPU peak-memory measurement needs it
+        peaks = res["model"]["memory_ckpt"]["peak_mb"], res["model"]["memory_no_ckpt"]["peak_mb"], res["memory_ratio"]
+        assert all(map(positive, peaks)), peaks
+    assert set(res["data"]) == {f"{v}_t{t}" for v in ("ucf101", "kinetics") for t in res["config"]["data_T"]}
+    for key, rates in res["data"].items():
+        assert all(positive(rates[m]) for m in ("decode_clips_per_s", "pipeline_clips_per_s", "pipeline_over_decode"))
+    feed = res["data_feed"]
+    assert positive(feed["pipeline_clips_per_s"]) and positive(feed["train_clips_per_s"])
+    e2e = res["e2e"]  # --small runs the end-to-end section too, on tiny videos
+    assert {(r["video"], r["keyint"], r["crf"], r["fast_decode"]) for r in e2e["prepare"].values()} == {
+        (v, k, q, fast) for v in ("kinetics", "kinetics_textured") for k, q, fast in res["config"]["prepare_grid"]}
+    for row in e2e["prepare"].values():
+        assert all(positive(row[m]) for m in ("clips_per_s", "speedup", "bytes_ratio", "psnr_db", "encode_s")), row
+        assert row["psnr_db"] > 30, row  # the prepared frames are the original's
+    workers = sorted({r["workers"] for r in e2e["workers"].values()})
+    assert workers[0] == 1 and workers[-1] == os.cpu_count() and len(e2e["workers"]) == 4 * len(workers)
+    assert all(positive(r["clips_per_s"]) for r in e2e["workers"].values())
+    assert {(r["video"], r["T"], r["files"]) for r in e2e["train_loop"].values()} == {
+        (v, t, f) for v, t in (("kinetics", 16), ("ucf101", 8)) for f in ("original", "prepared")}
+    for row in e2e["train_loop"].values():
+        assert all(positive(row[m]) for m in ("clips_per_s", "in_memory_clips_per_s", "of_bound")), row
+
+
+def test_readme_bench_commands_parse():
+    commands = readme_commands("bench.py")
+    assert {"--small", "--compile", "--json"} <= {a for c in commands for a in c}
+    for argv in commands:
+        bench.parse_args(argv)
