@@ -803,6 +803,13 @@ def identity_normalize(video, colour):
     return data.normalize(video, (0, 0, 0), (1 / 255,) * 3, colour=colour)
 
 
+def test_views_flag_parses_clips_by_crops_and_refuses_the_rest():
+    assert data.parse_views("4x3") == (4, 3) and data.parse_views("1x1") == (1, 1)
+    for bad in ("4x2", "0x1", "x3", "4", "ax1", "-1x1", "1x1x1"):
+        with pytest.raises(ValueError, match=f"--views '{bad}': expected CLIPSxCROPS with CROPS 1 or 3"):
+            data.parse_views(bad)
+
+
 def test_views_cover_the_documented_boxes():
     assert data.test_views(240, 320, 224)[0].box == (15, 55, 210, 210)  # 224/256 of the short side, centred
     assert data.test_views(320, 240, 224)[0].box == (55, 15, 210, 210)  # portrait: the long side is the height
@@ -1506,6 +1513,16 @@ def test_readme_vifi_command_parses_and_runs(tmp_path):
     assert run2.stdout == run.stdout  # the same classes in the same order, the header skipped
     run = run_cli("vifi.py", str(tmp_path / "missing.avi"), "--labels", "a,b", "--model", fixture("clip_tiny_openai_jit.pt"))
     assert run.returncode == 2 and "missing.avi" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_vifi_refuses_bad_views_before_any_download(tmp_path, monkeypatch, capsys):
+    video = str(tmp_path / "clip.avi")
+    tools.make_test_video(video, num_frames=4, width=32, height=32)
+    monkeypatch.setattr(archive, "download", lambda *a, **k: pytest.fail("a download was tried"))
+    monkeypatch.setattr(clip_model, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    for views in ("abc", "2x2", "0x1"):
+        assert vifi.main([video, "--labels", "a,b", "--views", views, "--device", "cpu"]) == 2
+        assert f"error: --views '{views}': expected CLIPSxCROPS" in capsys.readouterr().err
 
 
 def test_explain_reports_a_missing_video_before_loading_a_model(tmp_path, monkeypatch, capsys):
