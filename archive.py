@@ -23,7 +23,6 @@ import io
 import os
 import pickle
 import sys
-import tempfile
 import urllib.request
 import warnings
 import zipfile
@@ -173,10 +172,10 @@ def download(url, path, sha256):
         return path
     folder, name = os.path.split(path)
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=name + ".", suffix=".part")  # unique: two fetches never share it
+    tmp = f"{path}.{os.getpid()}.part"  # one per process: two fetches never share it
     digest = hashlib.sha256()
     try:
-        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=60) as r:
+        with open(tmp, "wb") as f, urllib.request.urlopen(url, timeout=60) as r:
             total = int(r.headers.get("Content-Length") or 0) or None
             with tqdm(total=total, unit="B", unit_scale=True, desc=name) as bar:
                 while chunk := r.read(1 << 20):

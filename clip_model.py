@@ -326,14 +326,15 @@ def check_state_dict(sd, expected, path, model):
                                       f"{model}")
 
 
+def release(name):
+    """(url, path in the cache, sha256) of OpenAI's release `name` of MODELS (its URL's folder is the sha256)."""
+    url = MODELS[name]
+    return url, os.path.join(archive.cache_dir(), os.path.basename(url)), url.split("/")[-2]
+
+
 def load(name_or_path, device="cpu"):
     """A model name of MODELS (downloaded once into $VIFI_CACHE or ~/.cache/vifi) or a checkpoint path -> fp32 CLIP."""
-    if name_or_path in MODELS:
-        url = MODELS[name_or_path]
-        path = os.path.join(archive.cache_dir(), os.path.basename(url))
-        archive.download(url, path, sha256=url.split("/")[-2])
-    else:
-        path = name_or_path
+    path = archive.download(*release(name_or_path)) if name_or_path in MODELS else name_or_path
     return build(read_state_dict(path), path).to(device).eval()
 
 

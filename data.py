@@ -16,7 +16,7 @@ A training set then loads the next index instead, up to `max_retries` in a row; 
 with label -1, which evaluation leaves out (a replacement would count its neighbour twice). The sample carries
 "index" of the video actually loaded and "failed": one line "path: reason" per unreadable video ("" when none).
 DataLoader workers are separate processes, so no counter inside the dataset would reach the trainer: the
-failures travel in the batches, and the consumer counts and reports them (train.py's FailureLog).
+failures travel in the batches, and the consumer counts and reports them (engine.FailureLog).
 
 Datasets are found by file name anywhere under --root (one os.walk per root, cached), so official layouts and
 flattened copies both work; see LAYOUTS. Videos listed but absent (common in Kinetics) are skipped at
@@ -61,7 +61,8 @@ class VideoError(Exception):
 
 
 class DatasetError(Exception):
-    """The dataset itself is wrong: a missing annotation file, no videos under --root, too many bad files."""
+    """The dataset or its settings are wrong: a missing annotation file, no videos under --root, too many bad files,
+    test views that are not CLIPSxCROPS."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -245,7 +246,7 @@ def parse_views(text):
     """'4x3' -> (4, 3): CLIPS clips in time x CROPS crops (1 or 3, what test_views makes) of each test video."""
     clips, _, crops = text.partition("x")
     if not (clips.isdigit() and int(clips) > 0 and crops in ("1", "3")):
-        raise ValueError(f"--views {text!r}: expected CLIPSxCROPS with CROPS 1 or 3, e.g. 1x1 or 4x3")
+        raise DatasetError(f"--views {text!r}: expected CLIPSxCROPS with CROPS 1 or 3, e.g. 1x1 or 4x3")
     return int(clips), int(crops)
 
 
@@ -356,9 +357,9 @@ class VideoDataset(Dataset):
 
     def __getitem__(self, key):
         """key: an index, or (index, draw): then the sample's random choices come from random.Random(draw) alone,
-        the same in whichever worker process loads it (train.py passes 'seed/epoch/index', so a resumed run draws
-        what the uninterrupted one drew). An unreadable video is replaced by the next one when training; when
-        testing it comes back as a black clip with label -1, to be left out of the counts (module docstring)."""
+        the same in whichever worker process loads it (engine.EpochSampler passes 'seed/epoch/index', so a resumed
+        run draws what the uninterrupted one drew). An unreadable video is replaced by the next one when training;
+        when testing it comes back as a black clip with label -1, to be left out of the counts (module docstring)."""
         index, draw = key if isinstance(key, tuple) else (key, None)
         rng = random if draw is None else random.Random(draw)
         failed = []
@@ -496,10 +497,14 @@ def _ssv2(root, train, fold):
     return entries, classes
 
 
-def read_labels(path):
-    """An 'id,name' CSV (the official label files, or train.py's own) -> class names in id order, verbatim."""
+def read_labels(path, plain=False):
+    """An 'id,name' CSV (the official label files, or train.py's own) -> class names in id order, verbatim. With
+    plain=True, a file that does not start with that header is one class name per line."""
     with open(path, newline="") as f:
         rows = list(csv.reader(f))
+    if plain and (not rows or [cell.strip() for cell in rows[0]] != ["id", "name"]):
+        with open(path) as f:
+            return [line.strip() for line in f if line.strip()]
     if not rows or [cell.strip() for cell in rows[0]] != ["id", "name"]:
         raise DatasetError(f"{path}: expected a CSV whose first line is 'id,name', found {rows[0] if rows else 'nothing'}")
     try:

@@ -24,8 +24,8 @@ class Runtime:
     """Where this process runs and its share of the work: fixed once the run has started."""
     device: torch.device
     autocast: contextlib.AbstractContextManager  # torch.autocast with the --precision dtype, or a null context
-    rank: int = 0  # this process, one of
-    world: int = 1  # processes (torchrun sets RANK and WORLD_SIZE; DDP then)
+    rank: int = 0  # this process's number (torchrun sets RANK)
+    world: int = 1  # how many processes share the run (WORLD_SIZE); DDP when more than one
 
 
 @dataclass

@@ -76,9 +76,11 @@ def resolve(args):
     args.eval_datasets = [name for name in (args.eval_datasets or "").split(",") if name]
     args.protocol = args.protocol or infer(args)
     args.base_novel = args.protocol == "base-novel"
-    prompt = args.mode == "prompt" and args.protocol + "-prompt" in PRESETS
+    preset = args.protocol
+    if args.mode == "prompt" and preset + "-prompt" in PRESETS:  # bridge and prompt: its own rates and sizes
+        preset += "-prompt"
     given = {k: v for k, v in vars(args).items() if v is not None}
-    for k, v in {**DEFAULTS, **PRESETS[args.protocol + "-prompt" * prompt], **given}.items():
+    for k, v in {**DEFAULTS, **PRESETS[preset], **given}.items():
         setattr(args, k, v)
     if args.protocol == "vanilla-zero-shot" or args.mode == "zeroshot":  # vanilla CLIP: nothing trains
         args.eval_only = True
@@ -288,7 +290,8 @@ def check_readable(sets):
                 reasons.append(str(e))
         else:
             raise data.DatasetError(f"none of the first {len(reasons)} videos of the {name} set could be read, e.g. "
-                                    f"{reasons[0]}; check the copy with `python tools.py check`")
+                                    f"{reasons[0]}; check the copy under {dataset.root} with `python tools.py check "
+                                    f"--dataset NAME --root {dataset.root}`")
 
 
 def datasets(args, splits_dir=None):

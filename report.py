@@ -55,10 +55,10 @@ def png_uri(image):
     return "data:image/png;base64," + base64.b64encode(b"".join(bytes(p) for p in packets)).decode()
 
 
-def enlarge(frames):
+def enlarge(images):
     """uint8 (T, 3, H, W) -> float (T, kH, kW, 3), each pixel repeated k times so that small frames are visible."""
-    k = -(-DISPLAY_PX // frames.shape[-1])  # ceil(DISPLAY_PX / W)
-    return frames.float().repeat_interleave(k, dim=-2).repeat_interleave(k, dim=-1).permute(0, 2, 3, 1)
+    k = -(-DISPLAY_PX // images.shape[-1])  # ceil(DISPLAY_PX / W)
+    return images.float().repeat_interleave(k, dim=-2).repeat_interleave(k, dim=-1).permute(0, 2, 3, 1)
 
 
 def heat_overlay(pixels, relevance):
@@ -84,18 +84,18 @@ def image(pixels, alt, css=""):
     return f'<img src="{png_uri(pixels)}" alt="{html.escape(alt)}"{f" class={css!r}" if css else ""}>'
 
 
-def write_report(path, video_path, labels, frames, logits, result, settings, base=None):
-    """Write the HTML report to `path` and its numbers to the .json beside it. frames: uint8 (T, 3, H, W) as the
-    model saw them; logits (C,): the model's, at least two classes (vifi.py passes result["logits"], the votes' sums,
+def write_report(path, video_path, labels, images, logits, result, settings, base=None):
+    """Write the HTML report to `path` and its numbers to the .json beside it. images: uint8 (T, 3, H, W), the
+    frames as the model saw them; logits (C,): the model's, at least two classes (vifi.py passes result["logits"], the votes' sums,
     which equal the ordinary forward's to 1e-5); result and base: vifi.votes_and_relevance of the model and of
     vanilla CLIP, for the top class."""
     votes = result["votes"]  # (T, C); each column sums to its logit
     probs = logits.softmax(dim=-1)
     ranked = probs.argsort(descending=True).tolist()
     top, second = ranked[:2]
-    names, T = [html.escape(label) for label in labels], len(frames)
+    names, T = [html.escape(label) for label in labels], len(images)
 
-    pixels = enlarge(frames)
+    pixels = enlarge(images)
     maps = heat_overlay(pixels, result["relevance"])
     base_maps = heat_overlay(pixels, base["relevance"]) if base else None
     margin = votes[:, top] - votes[:, second]  # sums to logit difference = ln(p_top / p_second)

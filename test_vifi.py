@@ -332,6 +332,24 @@ def test_corrupt_download_leaves_nothing(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []
 
 
+def test_downloads_are_readable_as_the_umask_allows(tmp_path, monkeypatch):
+    # A cache shared between users stays usable: a fetched file gets the permissions any new file gets
+    src = tmp_path / "release.pt"
+    src.write_bytes(b"weights")
+    sha = hashlib.sha256(b"weights").hexdigest()
+    monkeypatch.setattr(tokenizer, "BPE_URL", src.as_uri())
+    monkeypatch.setattr(tokenizer, "BPE_SHA256", sha)
+    old = os.umask(0o022)
+    try:
+        archive.download(src.as_uri(), str(tmp_path / "cache" / "a.pt"), sha)
+        tokenizer.download_vocab(str(tmp_path / "cache" / "bpe.txt.gz"))
+    finally:
+        os.umask(old)
+    for name in ("a.pt", "bpe.txt.gz"):
+        assert (tmp_path / "cache" / name).stat().st_mode & 0o777 == 0o644, name
+    assert sorted(os.listdir(tmp_path / "cache")) == ["a.pt", "bpe.txt.gz"]  # no temp file left
+
+
 def test_cached_release_is_hashed_again(tmp_path):
     path = tmp_path / "ViT-X.pt"
     path.write_bytes(b"weights")
@@ -806,7 +824,7 @@ def identity_normalize(video, colour):
 def test_views_flag_parses_clips_by_crops_and_refuses_the_rest():
     assert data.parse_views("4x3") == (4, 3) and data.parse_views("1x1") == (1, 1)
     for bad in ("4x2", "0x1", "x3", "4", "ax1", "-1x1", "1x1x1"):
-        with pytest.raises(ValueError, match=f"--views '{bad}': expected CLIPSxCROPS with CROPS 1 or 3"):
+        with pytest.raises(data.DatasetError, match=f"--views '{bad}': expected CLIPSxCROPS with CROPS 1 or 3"):
             data.parse_views(bad)
 
 
@@ -1462,6 +1480,8 @@ def test_config_fields_are_overridden_by_keywords_and_saved_under_the_old_keys()
     assert set(saved) == {"mode", "towers", "template", "clean_names", "norm", "classnames", "n_ctx_text",
                           "depth_text", "n_ctx_vision", "depth_vision"}  # what checkpoints of earlier code hold
     assert saved["norm"] == "imagenet" and saved["template"] == "a photo of a {}." and saved["classnames"] == CLASSES
+    saved = vifi.checkpoint_config(vifi.ViFiCLIP(byte_clip(), CLASSES, cfg=cfg, mode="finetune"))
+    assert [saved[k] for k in ("n_ctx_text", "n_ctx_vision", "depth_text", "depth_vision")] == [0] * 4  # it has none
 
 
 def test_predict_averages_each_views_softmax_in_float32():
@@ -1681,6 +1701,9 @@ def test_presets_follow_the_protocol_and_flags_win():
     assert (args.protocol, args.base_novel, args.splits, args.epochs) == ("base-novel", True, "native", 11)
     with pytest.raises(vifi.ConfigError, match="--protocol"):
         train.get_args(["--dataset", "list", "--root", "x"])
+    for flags, protocol in ((["--shots", "8"], "few-shot"), (["--base-novel"], "base-novel"),
+                            (["--mode", "zeroshot"], "vanilla-zero-shot")):  # the flags imply one: no --protocol needed
+        assert train.get_args(["--dataset", "list", "--root", "x", *flags]).protocol == protocol
 
 
 def test_lr_is_the_official_timm_schedule_at_every_epoch_end(tmp_path):

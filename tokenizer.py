@@ -30,7 +30,6 @@ import hashlib
 import html
 import os
 import sys
-import tempfile
 import urllib.request
 
 import ftfy
@@ -79,10 +78,10 @@ def download_vocab(path):
         return path
     folder, name = os.path.split(path)
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=name + ".", suffix=".part")  # unique: two fetches never share it
+    tmp = f"{path}.{os.getpid()}.part"  # one per process: two fetches never share it
     digest = hashlib.sha256()
     try:
-        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(BPE_URL, timeout=60) as r:
+        with open(tmp, "wb") as f, urllib.request.urlopen(BPE_URL, timeout=60) as r:
             total = int(r.headers.get("Content-Length") or 0) or None
             with tqdm(total=total, unit="B", unit_scale=True, desc=name) as bar:
                 while chunk := r.read(1 << 20):

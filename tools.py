@@ -106,7 +106,7 @@ def prepare_video(src, dst, keyint=8, quality=None, short_side=256, fast_decode=
         stream.codec_context.thread_count = 1  # one process per core
         if codec == "mpeg4":
             stream.codec_context.qmin = stream.codec_context.qmax = q  # a fixed quantizer: constant quality
-        elif codec == "libx264":  # fastdecode: no CABAC, deblocking or weighted B-frames: decodes ~2x faster
+        elif codec == "libx264":  # fastdecode: no CABAC, deblocking or weighted B-frames (README: the trade-off)
             stream.options = {"crf": str(q), "preset": "fast", **({"tune": "fastdecode"} if fast_decode else {})}
         else:  # VP9's constant-quality mode needs bit rate 0; cpu-used 5 encodes far faster than the default
             stream.bit_rate, stream.options = 0, {"crf": str(q), "cpu-used": "5", "row-mt": "0"}

@@ -107,7 +107,7 @@ def get_args(argv=None):
     g.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint (or the base model) on the "
                                                             "protocol's test sets, with its frames and views")
     args = p.parse_args(argv)
-    if args.dataset == "list" and not args.protocol:
+    if args.dataset == "list" and not args.protocol and protocols.infer(args) == "supervised":
         raise vifi.ConfigError(f"--dataset list: say whose settings to use with --protocol "
                                f"({', '.join(protocols.PROTOCOLS)}); the lists are used as they are")
     return protocols.resolve(args)
@@ -142,7 +142,7 @@ def check_args(args, world):
             raise vifi.ConfigError(message)
     try:
         data.parse_views(args.views)
-    except ValueError as e:
+    except data.DatasetError as e:  # said as the other flags' errors
         raise vifi.ConfigError(str(e)) from None
     if not args.eval_only and args.warmup_epochs >= args.epochs:
         top = args.lr * args.epochs / args.warmup_epochs
@@ -200,8 +200,8 @@ def setup_model(args, train_set, tests, rt):
     # An own checkpoint holds its whole model; an official one needs the base CLIP (--model) it was trained from.
     ck = vifi.read_checkpoint(args.checkpoint) if args.checkpoint else None
     own = vifi.load_checkpoint(args.checkpoint, ck=ck) if ck and "vifi" in ck else None
-    need_vocab = args.model != "scratch"  # the scratch CLIP reads bytes; an own checkpoint holds its CLIP
-    rank0_first(lambda: vifi.fetch_model_files(None if own else args.model, need_vocab), rt)
+    need_vocab = args.model != "scratch"  # the scratch CLIP reads bytes
+    rank0_first(lambda: vifi.fetch_model_files(None if own else args.model, need_vocab), rt)  # own: holds its CLIP
     clip = own.clip if own else load_clip(args)
     args.input_size = args.input_size or clip.config.image_resolution
     if args.input_size < clip.config.patch_size:

@@ -81,6 +81,8 @@ class ViFiCLIP(nn.Module):
     def __init__(self, clip, classnames, mode=None, cfg=None, tokenizer=None, **overrides):
         super().__init__()
         cfg = replace(cfg or ViFiConfig(), **overrides, **({"mode": mode} if mode else {}))  # this model's own copy
+        if cfg.mode != "prompt":  # no prompts: its checkpoints record none
+            cfg.n_ctx_text = cfg.n_ctx_vision = cfg.depth_text = cfg.depth_vision = 0
         if cfg.mode not in MODES or cfg.towers not in TOWERS:
             raise ConfigError(f"mode must be one of {MODES}, towers one of {TOWERS}; got {cfg.mode!r}, {cfg.towers!r}")
         cfg.template = cfg.template or ("{}" if cfg.mode == "zeroshot" else "a photo of a {}.")  # the official prompts
@@ -163,8 +165,8 @@ class ViFiCLIP(nn.Module):
 
     def encode_video(self, video):
         B, T = video.shape[:2]
-        frames = video.flatten(0, 1)  # (B, T, 3, H, W) -> (B*T, 3, H, W): all frames in one batched pass
-        feats = self.clip.encode_image(frames, list(self.vision_prompts))  # (B*T, D)
+        images = video.flatten(0, 1)  # (B, T, 3, H, W) -> (B*T, 3, H, W): all frames in one batched pass
+        feats = self.clip.encode_image(images, list(self.vision_prompts))  # (B*T, D)
         return feats.view(B, T, -1).mean(dim=1)  # (B*T, D) -> (B, T, D) -> (B, D): temporal mean pooling
 
     def forward(self, video):
@@ -276,8 +278,7 @@ def load_checkpoint(path, clip=None, classnames=None, tokenizer=None, ck=None, *
 def model_files(model_name, need_vocab=True):
     """(url, path, sha256) of what a model needs from the network: OpenAI's weights for a name of clip_model.MODELS
     (nothing for a path or None), and CLIP's BPE vocabulary if need_vocab and $VIFI_BPE does not name a copy."""
-    url = clip_model.MODELS.get(model_name)  # its folder name is the file's sha256
-    weights = [(url, os.path.join(archive.cache_dir(), os.path.basename(url)), url.split("/")[-2])] if url else []
+    weights = [clip_model.release(model_name)] if model_name in clip_model.MODELS else []
     vocab = [(tokenizer.BPE_URL, os.path.join(tokenizer.cache_dir(), tokenizer.BPE_FILE), tokenizer.BPE_SHA256)]
     return weights + (vocab if need_vocab and not os.environ.get("VIFI_BPE") else [])
 
@@ -370,9 +371,7 @@ def main(argv=None):
         if not os.path.isfile(args.video):  # said before any model is loaded (or downloaded)
             raise FileNotFoundError(f"{args.video}: no such file; expected a video file that PyAV can decode")
         if args.labels_file:  # one name per line, or an 'id,name' CSV (train.py's and the official label files)
-            with open(args.labels_file, newline="") as f:
-                lines = [line.strip() for line in f if line.strip()]
-            labels = data.read_labels(args.labels_file) if lines and lines[0].replace(" ", "") == "id,name" else lines
+            labels = data.read_labels(args.labels_file, plain=True)
         else:
             labels = [name.strip() for name in args.labels.split(",") if name.strip()]
         n_clips, n_crops = data.parse_views(args.views)  # bad flags are refused before any download
@@ -393,7 +392,7 @@ def main(argv=None):
         dataset = data.VideoDataset([(args.video, 0)], labels, args.frames, size, clips=n_clips, crops=n_crops)
         video, _ = dataset.load(args.video)  # uint8 (V, T, 3, H, W)
     except (OSError, data.VideoError, data.DatasetError, archive.CheckpointError, tokenizer.VocabError,
-            ValueError) as e:  # ValueError: a ConfigError, or --views that is not CLIPSxCROPS
+            ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
