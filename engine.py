@@ -76,7 +76,7 @@ def loader(dataset, args, rt, train):
 class FailureLog:
     """The unreadable videos that the batches report (their "failed" field, see data.py), counted over all processes.
     The run stops once more than 5 % of the videos, and at least 10, have failed: a few bad files in a small few-shot
-    set cost nothing, a wrong --root stops at once (data.py raises after 10 unreadable videos in a row)."""
+    set cost nothing, a wrong --root stops at once (data.py raises after max_retries + 1 = 11 unreadable videos in a row)."""
 
     def __init__(self, num_videos, max_fraction=0.05, at_least=10):
         self.limit = max(max_fraction * num_videos, at_least - 1)

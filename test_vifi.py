@@ -2174,6 +2174,9 @@ def test_cli_errors_exit_2_with_a_clear_message(tmp_path):
         path = str(tmp_path / ("missing.pt" if flag == "--resume" else "notes.pth"))
         run = run_cli("train.py", "--dataset", "synthetic", flag, path, "--out", str(tmp_path / "out"))
         assert run.returncode == 2 and expect in run.stderr and "Traceback" not in run.stderr, run.stderr[-2000:]
+    run = run_cli("train.py", "--dataset", "synthetic", "--resume", fixture("vifi_official_finetune_ckpt.pth"), "--out",
+                  str(tmp_path / "out"))  # an official release has an optimizer state, but no flags or model config
+    assert run.returncode == 2 and "not a last.pt written by train.py" in run.stderr and "Traceback" not in run.stderr
 
 
 def test_missing_dataset_fails_before_any_network_access(tmp_path, monkeypatch):

@@ -54,7 +54,8 @@ def data_flags(g):
     g.add_argument("--shots", type=int, help="few-shot: videos per class (the paper's lists: 2, 4, 8, 16)")
     g.add_argument("--base-novel", action="store_true", help="base-to-novel: train on base classes, test both halves")
     g.add_argument("--seed", type=int, default=1, help="base-to-novel split 1-3, and the training seed")
-    g.add_argument("--eval-datasets", help="zero-shot: comma list of ucf101,hmdb51,k600 evaluated after training")
+    g.add_argument("--eval-datasets", help="zero-shot: comma list of datasets evaluated after training (the paper: "
+                                           "ucf101,hmdb51,k600; k400 and ssv2 also work)")
     g.add_argument("--eval-roots", default="", help="their roots: ucf101=DIR,hmdb51=DIR,k600=DIR (default: "
                                                     "$VIFI_DATA/<dataset>)")
     g.add_argument("--train-list", help="--dataset list: 'path label' lines (e.g. the paper's split files)")
@@ -129,6 +130,8 @@ def check_args(args, world):
          f"--eval-roots {args.eval_roots!r}: expected NAME=DIR pairs separated by commas"),
         (args.eval_only and bool(args.resume), f"--resume continues training, but this run only evaluates: to "
                                                f"evaluate {args.resume}, pass it as --checkpoint"),
+        (bool(args.resume) and not os.path.isfile(args.resume), f"--resume {args.resume}: no such file; expected the "
+                                                                "last.pt of an earlier run (its --out folder)"),
         (not args.eval_only and args.micro_batch > 0 and args.batch_size % (args.micro_batch * world) != 0,
          f"--batch-size {args.batch_size} is not a whole number of micro-batches of {args.micro_batch} on {world} "
          f"process(es): choose --micro-batch so that micro-batch x processes divides the batch"),
@@ -251,9 +254,9 @@ def checkpoint(t, args):
 def resume(t, path, args):
     """Continue t from a last.pt written by a run of the same flags: weights, optimizer, scaler, progress, rngs."""
     ck = vifi.read_checkpoint(path)
-    if "optimizer" not in ck:
-        raise archive.CheckpointError(f"--resume {path}: not a last.pt written by train.py (no optimizer state); to "
-                                      "start from weights, use --checkpoint")
+    if not {"optimizer", "vifi", "args"} <= ck.keys():  # best.pt and the official releases lack some of them
+        raise archive.CheckpointError(f"--resume {path}: not a last.pt written by train.py (no optimizer state, model "
+                                      "config or flags); to start from its weights, use --checkpoint")
     saved = (ck["args"].get("dataset"), ck["args"].get("protocol"), ck["vifi"].get("classnames"))
     if saved != (args.dataset, args.protocol, t.model.classnames):
         raise archive.CheckpointError(
