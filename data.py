@@ -32,6 +32,7 @@ import contextlib
 import copy
 import csv
 import functools
+import io
 import itertools
 import json
 import math
@@ -501,11 +502,12 @@ def read_labels(path, plain=False):
     """An 'id,name' CSV (the official label files, or train.py's own) -> class names in id order, verbatim. With
     plain=True, a file that does not start with that header is one class name per line."""
     with open(path, newline="") as f:
-        rows = list(csv.reader(f))
-    if plain and (not rows or [cell.strip() for cell in rows[0]] != ["id", "name"]):
-        with open(path) as f:
-            return [line.strip() for line in f if line.strip()]
-    if not rows or [cell.strip() for cell in rows[0]] != ["id", "name"]:
+        text = f.read()
+    rows = list(csv.reader(io.StringIO(text)))
+    header = bool(rows) and [cell.strip() for cell in rows[0]] == ["id", "name"]
+    if plain and not header:
+        return [line.strip() for line in text.splitlines() if line.strip()]
+    if not header:
         raise DatasetError(f"{path}: expected a CSV whose first line is 'id,name', found {rows[0] if rows else 'nothing'}")
     try:
         named = {int(row[0]): row[1] for row in rows[1:] if row}

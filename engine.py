@@ -122,6 +122,7 @@ def train_one_epoch(t, forward, loader, args, rt):
     # The rate in force: the one set after the last optimizer step so far (0 before the first, as timm's).
     for g in t.optimizer.param_groups:
         g["lr"] = protocols.learning_rate(max(t.epoch - 1 / batches, 0.0), args)
+    ddp = isinstance(forward, torch.nn.parallel.DistributedDataParallel)
     bar = tqdm(loader, desc=f"epoch {t.epoch + 1}", leave=False, disable=rt.rank > 0)
     for i, batch in enumerate(bar):
         failures.update(batch["failed"])
@@ -131,7 +132,6 @@ def train_one_epoch(t, forward, loader, args, rt):
         video, target = protocols.mix(video, batch["label"].to(rt.device), len(t.model.classnames), args)
         group = min(accum, batches - i // accum * accum)  # micro-batches in this optimizer step
         last = (i + 1) % accum == 0 or i + 1 == batches
-        ddp = isinstance(forward, torch.nn.parallel.DistributedDataParallel)
         with forward.no_sync() if ddp and not last else contextlib.nullcontext():  # DDP: one all-reduce per step
             with rt.autocast:
                 logits = forward(video)

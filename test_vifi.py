@@ -1076,6 +1076,16 @@ def test_ssv2_layout_uses_templates_without_brackets(tmp_path):
     assert [l for _, l in data.build_dataset("ssv2", root, "test").samples] == [1]
 
 
+def test_labels_file_is_an_id_name_csv_or_with_plain_one_name_per_line(tmp_path):
+    csv_file, plain = tmp_path / "labels.csv", tmp_path / "labels.txt"
+    csv_file.write_text('id,name\n1,b\n0,"a, quoted"\n')
+    plain.write_text("pouring water, slowly\n\nYoYo\n")
+    assert data.read_labels(str(csv_file)) == data.read_labels(str(csv_file), plain=True) == ["a, quoted", "b"]
+    assert data.read_labels(str(plain), plain=True) == ["pouring water, slowly", "YoYo"]  # lines verbatim
+    with pytest.raises(data.DatasetError, match="expected a CSV whose first line is 'id,name'"):
+        data.read_labels(str(plain))
+
+
 def test_list_format_and_write_list_round_trip(tmp_path):
     root = str(tmp_path)
     for name in ["a/x.mp4", "b/y.mp4", "b/z.mp4"]:
