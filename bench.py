@@ -431,7 +431,8 @@ def read_rates(paths, T, size, clips, rounds):
 def psnr(original, prepared, T=16, clips=4):
     """dB of the prepared file's frames against the original's, at the frames of `clips` test clips."""
     with data.VideoReader(original) as video:
-        indices = [i for k in range(clips) for i in data.sample_indices(len(video), T, False, k, clips)]
+        rng = random.Random(0)  # the clips of multi-clip testing, the same for both files
+        indices = [i for _ in range(clips) for i in data.sample_indices(len(video), T, True, rng)]
         a = video.read(indices).double()
     mse = (data.read_frames(prepared, indices).double() - a).square().mean().item()
     return 10 * math.log10(255 ** 2 / max(mse, 1e-10))

@@ -69,16 +69,22 @@ class DatasetError(Exception):
 # ----------------------------------------------------------------------------------------------------------------
 # Sampling and decoding
 
-def sample_indices(num_frames, num_segments, train, shift=0, num_shifts=1, rng=random):
-    """TSN sampling: split the video into `num_segments` equal segments and take one frame from each, a random
-    one when training, else the one at offset (shift + 0.5) / num_shifts inside each segment: the centre for a
-    single test clip; test clip k of n (multi-clip testing) passes shift=k, num_shifts=n. Segments are
-    fractional, so a video shorter than `num_segments` frames repeats indices in order instead of failing.
-    Python's `random` by default: DataLoader seeds it differently in every worker."""
+def sample_indices(num_frames, num_segments, random_frames, rng=random):
+    """The official frame sampling: mmaction's SampleFrames with clip_len 1 and num_clips T, as the official
+    datasets/pipeline.py runs it. Random (_get_train_clips, used for training and for each clip of multi-clip
+    testing): N // T frames per segment and one random frame of each, so the last N mod T frames are never used
+    and T <= N < 2T gives exactly 0..T-1; a video shorter than T frames takes round(i * N / T) (half to even, as
+    np.around), wrapped modulo N as its 'loop' option does. Fixed (_get_test_clips): the frame
+    int(i * N / T + N / T / 2) of each fractional segment. Python's `random` by default: DataLoader seeds it
+    differently in every worker."""
     assert num_frames >= 1
-    length = num_frames / num_segments
-    offsets = [rng.random() for _ in range(num_segments)] if train else [(shift + 0.5) / num_shifts] * num_segments
-    return [min(int((i + offset) * length), num_frames - 1) for i, offset in enumerate(offsets)]
+    if not random_frames:
+        length = num_frames / num_segments
+        return [int(i * length + length / 2) for i in range(num_segments)]
+    interval = num_frames // num_segments
+    if interval > 0:
+        return [i * interval + rng.randrange(interval) for i in range(num_segments)]
+    return [round(i * (num_frames / num_segments)) % num_frames for i in range(num_segments)]
 
 
 @contextlib.contextmanager
@@ -346,7 +352,8 @@ class VideoDataset(Dataset):
         (training frames and view) from `rng`."""
         clips = 1 if self.train else self.clips
         with VideoReader(path) as reader:
-            picks = [sample_indices(len(reader), self.frames, self.train, k, clips, rng) for k in range(clips)]
+            # several test clips: the official code draws each as a training clip (SampleFrames' multiview)
+            picks = [sample_indices(len(reader), self.frames, self.train or clips > 1, rng) for _ in range(clips)]
             decoded = reader.read([i for pick in picks for i in pick])
         videos = decoded.unflatten(0, (clips, self.frames))  # (N*T, 3, H, W) -> (N, T, 3, H, W)
         height, width = videos.shape[-2:]
@@ -357,11 +364,14 @@ class VideoDataset(Dataset):
         return torch.stack([render(video, view, self.size) for video in videos for view in views]), NO_COLOUR
 
     def __getitem__(self, key):
-        """key: an index, or (index, draw): then the sample's random choices come from random.Random(draw) alone,
+        """key: an index, or (index, draw): then the sample's random choices come from random.Random(draw) alone
+        (testing: from the index, so multi-clip testing draws the same clips in every evaluation),
         the same in whichever worker process loads it (engine.EpochSampler passes 'seed/epoch/index', so a resumed
         run draws what the uninterrupted one drew). An unreadable video is replaced by the next one when training;
         when testing it comes back as a black clip with label -1, to be left out of the counts (module docstring)."""
         index, draw = key if isinstance(key, tuple) else (key, None)
+        if draw is None and not self.train:  # the random clips of multi-clip testing: the same in every evaluation
+            draw = f"test/{index}"
         rng = random if draw is None else random.Random(draw)
         failed = []
         for _ in range(self.max_retries + 1):

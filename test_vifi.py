@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Tuple
 
 import av
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -735,44 +736,57 @@ def touch(path):
 
 # Sampling
 
-class Offsets:
-    """A stand-in for `random` whose random() returns the given numbers in turn."""
+def official_train_clips(N, T, randint):
+    """mmaction's SampleFrames(clip_len=1, frame_interval=1, num_clips=T)._get_train_clips as the official
+    datasets/pipeline.py has it (its four branches written out with numpy), then its 'loop' out-of-bound option."""
+    avg_interval = (N - 1 + 1) // T
+    if avg_interval > 0:
+        offsets = np.arange(T) * avg_interval + randint(avg_interval, size=T)
+    elif N > max(T, 1):  # unreachable with clip_len 1: N > T means avg_interval > 0
+        offsets = np.sort(randint(N - 1 + 1, size=T))
+    elif avg_interval == 0:
+        offsets = np.around(np.arange(T) * ((N - 1 + 1.0) / T))
+    else:
+        offsets = np.zeros(T)
+    return np.mod(offsets, N).astype(int).tolist()
 
-    def __init__(self, *values):
-        self.values = list(values)
 
-    def random(self):
-        return self.values.pop(0)
+def official_test_clips(N, T):
+    """_get_test_clips of the same SampleFrames (test_mode=True)."""
+    avg_interval = (N - 1 + 1) / float(T)
+    return (np.arange(T) * avg_interval + avg_interval / 2.0).astype(int).tolist()
 
 
-def test_train_sampling_draws_one_frame_inside_each_segment():
-    rng = random.Random(0)
-    draws = [data.sample_indices(100, 8, train=True, rng=rng) for _ in range(200)]
-    for indices in draws:
+def test_sampling_without_randomness_is_the_official_one():
+    # T <= N < 2T: one frame per segment of one frame, no jitter; N < T: np.around(i * N / T), half to even, mod N
+    assert data.sample_indices(8, 8, True) == data.sample_indices(15, 8, True) == list(range(8))
+    assert data.sample_indices(3, 8, True) == [0, 0, 1, 1, 2, 2, 2, 0]  # 0 .375 .75 1.125 1.5 1.875 2.25 2.625
+    assert data.sample_indices(2, 4, True) == [0, 0, 1, 0]  # 0 .5 1 1.5: .5 rounds to 0, 1.5 to 2, 2 mod 2 = 0
+    assert data.sample_indices(50, 8, False) == [3, 9, 15, 21, 28, 34, 40, 46]  # int(6.25 i + 3.125)
+    for T in (4, 8, 16, 32):
+        for N in list(range(1, 2 * T)):
+            assert data.sample_indices(N, T, True) == official_train_clips(N, T, np.random.randint), (N, T)
+        for N in (30, 50, 95, 120, 300, 1, 7, 33):  # single-view testing: _get_test_clips
+            assert data.sample_indices(N, T, False) == official_test_clips(N, T), (N, T)
+
+
+@pytest.mark.parametrize("N, T", [(100, 8), (50, 16), (300, 32), (47, 8)])
+def test_training_sampling_draws_the_official_distribution(N, T):
+    """Each index uniform over its own N // T frames (the official randint(avg_interval)); the last N mod T frames
+    never drawn. 4000 draws: each of the interval's values expects 4000 / interval draws (>= 4000 / 9 = 444 here);
+    +-25 % is more than 5 binomial standard deviations."""
+    interval, rng, draws = N // T, random.Random(0), 4000
+    counts = collections.Counter()
+    for _ in range(draws):
+        indices = data.sample_indices(N, T, True, rng)
         for i, index in enumerate(indices):
-            assert int(i * 12.5) <= index < (i + 1) * 12.5
-    assert len({tuple(d) for d in draws}) > 150  # random, not fixed
-
-
-def test_test_sampling_takes_centres_and_shifts_clips():
-    assert data.sample_indices(80, 8, train=False) == [5, 15, 25, 35, 45, 55, 65, 75]
-    first = data.sample_indices(80, 8, train=False, shift=0, num_shifts=2)
-    second = data.sample_indices(80, 8, train=False, shift=1, num_shifts=2)
-    assert first == [2, 12, 22, 32, 42, 52, 62, 72] and second == [7, 17, 27, 37, 47, 57, 67, 77]
-
-
-def test_sampling_exact_indices_in_fractional_segments():
-    # 50 frames in 4 segments of 12.5 frames: segment i gives frame int((i + offset) * 12.5), one offset per segment
-    assert data.sample_indices(50, 4, train=True, rng=Offsets(0.0, 0.999, 0.5, 0.3)) == [0, 24, 31, 41]
-    # testing: the centres of 8 segments of 6.25 frames; the last of 3 clips at offset 2.5 / 3 of each segment
-    assert data.sample_indices(50, 8, train=False) == [3, 9, 15, 21, 28, 34, 40, 46]
-    assert data.sample_indices(50, 4, train=False, shift=2, num_shifts=3) == [10, 22, 35, 47]
-
-
-@pytest.mark.parametrize("train", [True, False])
-def test_short_video_repeats_indices_in_order(train):
-    indices = data.sample_indices(3, 8, train=train, rng=random.Random(1))
-    assert len(indices) == 8 and indices == sorted(indices) and set(indices) == {0, 1, 2}
+            counts[i, index - i * interval] += 1
+        assert max(indices) < T * interval  # the tail N mod T is never sampled
+    rng_np = np.random.RandomState(0)
+    support = {(i, index - i * interval) for _ in range(200)
+               for i, index in enumerate(official_train_clips(N, T, rng_np.randint))}
+    assert set(counts) == support == {(i, r) for i in range(T) for r in range(interval)}
+    assert all(abs(c - draws / interval) < 0.25 * draws / interval for c in counts.values())
 
 
 # Decoding
@@ -926,15 +940,25 @@ def test_train_clip_uses_the_same_crop_and_flip_for_every_frame(videos):
 
 
 def test_multi_view_test_sample_stacks_clips_times_crops(videos):
-    dataset = data.VideoDataset([(videos["mp4"], 3)], ["x"], frames=4, size=24, clips=2, crops=3)
+    """Several test clips are drawn as the official multiview does (each a random training clip, here one frame of
+    each 10-frame segment), from the video's index: the same clips in every evaluation, other clips for another."""
+    dataset = data.VideoDataset([(videos["mp4"], 3)] * 2, ["x"], frames=4, size=24, clips=2, crops=3)
     sample = dataset[0]
     assert sample["video"].shape == (6, 4, 3, 24, 24) and sample["label"] == 3
     assert torch.equal(sample["colour"], data.NO_COLOUR)
     source = data.read_frames(videos["mp4"], range(40))
-    picks = [[2, 12, 22, 32], [7, 17, 27, 37]]  # 10-frame segments at offsets 1/4 (clip 1) and 3/4 (clip 2)
     boxes = [(0, 0, 48, 48), (0, 8, 48, 48), (0, 16, 48, 48)]  # the 48-pixel square at the start, centre, end
-    expect = torch.stack([data.render(source[pick], data.View(box), 24) for pick in picks for box in boxes])
-    assert torch.equal(sample["video"], expect)  # views clip-major: clip 1's three crops, then clip 2's
+    picks = []
+    for clip in range(2):
+        pick = [next(k for k in range(10 * t, 10 * t + 10) if torch.equal(
+            sample["video"][3 * clip, t], data.render(source[k:k + 1], data.View(boxes[0]), 24)[0])) for t in range(4)]
+        expect = torch.stack([data.render(source[pick], data.View(box), 24) for box in boxes])
+        assert torch.equal(sample["video"][3 * clip:3 * clip + 3], expect)  # views clip-major, three crops each
+        picks.append(pick)
+    assert torch.equal(dataset[0]["video"], sample["video"])  # an evaluation repeats
+    others = [dataset[1]["video"]] + [data.VideoDataset([(videos["mp4"], 3)] * 9, ["x"], frames=4, size=24, clips=2,
+                                                        crops=1)[i]["video"] for i in range(2, 9)]
+    assert any(not torch.equal(o[0], sample["video"][0]) for o in others)  # other videos, other clips
 
 
 def test_colour_matrix_matches_direct_formulas():
