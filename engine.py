@@ -7,6 +7,7 @@ its share of the videos. Unreadable videos arrive in the batches' "failed" field
 them over all processes. Mixup and the learning rate follow the protocol (protocols.py).
 """
 import contextlib
+import itertools
 import math
 import time
 from dataclasses import dataclass, field
@@ -113,25 +114,30 @@ class FailureLog:
 
 def train_one_epoch(t, forward, loader, args, rt):
     """One pass over `loader`, an optimizer step every batch_size clips (over all processes), the learning rate set
-    after each step. forward: the model as it runs (compiled, wrapped in DDP, or t.model). Returns the log row."""
+    after each step. The micro-batches after the last whole accumulation group are not run: the official code
+    computes them and zeroes their gradients at the next epoch's start, so an epoch takes floor(micro-batches /
+    accumulation) steps (steps_per_epoch). forward: the model as it runs (compiled, wrapped in DDP, or t.model).
+    Returns the log row."""
     t.model.train()
     loader.sampler.epoch, batches = t.epoch, len(loader)  # micro-batches per epoch
     accum = args.batch_size // (args.micro_batch * rt.world)  # micro-batches per optimizer step
+    used = min(steps_per_epoch(batches, accum) * accum, batches)  # micro-batches run
+    group = min(accum, used)  # micro-batches per step: fewer only in an epoch shorter than one batch
     mean, std = data.NORMS[t.model.norm]
     failures, seen, t0, losses = FailureLog(len(loader.dataset)), 0, time.time(), []
     # The rate in force: the one set after the last optimizer step so far (0 before the first, as timm's).
     for g in t.optimizer.param_groups:
         g["lr"] = protocols.learning_rate(max(t.epoch - 1 / batches, 0.0), args)
     ddp = isinstance(forward, torch.nn.parallel.DistributedDataParallel)
-    bar = tqdm(loader, desc=f"epoch {t.epoch + 1}", leave=False, disable=rt.rank > 0)
+    bar = tqdm(itertools.islice(loader, used), total=used, desc=f"epoch {t.epoch + 1}", leave=False,
+               disable=rt.rank > 0)
     for i, batch in enumerate(bar):
         failures.update(batch["failed"])
         # colour jitter and grayscale happen here, on the device, with each clip's own matrix (data.normalize)
         video = data.normalize(batch["video"].to(rt.device, non_blocking=True), mean, std,
                                colour=batch["colour"].to(rt.device, non_blocking=True))
         video, target = protocols.mix(video, batch["label"].to(rt.device), len(t.model.classnames), args)
-        group = min(accum, batches - i // accum * accum)  # micro-batches in this optimizer step
-        last = (i + 1) % accum == 0 or i + 1 == batches
+        last = (i + 1) % group == 0
         with forward.no_sync() if ddp and not last else contextlib.nullcontext():  # DDP: one all-reduce per step
             with rt.autocast:
                 logits = forward(video)
@@ -159,6 +165,13 @@ def train_one_epoch(t, forward, loader, args, rt):
     return dict(epoch=t.epoch + 1, step=t.step, loss=torch.stack(losses).mean().item(),
                 lr=t.optimizer.param_groups[0]["lr"], clips_per_s=seen / (time.time() - t0),
                 failures=len(failures.failures))
+
+
+def steps_per_epoch(batches, accum):
+    """Optimizer steps of an epoch of `batches` micro-batches, `accum` to a step: the whole groups only, as the
+    official code (8 GPUs x 4 clips with drop_last and accumulation; see README's table for each protocol). An
+    epoch shorter than one batch takes one step of all of it, where the official code would train nothing."""
+    return max(batches // accum, 1)
 
 
 @torch.no_grad()

@@ -4,8 +4,8 @@ The paper's protocols, as the official code (github.com/muzairkhattak/ViFi-CLIP 
 A protocol is four things:
 - its settings (PRESETS): frames, batch, learning rate, epochs, test views, how often it evaluates, and which
   evaluation the paper's tables report (REPORTED);
-- its training recipe: mixup / cutmix with label smoothing (mix) and the warm-up + cosine schedule
-  (learning_rate), both as the timm classes the official code calls;
+- its training recipe: mixup / cutmix with label smoothing (mix, as the official datasets/blending.py) and the
+  warm-up + cosine schedule (learning_rate, as the timm class the official code calls);
 - its videos and class names: the official repository's list and label files (official_sets), pinned by sha256
   in official_splits.sha256 beside this file, fetched once (fetch_splits) and read under the user's --root, where
   videos are found by file name; or, with --splits native, a dataset's own lists and a seeded draw (not the
@@ -47,6 +47,10 @@ PRESETS = {
                               epochs=40, eval_every=5, warmup_epochs=1, label_smoothing=0.0, mixup=0.0, cutmix=0.0,
                               workers=0),
 }
+# Fine-tuning one encoder only (--towers image / text), supervised: the official
+# configs/fully_supervised/k400/16_16_{image,text}_tuned_clip.yaml (4 clips x 8 accumulation x 8 GPUs). Their
+# zero-shot training configs use the zero-shot preset's batch and rate for every --towers.
+ONE_TOWER = {"supervised": dict(batch_size=256, lr=8e-6)}
 DEFAULTS = dict(model="ViT-B/16", frames=32, batch_size=64, micro_batch=8, lr=2e-6, epochs=10, eval_every=0,
                 warmup_epochs=5, weight_decay=0.001, label_smoothing=0.1, mixup=0.8, cutmix=1.0, mix_switch=0.5,
                 views="1x1", shots=0, n_ctx=[10], depth=[12], workers=min(8, os.cpu_count() or 1))
@@ -80,7 +84,8 @@ def resolve(args):
     if args.mode == "prompt" and preset + "-prompt" in PRESETS:  # bridge and prompt: its own rates and sizes
         preset += "-prompt"
     given = {k: v for k, v in vars(args).items() if v is not None}
-    for k, v in {**DEFAULTS, **PRESETS[preset], **given}.items():
+    towers = ONE_TOWER.get(preset, {}) if args.mode == "finetune" and args.towers != "both" else {}
+    for k, v in {**DEFAULTS, **PRESETS[preset], **towers, **given}.items():
         setattr(args, k, v)
     if args.protocol == "vanilla-zero-shot" or args.mode == "zeroshot":  # vanilla CLIP: nothing trains
         args.eval_only = True
@@ -93,29 +98,45 @@ def resolve(args):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The training recipe of the official code: timm's mixup / cutmix with label smoothing, and its cosine schedule
+# The training recipe of the official code: its mixup / cutmix with label smoothing, and timm's cosine schedule
+
+MIX_GROUP = 4  # clips per GPU in the official runs: each GPU mixes its own batch of 4
+
 
 def mix(video, labels, num_classes, args):
-    """Mixup / CutMix with label smoothing (as timm's, which the official code uses); the same box for every frame.
+    """Mixup / CutMix with label smoothing as the official datasets/blending.py (CutmixMixupBlending, called from
+    main.py; not timm's): the clips are mixed within groups of MIX_GROUP, the official per-GPU batch, whatever
+    --micro-batch is, each group with its own draws (mix_group). The same box for every frame.
     video: (B, T, 3, H, W) float, labels: (B,) -> mixed video, soft targets (B, C)."""
     off = args.label_smoothing / num_classes
     target = torch.full((len(labels), num_classes), off, device=video.device)
     target.scatter_(1, labels[:, None], 1 - args.label_smoothing + off)
+    groups = [mix_group(v, t, args) for v, t in zip(video.split(MIX_GROUP), target.split(MIX_GROUP))]
+    return torch.cat([v for v, _ in groups]), torch.cat([t for _, t in groups])
+
+
+def mix_group(video, target, args):
+    """One group: CutMix with probability mix_switch, else Mixup; lambda ~ Beta(alpha, alpha); each clip's partner
+    from a random permutation of the group (a clip may meet itself, as with the official torch.randperm). CutMix:
+    a box of sides sqrt(1 - lambda) of the frame's, centred on a uniform pixel and cut at the borders (so on
+    average 0.32 of the frame is pasted, not 0.5), and lambda recomputed from the box that was pasted."""
     use_cutmix = args.cutmix > 0 and (args.mixup <= 0 or random.random() < args.mix_switch)
     alpha = args.cutmix if use_cutmix else args.mixup
     if alpha <= 0:
         return video, target
     lam = random.betavariate(alpha, alpha)
+    partner = torch.tensor(random.sample(range(len(video)), len(video)), device=video.device)
     if use_cutmix:
         H, W = video.shape[-2:]
         h, w = int(H * math.sqrt(1 - lam)), int(W * math.sqrt(1 - lam))
-        y, x = random.randint(0, H - h), random.randint(0, W - w)
+        cx, cy = random.randrange(W), random.randrange(H)
+        x0, x1, y0, y1 = max(cx - w // 2, 0), min(cx + w // 2, W), max(cy - h // 2, 0), min(cy + h // 2, H)
         video = video.clone()
-        video[..., y:y + h, x:x + w] = video.flip(0)[..., y:y + h, x:x + w]
-        lam = 1 - h * w / (H * W)  # the exact share of the pixels kept
+        video[..., y0:y1, x0:x1] = video[partner][..., y0:y1, x0:x1]
+        lam = 1 - (y1 - y0) * (x1 - x0) / (H * W)  # the share of the pixels kept
     else:
-        video = lam * video + (1 - lam) * video.flip(0)
-    return video, lam * target + (1 - lam) * target.flip(0)
+        video = lam * video + (1 - lam) * video[partner]
+    return video, lam * target + (1 - lam) * target[partner]
 
 
 def learning_rate(progress, args):

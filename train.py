@@ -294,6 +294,9 @@ def fit(model, train_set, tests, args, rt):
         forward = torch.nn.parallel.DistributedDataParallel(
             forward, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
     train_loader, main, results = engine.loader(train_set, args, rt, train=True), main_set(tests), None
+    if len(train_loader) < args.batch_size // (args.micro_batch * rt.world) and rt.rank == 0:  # micro-batches
+        print(f"warning: {len(train_set)} training videos are less than one batch of {args.batch_size}: each epoch "
+              "takes one optimizer step of all of them (the official code would take none)", file=sys.stderr)
     for epoch in tqdm(range(t.epoch, args.epochs), desc="epochs", disable=rt.rank > 0, initial=t.epoch,
                       total=args.epochs):
         t.epoch = epoch
