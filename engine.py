@@ -212,5 +212,8 @@ def evaluate_all(model, tests, args, rt):
         results["harmonic_mean"] = 2 * b * n / (b + n) if b + n else 0.0
     for group in {k.rsplit("-", 1)[0] for k in results if k.rsplit("-", 1)[-1].startswith(("fold", "subset"))}:
         accs = torch.tensor([v["top1"] for k, v in results.items() if k.startswith(group + "-")])
-        results[group] = dict(mean_top1=accs.mean().item(), std_top1=accs.std(unbiased=False).item())
+        # The official code computes no std (each fold is its own run) and the paper does not say which one its
+        # "mean ± std" is: std_top1 divides by n (numpy's np.std), std_top1_sample by n - 1.
+        results[group] = dict(mean_top1=accs.mean().item(), std_top1=accs.std(unbiased=False).item(),
+                              std_top1_sample=accs.std(unbiased=True).item())
     return results

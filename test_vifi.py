@@ -1606,6 +1606,20 @@ def test_vifi_offline_names_the_weights_and_the_vocabulary_in_one_message(tmp_pa
     assert f"{weights} -> {cache / os.path.basename(weights)}" in err and f"{BPE_URL} -> {cache / BPE_FILE}" in err
 
 
+def test_a_prompt_longer_than_the_context_is_cut_with_one_warning_naming_its_class(capsys):
+    """A class name of 70 letters in the byte-level vocabulary (a token per letter) makes a prompt longer than 77
+    tokens; the official code raises there, here it is cut (keeping EOT) and said once."""
+    long_name = "x" * 70
+    length = len(Tokenizer(byte_level=True).encode(f"a photo of a {long_name}.")) + 2  # with SOT and EOT
+    assert length > 77
+    model = vifi.ViFiCLIP(byte_clip(), ["short", long_name], template="a photo of a {}.")
+    model.set_classnames(["short", long_name])  # again, as evaluate_all does: no second warning
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1 and repr(long_name) in err and f"{length} tokens" in err and "'short'" not in err
+    ids = model.text_ids
+    assert ids.shape[1] == 77 and ids[1, 76] == Tokenizer(byte_level=True).eot and ids[0].argmax() < 20
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # report.py
 
@@ -2141,7 +2155,8 @@ def test_evaluate_all_harmonic_mean_and_fold_statistics(monkeypatch):
     assert model.classnames == ["training classes"]  # the model's own list again
     assert abs(results["harmonic_mean"] - 2 * 80 * 40 / (80 + 40)) < 1e-9  # 53.3, not the mean 60
     assert abs(results["ucf101"]["mean_top1"] - 73.0) < 1e-5
-    assert abs(results["ucf101"]["std_top1"] - math.sqrt((9 + 1 + 4) / 3)) < 1e-5  # over the 3 folds, not n - 1
+    assert abs(results["ucf101"]["std_top1"] - math.sqrt((9 + 1 + 4) / 3)) < 1e-5  # over the 3 folds
+    assert abs(results["ucf101"]["std_top1_sample"] - math.sqrt((9 + 1 + 4) / 2)) < 1e-5  # over n - 1 = 2
 
 
 # train_one_epoch, through runs of train.py

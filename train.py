@@ -386,7 +386,8 @@ def write_results(args, model, train_set, t, results, wall_time):
             if r["failures"]:
                 print(f"{'':<20}{r['failures']} unreadable videos left out: {'; '.join(r['failed_first'])}")
         else:
-            print(f"{name:<20}{'mean':>8}{'':>9}{r['mean_top1']:>9.2f}  ± {r['std_top1']:.2f}")
+            print(f"{name:<20}{'mean':>8}{'':>9}{r['mean_top1']:>9.2f}  ± {r['std_top1']:.2f} "
+                  f"(over n - 1: {r['std_top1_sample']:.2f})")
     if best:
         paper = "" if args.protocol == "synthetic" else (f"; the paper's tables report the "
                                                          f"{protocols.REPORTED[args.protocol]} one for {args.protocol}")

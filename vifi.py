@@ -137,9 +137,9 @@ class ViFiCLIP(nn.Module):
 
     def set_classnames(self, classnames):
         """Switch the class list (for example base -> novel classes); the text cache starts again."""
-        self.classnames = list(classnames)
-        ids = tokenizer.tokenize(self.prompts_for(self.classnames), self.clip.config.context_length,
-                                 tokenizer=self.tokenizer)
+        self.classnames, prompts = list(classnames), self.prompts_for(classnames)
+        warn_long_prompts(self.classnames, prompts, self.tokenizer, self.clip.config.context_length)
+        ids = tokenizer.tokenize(prompts, self.clip.config.context_length, tokenizer=self.tokenizer)
         ids = ids[:, : int(ids.argmax(dim=-1).max()) + 1]  # (C, 77) -> (C, L): cut after the last EOT (encode_text)
         self.register_buffer("text_ids", ids.to(self.clip.logit_scale.device), persistent=False)
         self.text_cache = None
@@ -188,6 +188,21 @@ class ViFiCLIP(nn.Module):
 
 class _CfgNode(dict):
     """Stands in for yacs' CfgNode, a dict subclass holding sets of key names, so official configs unpickle."""
+
+
+_warned_prompts = set()  # the prompts already reported by warn_long_prompts
+
+
+def warn_long_prompts(classnames, prompts, tok, context_length):
+    """A warning on stderr, once per prompt, for each prompt that is cut to the text encoder's context (the
+    official code stops with an error there; a long class name should not stop a run)."""
+    for name, prompt in zip(classnames, prompts):
+        length = len(tok.encode(prompt)) + 2  # with SOT and EOT
+        if length > context_length and prompt not in _warned_prompts:
+            _warned_prompts.add(prompt)
+            print(f"warning: the prompt of class {name!r} is {length} tokens, more than the text encoder's context of "
+                  f"{context_length}: it is cut to fit, keeping its end-of-text token (the official code stops "
+                  "with an error); shorten the class name to keep all of it", file=sys.stderr)
 
 
 OFFICIAL_GLOBALS = {("yacs.config", "CfgNode"): _CfgNode, ("builtins", "set"): set, ("__builtin__", "set"): set}
