@@ -2038,6 +2038,24 @@ def test_mix_switch_is_the_probability_of_cutmix(monkeypatch):
     assert abs(sum(cutmixed) / 400 - 0.25) < 0.07
 
 
+def test_presets_follow_towers_as_the_official_configs():
+    """Written out from the official configs: fully_supervised/k400/16_16_vifi_clip.yaml BATCH_SIZE 4,
+    ACCUMULATION_STEPS 16 (x 8 GPUs = 512), LR 2.2e-05; 16_16_{image,text}_tuned_clip.yaml 4 x 8 x 8 = 256, LR 8e-06
+    (EPOCHS unset: the default 30); zero_shot/train/k400/16_16_{vifi_clip,image_tuned_clip,text_tuned_clip}.yaml
+    all 4 x 8 x 8 = 256, LR 8e-06, EPOCHS 10."""
+    official = {("supervised", "both"): (512, 2.2e-5, 30), ("supervised", "image"): (256, 8e-6, 30),
+                ("supervised", "text"): (256, 8e-6, 30), ("zero-shot", "both"): (256, 8e-6, 10),
+                ("zero-shot", "image"): (256, 8e-6, 10), ("zero-shot", "text"): (256, 8e-6, 10)}
+    for (protocol, towers), values in official.items():
+        flags = ["--eval-datasets", "ucf101"] if protocol == "zero-shot" else []
+        args = train.get_args(["--dataset", "k400", "--root", "x", "--towers", towers, *flags])
+        assert (args.protocol, args.batch_size, args.lr, args.epochs) == (protocol, *values), (protocol, towers)
+    args = train.get_args(["--dataset", "k400", "--root", "x", "--towers", "image", "--lr", "1e-5"])
+    assert (args.batch_size, args.lr) == (256, 1e-5)  # a flag still wins
+    args = train.get_args(["--dataset", "ucf101", "--root", "x", "--shots", "8", "--towers", "text"])
+    assert (args.batch_size, args.lr) == (64, 2e-6)  # no official one-encoder config: the protocol's own
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # engine.py
 
@@ -2199,6 +2217,55 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
         train.main(train.get_args(TINY_RUN + ["--out", str(tmp_path), "--eval-every", "0"]))
     ck = torch.load(tmp_path / "last.pt", weights_only=True)
     assert ck["epoch"] == 0 and all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+
+
+def official_steps(n, batch):
+    """Optimizer steps of an official epoch over n videos: DistributedSampler pads the list to ceil(n / 8) videos
+    on each of 8 GPUs, the DataLoader of 4 clips drops the last partial batch (drop_last), and main.py steps after
+    every ACCUMULATION_STEPS = batch / 32 micro-batches; the leftover ones' gradients are zeroed next epoch."""
+    return (-(-n // 8) // 4) // (batch // 32)
+
+
+def ours_steps(n, args):
+    """The steps of an epoch here: the training loader's micro-batches in whole accumulation groups."""
+    rt = engine.Runtime(torch.device("cpu"), contextlib.nullcontext())
+    return engine.steps_per_epoch(len(engine.loader(list(range(n)), args, rt, train=True)),
+                                  args.batch_size // args.micro_batch)
+
+
+def test_steps_per_epoch_are_the_official_ones_for_every_protocol_of_the_readme_table():
+    """README's table: its videos are the official lists' lines, its steps the official formula's, and an epoch
+    here takes as many at the protocol's preset (--micro-batch 8, one process)."""
+    datasets = {"ucf": "ucf101", "hmdb": "hmdb51", "ssv2": "ssv2", "k400": "k400"}
+    with open(os.path.join(HERE, "README.md")) as f:
+        rows = re.findall(r"^\| ([^|]+) \| `([^`]+)` \| ([\d /]+) \| (\d+) \| ([\d /]+) \|$", f.read(), re.M)
+    assert len(rows) == 7
+    checked = 0
+    for name, path, videos, batch, steps in rows:
+        ks = ["2", "4", "8", "16"] if "_K.txt" in path else ["1", "2", "3"]
+        dataset = datasets[re.search(r"(ucf|hmdb|ssv2|k400)_splits", path).group(1)]
+        for j, k in enumerate(ks):
+            rel = "datasets_splits/" + path.replace("_K.txt", f"_{k}.txt").replace("_sS_", f"_s{k}_")
+            n = len(official_lines(rel))
+            flags = ["--shots", k] if "_K.txt" in path else ["--base-novel", "--seed", k]
+            args = train.get_args(["--dataset", dataset, "--root", "x", *flags])
+            row_videos = videos.split(" / ")[j if "_K.txt" in path else 0]
+            row_steps = steps.split(" / ")[j if "_K.txt" in path else 0]
+            assert (n, args.batch_size) == (int(row_videos), int(batch)), (name, k)
+            assert ours_steps(n, args) == official_steps(n, args.batch_size) == int(row_steps), (name, k)
+            checked += 1
+    assert checked == 12 + 12
+    # the four the issue named: HMDB51 2-shot 1 step, UCF101 8-shot 12, SSv2 16-shot 43, HMDB51 base-to-novel 6
+    assert [official_steps(n, 64) for n in (102, 808, 2784, 416)] == [1, 12, 43, 6]
+
+
+def test_steps_per_epoch_equal_the_official_formula_for_any_list_size():
+    """README's claim for the whole-training-set protocols (and any list): at --micro-batch 8 on one process the
+    count is the official one, (N + 7) // batch, for every N that gives at least one step."""
+    for batch in (64, 256, 512):
+        args = train.get_args(["--dataset", "k400", "--root", "x", "--batch-size", str(batch)])
+        for n in list(range(batch - 7, 3 * batch + 9)) + [240436]:
+            assert ours_steps(n, args) == official_steps(n, batch) == (n + 7) // batch, (batch, n)
 
 
 # ---------------------------------------------------------------------------------------------------------------
