@@ -2568,6 +2568,26 @@ def test_the_mission_command_runs_as_typed(tmp_path, bpe):
     assert res["best"]["top1"] == max(r["top1"] for r in log if "top1" in r) and res["paper_reports"] == "best"
 
 
+def test_hmdb51_two_shots_take_one_optimizer_step_per_epoch(tmp_path, monkeypatch):
+    """`train.py --dataset hmdb51 --shots 2` on a copy laid out as the official lists (one tiny video under each
+    name of the 2-shot list and of the first 4 test videos): 102 videos, 13 micro-batches of 8, steps of 8 of
+    them, so 1 step per epoch as the official run (the issue's count), and the 5 micro-batches after it not run."""
+    video = tmp_path / "v.avi"
+    tools.make_test_video(str(video), num_frames=8, width=40, height=32)
+    root = tmp_path / "hmdb51"
+    link_tree(root, str(video), ["datasets_splits/hmdb_splits/train1_few_shot_2.txt"])
+    link_tree(root, str(video), ["datasets_splits/hmdb_splits/val1.txt"], limit=4)
+    mixed, mix = [], protocols.mix
+    monkeypatch.setattr(protocols, "mix", lambda *a: mixed.append(len(a[0])) or mix(*a))  # one call a micro-batch
+    train.main(train.get_args(["--dataset", "hmdb51", "--shots", "2", "--root", str(root), "--splits", official(),
+                               "--model", fixture("clip_tiny_openai_jit.pt"), "--epochs", "1", "--frames", "1",
+                               "--towers", "image",  # the text side not trained: its features once, for speed
+                               "--eval-every", "0", "--workers", "0", "--device", "cpu", "--out", str(tmp_path / "o")]))
+    log = [json.loads(line) for line in open(tmp_path / "o" / "log.jsonl")]
+    assert [row["step"] for row in log] == [1] and mixed == [8] * 8
+    assert json.load(open(tmp_path / "o" / "results.json"))["train_videos"] == 102
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # tools.py
 
