@@ -87,6 +87,14 @@ def sample_indices(num_frames, num_segments, random_frames, rng=random):
     return [round(i * (num_frames / num_segments)) % num_frames for i in range(num_segments)]
 
 
+def test_clips_used(clips):
+    """How the test clips were drawn, for results.json."""
+    if clips == 1:
+        return "1 clip: the centre frame of each of T equal segments (official _get_test_clips)"
+    return (f"{clips} clips, each drawn as a training clip as the official multiview does, seeded by the video's "
+            "index: the same clips in every evaluation (the official ones change from run to run)")
+
+
 @contextlib.contextmanager
 def _video_errors(path, what):
     """PyAV's and the OS's errors as VideoError naming the file."""

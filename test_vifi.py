@@ -16,6 +16,7 @@ import contextlib
 import csv
 import dataclasses
 import errno
+import functools
 import hashlib
 import html.parser
 import io
@@ -1854,6 +1855,7 @@ def test_supervised_and_zero_shot_train_on_every_listed_video_with_official_name
     res = json.load(open(out / "results.json"))
     assert res["train_videos"] == 60 and res["results"]["test"]["videos"] == 30 and res["norm"] == "imagenet"
     assert res["splits"].startswith("official") and res["paper_reports"] == "final" and res["best"]["epoch"] == 1
+    assert res["test_clips"].startswith("1 clip: the centre frame")  # 4x3: 4 seeded draws, data.test_clips_used
     assert open(out / "train_labels.csv").read().splitlines()[1:4] == [f"{i},{n}" for i, n in enumerate(k400_names[:3])]
 
 
@@ -2054,6 +2056,35 @@ def test_presets_follow_towers_as_the_official_configs():
     assert (args.batch_size, args.lr) == (256, 1e-5)  # a flag still wins
     args = train.get_args(["--dataset", "ucf101", "--root", "x", "--shots", "8", "--towers", "text"])
     assert (args.batch_size, args.lr) == (64, 2e-6)  # no official one-encoder config: the protocol's own
+
+
+def test_vanilla_clip_on_zero_shot_and_base_novel_only_evaluates():
+    """--mode zeroshot with --protocol zero-shot or base-novel and no --eval-only: nothing trains, and the sets are
+    the protocol's evaluation sets (the three folds; the base and novel halves)."""
+    for protocol, sets in (("zero-shot", ["hmdb51-fold1", "hmdb51-fold2", "hmdb51-fold3"]),
+                           ("base-novel", ["base", "novel"])):
+        args = train.get_args(["--dataset", "hmdb51", "--root", "x", "--protocol", protocol, "--mode", "zeroshot"])
+        assert args.eval_only and (args.protocol, args.frames) == (protocol, 32)
+        assert list(protocols.official_files(args)) == sets
+
+
+def test_native_k600_evaluation_draws_three_subsets_subset_s_with_seed_s(monkeypatch):
+    """--splits native --eval-datasets k600: the Kinetics-600 classes that Kinetics-400 lacks (here 12 of 14; two
+    differ only in case), three draws of 160 (here 5 with size monkeypatched) with seeds 1, 2, 3."""
+    k400 = data.VideoDataset([("/k4/a.mp4", 0), ("/k4/b.mp4", 1)], ["abseiling", "Zumba"])
+    k600 = data.VideoDataset([(f"/k6/{c}.mp4", c) for c in range(14)],
+                             ["ABSEILING", "zumba"] + [f"new {c}" for c in range(12)])
+    monkeypatch.setattr(data, "build_dataset", lambda name, root, split, **kw: k600 if name == "k600" else k400)
+    monkeypatch.setattr(data, "k600_novel_subset", functools.partial(data.k600_novel_subset, size=5))
+    args = train.get_args(["--dataset", "k400", "--root", "x", "--splits", "native", "--eval-datasets", "k600",
+                           "--eval-roots", "k600=y"])
+    _, tests = protocols.datasets(args)
+    novel = [f"new {c}" for c in range(12)]
+    for s in (1, 2, 3):  # random.Random(s).sample over the novel classes' ids (2..13), kept in id order
+        expect = sorted(random.Random(s).sample(list(range(2, 14)), 5))
+        assert tests[f"k600-subset{s}"].classnames == [k600.classnames[c] for c in expect]
+        assert set(tests[f"k600-subset{s}"].classnames) <= set(novel)
+    assert len({tuple(tests[f"k600-subset{s}"].classnames) for s in (1, 2, 3)}) == 3
 
 
 # ---------------------------------------------------------------------------------------------------------------
