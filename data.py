@@ -1,5 +1,5 @@
-"""Video data for ViFi-CLIP: PyAV decoding, TSN frame sampling, clip augmentation in torch, the datasets of the
-paper (UCF101, HMDB51, Kinetics-400/600, Something-Something v2, the official list files) and a synthetic one
+"""Video data for ViFi-CLIP: PyAV decoding, the official frame sampling, clip augmentation in torch, the datasets of
+the paper (UCF101, HMDB51, Kinetics-400/600, Something-Something v2, the official list files) and a synthetic one
 rendered in memory, few-shot / base-to-novel / zero-shot splits, and bad-file handling.
 
 A sample is a dict: "video" uint8, (T, 3, H, W) when training and (V, T, 3, H, W) when testing, V = clips x crops
@@ -69,16 +69,16 @@ class DatasetError(Exception):
 # ----------------------------------------------------------------------------------------------------------------
 # Sampling and decoding
 
-def sample_indices(num_frames, num_segments, random_frames, rng=random):
+def sample_indices(num_frames, num_segments, train, rng=random):
     """The official frame sampling: mmaction's SampleFrames with clip_len 1 and num_clips T, as the official
-    datasets/pipeline.py runs it. Random (_get_train_clips, used for training and for each clip of multi-clip
+    datasets/pipeline.py runs it. train=True (_get_train_clips, used for training and for each clip of multi-clip
     testing): N // T frames per segment and one random frame of each, so the last N mod T frames are never used
     and T <= N < 2T gives exactly 0..T-1; a video shorter than T frames takes round(i * N / T) (half to even, as
-    np.around), wrapped modulo N as its 'loop' option does. Fixed (_get_test_clips): the frame
+    np.around), wrapped modulo N as its 'loop' option does. train=False (_get_test_clips): the frame
     int(i * N / T + N / T / 2) of each fractional segment. Python's `random` by default: DataLoader seeds it
     differently in every worker."""
     assert num_frames >= 1
-    if not random_frames:
+    if not train:
         length = num_frames / num_segments
         return [int(i * length + length / 2) for i in range(num_segments)]
     interval = num_frames // num_segments
@@ -87,7 +87,7 @@ def sample_indices(num_frames, num_segments, random_frames, rng=random):
     return [round(i * (num_frames / num_segments)) % num_frames for i in range(num_segments)]
 
 
-def test_clips_used(clips):
+def describe_test_clips(clips):
     """How the test clips were drawn, for results.json."""
     if clips == 1:
         return "1 clip: the centre frame of each of T equal segments (official _get_test_clips)"
@@ -343,7 +343,7 @@ NO_COLOUR = torch.stack([torch.eye(3), torch.zeros(3, 3)])  # colour_matrix of a
 # Datasets
 
 class VideoDataset(Dataset):
-    """Videos as a list of (path, label), with readable `classnames`. Training: one TSN-sampled clip, augmented,
+    """Videos as a list of (path, label), with readable `classnames`. Training: one clip (sample_indices), augmented,
     (T, 3, H, W); testing: `clips` clips x `crops` crops, V views stacked as (V, T, 3, H, W), V = 1 included."""
 
     def __init__(self, samples, classnames, frames=8, size=224, train=False, clips=1, crops=1, root=None,

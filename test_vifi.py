@@ -1855,7 +1855,7 @@ def test_supervised_and_zero_shot_train_on_every_listed_video_with_official_name
     res = json.load(open(out / "results.json"))
     assert res["train_videos"] == 60 and res["results"]["test"]["videos"] == 30 and res["norm"] == "imagenet"
     assert res["splits"].startswith("official") and res["paper_reports"] == "final" and res["best"]["epoch"] == 1
-    assert res["test_clips"].startswith("1 clip: the centre frame")  # 4x3: 4 seeded draws, data.test_clips_used
+    assert res["test_clips"].startswith("1 clip: the centre frame")  # 4x3: 4 seeded draws, data.describe_test_clips
     assert open(out / "train_labels.csv").read().splitlines()[1:4] == [f"{i},{n}" for i, n in enumerate(k400_names[:3])]
 
 

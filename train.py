@@ -370,7 +370,7 @@ def write_results(args, model, train_set, t, results, wall_time):
     summary = dict(protocol=args.protocol, dataset=args.dataset, splits=protocols.splits_used(args), model=args.model,
                    mode=args.mode, checkpoint=args.checkpoint, norm=model.norm, frames=args.frames,
                    input_size=args.input_size, views=args.views,
-                   test_clips=data.test_clips_used(data.parse_views(args.views)[0]),
+                   test_clips=data.describe_test_clips(data.parse_views(args.views)[0]),
                    train_videos=len(train_set) if train_set is not None else 0, classes=len(model.classnames),
                    train_failures=sum(r.get("failures", 0) for r in log),  # unreadable videos replaced, all epochs
                    epochs=args.epochs, wall_time_s=wall_time, results=results, best=best,
