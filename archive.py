@@ -219,10 +219,10 @@ def _view(ref, record, key):
     if last >= n:
         raise pickle.UnpicklingError(f"a tensor of size {ref.size}, stride {ref.stride} at offset {ref.offset} "
                                      f"reaches past the end of its record {key} ({n} elements)")
-    if numel > n:  # a stride-0 or overlapping view: as many elements as the record holds at most, as any expand
-        raise pickle.UnpicklingError(f"a tensor of size {ref.size} ({numel} elements) over record {key} of {n}: "
-                                     "a view repeating its record's elements, which would use more memory than the "
-                                     "file holds once copied")
+    if numel > n:  # torch.save writes such a view only for an expanded tensor, which no model or optimizer holds
+        raise pickle.UnpicklingError(f"a tensor of size {ref.size} ({numel} elements) over record {key} of {n}: a "
+                                     "stride-0 or overlapping view, which no checkpoint of weights holds and whose "
+                                     "copy would take more memory than the file holds")
     return record.as_strided(ref.size, ref.stride, ref.offset)
 
 

@@ -375,6 +375,167 @@ def test_download_without_network_names_url_and_path(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []
 
 
+# Hostile archives (issue 23): files crafted by hand, as torch.save lays them out
+
+class Record:
+    """Pickles as a persistent id naming the archive's record data/<key>, as torch.save names a storage."""
+    def __init__(self, key, storage=torch.FloatStorage):
+        self.key, self.storage = key, storage
+
+
+class Rebuilt:
+    """Pickles as torch._utils._rebuild_tensor_v2(*args), then a BUILD with `state` if one is given."""
+    def __init__(self, *args, state=None):
+        self.args, self.state = args, state
+
+    def __reduce__(self):
+        return (torch._utils._rebuild_tensor_v2, self.args) + ((self.state,) if self.state is not None else ())
+
+
+def tensor_args(key, offset, size, stride):
+    return (Record(key), offset, size, stride, False, collections.OrderedDict())
+
+
+class RecordPickler(pickle.Pickler):
+    def persistent_id(self, obj):
+        return ("storage", obj.storage, obj.key, "cpu", 0) if isinstance(obj, Record) else None
+
+
+def write_archive(path, obj=None, records=None, pkl=None, compressed=()):
+    """A zip laid out as torch.save lays one out: archive/data.pkl (obj pickled, or the bytes pkl), byteorder, version,
+    data/<key> for each of records ({key: bytes, or an int n: n zero bytes written in 1 MiB chunks}); the members
+    named in `compressed` deflated."""
+    if pkl is None:
+        buf = io.BytesIO()
+        RecordPickler(buf, protocol=2).dump(obj)
+        pkl = buf.getvalue()
+    with zipfile.ZipFile(path, "w") as z:
+        for name, content in {"data.pkl": pkl, "byteorder": sys.byteorder.encode(), "version": b"3\n",
+                              **{f"data/{k}": v for k, v in (records or {}).items()}}.items():
+            info = zipfile.ZipInfo(f"archive/{name}")
+            info.compress_type = zipfile.ZIP_DEFLATED if name in compressed else zipfile.ZIP_STORED
+            with z.open(info, "w", force_zip64=True) as f:
+                for _ in range(content // (1 << 20)) if isinstance(content, int) else ():
+                    f.write(bytes(1 << 20))
+                f.write(b"" if isinstance(content, int) else content)
+    return str(path)
+
+
+def test_archive_tensors_are_built_only_after_unpickling(tmp_path, monkeypatch):
+    """Memory disclosure: a BUILD on a tensor calls Tensor.__setstate__, whose set_ grows a 0-byte record over
+    N bytes of freed memory. Here the unpickler only meets inert references."""
+    leak = {"w": Rebuilt(*tensor_args("0", 0, (0,), (1,)), state=(Record("0"), 0, (1 << 16,), (1,)))}
+    path = write_archive(tmp_path / "leak.pt", leak, {"0": b""})
+    grown = torch.empty(0)  # live on a resizable storage (as a 0-byte record was read): 256 KiB from nowhere
+    grown.__setstate__((grown.untyped_storage(), 0, (1 << 16,), (1,)))
+    assert grown.numel() == 1 << 16
+    with pytest.raises(archive.CheckpointError, match="leak.pt: refusing to set the state of a TensorRef"):
+        archive.read_archive(path, "a test archive")
+    # BUILD onto a global itself, (None, {'__defaults__': (1,)}) to set an attribute of the function: refused too
+    onto_global = b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\nN}X\x0c\x00\x00\x00__defaults__K\x01\x85s\x86b."
+    with pytest.raises(archive.CheckpointError, match="global.pt: refusing to set the state of a function"):
+        archive.read_archive(write_archive(tmp_path / "global.pt", pkl=onto_global), "a test archive")
+    assert archive._rebuild_tensor.__defaults__ == (False, None, None)
+    unpickling = []  # no torch function runs while data.pkl is unpickled: tensors come after, from the references
+    load = archive._Unpickler.load
+
+    def flagged_load(self):
+        unpickling.append(1)
+        try:
+            return load(self)
+        finally:
+            unpickling.clear()
+    monkeypatch.setattr(archive._Unpickler, "load", flagged_load)
+    for name in ("frombuffer", "empty"):
+        real = getattr(torch, name)
+        monkeypatch.setattr(torch, name, lambda *a, real=real, **k: pytest.fail("torch ran") if unpickling else
+                            real(*a, **k))
+    sd = clip_model.read_state_dict(fixture("clip_tiny_openai_jit.pt"))
+    assert len(sd) > 0 and all(torch.is_tensor(v) for v in sd.values())
+
+
+def test_a_prefix_before_the_zip_is_refused_as_a_polyglot(tmp_path, tiny_clip, expected, capsys):
+    """A pickle that runs code, then a whole valid checkpoint: torch.load(weights_only=False) runs the pickle."""
+    marker = tmp_path / "code_ran"
+    payload = pickle.dumps({"model": CreatesFile(str(marker))})
+    own = vifi.ViFiCLIP(byte_clip(), CLASSES)
+    torch.save({"model": own.state_dict(), "vifi": vifi.checkpoint_config(own)}, tmp_path / "own.pt")
+    valid = {"own": tmp_path / "own.pt", "official": Path(fixture("vifi_official_finetune_ckpt.pth")),
+             "jit": Path(fixture("clip_tiny_openai_jit.pt"))}
+    files = {}
+    for name, path in valid.items():
+        files[name] = tmp_path / f"{name}_polyglot.pt"
+        files[name].write_bytes(payload + path.read_bytes())
+    with pytest.raises(Exception):
+        torch.load(files["own"], weights_only=False)
+    assert marker.exists()  # live
+    marker.unlink()
+    error = rf"{len(payload)} bytes before its zip archive, where torch.save writes none.*would run code"
+    for name, path in files.items():
+        loads = [clip_model.load, vifi.read_checkpoint, vifi.load_checkpoint,
+                 lambda p: vifi.load_official_checkpoint(p, tiny_clip, expected["classes"])]
+        for load in loads:
+            with pytest.raises(archive.CheckpointError, match=f"{name}_polyglot.pt: {error}"):
+                load(str(path))
+    video = tmp_path / "video.mp4"
+    video.touch()
+    assert vifi.main([str(video), "--labels", "a,b", "--model", str(files["jit"])]) == 2
+    err = capsys.readouterr().err
+    assert "jit_polyglot.pt: " in err and err.count("\n") == 1, err
+    assert not marker.exists()
+
+
+def test_compressed_records_and_oversized_pickles_are_refused_before_they_grow(tmp_path, monkeypatch):
+    """torch.save stores every record uncompressed: a deflated one (here 64 MiB in ~64 KiB) is refused before a byte
+    of it is inflated, as is a data.pkl over the cap, inflated or not, before it is unpickled."""
+    monkeypatch.setattr(zipfile.ZipExtFile, "read", lambda *a: pytest.fail("a member was read"))
+    n = 16 << 20
+    bomb = write_archive(tmp_path / "bomb.pt", {"w": Rebuilt(*tensor_args("0", 0, (n,), (1,)))}, {"0": 4 * n},
+                         compressed={"data/0"})
+    assert os.path.getsize(bomb) < 1 << 20
+    with pytest.raises(archive.CheckpointError, match=r"bomb.pt: archive/data/0 is compressed \(\d+ bytes inflating "
+                                                      rf"to a stated {4 * n}\); torch.save stores records uncompressed"):
+        archive.read_archive(bomb, "a test archive")
+    many = b"\x80\x02]" + b"Na" * (archive.MAX_PICKLE_BYTES // 2) + b"."  # a list of 2M Nones, 2 bytes each
+    write_archive(tmp_path / "big.pt", pkl=many)
+    write_archive(tmp_path / "deflated.pt", pkl=many * 16, compressed={"data.pkl"})
+    assert os.path.getsize(tmp_path / "deflated.pt") < 1 << 20
+    for name, error in (("big", f"its data.pkl holds {len(many)} bytes, more than the {archive.MAX_PICKLE_BYTES}"),
+                        ("deflated", r"archive/data.pkl is compressed")):
+        with pytest.raises(archive.CheckpointError, match=f"{name}.pt: {error}"):
+            archive.read_archive(str(tmp_path / f"{name}.pt"), "a test archive")
+
+
+def test_views_must_lie_inside_their_record_and_nest_shallowly(tmp_path):
+    # legitimate views torch.save writes: slices and transposes of a shared storage, an expand over one row (stored
+    # with ordinary strides), empty tensors and scalars; each reads as torch.load(weights_only=True) gives it
+    x = torch.arange(24.0).reshape(4, 6)
+    legit = {"slice": x[1:3, 2:], "t": x.t(), "row": torch.arange(5).expand(1, -1), "empty": torch.zeros(0, 3),
+             "scalar": torch.tensor(2.5), "half": x.half()[::2]}
+    torch.save(legit, tmp_path / "legit.pt")
+    got, ref = archive.read_archive(str(tmp_path / "legit.pt"), "a test archive"), torch.load(tmp_path / "legit.pt")
+    for k, v in ref.items():
+        assert got[k].dtype == v.dtype and got[k].stride() == v.stride() and torch.equal(got[k], v), k
+    row = bytes(128 * 4)  # one row of a (10^7, 128) token embedding: 5 GB once copied
+    write_archive(tmp_path / "stride0.pt", {"token_embedding.weight": Rebuilt(*tensor_args("0", 0, (10**7, 128), (0, 1)))},
+                  {"0": row})
+    with pytest.raises(archive.CheckpointError, match=r"stride0.pt: a tensor of size \(10000000, 128\) \(1280000000 "
+                                                      r"elements\) over record 0 of 128: a stride-0 or overlapping"):
+        archive.read_archive(str(tmp_path / "stride0.pt"), "a test archive")
+    torch.save({"w": torch.zeros(1).expand(4)}, tmp_path / "expand.pt")  # torch.save keeps an expand's stride 0
+    with pytest.raises(archive.CheckpointError, match=r"expand.pt: a tensor of size \(4,\) \(4 elements\) over record"):
+        archive.read_archive(str(tmp_path / "expand.pt"), "a test archive")
+    n = 100_000
+    deep = {"lists": b"\x80\x02" + b"]" * n + b"a" * (n - 1) + b".",  # [[[...]]] 100,000 deep: after unpickling
+            "key": b"\x80\x02}K\x01" + b"\x85" * n + b"K\x02s.",  # {((((1,),),),): 2}: while unpickling
+            "cycle": b"\x80\x02]q\x00h\x00a."}  # a list holding itself
+    errors = {"lists": "containers nested more than 100 deep", "key": "tuples nested more than 100 deep",
+              "cycle": "a container that holds itself"}
+    for name, pkl in deep.items():
+        with pytest.raises(archive.CheckpointError, match=f"{name}.pt: {errors[name]}"):
+            archive.read_archive(write_archive(tmp_path / f"{name}.pt", pkl=pkl), "a test archive")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # clip_model.py
 
