@@ -779,6 +779,16 @@ def test_load_runs_no_code_from_any_file(payloads, tmp_path, monkeypatch):
     assert not marker.exists()
 
 
+def test_load_refuses_non_finite_weights_naming_the_key(tmp_path, tiny_clip):
+    sd = tiny_clip.state_dict()
+    for name, bad in (("nan", float("nan")), ("inf", float("inf"))):
+        weights = {**sd, "visual.proj": sd["visual.proj"].clone()}
+        weights["visual.proj"][3, 5] = bad
+        torch.save(weights, tmp_path / f"{name}.pt")
+        with pytest.raises(archive.CheckpointError, match=f"{name}.pt: key 'visual.proj' holds NaN or inf values"):
+            clip_model.load(str(tmp_path / f"{name}.pt"))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # tokenizer.py
 
@@ -1744,6 +1754,62 @@ def test_vifi_offline_names_the_weights_and_the_vocabulary_in_one_message(tmp_pa
     assert f"{weights} -> {cache / os.path.basename(weights)}" in err and f"{BPE_URL} -> {cache / BPE_FILE}" in err
 
 
+def test_checkpoints_with_non_finite_weights_are_refused_naming_the_key(tmp_path, tiny_clip, expected):
+    model = vifi.ViFiCLIP(byte_clip(), CLASSES, mode="prompt", depth_text=2, depth_vision=2, n_ctx_text=3)
+    sd = model.state_dict()
+    sd["text_prompts.1"] = sd["text_prompts.1"].clone()
+    sd["text_prompts.1"][0, 0] = float("nan")
+    torch.save({"model": sd, "vifi": vifi.checkpoint_config(model)}, tmp_path / "own.pt")
+    with pytest.raises(archive.CheckpointError, match="own.pt: key 'text_prompts.1' holds NaN or inf values"):
+        vifi.load_checkpoint(str(tmp_path / "own.pt"))
+    official = vifi.read_checkpoint(fixture("vifi_official_prompt_ckpt.pth"))["model"]
+    official["module.image_encoder.VPT"] = official["module.image_encoder.VPT"].clone()
+    official["module.image_encoder.VPT"][1, 2] = float("-inf")
+    torch.save({"model": official}, tmp_path / "official.pth")
+    with pytest.raises(archive.CheckpointError, match="official.pth: key 'image_encoder.VPT' holds NaN or inf"):
+        vifi.load_official_checkpoint(str(tmp_path / "official.pth"), tiny_clip, expected["classes"])
+
+
+def test_official_checkpoint_refuses_a_base_clip_of_other_sizes(tmp_path, tiny_clip, capsys):
+    """The checkpoint (context 77, vocabulary 49408, widths 128) with a base CLIP that differs in one size: refused
+    before any prediction (it predicted), naming both sizes."""
+    sd = tiny_clip.state_dict()
+    bases = {"context": ({"positional_embedding": sd["positional_embedding"][:64]}, "context_length=77",
+                         "context_length=64"),
+             "vocab": ({"token_embedding.weight": sd["token_embedding.weight"][:600]}, "vocab_size=49408",
+                       "vocab_size=600")}
+    video = tmp_path / "video.avi"
+    tools.make_test_video(str(video), num_frames=2, width=32, height=32)
+    for name, (change, ours, theirs) in bases.items():
+        torch.save({**sd, **change}, tmp_path / f"{name}.pt")
+        argv = [str(video), "--labels", "a,b", "--device", "cpu", "--model", str(tmp_path / f"{name}.pt"),
+                "--checkpoint", fixture("vifi_official_finetune_ckpt.pth")]
+        assert vifi.main(argv) == 2
+        out, err = capsys.readouterr()
+        assert re.fullmatch(rf"error: \S+vifi_official_finetune_ckpt.pth: an official checkpoint of a CLIP with "
+                            rf"{ours}, but the base CLIP \(--model\) has {theirs}: pass the base CLIP it was trained "
+                            r"from \(its config says ViT-B/16\)\n", err), err
+        assert out == ""  # no prediction printed
+
+
+def test_checkpoint_keys_that_are_not_names_are_one_line_errors(tmp_path, capsys):
+    """A tuple key nested 100,000 deep (a RecursionError) and a non-str key (an AttributeError): one line, exit 2."""
+    n = 100_000
+    deep = b"\x80\x02}X\x05\x00\x00\x00model}K\x01" + b"\x85" * n + b"K\x02ss."  # {'model': {((((1,),),),): 2}}
+    write_archive(tmp_path / "deep.pt", pkl=deep)
+    torch.save({"model": {(1, 2): torch.zeros(2)}, "vifi": {}}, tmp_path / "tuple_key.pt")
+    torch.save({3: torch.zeros(2), "visual.conv1.weight": torch.zeros(2)}, tmp_path / "int_key.pt")
+    video = tmp_path / "video.mp4"  # exists: vifi.py reports a missing video before it loads any model
+    video.touch()
+    cases = (("--checkpoint", "deep.pt", "tuples nested more than 100 deep"),
+             ("--checkpoint", "tuple_key.pt", r"its weights are named by a tuple key \(\(1, 2\)\)"),
+             ("--model", "int_key.pt", r"its weights are named by a int key \(3\)"))
+    for flag, name, error in cases:
+        assert vifi.main([str(video), "--labels", "a,b", flag, str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err
+        assert re.match(rf"error: {re.escape(str(tmp_path / name))}: {error}", err) and err.count("\n") == 1, err
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # report.py
 
@@ -2571,6 +2637,15 @@ def test_the_mission_command_runs_as_typed(tmp_path, bpe):
     log = [json.loads(line) for line in open(tmp_path / "runs" / "ucf101-few-shot" / "log.jsonl")]
     assert [r["epoch"] for r in log if "top1" in r] == [1, 11, 21, 31, 41, 50]  # the official evaluation epochs
     assert res["best"]["top1"] == max(r["top1"] for r in log if "top1" in r) and res["paper_reports"] == "best"
+
+
+def test_a_million_deep_key_is_one_line_not_a_crash(tmp_path):
+    # hashing a tuple nested 10^6 deep (as a dict key, while unpickling) overflows the C stack: the process dies
+    n = 1_000_000
+    write_archive(tmp_path / "deep.pt", pkl=b"\x80\x02}X\x05\x00\x00\x00model}K\x01" + b"\x85" * n + b"K\x02ss.")
+    run = run_cli("train.py", *TINY_RUN, "--checkpoint", str(tmp_path / "deep.pt"), "--out", str(tmp_path / "out"))
+    assert run.returncode == 2 and run.stderr.count("\n") == 1, run.stderr[-2000:]
+    assert "deep.pt: tuples nested more than 100 deep" in run.stderr
 
 
 # ---------------------------------------------------------------------------------------------------------------
