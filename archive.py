@@ -42,9 +42,10 @@ STORAGE_DTYPES = {"HalfStorage": torch.float16, "FloatStorage": torch.float32, "
                   "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
                   "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
                   "BoolStorage": torch.bool}
-# A real data.pkl is a few hundred KB at most (a ViT-L/14 last.pt with its optimizer state: 180 KB); a pickle can
-# make ~40 bytes of Python objects per byte, so the cap bounds what unpickling can allocate (~160 MB).
-MAX_PICKLE_BYTES = 4 << 20
+# A real data.pkl is 200 KB at most (a ViT-L/14 last.pt with its optimizer state: 180 KB; OpenAI's TorchScript
+# ViT-L/14: ~70 KB). A crafted one makes up to ~40 bytes of Python objects per byte and a few microseconds of work,
+# so the cap bounds what reading one can cost (~100 MB and seconds).
+MAX_PICKLE_BYTES = 1 << 20
 # Containers in real checkpoints nest a few levels (a TorchScript module tree: ~8). Python's own recursion (repr,
 # ==, hashing a tuple: in C, without a guard, so a deep one crashes the process) must never meet a deep one.
 MAX_DEPTH = 100
@@ -124,7 +125,8 @@ class _Unpickler(pickle._Unpickler):
     def persistent_load(self, pid):  # ('storage', storage type (here: its name), key, device, numel)
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and pid[1] in STORAGE_DTYPES
                 and isinstance(pid[2], str)):
-            raise pickle.UnpicklingError(f"a storage reference torch.save does not write: {str(pid)[:100]}")
+            raise pickle.UnpicklingError("a storage reference that is not the ('storage', type, key, device, numel) "
+                                         "torch.save writes")
         return StorageRef(pid[2], STORAGE_DTYPES[pid[1]])  # the numel it states is not trusted: the bytes are
 
     def made_nested(self):
@@ -158,6 +160,9 @@ for _op in (pickle.TUPLE, pickle.TUPLE1, pickle.TUPLE2, pickle.TUPLE3, pickle.FR
     _Unpickler.dispatch[_op[0]] = _then_check_depth(_Unpickler.dispatch[_op[0]])
 
 
+CONTAINERS = (list, tuple, set, frozenset, dict, ScriptObject, TensorRef)  # what _resolve walks or replaces
+
+
 def _attributes(obj):
     """The attributes of obj that may hold tensors: a module's (ScriptObject), a dict subclass's (an OrderedDict's
     _metadata, a CfgNode's flags); {} for anything else."""
@@ -168,31 +173,40 @@ def _resolve(root, tensor):
     """root with each TensorRef in it replaced by tensor(ref): in place in lists, dicts and attributes, by a new tuple
     where a tuple holds one. Refuses a cycle, nesting deeper than MAX_DEPTH and a tensor where torch.save never puts
     one (a dict key, a set). Iterative and each object once, so no crafted graph can recurse or repeat work."""
-    done, path, todo = {}, set(), [(root, False)]  # done: id -> (the resolved object, its depth, the original)
+    done, path, todo = {}, set(), [(root, None)]  # done: id -> (the resolved object, its depth, the original)
 
-    def children(obj):
+    def children(obj):  # those that may hold a tensor or nest: not str, int, float, None, ...
         if isinstance(obj, (list, tuple, set, frozenset)):
-            return list(obj)
-        return [*obj.keys(), *obj.values(), *_attributes(obj).values()] if isinstance(obj, dict) else \
-            list(_attributes(obj).values())
+            items = obj
+        elif isinstance(obj, dict):
+            items = [*obj.keys(), *obj.values(), *_attributes(obj).values()]
+        else:
+            items = _attributes(obj).values()
+        return [c for c in items if isinstance(c, CONTAINERS)]
+
+    def new(c):
+        return done[id(c)][0] if isinstance(c, CONTAINERS) else c
 
     while todo:
-        obj, expanded = todo.pop()
-        if id(obj) in done:
-            continue
-        if not expanded:  # first visit: its children go first, then obj again
+        obj, kids = todo.pop()
+        if kids is None:  # first visit: its children go first, then obj again with them
+            if id(obj) in done:
+                continue
             if id(obj) in path:
                 raise pickle.UnpicklingError("a container that holds itself; torch.save writes none")
+            kids = children(obj)
+            if not kids and not isinstance(obj, TensorRef):  # nothing in it to replace or to nest
+                done[id(obj)] = (obj, 1, obj)
+                continue
             path.add(id(obj))
-            todo.append((obj, True))
-            todo.extend((c, False) for c in children(obj) if id(c) not in done)
+            todo.append((obj, kids))
+            todo.extend((c, None) for c in kids if id(c) not in done)
             continue
         path.discard(id(obj))
-        depth = 1 + max((done[id(c)][1] for c in children(obj)), default=0)
+        depth = 1 + max((done[id(c)][1] for c in kids), default=0)
         if depth > MAX_DEPTH:
             raise pickle.UnpicklingError(f"containers nested more than {MAX_DEPTH} deep; torch.save writes a few "
                                          "levels")
-        new = lambda c: done[id(c)][0]  # noqa: E731
         if isinstance(obj, TensorRef):
             out = tensor(obj)
         elif isinstance(obj, tuple):
