@@ -6,8 +6,14 @@ data.pkl (the pickled object, each tensor a reference to a record) and data/<key
 and torch.jit.load can run code from such a file: a pickle calls whatever globals it names, torch.load falls back to a
 plain pickle.load for a file it does not take for a zip, and TorchScript runs the archive's own __setstate__ methods.
 So this file reads the archives itself: zipfile, which checks each record's CRC-32 as it reads it, then an unpickler
-that resolves only the globals it is given and builds each tensor as a bounds-checked view of its record's bytes.
-Neither torch.load, torch.jit.load nor pickle.load is ever called on a file.
+that resolves only the globals it is given and turns each tensor into an inert TensorRef; once the pickle is read,
+each tensor is built as a view of its record's bytes, checked to lie inside them. No torch function runs while a
+pickle is read, and neither torch.load, torch.jit.load nor pickle.load is ever called on a file.
+
+Refused besides, each for a reason torch.save never gives: bytes before the zip (a pickle there runs in torch.load),
+a compressed record (it can inflate a thousandfold), a data.pkl over MAX_PICKLE_BYTES or nesting over MAX_DEPTH (a
+crafted one fills memory, or crashes Python's C recursion), a view with more elements than its record (a stride-0
+view of one row, 5 GB once copied), a BUILD (a set state) on anything but an allowed container or module.
 
 - `read_archive(path, expected, extra_globals=None, script=False)`: the object torch.save wrote (a state dict, a
   checkpoint dict); with script=True also a TorchScript archive, its modules as `ScriptObject`s.
