@@ -260,7 +260,8 @@ def check_base(path, mapped, base, base_cfg, arch):
     context length or vocabulary would predict with a mix of two models. The official code tokenizes only with
     OpenAI's BPE (its clip/simple_tokenizer.py), so the checkpoint's vocabulary is that one's."""
     try:
-        found = clip_model.CLIPConfig.from_state_dict({**mapped, "token_embedding.weight": base["token_embedding.weight"]})
+        found = clip_model.CLIPConfig.from_state_dict({**mapped, "token_embedding.weight":
+                                                                base["token_embedding.weight"]})
     except (KeyError, IndexError, AttributeError) as e:  # a key missing, or a non-tensor under it
         raise archive.CheckpointError(f"{path}: not a whole official ViFi-CLIP checkpoint ({type(e).__name__}: {e} "
                                       "in its text_encoder.* or image_encoder.* weights)") from None
