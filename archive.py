@@ -6,8 +6,14 @@ data.pkl (the pickled object, each tensor a reference to a record) and data/<key
 and torch.jit.load can run code from such a file: a pickle calls whatever globals it names, torch.load falls back to a
 plain pickle.load for a file it does not take for a zip, and TorchScript runs the archive's own __setstate__ methods.
 So this file reads the archives itself: zipfile, which checks each record's CRC-32 as it reads it, then an unpickler
-that resolves only the globals it is given and builds each tensor as a bounds-checked view of its record's bytes.
-Neither torch.load, torch.jit.load nor pickle.load is ever called on a file.
+that resolves only the globals it is given and turns each tensor into an inert TensorRef; once the pickle is read,
+each tensor is built as a view of its record's bytes, checked to lie inside them. No torch function runs while a
+pickle is read, and neither torch.load, torch.jit.load nor pickle.load is ever called on a file.
+
+Refused besides, each for a reason torch.save never gives: bytes before the zip (a pickle there runs in torch.load),
+a compressed record (it can inflate a thousandfold), a data.pkl over MAX_PICKLE_BYTES or nesting over MAX_DEPTH (a
+crafted one fills memory, or crashes Python's C recursion), a view with more elements than its record (a stride-0
+view of one row, 5 GB once copied), a BUILD (a set state) on anything but an allowed container or module.
 
 - `read_archive(path, expected, extra_globals=None, script=False)`: the object torch.save wrote (a state dict, a
   checkpoint dict); with script=True also a TorchScript archive, its modules as `ScriptObject`s.
@@ -20,6 +26,7 @@ Every error is a `CheckpointError` that names the file, says why and what to do.
 import collections
 import hashlib
 import io
+import math
 import os
 import pickle
 import sys
@@ -41,12 +48,40 @@ STORAGE_DTYPES = {"HalfStorage": torch.float16, "FloatStorage": torch.float32, "
                   "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
                   "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
                   "BoolStorage": torch.bool}
+# A real data.pkl is 200 KB at most (a ViT-L/14 last.pt with its optimizer state: 180 KB; OpenAI's TorchScript
+# ViT-L/14: ~70 KB). A crafted one makes up to ~40 bytes of Python objects per byte and a few microseconds of work,
+# so the cap bounds what reading one can cost (~100 MB and seconds).
+MAX_PICKLE_BYTES = 1 << 20
+# Containers in real checkpoints nest a few levels (a TorchScript module tree: ~8). Python's own recursion (repr,
+# ==, hashing a tuple: in C, without a guard, so a deep one crashes the process) must never meet a deep one.
+MAX_DEPTH = 100
 
 
-def _rebuild_tensor(record, offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
-    """Stands in for torch._utils._rebuild_tensor_v2: a view of its record's bytes. as_strided refuses a view past
-    their end (unlike Tensor.set_, which would grow the storage into uninitialized memory)."""
-    return record.as_strided(size, stride, offset)
+class StorageRef:
+    """What the unpickler gets for a tensor's storage: the name of its record and its dtype, nothing to call."""
+    __slots__ = ("key", "dtype")
+
+    def __init__(self, key, dtype):
+        self.key, self.dtype = key, dtype
+
+
+class TensorRef:
+    """What the unpickler gets for a tensor: its storage, offset, size and stride. No torch method runs while a file
+    is unpickled; read_archive builds the tensors afterwards, each checked to lie inside its record."""
+    __slots__ = ("storage", "offset", "size", "stride")
+
+    def __init__(self, storage, offset, size, stride):
+        self.storage, self.offset, self.size, self.stride = storage, offset, size, stride
+
+
+def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
+    """Stands in for torch._utils._rebuild_tensor_v2: a TensorRef, once its arguments have the types torch writes."""
+    def naturals(xs):
+        return isinstance(xs, tuple) and all(isinstance(x, int) and x >= 0 for x in xs)
+    if not (isinstance(storage, StorageRef) and naturals((offset,)) and naturals(size) and naturals(stride)
+            and len(size) == len(stride)):
+        raise pickle.UnpicklingError("a tensor whose storage, offset, size or stride is not what torch.save writes")
+    return TensorRef(storage, offset, size, stride)
 
 
 def _rebuild_parameter(data, requires_grad, backward_hooks):
@@ -65,17 +100,157 @@ class ScriptObject:
         self.__dict__.update(state)
 
 
-# Everything a state dict of tensors pickles: its OrderedDict, the tensors, and their storages' dtypes.
+# Everything a state dict of tensors pickles: its OrderedDict, the tensors, and their storages' types (their names
+# here: inert until the tensors are built).
 TENSOR_GLOBALS = {("collections", "OrderedDict"): collections.OrderedDict,
                   ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
                   ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-                  **{("torch", name): dtype for name, dtype in STORAGE_DTYPES.items()}}
+                  **{("torch", name): name for name in STORAGE_DTYPES}}
+TORCH_ZIP_MEMBERS = ("data.pkl", "byteorder", "data/")  # what is read; TorchScript's code/ is not (and is deflated)
+
+
+class _Unpickler(pickle._Unpickler):
+    """Python's own unpickler (the pure-Python one, so that these steps can be checked), resolving only the globals
+    it is given, loading every tensor as a TensorRef, refusing tuples nested deeper than MAX_DEPTH and any BUILD
+    (setting an object's state) but a dict of attributes onto an instance of an allowed class."""
+    dispatch = dict(pickle._Unpickler.dispatch)
+
+    def __init__(self, file, allowed, script):
+        super().__init__(file)
+        self.allowed, self.script, self.depth = allowed, script, {}  # depth: id -> depth of each tuple made so far
+        self.buildable = tuple(v for v in allowed.values() if isinstance(v, type))
+
+    def find_class(self, module, name):
+        if (module, name) in self.allowed:
+            return self.allowed[module, name]
+        if self.script and (module == "__torch__" or module.startswith("__torch__.")):
+            return type(name, (ScriptObject,), {})
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only tensors and plain containers "
+                                     "are read, so that no file can run code")
+
+    def persistent_load(self, pid):  # ('storage', storage type (here: its name), key, device, numel)
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and pid[1] in STORAGE_DTYPES
+                and isinstance(pid[2], str)):
+            raise pickle.UnpicklingError("a storage reference that is not the ('storage', type, key, device, numel) "
+                                         "torch.save writes")
+        return StorageRef(pid[2], STORAGE_DTYPES[pid[1]])  # the numel it states is not trusted: the bytes are
+
+    def made_nested(self):
+        """After a tuple or frozenset was made: refuse it if it nests too deep. Hashing one (as a dict key) recurses
+        in C without a guard; they are immutable, so their depth is known when they are made."""
+        obj = self.stack[-1]
+        depth = 1 + max((self.depth.get(id(x), (0,))[0] for x in obj), default=0)
+        if depth > MAX_DEPTH:
+            raise pickle.UnpicklingError(f"tuples nested more than {MAX_DEPTH} deep; torch.save writes a few levels")
+        self.depth[id(obj)] = (depth, obj)  # keeps obj alive, so that its id is not reused
+
+    def load_build(self):
+        state = self.stack.pop()
+        inst = self.stack[-1]
+        if isinstance(inst, ScriptObject):
+            inst.__setstate__(state)
+        elif isinstance(inst, self.buildable) and isinstance(state, dict):
+            vars(inst).update(state)
+        else:
+            raise pickle.UnpicklingError(f"refusing to set the state of a {type(inst).__name__} (torch.save sets only "
+                                         "an instance's attributes, of the containers and modules read here)")
+
+    dispatch[pickle.BUILD[0]] = load_build
+
+
+def _then_check_depth(load):
+    return lambda self: (load(self), self.made_nested())
+
+
+for _op in (pickle.TUPLE, pickle.TUPLE1, pickle.TUPLE2, pickle.TUPLE3, pickle.FROZENSET):
+    _Unpickler.dispatch[_op[0]] = _then_check_depth(_Unpickler.dispatch[_op[0]])
+
+
+CONTAINERS = (list, tuple, set, frozenset, dict, ScriptObject, TensorRef)  # what _resolve walks or replaces
+
+
+def _attributes(obj):
+    """The attributes of obj that may hold tensors: a module's (ScriptObject), a dict subclass's (an OrderedDict's
+    _metadata, a CfgNode's flags); {} for anything else."""
+    return vars(obj) if isinstance(obj, (dict, ScriptObject)) and hasattr(obj, "__dict__") else {}
+
+
+def _resolve(root, tensor):
+    """root with each TensorRef in it replaced by tensor(ref): in place in lists, dicts and attributes, by a new tuple
+    where a tuple holds one. Refuses a cycle, nesting deeper than MAX_DEPTH and a tensor where torch.save never puts
+    one (a dict key, a set). Iterative and each object once, so no crafted graph can recurse or repeat work."""
+    done, path, todo = {}, set(), [(root, None)]  # done: id -> (the resolved object, its depth, the original)
+
+    def children(obj):  # those that may hold a tensor or nest: not str, int, float, None, ...
+        if isinstance(obj, (list, tuple, set, frozenset)):
+            items = obj
+        elif isinstance(obj, dict):
+            items = [*obj.keys(), *obj.values(), *_attributes(obj).values()]
+        else:
+            items = _attributes(obj).values()
+        return [c for c in items if isinstance(c, CONTAINERS)]
+
+    def new(c):
+        return done[id(c)][0] if isinstance(c, CONTAINERS) else c
+
+    while todo:
+        obj, kids = todo.pop()
+        if kids is None:  # first visit: its children go first, then obj again with them
+            if id(obj) in done:
+                continue
+            if id(obj) in path:
+                raise pickle.UnpicklingError("a container that holds itself; torch.save writes none")
+            kids = children(obj)
+            if not kids and not isinstance(obj, TensorRef):  # nothing in it to replace or to nest
+                done[id(obj)] = (obj, 1, obj)
+                continue
+            path.add(id(obj))
+            todo.append((obj, kids))
+            todo.extend((c, None) for c in kids if id(c) not in done)
+            continue
+        path.discard(id(obj))
+        depth = 1 + max((done[id(c)][1] for c in kids), default=0)
+        if depth > MAX_DEPTH:
+            raise pickle.UnpicklingError(f"containers nested more than {MAX_DEPTH} deep; torch.save writes a few "
+                                         "levels")
+        if isinstance(obj, TensorRef):
+            out = tensor(obj)
+        elif isinstance(obj, tuple):
+            out = tuple(map(new, obj))
+            out = obj if all(a is b for a, b in zip(obj, out)) else out
+        else:
+            hashed = obj if isinstance(obj, (set, frozenset)) else obj.keys() if isinstance(obj, dict) else ()
+            if any(new(c) is not c for c in hashed):
+                raise pickle.UnpicklingError("a tensor in a dict key or a set, where torch.save never puts one")
+            if isinstance(obj, list):
+                obj[:] = map(new, obj)
+            for values in ([obj] if isinstance(obj, dict) else []) + [_attributes(obj)]:
+                for k, v in values.items():
+                    values[k] = new(v)
+            out = obj
+        done[id(obj)] = (out, depth, obj)  # keeps obj alive, so that its id is not reused during the walk
+    return done[id(root)][0]
+
+
+def _view(ref, record, key):
+    """The tensor ref describes, as a view of its record (a flat tensor of its dtype), checked to lie inside it."""
+    numel, n = math.prod(ref.size), record.numel()
+    last = ref.offset + sum((s - 1) * st for s, st in zip(ref.size, ref.stride)) if numel else ref.offset - 1
+    if last >= n:
+        raise pickle.UnpicklingError(f"a tensor of size {ref.size}, stride {ref.stride} at offset {ref.offset} "
+                                     f"reaches past the end of its record {key} ({n} elements)")
+    if numel > n:  # torch.save writes such a view only for an expanded tensor, which no model or optimizer holds
+        raise pickle.UnpicklingError(f"a tensor of size {ref.size} ({numel} elements) over record {key} of {n}: a "
+                                     "stride-0 or overlapping view, which no checkpoint of weights holds and whose "
+                                     "copy would take more memory than the file holds")
+    return record.as_strided(ref.size, ref.stride, ref.offset)
 
 
 def read_archive(path, expected, extra_globals=None, script=False):
     """The object torch.save wrote to path (with script=True also a torch.jit.save archive, its modules as
     ScriptObjects), read without running code: only TENSOR_GLOBALS and extra_globals ({(module, name): object})
-    unpickle. Errors are CheckpointErrors naming the file and `expected`, what the caller wanted it to be."""
+    unpickle, to objects that run nothing (tensors as TensorRefs); the tensors are built after. Errors are
+    CheckpointErrors naming the file and `expected`, what the caller wanted it to be."""
     def fail(why):
         return CheckpointError(f"{path}: {why}; expected {expected}")
 
@@ -86,37 +261,42 @@ def read_archive(path, expected, extra_globals=None, script=False):
     except Exception as e:  # zipfile raises several types for what is not a zip archive; all mean the same here
         raise fail(f"not a PyTorch checkpoint (not a readable zip archive: {e}); a download or copy may be truncated, "
                    "or it was saved by torch < 1.6") from None
-    allowed = {**TENSOR_GLOBALS, **(extra_globals or {})}
-    with archive as z:
+    with archive as z, open(path, "rb") as f:
         names = z.namelist()
         top = names[0].split("/")[0] if names else ""
         if f"{top}/data.pkl" not in names or any(not n.startswith(top + "/") for n in names):
             raise fail("a zip archive, but not one torch.save writes (one folder holding data.pkl)")
+        prefix = min(info.header_offset for info in z.infolist())
+        if prefix or f.read(4) != b"PK\x03\x04":  # zipfile reads past a prefix; torch.load would unpickle it
+            raise fail(f"{prefix} bytes before its zip archive, where torch.save writes none: torch.load reads such "
+                       "a file as a pickle from its first byte, so that prefix would run code in other loaders")
         if f"{top}/constants.pkl" in names and not script:
             raise fail("a TorchScript archive, the format OpenAI releases CLIP in: give it as the base CLIP (--model)")
+        for info in z.infolist():
+            if info.compress_type != zipfile.ZIP_STORED and info.filename[len(top) + 1:].startswith(TORCH_ZIP_MEMBERS):
+                raise fail(f"{info.filename} is compressed ({info.compress_size} bytes inflating to a stated "
+                           f"{info.file_size}); torch.save stores records uncompressed, so this file was not "
+                           "written by torch and is not read")
+        pkl = z.getinfo(f"{top}/data.pkl")
+        if max(pkl.file_size, pkl.compress_size) > MAX_PICKLE_BYTES:
+            raise fail(f"its data.pkl holds {pkl.file_size} bytes, more than the {MAX_PICKLE_BYTES} any checkpoint "
+                       "needs (tensors are stored beside it)")
         records = {}  # key -> the record's bytes as a flat tensor of its dtype, read once however many views share it
 
-        class Unpickler(pickle.Unpickler):
-            def find_class(self, module, name):
-                if (module, name) in allowed:
-                    return allowed[module, name]
-                if script and (module == "__torch__" or module.startswith("__torch__.")):
-                    return type(name, (ScriptObject,), {})
-                raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only tensors and plain containers "
-                                             "are read, so that no file can run code")
-
-            def persistent_load(self, pid):  # ('storage', storage class (here: its dtype), key, device, numel)
-                _, dtype, key, _, _ = pid  # the numel it states is not trusted: views are checked against the bytes
-                if key not in records:
-                    raw = bytearray(z.read(f"{top}/data/{key}"))  # zipfile raises here if the CRC-32 does not match
-                    records[key] = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
-                return records[key]
+        def tensor(ref):
+            key, dtype = ref.storage.key, ref.storage.dtype
+            if (key, dtype) not in records:
+                raw = bytearray(z.read(f"{top}/data/{key}"))  # zipfile raises here if the CRC-32 does not match
+                records[key, dtype] = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
+            return _view(ref, records[key, dtype], key)
 
         try:
             order = z.read(f"{top}/byteorder").decode() if f"{top}/byteorder" in names else sys.byteorder
             if order != sys.byteorder:  # the records hold raw bytes in the writer's order
                 raise fail(f"written on a {order}-endian machine; this one is {sys.byteorder}-endian")
-            return Unpickler(io.BytesIO(z.read(f"{top}/data.pkl"))).load()
+            allowed = {**TENSOR_GLOBALS, **(extra_globals or {})}
+            obj = _Unpickler(io.BytesIO(z.read(pkl)), allowed, script).load()
+            return _resolve(obj, tensor)
         except CheckpointError:
             raise
         except zipfile.BadZipFile as e:  # a CRC-32 mismatch or a damaged record header: the bytes changed on disk

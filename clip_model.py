@@ -281,6 +281,7 @@ def clip_state_dict(sd, path="<state dict>"):
     """Strip any prefix ('module.', 'clip.') in front of OpenAI's names; fp32 tensors; drop the non-tensor extras."""
     if not isinstance(sd, dict):
         raise archive.CheckpointError(f"{path}: expected a dict of tensors, found {type(sd).__name__}")
+    check_names(sd, path)
     anchor = "visual.conv1.weight"
     prefixes = [k[: -len(anchor)] for k in sd if isinstance(k, str) and k.endswith(anchor)]
     if not prefixes:
@@ -310,9 +311,26 @@ def build(sd, path="<state dict>"):
     return model
 
 
+def check_names(sd, path):
+    """Refuse a state dict with a key that is not a parameter's name (a str)."""
+    odd = next((k for k in sd if not isinstance(k, str)), None)
+    if odd is not None:
+        raise archive.CheckpointError(f"{path}: its weights are named by a {type(odd).__name__} key ({str(odd)[:60]}); "
+                                      "a state dict names each tensor by a str")
+
+
+def check_finite(sd, keys, path):
+    """Refuse NaN or inf in the floating-point tensors sd holds under keys: such weights predict nothing, and a run
+    that diverged should fail where it is loaded, naming the key, not later as a NaN loss or uniform outputs."""
+    for k in keys:
+        if torch.is_floating_point(sd[k]) and not torch.isfinite(sd[k]).all():
+            raise archive.CheckpointError(f"{path}: key {k!r} holds NaN or inf values; use a checkpoint saved before "
+                                          "the weights diverged")
+
+
 def check_state_dict(sd, expected, path, model):
-    """Refuse sd unless it holds exactly the keys of `expected` (a model's state_dict), each a tensor of the same
-    shape; the error names the file, the first offending key and `model`, the model it was checked against."""
+    """Refuse sd unless it holds exactly the keys of `expected` (a model's state_dict), each a finite tensor of the
+    same shape; the error names the file, the first offending key and `model`, the model it was checked against."""
     for k, v in expected.items():
         if k not in sd:
             raise archive.CheckpointError(f"{path}: missing key {k!r} (expected shape {tuple(v.shape)}) of {model}")
@@ -324,6 +342,7 @@ def check_state_dict(sd, expected, path, model):
     if unexpected:
         raise archive.CheckpointError(f"{path}: unexpected key {unexpected[0]!r} ({len(unexpected)} in all) for "
                                       f"{model}")
+    check_finite(sd, expected, path)
 
 
 def release(name):

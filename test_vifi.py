@@ -289,7 +289,8 @@ def rewrite_archive(src, dst, replace):
 
 def test_archives_that_lie_about_their_tensors_are_refused(tmp_path):
     torch.save({"w": torch.arange(4.0)}, tmp_path / "w.pt")
-    cases = {"short": ({"data/0": bytes(8)}, r"unreadable \(RuntimeError: .*out of bounds for storage of size 8"),
+    cases = {"short": ({"data/0": bytes(8)}, r"a tensor of size \(4,\), stride \(1,\) at offset 0 reaches past the "
+                                             r"end of its record 0 \(2 elements\)"),
              "ragged": ({"data/0": bytes(7)}, r"unreadable \(ValueError: .*multiple of element size"),
              "big-endian": ({"byteorder": b"big"}, "written on a big-endian machine")}
     for name, (replace, error) in cases.items():
@@ -374,6 +375,167 @@ def test_download_without_network_names_url_and_path(tmp_path, monkeypatch):
         clip_model.load("ViT-B/32")
     assert clip_model.MODELS["ViT-B/32"] in str(e.value) and str(tmp_path / "ViT-B-32.pt") in str(e.value)
     assert os.listdir(tmp_path) == []
+
+
+# Hostile archives (issue 23): files crafted by hand, as torch.save lays them out
+
+class Record:
+    """Pickles as a persistent id naming the archive's record data/<key>, as torch.save names a storage."""
+    def __init__(self, key, storage=torch.FloatStorage):
+        self.key, self.storage = key, storage
+
+
+class Rebuilt:
+    """Pickles as torch._utils._rebuild_tensor_v2(*args), then a BUILD with `state` if one is given."""
+    def __init__(self, *args, state=None):
+        self.args, self.state = args, state
+
+    def __reduce__(self):
+        return (torch._utils._rebuild_tensor_v2, self.args) + ((self.state,) if self.state is not None else ())
+
+
+def tensor_args(key, offset, size, stride):
+    return (Record(key), offset, size, stride, False, collections.OrderedDict())
+
+
+class RecordPickler(pickle.Pickler):
+    def persistent_id(self, obj):
+        return ("storage", obj.storage, obj.key, "cpu", 0) if isinstance(obj, Record) else None
+
+
+def write_archive(path, obj=None, records=None, pkl=None, compressed=()):
+    """A zip laid out as torch.save lays one out: archive/data.pkl (obj pickled, or the bytes pkl), byteorder, version,
+    data/<key> for each of records ({key: bytes, or an int n: n zero bytes written in 1 MiB chunks}); the members
+    named in `compressed` deflated."""
+    if pkl is None:
+        buf = io.BytesIO()
+        RecordPickler(buf, protocol=2).dump(obj)
+        pkl = buf.getvalue()
+    with zipfile.ZipFile(path, "w") as z:
+        for name, content in {"data.pkl": pkl, "byteorder": sys.byteorder.encode(), "version": b"3\n",
+                              **{f"data/{k}": v for k, v in (records or {}).items()}}.items():
+            info = zipfile.ZipInfo(f"archive/{name}")
+            info.compress_type = zipfile.ZIP_DEFLATED if name in compressed else zipfile.ZIP_STORED
+            with z.open(info, "w", force_zip64=True) as f:
+                for _ in range(content // (1 << 20)) if isinstance(content, int) else ():
+                    f.write(bytes(1 << 20))
+                f.write(b"" if isinstance(content, int) else content)
+    return str(path)
+
+
+def test_archive_tensors_are_built_only_after_unpickling(tmp_path, monkeypatch):
+    """Memory disclosure: a BUILD on a tensor calls Tensor.__setstate__, whose set_ grows a 0-byte record over
+    N bytes of freed memory. Here the unpickler only meets inert references."""
+    leak = {"w": Rebuilt(*tensor_args("0", 0, (0,), (1,)), state=(Record("0"), 0, (1 << 16,), (1,)))}
+    path = write_archive(tmp_path / "leak.pt", leak, {"0": b""})
+    grown = torch.empty(0)  # live on a resizable storage (as a 0-byte record was read): 256 KiB from nowhere
+    grown.__setstate__((grown.untyped_storage(), 0, (1 << 16,), (1,)))
+    assert grown.numel() == 1 << 16
+    with pytest.raises(archive.CheckpointError, match="leak.pt: refusing to set the state of a TensorRef"):
+        archive.read_archive(path, "a test archive")
+    # BUILD onto a global itself, (None, {'__defaults__': (1,)}) to set an attribute of the function: refused too
+    onto_global = b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\nN}X\x0c\x00\x00\x00__defaults__K\x01\x85s\x86b."
+    with pytest.raises(archive.CheckpointError, match="global.pt: refusing to set the state of a function"):
+        archive.read_archive(write_archive(tmp_path / "global.pt", pkl=onto_global), "a test archive")
+    assert archive._rebuild_tensor.__defaults__ == (False, None, None)
+    unpickling = []  # no torch function runs while data.pkl is unpickled: tensors come after, from the references
+    load = archive._Unpickler.load
+
+    def flagged_load(self):
+        unpickling.append(1)
+        try:
+            return load(self)
+        finally:
+            unpickling.clear()
+    monkeypatch.setattr(archive._Unpickler, "load", flagged_load)
+    for name in ("frombuffer", "empty"):
+        real = getattr(torch, name)
+        monkeypatch.setattr(torch, name, lambda *a, real=real, **k: pytest.fail("torch ran") if unpickling else
+                            real(*a, **k))
+    sd = clip_model.read_state_dict(fixture("clip_tiny_openai_jit.pt"))
+    assert len(sd) > 0 and all(torch.is_tensor(v) for v in sd.values())
+
+
+def test_a_prefix_before_the_zip_is_refused_as_a_polyglot(tmp_path, tiny_clip, expected, capsys):
+    """A pickle that runs code, then a whole valid checkpoint: torch.load(weights_only=False) runs the pickle."""
+    marker = tmp_path / "code_ran"
+    payload = pickle.dumps({"model": CreatesFile(str(marker))})
+    own = vifi.ViFiCLIP(byte_clip(), CLASSES)
+    torch.save({"model": own.state_dict(), "vifi": vifi.checkpoint_config(own)}, tmp_path / "own.pt")
+    valid = {"own": tmp_path / "own.pt", "official": Path(fixture("vifi_official_finetune_ckpt.pth")),
+             "jit": Path(fixture("clip_tiny_openai_jit.pt"))}
+    files = {}
+    for name, path in valid.items():
+        files[name] = tmp_path / f"{name}_polyglot.pt"
+        files[name].write_bytes(payload + path.read_bytes())
+    with pytest.raises(Exception):
+        torch.load(files["own"], weights_only=False)
+    assert marker.exists()  # live
+    marker.unlink()
+    error = rf"{len(payload)} bytes before its zip archive, where torch.save writes none.*would run code"
+    for name, path in files.items():
+        loads = [clip_model.load, vifi.read_checkpoint, vifi.load_checkpoint,
+                 lambda p: vifi.load_official_checkpoint(p, tiny_clip, expected["classes"])]
+        for load in loads:
+            with pytest.raises(archive.CheckpointError, match=f"{name}_polyglot.pt: {error}"):
+                load(str(path))
+    video = tmp_path / "video.mp4"
+    video.touch()
+    assert vifi.main([str(video), "--labels", "a,b", "--model", str(files["jit"])]) == 2
+    err = capsys.readouterr().err
+    assert "jit_polyglot.pt: " in err and err.count("\n") == 1, err
+    assert not marker.exists()
+
+
+def test_compressed_records_and_oversized_pickles_are_refused_before_they_grow(tmp_path, monkeypatch):
+    """torch.save stores every record uncompressed: a deflated one (here 64 MiB in ~64 KiB) is refused before a byte
+    of it is inflated, as is a data.pkl over the cap, inflated or not, before it is unpickled."""
+    monkeypatch.setattr(zipfile.ZipExtFile, "read", lambda *a: pytest.fail("a member was read"))
+    n = 16 << 20
+    bomb = write_archive(tmp_path / "bomb.pt", {"w": Rebuilt(*tensor_args("0", 0, (n,), (1,)))}, {"0": 4 * n},
+                         compressed={"data/0"})
+    assert os.path.getsize(bomb) < 1 << 20
+    error = rf"bomb.pt: archive/data/0 is compressed \(\d+ bytes inflating to a stated {4 * n}\); torch.save stores"
+    with pytest.raises(archive.CheckpointError, match=error):
+        archive.read_archive(bomb, "a test archive")
+    many = b"\x80\x02]" + b"Na" * (archive.MAX_PICKLE_BYTES // 2) + b"."  # a list of 2M Nones, 2 bytes each
+    write_archive(tmp_path / "big.pt", pkl=many)
+    write_archive(tmp_path / "deflated.pt", pkl=many * 16, compressed={"data.pkl"})
+    assert os.path.getsize(tmp_path / "deflated.pt") < 1 << 20
+    for name, error in (("big", f"its data.pkl holds {len(many)} bytes, more than the {archive.MAX_PICKLE_BYTES}"),
+                        ("deflated", r"archive/data.pkl is compressed")):
+        with pytest.raises(archive.CheckpointError, match=f"{name}.pt: {error}"):
+            archive.read_archive(str(tmp_path / f"{name}.pt"), "a test archive")
+
+
+def test_views_must_lie_inside_their_record_and_nest_shallowly(tmp_path):
+    # legitimate views torch.save writes: slices and transposes of a shared storage, an expand over one row (stored
+    # with ordinary strides), empty tensors and scalars; each reads as torch.load(weights_only=True) gives it
+    x = torch.arange(24.0).reshape(4, 6)
+    legit = {"slice": x[1:3, 2:], "t": x.t(), "row": torch.arange(5).expand(1, -1), "empty": torch.zeros(0, 3),
+             "scalar": torch.tensor(2.5), "half": x.half()[::2]}
+    torch.save(legit, tmp_path / "legit.pt")
+    got, ref = archive.read_archive(str(tmp_path / "legit.pt"), "a test archive"), torch.load(tmp_path / "legit.pt")
+    for k, v in ref.items():
+        assert got[k].dtype == v.dtype and got[k].stride() == v.stride() and torch.equal(got[k], v), k
+    row = bytes(128 * 4)  # one row of a (10^7, 128) token embedding: 5 GB once copied
+    stride0 = {"token_embedding.weight": Rebuilt(*tensor_args("0", 0, (10**7, 128), (0, 1)))}
+    write_archive(tmp_path / "stride0.pt", stride0, {"0": row})
+    with pytest.raises(archive.CheckpointError, match=r"stride0.pt: a tensor of size \(10000000, 128\) \(1280000000 "
+                                                      r"elements\) over record 0 of 128: a stride-0 or overlapping"):
+        archive.read_archive(str(tmp_path / "stride0.pt"), "a test archive")
+    torch.save({"w": torch.zeros(1).expand(4)}, tmp_path / "expand.pt")  # torch.save keeps an expand's stride 0
+    with pytest.raises(archive.CheckpointError, match=r"expand.pt: a tensor of size \(4,\) \(4 elements\) over record"):
+        archive.read_archive(str(tmp_path / "expand.pt"), "a test archive")
+    n = 100_000
+    deep = {"lists": b"\x80\x02" + b"]" * n + b"a" * (n - 1) + b".",  # [[[...]]] 100,000 deep: after unpickling
+            "key": b"\x80\x02}K\x01" + b"\x85" * n + b"K\x02s.",  # {((((1,),),),): 2}: while unpickling
+            "cycle": b"\x80\x02]q\x00h\x00a."}  # a list holding itself
+    errors = {"lists": "containers nested more than 100 deep", "key": "tuples nested more than 100 deep",
+              "cycle": "a container that holds itself"}
+    for name, pkl in deep.items():
+        with pytest.raises(archive.CheckpointError, match=f"{name}.pt: {errors[name]}"):
+            archive.read_archive(write_archive(tmp_path / f"{name}.pt", pkl=pkl), "a test archive")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -617,6 +779,16 @@ def test_load_runs_no_code_from_any_file(payloads, tmp_path, monkeypatch):
         with pytest.raises(archive.CheckpointError, match="ViT-B-32.pt: refusing to restore"):
             clip_model.load("ViT-B/32")
     assert not marker.exists()
+
+
+def test_load_refuses_non_finite_weights_naming_the_key(tmp_path, tiny_clip):
+    sd = tiny_clip.state_dict()
+    for name, bad in (("nan", float("nan")), ("inf", float("inf"))):
+        weights = {**sd, "visual.proj": sd["visual.proj"].clone()}
+        weights["visual.proj"][3, 5] = bad
+        torch.save(weights, tmp_path / f"{name}.pt")
+        with pytest.raises(archive.CheckpointError, match=f"{name}.pt: key 'visual.proj' holds NaN or inf values"):
+            clip_model.load(str(tmp_path / f"{name}.pt"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1347,7 +1519,7 @@ def test_official_checkpoint_errors(tmp_path, tiny_clip, expected):
     with pytest.raises(archive.CheckpointError, match="not an official ViFi-CLIP checkpoint.*image_encoder"):
         vifi.load_official_checkpoint(str(tmp_path / "clip_only.pt"), tiny_clip, expected["classes"])
     other_base = small_clip(vocab_size=49408)  # width 64: not the base the checkpoint was trained from
-    with pytest.raises(archive.CheckpointError, match="Does the base CLIP match.*ViT-B/16"):
+    with pytest.raises(archive.CheckpointError, match="vision_width=128.*but the base CLIP.*vision_width=64.*ViT-B/16"):
         vifi.load_official_checkpoint(fixture("vifi_official_finetune_ckpt.pth"), other_base, expected["classes"])
 
 
@@ -1619,6 +1791,62 @@ def test_a_prompt_longer_than_the_context_is_cut_with_one_warning_naming_its_cla
     assert err.count("warning:") == 1 and repr(long_name) in err and f"{length} tokens" in err and "'short'" not in err
     ids = model.text_ids
     assert ids.shape[1] == 77 and ids[1, 76] == Tokenizer(byte_level=True).eot and ids[0].argmax() < 20
+
+
+def test_checkpoints_with_non_finite_weights_are_refused_naming_the_key(tmp_path, tiny_clip, expected):
+    model = vifi.ViFiCLIP(byte_clip(), CLASSES, mode="prompt", depth_text=2, depth_vision=2, n_ctx_text=3)
+    sd = model.state_dict()
+    sd["text_prompts.1"] = sd["text_prompts.1"].clone()
+    sd["text_prompts.1"][0, 0] = float("nan")
+    torch.save({"model": sd, "vifi": vifi.checkpoint_config(model)}, tmp_path / "own.pt")
+    with pytest.raises(archive.CheckpointError, match="own.pt: key 'text_prompts.1' holds NaN or inf values"):
+        vifi.load_checkpoint(str(tmp_path / "own.pt"))
+    official = vifi.read_checkpoint(fixture("vifi_official_prompt_ckpt.pth"))["model"]
+    official["module.image_encoder.VPT"] = official["module.image_encoder.VPT"].clone()
+    official["module.image_encoder.VPT"][1, 2] = float("-inf")
+    torch.save({"model": official}, tmp_path / "official.pth")
+    with pytest.raises(archive.CheckpointError, match="official.pth: key 'image_encoder.VPT' holds NaN or inf"):
+        vifi.load_official_checkpoint(str(tmp_path / "official.pth"), tiny_clip, expected["classes"])
+
+
+def test_official_checkpoint_refuses_a_base_clip_of_other_sizes(tmp_path, tiny_clip, capsys):
+    """The checkpoint (context 77, vocabulary 49408, widths 128) with a base CLIP that differs in one size: refused
+    before any prediction (it predicted), naming both sizes."""
+    sd = tiny_clip.state_dict()
+    bases = {"context": ({"positional_embedding": sd["positional_embedding"][:64]}, "context_length=77",
+                         "context_length=64"),
+             "vocab": ({"token_embedding.weight": sd["token_embedding.weight"][:600]}, "vocab_size=49408",
+                       "vocab_size=600")}
+    video = tmp_path / "video.avi"
+    tools.make_test_video(str(video), num_frames=2, width=32, height=32)
+    for name, (change, ours, theirs) in bases.items():
+        torch.save({**sd, **change}, tmp_path / f"{name}.pt")
+        argv = [str(video), "--labels", "a,b", "--device", "cpu", "--model", str(tmp_path / f"{name}.pt"),
+                "--checkpoint", fixture("vifi_official_finetune_ckpt.pth")]
+        assert vifi.main(argv) == 2
+        out, err = capsys.readouterr()
+        assert re.fullmatch(rf"error: \S+vifi_official_finetune_ckpt.pth: an official checkpoint of a CLIP with "
+                            rf"{ours}, but the base CLIP \(--model\) has {theirs}: pass the base CLIP it was trained "
+                            r"from \(its config says ViT-B/16\)\n", err), err
+        assert out == ""  # no prediction printed
+
+
+def test_checkpoint_keys_that_are_not_names_are_one_line_errors(tmp_path, capsys):
+    """A tuple key nested 100,000 deep (a RecursionError) and a non-str key (an AttributeError): one line, exit 2."""
+    n = 100_000
+    deep = b"\x80\x02}X\x05\x00\x00\x00model}K\x01" + b"\x85" * n + b"K\x02ss."  # {'model': {((((1,),),),): 2}}
+    write_archive(tmp_path / "deep.pt", pkl=deep)
+    torch.save({"model": {(1, 2): torch.zeros(2)}, "vifi": {}}, tmp_path / "tuple_key.pt")
+    torch.save({3: torch.zeros(2), "visual.conv1.weight": torch.zeros(2)}, tmp_path / "int_key.pt")
+    video = tmp_path / "video.mp4"  # exists: vifi.py reports a missing video before it loads any model
+    video.touch()
+    cases = (("--checkpoint", "deep.pt", "tuples nested more than 100 deep"),
+             ("--checkpoint", "tuple_key.pt", r"its weights are named by a tuple key \(\(1, 2\)\)"),
+             ("--model", "int_key.pt", r"its weights are named by a int key \(3\)"))
+    for flag, name, error in cases:
+        assert vifi.main([str(video), "--labels", "a,b", flag, str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err
+        assert re.match(rf"error: {re.escape(str(tmp_path / name))}: {error}", err) and err.count("\n") == 1, err
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -2617,6 +2845,15 @@ def test_hmdb51_two_shots_take_one_optimizer_step_per_epoch(tmp_path, monkeypatc
     log = [json.loads(line) for line in open(tmp_path / "o" / "log.jsonl")]
     assert [row["step"] for row in log] == [1] and mixed == [8] * 8
     assert json.load(open(tmp_path / "o" / "results.json"))["train_videos"] == 102
+
+
+def test_a_million_deep_key_is_one_line_not_a_crash(tmp_path):
+    # hashing a tuple nested 10^6 deep (as a dict key, while unpickling) overflows the C stack: the process dies
+    n = 1_000_000
+    write_archive(tmp_path / "deep.pt", pkl=b"\x80\x02}X\x05\x00\x00\x00model}K\x01" + b"\x85" * n + b"K\x02ss.")
+    run = run_cli("train.py", *TINY_RUN, "--checkpoint", str(tmp_path / "deep.pt"), "--out", str(tmp_path / "out"))
+    assert run.returncode == 2 and run.stderr.count("\n") == 1, run.stderr[-2000:]
+    assert "deep.pt: tuples nested more than 100 deep" in run.stderr
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -205,6 +205,9 @@ def warn_long_prompts(classnames, prompts, tok, context_length):
                   "with an error); shorten the class name to keep all of it", file=sys.stderr)
 
 
+# The ids of OpenAI's BPE (256 bytes, their 256 word-final forms, 48894 merges, SOT and EOT), the only tokenizer
+# the official code uses: the vocabulary of every official checkpoint's base CLIP.
+OPENAI_VOCAB_SIZE = 49408
 OFFICIAL_GLOBALS = {("yacs.config", "CfgNode"): _CfgNode, ("builtins", "set"): set, ("__builtin__", "set"): set}
 
 
@@ -217,6 +220,7 @@ def read_checkpoint(path):
         raise archive.CheckpointError(f"{path}: holds {found}, not a checkpoint (a dict with the weights under "
                                       "'model', as train.py and the official code write); a CLIP's own weights "
                                       "go to --model")
+    clip_model.check_names(ck["model"], path)
     return ck
 
 
@@ -227,10 +231,11 @@ def load_official_checkpoint(path, clip, classnames, clean_names=False, ck=None,
     ck = read_checkpoint(path) if ck is None else ck
     sd = ck.get("model", ck) if isinstance(ck, dict) else {}
     sd = {k.removeprefix("module."): v for k, v in sd.items()}
-    if "image_encoder.conv1.weight" not in sd:
+    if not {"image_encoder.conv1.weight", "logit_scale"} <= sd.keys():
         raise archive.CheckpointError(
             f"{path}: not an official ViFi-CLIP checkpoint: expected keys 'image_encoder.*', 'text_encoder.*', "
             f"'logit_scale' under 'model', found e.g. {list(sd)[:3]}. Checkpoints of train.py load with load_checkpoint.")
+    clip_model.check_finite(sd, [k for k, v in sd.items() if torch.is_tensor(v)], path)
     deep = re.compile(r"(image|text)_encoder\.transformer\.resblocks\.(\d+)\.VPT_shallow")
     mapped, text_p, vision_p = {"logit_scale": sd["logit_scale"]}, {}, {}
     for k, v in sd.items():
@@ -248,6 +253,7 @@ def load_official_checkpoint(path, clip, classnames, clean_names=False, ck=None,
         # prompts are embedded again here for the classes asked for.
     arch = ((ck.get("config") or {}).get("MODEL") or {}).get("ARCH", "the model it was trained from")
     base = clip.state_dict()
+    check_base(path, mapped, base, clip.config, arch)
     try:
         model_clip = clip_model.build({**base, **mapped, "token_embedding.weight": base["token_embedding.weight"]}, path)
     except archive.CheckpointError as e:
@@ -261,6 +267,26 @@ def load_official_checkpoint(path, clip, classnames, clean_names=False, ck=None,
             for i, p in enumerate(params):
                 p.copy_(found[i])
     return model.eval()
+
+
+def check_base(path, mapped, base, base_cfg, arch):
+    """Refuse a base CLIP of other sizes than the official checkpoint's CLIP (mapped: its weights under CLIP's names,
+    all but the token embedding). The checkpoint's weights replace the base's, so without this a base of another
+    context length or vocabulary would predict with a mix of two models. The official code tokenizes only with
+    OpenAI's BPE (its clip/simple_tokenizer.py), so the checkpoint's vocabulary is that one's."""
+    try:
+        found = clip_model.CLIPConfig.from_state_dict({**mapped, "token_embedding.weight":
+                                                                base["token_embedding.weight"]})
+    except (KeyError, IndexError, AttributeError) as e:  # a key missing, or a non-tensor under it
+        raise archive.CheckpointError(f"{path}: not a whole official ViFi-CLIP checkpoint ({type(e).__name__}: {e} "
+                                      "in its text_encoder.* or image_encoder.* weights)") from None
+    found = replace(found, vocab_size=OPENAI_VOCAB_SIZE)
+    differ = [f for f in asdict(found) if getattr(found, f) != getattr(base_cfg, f)]
+    if differ:
+        sizes = lambda cfg: ", ".join(f"{f}={getattr(cfg, f)}" for f in differ)  # noqa: E731
+        raise archive.CheckpointError(f"{path}: an official checkpoint of a CLIP with {sizes(found)}, but the base "
+                                      f"CLIP (--model) has {sizes(base_cfg)}: pass the base CLIP it was trained from "
+                                      f"(its config says {arch})")
 
 
 def checkpoint_config(model):
