@@ -65,6 +65,13 @@ class DatasetError(Exception):
     """The dataset or its settings are wrong: a missing annotation file, no videos under --root, too many bad files,
     test views that are not CLIPSxCROPS."""
 
+    def __init__(self, message=""):
+        # Raised in a DataLoader worker process, it reaches the main process rebuilt by torch (ExceptionWrapper) with
+        # the worker's whole traceback as its message; keep the original message alone, the one line users read.
+        if message.startswith(f"Caught {type(self).__name__} in DataLoader worker"):
+            message = message.rstrip().rsplit(f"{type(self).__name__}: ", 1)[-1]
+        super().__init__(message)
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Sampling and decoding
@@ -104,7 +111,7 @@ class VideoReader:
     def __init__(self, path):
         self.path = path
         if not os.path.isfile(path):
-            raise VideoError(f"{path}: no such file")
+            raise VideoError(f"{path}: {'is a folder, not a video file' if os.path.isdir(path) else 'no such file'}")
         if os.path.getsize(path) == 0:
             raise VideoError(f"{path}: empty file (0 bytes)")
         self.container = None
@@ -432,9 +439,29 @@ def _annotation(root, candidates):
     raise DatasetError(f"{os.path.join(root, candidates[0])} not found (looked for {', '.join(candidates)} in {root})")
 
 
+def _text(path):
+    """A list, label or annotation file's text, which must be UTF-8 (a byte-order mark is skipped)."""
+    if os.path.isdir(path):
+        raise DatasetError(f"{path} is a folder; expected a text file")
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: no such file") from None
+    except UnicodeDecodeError as error:
+        line = error.object[:error.start].count(b"\n") + 1
+        raise DatasetError(f"{path} line {line}: not UTF-8 (byte 0x{error.object[error.start]:02x}); expected UTF-8 "
+                           f"text: convert it, e.g. `iconv -f <its encoding> -t utf-8`") from None
+
+
 def _lines(path):
-    with open(path) as f:
-        return [line.strip() for line in f if line.strip()]
+    return [line.strip() for line in _text(path).splitlines() if line.strip()]
+
+
+def _number(text):
+    """A non-negative integer in ASCII digits, else None: str.isdigit() also takes '²', which int() refuses, and
+    int() takes '٣', ' 3' and '1_0', none of which a list file means as a label."""
+    return int(text) if text.isascii() and text.isdigit() else None
 
 
 @functools.lru_cache(maxsize=16)
@@ -476,8 +503,7 @@ def _hmdb51(root, train, fold):
 def _kinetics(root, train, fold):
     def rows(names):
         path = _annotation(root, [p for n in names for p in (n, "annotations/" + n)])
-        with open(path, newline="") as f:
-            return list(csv.DictReader(f))
+        return list(csv.DictReader(io.StringIO(_text(path))))
     train_rows = rows(["train.csv"])
     classes = sorted({row["label"] for row in train_rows})  # the official ids are the alphabetical order
     label_of = {name: i for i, name in enumerate(classes)}
@@ -488,8 +514,7 @@ def _kinetics(root, train, fold):
 
 def _ssv2(root, train, fold):
     def load(name):
-        with open(_annotation(root, [name, "labels/" + name])) as f:
-            return json.load(f)
+        return json.loads(_text(_annotation(root, [name, "labels/" + name])))
     label_of = {template: int(i) for template, i in load("labels.json").items()}
     classes = sorted(label_of, key=label_of.get)
     items = load("train.json" if train else "validation.json")
@@ -501,18 +526,25 @@ def _ssv2(root, train, fold):
 def read_labels(path, plain=False):
     """An 'id,name' CSV (the official label files, or train.py's own) -> class names in id order, verbatim. With
     plain=True, a file that does not start with that header is one class name per line."""
-    with open(path, newline="") as f:
-        text = f.read()
-    rows = list(csv.reader(io.StringIO(text)))
-    header = bool(rows) and [cell.strip() for cell in rows[0]] == ["id", "name"]
+    text = _text(path)
+    reader = csv.reader(io.StringIO(text))
+    rows = [(reader.line_num, row) for row in reader]  # line_num: the row's last line (a quoted name may span two)
+    header = bool(rows) and [cell.strip() for cell in rows[0][1]] == ["id", "name"]
     if plain and not header:
         return [line.strip() for line in text.splitlines() if line.strip()]
     if not header:
-        raise DatasetError(f"{path}: expected a CSV whose first line is 'id,name', found {rows[0] if rows else 'nothing'}")
-    try:
-        named = {int(row[0]): row[1] for row in rows[1:] if row}
-    except (ValueError, IndexError):
-        raise DatasetError(f"{path}: every line after the header must be 'id,name' with an integer id") from None
+        raise DatasetError(f"{path}: expected a CSV whose first line is 'id,name', found {rows[0][1] if rows else 'nothing'}")
+    named, lines = {}, {}
+    for number, row in rows[1:]:
+        if not row:
+            continue
+        key = _number(row[0].strip())
+        if len(row) != 2 or key is None:
+            raise DatasetError(f"{path} line {number}: expected 'id,name' with an integer id (a name holding a comma "
+                               f"in double quotes), found {','.join(row)!r}")
+        if key in named:
+            raise DatasetError(f"{path} line {number}: id {key} again (line {lines[key]} gave it); each id once")
+        named[key], lines[key] = row[1], number
     if sorted(named) != list(range(len(named))):
         raise DatasetError(f"{path}: ids must run 0..{len(named) - 1} without gaps")
     return [named[i] for i in range(len(named))]
@@ -521,17 +553,18 @@ def read_labels(path, plain=False):
 def _list(list_file, labels_file):
     for path in (list_file, labels_file):
         if not path or not os.path.isfile(path):
+            found = ("none was given" if not path else f"{path!r} is a folder" if os.path.isdir(path)
+                     else f"{path!r}: no such file")
             raise DatasetError(f"a list of videos needs a list file and an 'id,name' labels file (train.py: --train-list, "
-                               f"--test-list, --labels; tools.py: --list-file, --labels-file); "
-                               f"{'none was given' if not path else repr(path) + ' is not a file'}")
+                               f"--test-list, --labels; tools.py: --list-file, --labels-file); {found}")
     classes = read_labels(labels_file)
     entries = []
     for number, line in enumerate(_lines(list_file), 1):
         path, label = (line.rsplit(maxsplit=1) + [""])[:2]  # the label is the last field: paths may hold spaces
-        if not (label.isdigit() and int(label) < len(classes)):
+        if _number(label) is None or _number(label) >= len(classes):
             raise DatasetError(f"{list_file} line {number}: expected 'relative/path label' with a label in "
                                f"0..{len(classes) - 1} of {labels_file}, found {line!r}")
-        entries.append((path, int(label)))
+        entries.append((path, _number(label)))
     return entries, classes
 
 

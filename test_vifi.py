@@ -1282,6 +1282,62 @@ def test_synthetic_clips_do_not_depend_on_the_process():
     assert zlib.crc32(clip.numpy().tobytes()) == 2333224932
 
 
+# List and label files
+
+@pytest.mark.parametrize("labels, listing, message", [
+    ("id,name\n0,café\n".encode("latin-1"), b"x.mp4 0\n", "labels.csv line 2: not UTF-8 (byte 0xe9); expected UTF-8"),
+    (b"id,name\n0,a\n", "caf\u00e9/x.mp4 0\n".encode("cp1252"), "list.txt line 1: not UTF-8 (byte 0xe9)"),
+    (b"id,name\n0,a\n1,b\n", "x.mp4 \u00b2\n".encode(), "list.txt line 1: expected 'relative/path label' with a label "
+                                                        "in 0..1"),  # '²'.isdigit(), but int('²') fails
+    (b"id,name\n0,a\n1,b\n", "x.mp4 \u0661\n".encode(), "list.txt line 1: expected"),  # int('١') would be 1
+    (b"id,name\n0,a\n1,b\n0,c\n", b"x.mp4 0\n", "labels.csv line 4: id 0 again (line 2 gave it)"),
+    (b"id,name\n0,a\n1,pouring water, slowly\n", b"x.mp4 0\n",
+     "labels.csv line 3: expected 'id,name' with an integer id (a name holding a comma in double quotes), found "
+     "'1,pouring water, slowly'"),
+    (b"id,name\n0,a\n1,\xc2\xb2\n", b"x.mp4 0\n", None),  # '²' as a class name is fine, and so is a byte-order mark
+])
+def test_list_and_label_files_name_the_line_that_is_not_utf8_or_malformed(tmp_path, labels, listing, message):
+    touch(f"{tmp_path}/x.mp4")
+    (tmp_path / "labels.csv").write_bytes(labels)
+    (tmp_path / "list.txt").write_bytes(b"\xef\xbb\xbf" + listing if message is None else listing)
+
+    def build():
+        return data.build_dataset("list", str(tmp_path), "train", list_file=f"{tmp_path}/list.txt",
+                                  labels_file=f"{tmp_path}/labels.csv")
+
+    if message is None:
+        assert build().classnames == ["a", "\u00b2"] and build().samples[0][1] == 0
+        return
+    with pytest.raises(data.DatasetError, match=re.escape(message)):
+        build()
+
+
+def test_a_folder_given_for_a_file_is_called_a_folder(tmp_path):
+    folder = tmp_path / "dir.mp4"
+    folder.mkdir()
+    write(f"{tmp_path}/labels.csv", "id,name\n0,a\n")
+    write(f"{tmp_path}/list.txt", "x.mp4 0\n")
+    for list_file, labels_file in ((folder, f"{tmp_path}/labels.csv"), (f"{tmp_path}/list.txt", folder)):
+        with pytest.raises(data.DatasetError, match=f"'{re.escape(str(folder))}' is a folder"):
+            data.build_dataset("list", str(tmp_path), "train", list_file=str(list_file), labels_file=str(labels_file))
+    for read in (data.read_labels, data._lines):
+        with pytest.raises(data.DatasetError, match="is a folder; expected a text file"):
+            read(str(folder))
+    with pytest.raises(data.VideoError, match="dir.mp4: is a folder, not a video file"):
+        data.VideoReader(str(folder))
+    with pytest.raises(data.VideoError, match="none.mp4: no such file"):
+        data.VideoReader(str(tmp_path / "none.mp4"))
+
+
+def test_unreadable_videos_in_a_worker_process_stop_with_the_original_one_line_message(tmp_path):
+    dataset = data.VideoDataset([(str(tmp_path / f"{i}.mp4"), 0) for i in range(3)], ["x"], max_retries=2, train=True)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=1, num_workers=1)
+    with pytest.raises(data.DatasetError) as caught:
+        next(iter(loader))
+    assert str(caught.value).startswith("3 videos in a row could not be read, for example ")
+    assert "Traceback" not in str(caught.value) and "\n" not in str(caught.value)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # vifi.py
 
@@ -2409,6 +2465,24 @@ def test_the_mission_command_runs_as_typed(tmp_path, bpe):
     log = [json.loads(line) for line in open(tmp_path / "runs" / "ucf101-few-shot" / "log.jsonl")]
     assert [r["epoch"] for r in log if "top1" in r] == [1, 11, 21, 31, 41, 50]  # the official evaluation epochs
     assert res["best"]["top1"] == max(r["top1"] for r in log if "top1" in r) and res["paper_reports"] == "best"
+
+
+def test_eleven_unreadable_videos_in_a_row_in_a_worker_exit_2_in_one_line(tmp_path):
+    """The list's first video decodes (so the check before training passes); the 30 after it name one unreadable
+    file, so the first clip drawn among indices 1-20 fails 11 times in a row inside the DataLoader worker."""
+    tools.make_test_video(str(tmp_path / "good.avi"), num_frames=8, width=32, height=32)
+    (tmp_path / "bad.avi").write_text("not a video\n")
+    write(f"{tmp_path}/labels.csv", "id,name\n0,a\n1,b\n")
+    write(f"{tmp_path}/train.txt", "good.avi 0\n" + "bad.avi 1\n" * 30)
+    write(f"{tmp_path}/test.txt", "good.avi 0\n")
+    run = run_cli("train.py", "--dataset", "list", "--protocol", "few-shot", "--root", str(tmp_path), "--train-list",
+                  f"{tmp_path}/train.txt", "--test-list", f"{tmp_path}/test.txt", "--labels", f"{tmp_path}/labels.csv",
+                  "--model", "scratch", "--frames", "2", "--batch-size", "1", "--micro-batch", "1", "--epochs", "1",
+                  "--warmup-epochs", "0", "--workers", "1", "--device", "cpu", "--out", str(tmp_path / "out"))
+    assert run.returncode == 2 and "Traceback" not in run.stderr and "DataLoader worker" not in run.stderr, run.stderr
+    errors = [line for line in run.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and errors[0].startswith("error: 11 videos in a row could not be read, for example ")
+    assert "bad.avi: not a readable video" in errors[0]
 
 
 # ---------------------------------------------------------------------------------------------------------------
