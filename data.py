@@ -133,19 +133,29 @@ class VideoReader:
         self.packets = [p for p in self.container.demux(self.stream) if p.size]  # the last, empty one only flushes
         if not self.packets:
             raise VideoError(f"{self.path}: no video frames")
-        declared = self.stream.frames
-        if not declared and self.container.duration and self.stream.average_rate:
-            declared = round(self.container.duration / av.time_base * float(self.stream.average_rate))
-        if len(self.packets) < 0.9 * declared:  # headers that are a little off are common; half a file is not
-            raise VideoError(f"{self.path}: truncated: the header declares {declared} frames, the file holds "
-                             f"{len(self.packets)}")
         stamps = [p.pts for p in self.packets]
-        if None in stamps or len(set(stamps)) < len(stamps):  # no usable timestamps: count frames from the start
+        timed = None not in stamps and len(set(stamps)) == len(stamps)
+        self._check_complete(stamps if timed else None)
+        if not timed:  # no usable timestamps: count frames from the start
             self.rank, self.keyframes = {}, [(0, 0)]
         else:
             self.rank = {pts: i for i, pts in enumerate(sorted(stamps))}
             self.keyframes = sorted([(0, 0)] + [(self.rank[p.pts], pos) for pos, p in enumerate(self.packets)
                                                 if p.is_keyframe and pos > 0])
+
+    def _check_complete(self, stamps):
+        """Refuse a file cut short (a broken download): its frames must span 90 % of the time the header declares
+        (headers a little off are common; half a file is not). Time, not a frame count, since the headers are only
+        hints: a variable-rate video's count from duration x average rate can be 100 times the frames it holds."""
+        declared, covered, unit = self.stream.frames, len(self.packets), "frames"  # without timestamps: counts
+        duration = (self.stream.duration * self.stream.time_base if self.stream.duration else
+                    self.container.duration / av.time_base if self.container.duration else None)
+        if stamps and len(stamps) > 1 and duration:  # n frames span n intervals of their mean length
+            declared, unit = float(duration), "s"
+            covered = float((max(stamps) - min(stamps)) * self.stream.time_base) * len(stamps) / (len(stamps) - 1)
+        if covered < 0.9 * declared:
+            raise VideoError(f"{self.path}: truncated: the header declares {declared:.4g} {unit}, the frames in the "
+                             f"file cover {covered:.4g} {unit}")
 
     def __len__(self):
         return len(self.packets)

@@ -35,10 +35,12 @@ import warnings
 import xml.etree.ElementTree as ET
 import zipfile
 import zlib
+from fractions import Fraction
 from pathlib import Path
 from typing import Tuple
 
 import av
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -1336,6 +1338,31 @@ def test_unreadable_videos_in_a_worker_process_stop_with_the_original_one_line_m
         next(iter(loader))
     assert str(caught.value).startswith("3 videos in a row could not be read, for example ")
     assert "Traceback" not in str(caught.value) and "\n" not in str(caught.value)
+
+
+# Videos whose headers mislead
+
+def test_variable_rate_video_whose_header_implies_100_times_its_frames_reads_every_frame(tmp_path):
+    """25 frames at 25 fps, then one at 100 s: Matroska records no frame count, and its duration (100.04 s) times
+    the rate FFmpeg guesses from the first frames (25 fps) gives 2501 frames for the 26 the file holds."""
+    path = str(tmp_path / "vfr.mkv")
+    with av.open(path, "w", "matroska") as out:
+        stream = out.add_stream("libx264", rate=25)
+        stream.width = stream.height = 32
+        stream.pix_fmt, stream.codec_context.time_base = "yuv420p", Fraction(1, 1000)
+        for i in range(26):
+            frame = av.VideoFrame.from_ndarray(np.full((32, 32, 3), 8 * i + 20, np.uint8), format="rgb24")
+            frame.pts, frame.time_base = (40 * i if i < 25 else 100_000), Fraction(1, 1000)
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode())
+    with av.open(path) as container:  # what the header says: the hint that misleads
+        rate, seconds = container.streams.video[0].average_rate, container.duration / av.time_base
+        assert not container.streams.video[0].frames and round(seconds * rate) == 2501
+    with data.VideoReader(path) as video:
+        assert len(video) == 26
+        frames = video.read([0, 12, 24, 25])
+    levels = [frames[i].float().mean().item() for i in range(4)]  # frame i is grey 8 i + 20, give or take the codec
+    assert all(abs(level - (8 * i + 20)) < 2 for level, i in zip(levels, [0, 12, 24, 25])), levels
 
 
 # ---------------------------------------------------------------------------------------------------------------
