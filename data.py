@@ -57,6 +57,12 @@ NORMS = {"clip": (CLIP_MEAN, CLIP_STD), "imagenet": (IMAGENET_MEAN, IMAGENET_STD
 VIDEO_EXTENSIONS = (".avi", ".mp4", ".webm", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv")
 
 
+# Frame sizes a video may have: below 16 pixels a side there is no picture to crop (a 1x1 frame scaled up to the
+# short side 256 is one colour); over 16384 (16K video is 15360 wide) or a long side over 8 times the short one, the
+# decoder's own frames or the scaled ones would take gigabytes.
+MIN_SIDE, MAX_SIDE, MAX_ASPECT = 16, 16384, 8
+
+
 class VideoError(Exception):
     """One video cannot be used (missing, empty, truncated, not a video, undecodable)."""
 
@@ -175,14 +181,16 @@ class VideoReader:
                 index = self.rank.get(frame.pts, index + 1)
                 yield index, frame
 
-    def read(self, indices):
-        """Frames at `indices` (any order, repeats allowed) -> uint8 (len(indices), 3, H, W). Only the wanted
-        frames are converted to RGB; a wanted frame that never decodes (a dropped frame, a short tail) is
-        replaced by the next one that does, or at the end by the last one."""
+    def read(self, indices, short_side=None):
+        """Frames at `indices` (any order, repeats allowed) -> uint8 (len(indices), 3, H, W). With `short_side`,
+        each frame is scaled while it is decoded so that its short side has that length, the official pipeline's
+        first step (see _rgb); else it keeps its size. Only the wanted frames are converted to RGB; a wanted frame
+        that never decodes (a dropped frame, a short tail) is replaced by the next one that does, or at the end by
+        the last one."""
         want = set(indices)
         got = {}
         starts = [k[0] for k in self.keyframes]
-        decoder, at = None, -1  # the running decoder and the index of its last frame
+        decoder, at, size = None, -1, None  # the running decoder, the index of its last frame, the output size
         with _video_errors(self.path, "cannot decode"):
             for target in sorted(want):
                 if target in got:
@@ -193,7 +201,9 @@ class VideoReader:
                 for at, frame in decoder:
                     fresh = at in want and at not in got  # (frames before a keyframe may come out broken)
                     if fresh or at >= target:
-                        image = self.to_rgb.reformat(frame, format="rgb24").to_ndarray()
+                        # every frame at the first one's size: a stream may change its size midway
+                        size = size or self._output_size(frame, short_side)
+                        image = self._rgb(frame, size)
                         if fresh:
                             got[at] = image
                         if at >= target:
@@ -204,8 +214,35 @@ class VideoReader:
         decoded = sorted(got)
         for i in want - set(got):
             got[i] = got[decoded[max(bisect.bisect_right(decoded, i) - 1, 0)]]
-        video = torch.from_numpy(np.stack([got[i] for i in indices]))
+        video = torch.stack([got[i] for i in indices])
         return video.permute(0, 3, 1, 2)  # (T, H, W, 3) -> (T, 3, H, W), a view: memory stays channels-last
+
+    def _output_size(self, frame, short_side):
+        """(height, width) of the frames read returns: the frame's own, or its short side scaled to `short_side`
+        and the other rounded as mmaction's Resize(scale=(-1, S)) rounds it, int(side * S / short + 0.5)."""
+        height, width = frame.height, frame.width
+        if short_side is None:
+            return height, width
+        scale = short_side / min(height, width)
+        return int(height * scale + 0.5), int(width * scale + 0.5)
+
+    def _rgb(self, frame, size):
+        """A decoded frame -> uint8 (height, width, 3) at `size`. The official pipeline scales with OpenCV's bilinear
+        filter without antialiasing (cv2.INTER_LINEAR); torch's interpolate(antialias=False) computes the same,
+        within one level. A frame over 4 times the output size is first reduced to 4 times it by FFmpeg's area
+        filter, in the conversion to RGB: memory then follows the size asked for, not the source's (README:
+        deliberate differences)."""
+        h, w = frame.height, frame.width
+        if not (MIN_SIDE <= min(h, w) and max(h, w) <= MAX_SIDE and max(h, w) <= MAX_ASPECT * min(h, w)):
+            raise VideoError(f"{self.path}: frames of {w}x{h} pixels; expected {MIN_SIDE} to {MAX_SIDE} pixels a "
+                             f"side, the long side at most {MAX_ASPECT} times the short one: re-encode it to a usual "
+                             f"size (e.g. its short side to 256)")
+        height, width, how = (4 * size[0], 4 * size[1], "AREA") if min(h, w) > 4 * min(size) else (h, w, None)
+        image = torch.from_numpy(self.to_rgb.reformat(frame, width, height, "rgb24", interpolation=how).to_ndarray())
+        if tuple(image.shape[:2]) != size:
+            image = F.interpolate(image.permute(2, 0, 1)[None], size=size, mode="bilinear", antialias=False,
+                                  align_corners=False)[0].permute(1, 2, 0)  # (H, W, 3) -> (1, 3, H, W) and back
+        return image
 
     def close(self):
         if self.container is not None:
@@ -219,19 +256,19 @@ class VideoReader:
         self.close()
 
 
-def read_frames(path, indices):
+def read_frames(path, indices, short_side=None):
     """Open, read the frames at `indices` -> uint8 (T, 3, H, W), close."""
     with VideoReader(path) as video:
-        return video.read(indices)
+        return video.read(indices, short_side)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Augmentation: every view is a box of the source frames, resized once to (size, size), maybe flipped, and a
-# colour matrix for the device, with the same parameters for every frame of the clip.
+# Augmentation: every view is a box of the frames as read (short side already scaled, see VideoDataset.load), resized
+# to (size, size), maybe flipped, and a colour matrix for the device, with the same parameters for every frame.
 
 @dataclass
 class View:
-    box: tuple  # (top, left, height, width) in source pixels
+    box: tuple  # (top, left, height, width) in pixels of the frames as read
     flip: bool = False
     jitter: tuple = ()  # ((operation, factor), ...) in the order applied
     gray: bool = False
@@ -241,17 +278,19 @@ CROP_SCALES = (1, 0.875, 0.75, 0.66)
 
 
 def train_view(height, width, rng=random):
-    """The official training augmentation, with the short-side resize to 256/224 of the input size folded in (it
-    scales the frame uniformly, so crops relative to the short side are the same): a crop of the short side
-    times two scales of CROP_SCALES at most one step apart (width and height), at a corner or the centre;
-    resized later to the input size without keeping the aspect ratio; flip p=0.5; colour jitter p=0.8 with
-    brightness .4, contrast .4, saturation .2, hue .1 in a random order; grayscale p=0.2."""
+    """The official training augmentation (mmaction's MultiScaleCrop, then the rest), on frames whose short side
+    is already 256/224 of the input size (VideoDataset.load): a crop of the short side times two scales of
+    CROP_SCALES at most one step apart (width and height), at a corner or the centre, placed in steps of a quarter
+    of the room left, as the official code rounds them; resized later to the input size without keeping the
+    aspect ratio; flip p=0.5; colour jitter p=0.8 with brightness .4, contrast .4, saturation .2, hue .1 in a
+    random order; grayscale p=0.2. (The official code also rounds a crop within 3 pixels of the input size to it:
+    never the case at 224 or 336.)"""
     side = min(height, width)
     pairs = [(a, b) for i, a in enumerate(CROP_SCALES) for j, b in enumerate(CROP_SCALES) if abs(i - j) <= 1]
     scale_h, scale_w = rng.choice(pairs)
     crop_h, crop_w = int(side * scale_h), int(side * scale_w)
-    top, left = rng.choice([(0, 0), (0, 1), (1, 0), (1, 1), (0.5, 0.5)])
-    box = (round(top * (height - crop_h)), round(left * (width - crop_w)), crop_h, crop_w)
+    top, left = rng.choice([(0, 0), (0, 4), (4, 0), (4, 4), (2, 2)])  # in quarters of the room left
+    box = (top * ((height - crop_h) // 4), left * ((width - crop_w) // 4), crop_h, crop_w)
     jitter = ()
     if rng.random() < 0.8:
         jitter = [("brightness", rng.uniform(0.6, 1.4)), ("contrast", rng.uniform(0.6, 1.4)),
@@ -269,15 +308,15 @@ def parse_views(text):
 
 
 def test_views(height, width, size, crops=1):
-    """One centre crop after the short side is resized to 256/224 of `size` (the box covers 224/256 of the short
-    side), or, as the official code does for three crops, the short side resized to `size` and three square
-    crops along the long side (start, centre, end)."""
-    side = min(height, width)
+    """The official test crops of `size` pixels, on frames as VideoDataset.load reads them: one centre crop of
+    frames whose short side is 256/224 of `size`, or three square crops along the long side (start, centre, end)
+    of frames whose short side is `size`. Offsets round down, as the official code's."""
     if crops == 1:
-        crop = max(1, round(side * size / int(size * 256 / 224)))
-        return [View(((height - crop) // 2, (width - crop) // 2, crop, crop))]
+        return [View(((height - size) // 2, (width - size) // 2, size, size))]
     assert crops == 3, "crops must be 1 or 3"
-    return [View((round(f * (height - side)), round(f * (width - side)), side, side)) for f in (0, 0.5, 1)]
+    side = min(height, width)
+    step_h, step_w = (height - side) // 2, (width - side) // 2
+    return [View((k * step_h, k * step_w, side, side)) for k in (0, 1, 2)]
 
 
 LUMA = torch.tensor([0.299, 0.587, 0.114], dtype=torch.float64)
@@ -319,8 +358,10 @@ def render(video, view, size):
     """uint8 (T, 3, H, W) -> uint8 (T, 3, size, size): the view's box, resized, flipped. Memory stays
     channels-last (free here, and any layout is fine on the device)."""
     top, left, height, width = view.box
+    # OpenCV's bilinear filter without antialiasing, as the official code's (VideoReader._rgb); uint8 in and out:
+    # torch's fast path on CPU
     out = F.interpolate(video[:, :, top:top + height, left:left + width], size=(size, size), mode="bilinear",
-                        antialias=True, align_corners=False)  # uint8 in and out: torch's fast path on CPU
+                        antialias=False, align_corners=False)
     return out.flip(-1) if view.flip else out
 
 
@@ -362,9 +403,12 @@ class VideoDataset(Dataset):
         """One video -> (uint8 views (V, T, 3, size, size), colour (2, 3, 3) for normalize()); random choices
         (training frames and view) from `rng`."""
         clips = 1 if self.train else self.clips
+        # the official first step, mmaction's Resize(scale=(-1, S)): the short side to S = 256/224 of the input
+        # size (256 for 224), or to the input size itself for three test crops
+        short_side = self.size if not self.train and self.crops == 3 else int(self.size * 256 / 224)
         with VideoReader(path) as reader:
             picks = [sample_indices(len(reader), self.frames, self.train, k, clips, rng) for k in range(clips)]
-            decoded = reader.read([i for pick in picks for i in pick])
+            decoded = reader.read([i for pick in picks for i in pick], short_side)
         videos = decoded.unflatten(0, (clips, self.frames))  # (N*T, 3, H, W) -> (N, T, 3, H, W)
         height, width = videos.shape[-2:]
         if self.train:
