@@ -44,7 +44,6 @@ from dataclasses import dataclass
 
 import av
 from av.video.reformatter import VideoReformatter
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
