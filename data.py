@@ -44,7 +44,6 @@ from dataclasses import dataclass
 
 import av
 from av.video.reformatter import VideoReformatter
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
@@ -57,6 +56,12 @@ NORMS = {"clip": (CLIP_MEAN, CLIP_STD), "imagenet": (IMAGENET_MEAN, IMAGENET_STD
 VIDEO_EXTENSIONS = (".avi", ".mp4", ".webm", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv")
 
 
+# Frame sizes a video may have: below 16 pixels a side there is no picture to crop (a 1x1 frame scaled up to the
+# short side 256 is one colour); over 16384 (16K video is 15360 wide) or a long side over 8 times the short one, the
+# decoder's own frames or the scaled ones would take gigabytes.
+MIN_SIDE, MAX_SIDE, MAX_ASPECT = 16, 16384, 8
+
+
 class VideoError(Exception):
     """One video cannot be used (missing, empty, truncated, not a video, undecodable)."""
 
@@ -64,6 +69,13 @@ class VideoError(Exception):
 class DatasetError(Exception):
     """The dataset or its settings are wrong: a missing annotation file, no videos under --root, too many bad files,
     test views that are not CLIPSxCROPS."""
+
+    def __init__(self, message=""):
+        # Raised in a DataLoader worker process, it reaches the main process rebuilt by torch (ExceptionWrapper) with
+        # the worker's whole traceback as its message; keep the original message alone, the one line users read.
+        if message.startswith(f"Caught {type(self).__name__} in DataLoader worker"):
+            message = message.rstrip().rsplit(f"{type(self).__name__}: ", 1)[-1]
+        super().__init__(message)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -118,7 +130,7 @@ class VideoReader:
     def __init__(self, path):
         self.path = path
         if not os.path.isfile(path):
-            raise VideoError(f"{path}: no such file")
+            raise VideoError(f"{path}: {'is a folder, not a video file' if os.path.isdir(path) else 'no such file'}")
         if os.path.getsize(path) == 0:
             raise VideoError(f"{path}: empty file (0 bytes)")
         self.container = None
@@ -140,19 +152,29 @@ class VideoReader:
         self.packets = [p for p in self.container.demux(self.stream) if p.size]  # the last, empty one only flushes
         if not self.packets:
             raise VideoError(f"{self.path}: no video frames")
-        declared = self.stream.frames
-        if not declared and self.container.duration and self.stream.average_rate:
-            declared = round(self.container.duration / av.time_base * float(self.stream.average_rate))
-        if len(self.packets) < 0.9 * declared:  # headers that are a little off are common; half a file is not
-            raise VideoError(f"{self.path}: truncated: the header declares {declared} frames, the file holds "
-                             f"{len(self.packets)}")
         stamps = [p.pts for p in self.packets]
-        if None in stamps or len(set(stamps)) < len(stamps):  # no usable timestamps: count frames from the start
+        timed = None not in stamps and len(set(stamps)) == len(stamps)
+        self._check_complete(stamps if timed else None)
+        if not timed:  # no usable timestamps: count frames from the start
             self.rank, self.keyframes = {}, [(0, 0)]
         else:
             self.rank = {pts: i for i, pts in enumerate(sorted(stamps))}
             self.keyframes = sorted([(0, 0)] + [(self.rank[p.pts], pos) for pos, p in enumerate(self.packets)
                                                 if p.is_keyframe and pos > 0])
+
+    def _check_complete(self, stamps):
+        """Refuse a file cut short (a broken download): its frames must span 90 % of the time the header declares
+        (headers a little off are common; half a file is not). Time, not a frame count, since the headers are only
+        hints: a variable-rate video's count from duration x average rate can be 100 times the frames it holds."""
+        declared, covered, unit = self.stream.frames, len(self.packets), "frames"  # without timestamps: counts
+        duration = (self.stream.duration * self.stream.time_base if self.stream.duration else
+                    self.container.duration / av.time_base if self.container.duration else None)
+        if stamps and len(stamps) > 1 and duration:  # n frames span n intervals of their mean length
+            declared, unit = float(duration), "s"
+            covered = float((max(stamps) - min(stamps)) * self.stream.time_base) * len(stamps) / (len(stamps) - 1)
+        if covered < 0.9 * declared:
+            raise VideoError(f"{self.path}: truncated: the header declares {declared:.4g} {unit}, the frames in the "
+                             f"file cover {covered:.4g} {unit}")
 
     def __len__(self):
         return len(self.packets)
@@ -172,14 +194,16 @@ class VideoReader:
                 index = self.rank.get(frame.pts, index + 1)
                 yield index, frame
 
-    def read(self, indices):
-        """Frames at `indices` (any order, repeats allowed) -> uint8 (len(indices), 3, H, W). Only the wanted
-        frames are converted to RGB; a wanted frame that never decodes (a dropped frame, a short tail) is
-        replaced by the next one that does, or at the end by the last one."""
+    def read(self, indices, short_side=None):
+        """Frames at `indices` (any order, repeats allowed) -> uint8 (len(indices), 3, H, W). With `short_side`,
+        each frame is scaled while it is decoded so that its short side has that length, the official pipeline's
+        first step (see _rgb); else it keeps its size. Only the wanted frames are converted to RGB; a wanted frame
+        that never decodes (a dropped frame, a short tail) is replaced by the next one that does, or at the end by
+        the last one."""
         want = set(indices)
         got = {}
         starts = [k[0] for k in self.keyframes]
-        decoder, at = None, -1  # the running decoder and the index of its last frame
+        decoder, at, size = None, -1, None  # the running decoder, the index of its last frame, the output size
         with _video_errors(self.path, "cannot decode"):
             for target in sorted(want):
                 if target in got:
@@ -190,7 +214,9 @@ class VideoReader:
                 for at, frame in decoder:
                     fresh = at in want and at not in got  # (frames before a keyframe may come out broken)
                     if fresh or at >= target:
-                        image = self.to_rgb.reformat(frame, format="rgb24").to_ndarray()
+                        # every frame at the first one's size: a stream may change its size midway
+                        size = size or self._output_size(frame, short_side)
+                        image = self._rgb(frame, size)
                         if fresh:
                             got[at] = image
                         if at >= target:
@@ -201,8 +227,35 @@ class VideoReader:
         decoded = sorted(got)
         for i in want - set(got):
             got[i] = got[decoded[max(bisect.bisect_right(decoded, i) - 1, 0)]]
-        video = torch.from_numpy(np.stack([got[i] for i in indices]))
+        video = torch.stack([got[i] for i in indices])
         return video.permute(0, 3, 1, 2)  # (T, H, W, 3) -> (T, 3, H, W), a view: memory stays channels-last
+
+    def _output_size(self, frame, short_side):
+        """(height, width) of the frames read returns: the frame's own, or its short side scaled to `short_side`
+        and the other rounded as mmaction's Resize(scale=(-1, S)) rounds it, int(side * S / short + 0.5)."""
+        height, width = frame.height, frame.width
+        if short_side is None:
+            return height, width
+        scale = short_side / min(height, width)
+        return int(height * scale + 0.5), int(width * scale + 0.5)
+
+    def _rgb(self, frame, size):
+        """A decoded frame -> uint8 (height, width, 3) at `size`. The official pipeline scales with OpenCV's bilinear
+        filter without antialiasing (cv2.INTER_LINEAR); torch's interpolate(antialias=False) computes the same,
+        within one level. A frame over 4 times the output size is first reduced to 4 times it by FFmpeg's area
+        filter, in the conversion to RGB: memory then follows the size asked for, not the source's (README:
+        deliberate differences)."""
+        h, w = frame.height, frame.width
+        if not (MIN_SIDE <= min(h, w) and max(h, w) <= MAX_SIDE and max(h, w) <= MAX_ASPECT * min(h, w)):
+            raise VideoError(f"{self.path}: frames of {w}x{h} pixels; expected {MIN_SIDE} to {MAX_SIDE} pixels a "
+                             f"side, the long side at most {MAX_ASPECT} times the short one: re-encode it to a usual "
+                             f"size (e.g. its short side to 256)")
+        height, width, how = (4 * size[0], 4 * size[1], "AREA") if min(h, w) > 4 * min(size) else (h, w, None)
+        image = torch.from_numpy(self.to_rgb.reformat(frame, width, height, "rgb24", interpolation=how).to_ndarray())
+        if tuple(image.shape[:2]) != size:
+            image = F.interpolate(image.permute(2, 0, 1)[None], size=size, mode="bilinear", antialias=False,
+                                  align_corners=False)[0].permute(1, 2, 0)  # (H, W, 3) -> (1, 3, H, W) and back
+        return image
 
     def close(self):
         if self.container is not None:
@@ -216,19 +269,19 @@ class VideoReader:
         self.close()
 
 
-def read_frames(path, indices):
+def read_frames(path, indices, short_side=None):
     """Open, read the frames at `indices` -> uint8 (T, 3, H, W), close."""
     with VideoReader(path) as video:
-        return video.read(indices)
+        return video.read(indices, short_side)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Augmentation: every view is a box of the source frames, resized once to (size, size), maybe flipped, and a
-# colour matrix for the device, with the same parameters for every frame of the clip.
+# Augmentation: every view is a box of the frames as read (short side already scaled, see VideoDataset.load), resized
+# to (size, size), maybe flipped, and a colour matrix for the device, with the same parameters for every frame.
 
 @dataclass
 class View:
-    box: tuple  # (top, left, height, width) in source pixels
+    box: tuple  # (top, left, height, width) in pixels of the frames as read
     flip: bool = False
     jitter: tuple = ()  # ((operation, factor), ...) in the order applied
     gray: bool = False
@@ -238,17 +291,19 @@ CROP_SCALES = (1, 0.875, 0.75, 0.66)
 
 
 def train_view(height, width, rng=random):
-    """The official training augmentation, with the short-side resize to 256/224 of the input size folded in (it
-    scales the frame uniformly, so crops relative to the short side are the same): a crop of the short side
-    times two scales of CROP_SCALES at most one step apart (width and height), at a corner or the centre;
-    resized later to the input size without keeping the aspect ratio; flip p=0.5; colour jitter p=0.8 with
-    brightness .4, contrast .4, saturation .2, hue .1 in a random order; grayscale p=0.2."""
+    """The official training augmentation (mmaction's MultiScaleCrop, then the rest), on frames whose short side
+    is already 256/224 of the input size (VideoDataset.load): a crop of the short side times two scales of
+    CROP_SCALES at most one step apart (width and height), at a corner or the centre, placed in steps of a quarter
+    of the room left, as the official code rounds them; resized later to the input size without keeping the
+    aspect ratio; flip p=0.5; colour jitter p=0.8 with brightness .4, contrast .4, saturation .2, hue .1 in a
+    random order; grayscale p=0.2. (The official code also rounds a crop within 3 pixels of the input size to it:
+    never the case at 224 or 336.)"""
     side = min(height, width)
     pairs = [(a, b) for i, a in enumerate(CROP_SCALES) for j, b in enumerate(CROP_SCALES) if abs(i - j) <= 1]
     scale_h, scale_w = rng.choice(pairs)
     crop_h, crop_w = int(side * scale_h), int(side * scale_w)
-    top, left = rng.choice([(0, 0), (0, 1), (1, 0), (1, 1), (0.5, 0.5)])
-    box = (round(top * (height - crop_h)), round(left * (width - crop_w)), crop_h, crop_w)
+    top, left = rng.choice([(0, 0), (0, 4), (4, 0), (4, 4), (2, 2)])  # in quarters of the room left
+    box = (top * ((height - crop_h) // 4), left * ((width - crop_w) // 4), crop_h, crop_w)
     jitter = ()
     if rng.random() < 0.8:
         jitter = [("brightness", rng.uniform(0.6, 1.4)), ("contrast", rng.uniform(0.6, 1.4)),
@@ -266,15 +321,15 @@ def parse_views(text):
 
 
 def test_views(height, width, size, crops=1):
-    """One centre crop after the short side is resized to 256/224 of `size` (the box covers 224/256 of the short
-    side), or, as the official code does for three crops, the short side resized to `size` and three square
-    crops along the long side (start, centre, end)."""
-    side = min(height, width)
+    """The official test crops of `size` pixels, on frames as VideoDataset.load reads them: one centre crop of
+    frames whose short side is 256/224 of `size`, or three square crops along the long side (start, centre, end)
+    of frames whose short side is `size`. Offsets round down, as the official code's."""
     if crops == 1:
-        crop = max(1, round(side * size / int(size * 256 / 224)))
-        return [View(((height - crop) // 2, (width - crop) // 2, crop, crop))]
+        return [View(((height - size) // 2, (width - size) // 2, size, size))]
     assert crops == 3, "crops must be 1 or 3"
-    return [View((round(f * (height - side)), round(f * (width - side)), side, side)) for f in (0, 0.5, 1)]
+    side = min(height, width)
+    step_h, step_w = (height - side) // 2, (width - side) // 2
+    return [View((k * step_h, k * step_w, side, side)) for k in (0, 1, 2)]
 
 
 LUMA = torch.tensor([0.299, 0.587, 0.114], dtype=torch.float64)
@@ -316,8 +371,10 @@ def render(video, view, size):
     """uint8 (T, 3, H, W) -> uint8 (T, 3, size, size): the view's box, resized, flipped. Memory stays
     channels-last (free here, and any layout is fine on the device)."""
     top, left, height, width = view.box
+    # OpenCV's bilinear filter without antialiasing, as the official code's (VideoReader._rgb); uint8 in and out:
+    # torch's fast path on CPU
     out = F.interpolate(video[:, :, top:top + height, left:left + width], size=(size, size), mode="bilinear",
-                        antialias=True, align_corners=False)  # uint8 in and out: torch's fast path on CPU
+                        antialias=False, align_corners=False)
     return out.flip(-1) if view.flip else out
 
 
@@ -359,10 +416,13 @@ class VideoDataset(Dataset):
         """One video -> (uint8 views (V, T, 3, size, size), colour (2, 3, 3) for normalize()); random choices
         (training frames and view) from `rng`."""
         clips = 1 if self.train else self.clips
+        # the official first step, mmaction's Resize(scale=(-1, S)): the short side to S = 256/224 of the input
+        # size (256 for 224), or to the input size itself for three test crops
+        short_side = self.size if not self.train and self.crops == 3 else int(self.size * 256 / 224)
         with VideoReader(path) as reader:
             # several test clips: the official code draws each as a training clip (SampleFrames' multiview)
             picks = [sample_indices(len(reader), self.frames, self.train or clips > 1, rng) for _ in range(clips)]
-            decoded = reader.read([i for pick in picks for i in pick])
+            decoded = reader.read([i for pick in picks for i in pick], short_side)
         videos = decoded.unflatten(0, (clips, self.frames))  # (N*T, 3, H, W) -> (N, T, 3, H, W)
         height, width = videos.shape[-2:]
         if self.train:
@@ -450,9 +510,29 @@ def _annotation(root, candidates):
     raise DatasetError(f"{os.path.join(root, candidates[0])} not found (looked for {', '.join(candidates)} in {root})")
 
 
+def _text(path):
+    """A list, label or annotation file's text, which must be UTF-8 (a byte-order mark is skipped)."""
+    if os.path.isdir(path):
+        raise DatasetError(f"{path} is a folder; expected a text file")
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: no such file") from None
+    except UnicodeDecodeError as error:
+        line = error.object[:error.start].count(b"\n") + 1
+        raise DatasetError(f"{path} line {line}: not UTF-8 (byte 0x{error.object[error.start]:02x}); expected UTF-8 "
+                           f"text: convert it, e.g. `iconv -f <its encoding> -t utf-8`") from None
+
+
 def _lines(path):
-    with open(path) as f:
-        return [line.strip() for line in f if line.strip()]
+    return [line.strip() for line in _text(path).splitlines() if line.strip()]
+
+
+def _number(text):
+    """A non-negative integer in ASCII digits, else None: str.isdigit() also takes '²', which int() refuses, and
+    int() takes '٣', ' 3' and '1_0', none of which a list file means as a label."""
+    return int(text) if text.isascii() and text.isdigit() else None
 
 
 @functools.lru_cache(maxsize=16)
@@ -494,8 +574,7 @@ def _hmdb51(root, train, fold):
 def _kinetics(root, train, fold):
     def rows(names):
         path = _annotation(root, [p for n in names for p in (n, "annotations/" + n)])
-        with open(path, newline="") as f:
-            return list(csv.DictReader(f))
+        return list(csv.DictReader(io.StringIO(_text(path))))
     train_rows = rows(["train.csv"])
     classes = sorted({row["label"] for row in train_rows})  # the official ids are the alphabetical order
     label_of = {name: i for i, name in enumerate(classes)}
@@ -506,8 +585,7 @@ def _kinetics(root, train, fold):
 
 def _ssv2(root, train, fold):
     def load(name):
-        with open(_annotation(root, [name, "labels/" + name])) as f:
-            return json.load(f)
+        return json.loads(_text(_annotation(root, [name, "labels/" + name])))
     label_of = {template: int(i) for template, i in load("labels.json").items()}
     classes = sorted(label_of, key=label_of.get)
     items = load("train.json" if train else "validation.json")
@@ -519,18 +597,25 @@ def _ssv2(root, train, fold):
 def read_labels(path, plain=False):
     """An 'id,name' CSV (the official label files, or train.py's own) -> class names in id order, verbatim. With
     plain=True, a file that does not start with that header is one class name per line."""
-    with open(path, newline="") as f:
-        text = f.read()
-    rows = list(csv.reader(io.StringIO(text)))
-    header = bool(rows) and [cell.strip() for cell in rows[0]] == ["id", "name"]
+    text = _text(path)
+    reader = csv.reader(io.StringIO(text))
+    rows = [(reader.line_num, row) for row in reader]  # line_num: the row's last line (a quoted name may span two)
+    header = bool(rows) and [cell.strip() for cell in rows[0][1]] == ["id", "name"]
     if plain and not header:
         return [line.strip() for line in text.splitlines() if line.strip()]
     if not header:
-        raise DatasetError(f"{path}: expected a CSV whose first line is 'id,name', found {rows[0] if rows else 'nothing'}")
-    try:
-        named = {int(row[0]): row[1] for row in rows[1:] if row}
-    except (ValueError, IndexError):
-        raise DatasetError(f"{path}: every line after the header must be 'id,name' with an integer id") from None
+        raise DatasetError(f"{path}: expected a CSV whose first line is 'id,name', found {rows[0][1] if rows else 'nothing'}")
+    named, lines = {}, {}
+    for number, row in rows[1:]:
+        if not row:
+            continue
+        key = _number(row[0].strip())
+        if len(row) != 2 or key is None:
+            raise DatasetError(f"{path} line {number}: expected 'id,name' with an integer id (a name holding a comma "
+                               f"in double quotes), found {','.join(row)!r}")
+        if key in named:
+            raise DatasetError(f"{path} line {number}: id {key} again (line {lines[key]} gave it); each id once")
+        named[key], lines[key] = row[1], number
     if sorted(named) != list(range(len(named))):
         raise DatasetError(f"{path}: ids must run 0..{len(named) - 1} without gaps")
     return [named[i] for i in range(len(named))]
@@ -539,17 +624,18 @@ def read_labels(path, plain=False):
 def _list(list_file, labels_file):
     for path in (list_file, labels_file):
         if not path or not os.path.isfile(path):
+            found = ("none was given" if not path else f"{path!r} is a folder" if os.path.isdir(path)
+                     else f"{path!r}: no such file")
             raise DatasetError(f"a list of videos needs a list file and an 'id,name' labels file (train.py: --train-list, "
-                               f"--test-list, --labels; tools.py: --list-file, --labels-file); "
-                               f"{'none was given' if not path else repr(path) + ' is not a file'}")
+                               f"--test-list, --labels; tools.py: --list-file, --labels-file); {found}")
     classes = read_labels(labels_file)
     entries = []
     for number, line in enumerate(_lines(list_file), 1):
         path, label = (line.rsplit(maxsplit=1) + [""])[:2]  # the label is the last field: paths may hold spaces
-        if not (label.isdigit() and int(label) < len(classes)):
+        if _number(label) is None or _number(label) >= len(classes):
             raise DatasetError(f"{list_file} line {number}: expected 'relative/path label' with a label in "
                                f"0..{len(classes) - 1} of {labels_file}, found {line!r}")
-        entries.append((path, int(label)))
+        entries.append((path, _number(label)))
     return entries, classes
 
 

@@ -305,7 +305,7 @@ def check_readable(sets):
         reasons = []
         for path, _ in dataset.samples[:5]:
             try:
-                data.read_frames(path, [0])
+                data.read_frames(path, [0], short_side=256)  # scaled as training reads it: memory stays small
                 break
             except data.VideoError as e:
                 reasons.append(str(e))

@@ -36,6 +36,7 @@ import warnings
 import xml.etree.ElementTree as ET
 import zipfile
 import zlib
+from fractions import Fraction
 from pathlib import Path
 from typing import Tuple
 
@@ -1016,15 +1017,15 @@ def test_views_flag_parses_clips_by_crops_and_refuses_the_rest():
 
 
 def test_views_cover_the_documented_boxes():
-    assert data.test_views(240, 320, 224)[0].box == (15, 55, 210, 210)  # 224/256 of the short side, centred
-    assert data.test_views(320, 240, 224)[0].box == (55, 15, 210, 210)  # portrait: the long side is the height
-    # 32 pixels: the short side goes to int(32 * 256 / 224) = 36, so the box covers 32 / 36 of it: 42.67 -> 43
-    assert data.test_views(48, 64, 32)[0].box == (2, 10, 43, 43)
-    assert [v.box for v in data.test_views(240, 320, 224, crops=3)] == [(0, 0, 240, 240), (0, 40, 240, 240),
-                                                                         (0, 80, 240, 240)]
-    assert [v.box for v in data.test_views(300, 200, 32, crops=3)] == [(0, 0, 200, 200), (50, 0, 200, 200),
-                                                                        (100, 0, 200, 200)]
-    assert not any(v.flip or v.jitter or v.gray for v in data.test_views(300, 200, 32, crops=3))
+    # mmaction's CenterCrop of 224 on frames whose short side is 256: offsets (256 - 224) // 2, (341 - 224) // 2
+    assert data.test_views(256, 341, 224)[0].box == (16, 58, 224, 224)
+    assert data.test_views(341, 256, 224)[0].box == (58, 16, 224, 224)  # portrait: the long side is the height
+    assert data.test_views(36, 48, 32)[0].box == (2, 8, 32, 32)  # 32 pixels: the short side is int(32 * 256 / 224)
+    # ThreeCrop on frames whose short side is 224: steps of (299 - 224) // 2 = 37 along the long side
+    assert [v.box for v in data.test_views(224, 299, 224, crops=3)] == [(0, 0, 224, 224), (0, 37, 224, 224),
+                                                                         (0, 74, 224, 224)]
+    assert [v.box for v in data.test_views(49, 32, 32, crops=3)] == [(0, 0, 32, 32), (8, 0, 32, 32), (16, 0, 32, 32)]
+    assert not any(v.flip or v.jitter or v.gray for v in data.test_views(49, 32, 32, crops=3))
 
 
 def test_train_view_draws_the_documented_distribution():
@@ -1037,8 +1038,9 @@ def test_train_view_draws_the_documented_distribution():
         for view in views:
             top, left, h, w = view.box
             scales[sizes.index(h), sizes.index(w)] += 1  # ValueError for any other crop size
-            places[[(0, 0), (0, width - w), (height - h, 0), (height - h, width - w),  # corners, centre
-                    (round((height - h) / 2), round((width - w) / 2))].index((top, left))] += 1
+            step_h, step_w = (height - h) // 4, (width - w) // 4  # mmaction's MultiScaleCrop: quarters, rounded down
+            places[[(0, 0), (0, 4 * step_w), (4 * step_h, 0), (4 * step_h, 4 * step_w),  # corners, centre
+                    (2 * step_h, 2 * step_w)].index((top, left))] += 1
         # height and width scales at most one step apart, each pair equally likely; five places equally likely
         assert set(scales) == {(i, j) for i in range(4) for j in range(4) if abs(i - j) <= 1}
         assert all(abs(count - n / 10) < 60 for count in scales.values()), scales
@@ -1056,26 +1058,41 @@ def test_train_view_draws_the_documented_distribution():
         assert len({tuple(op for op, _ in jitter) for jitter in jittered}) == 24  # every order of the four
 
 
+def cv2_linear(image, height, width):
+    """OpenCV's INTER_LINEAR resize, the official pipeline's (mmcv.imresize 'bilinear'), written out in float64:
+    output pixel i reads the input at (i + 0.5) * n_in / n_out - 0.5, clamped to the image, from its two
+    neighbours; no antialiasing. (..., H, W) -> (..., height, width)."""
+    def taps(n_in, n_out):  # (n_out, n_in): the weights of each output pixel
+        x = ((torch.arange(n_out, dtype=torch.float64) + 0.5) * n_in / n_out - 0.5).clamp(0, n_in - 1)
+        low = x.floor().long()
+        m = torch.zeros(n_out, n_in, dtype=torch.float64)
+        m[torch.arange(n_out), low] += 1 - (x - low)
+        m[torch.arange(n_out), (low + 1).clamp(max=n_in - 1)] += x - low
+        return m
+    return taps(image.shape[-2], height) @ image.double() @ taps(image.shape[-1], width).T
+
+
 def test_render_crops_resizes_and_flips_the_box():
     torch.manual_seed(0)
     frames = torch.randint(0, 256, (3, 3, 48, 64), dtype=torch.uint8)
     crop = frames[:, :, 5:21, 11:27]  # box (top 5, left 11, 16 x 16): already the output size, a plain crop
     assert torch.equal(data.render(frames, data.View((5, 11, 16, 16)), 16), crop)
     assert torch.equal(data.render(frames, data.View((5, 11, 16, 16), flip=True), 16), crop.flip(-1))
-    # a 30 x 40 box from (7, 9), resized to 20 x 20 without keeping the aspect ratio: float bilinear with
-    # antialiasing, to within the rounding of the uint8 result
-    expect = F.interpolate(frames[:, :, 7:37, 9:49].float(), size=(20, 20), mode="bilinear", antialias=True,
-                           align_corners=False)
-    for flip in (False, True):
-        out = data.render(frames, data.View((7, 9, 30, 40), flip=flip), 20)
-        assert out.shape == (3, 3, 20, 20) and out.dtype == torch.uint8
-        assert (out.float() - (expect.flip(-1) if flip else expect)).abs().max() <= 1
+    # a 30 x 40 box from (7, 9), resized to 20 x 20 (down) and to 50 x 50 (up) without keeping the aspect ratio:
+    # OpenCV's bilinear filter, to within the rounding of the uint8 result
+    for size in (20, 50):
+        expect = cv2_linear(frames[:, :, 7:37, 9:49], size, size)
+        for flip in (False, True):
+            out = data.render(frames, data.View((7, 9, 30, 40), flip=flip), size)
+            assert out.shape == (3, 3, size, size) and out.dtype == torch.uint8
+            assert (out.double() - (expect.flip(-1) if flip else expect)).abs().max() <= 1
 
 
 def test_train_sample_is_one_view_of_one_frame_per_segment(videos, monkeypatch):
     """dataset[i] in training: frame t is a frame of segment t, every frame with the same crop and flip, and the
     colour matrix of that same view, once for the clip."""
-    source = data.read_frames(videos["avi"], range(40))  # (40, 3, 48, 64), every frame of the video
+    # (40, 3, 36, 48), every frame of the video, its short side at int(32 * 256 / 224) = 36 as training reads it
+    source = data.read_frames(videos["avi"], range(40), short_side=36)
     dataset = data.VideoDataset([(videos["avi"], 0)], ["x"], frames=4, size=32, train=True)
     drawn, train_view = [], data.train_view
     monkeypatch.setattr(data, "train_view", lambda *a, **k: drawn.append(train_view(*a, **k)) or drawn[-1])
@@ -1477,6 +1494,155 @@ def test_synthetic_clips_do_not_depend_on_the_process():
     # intended change to the rendering changes it: pin the new value.)
     clip = data.SyntheticVideos("train", 4, 16, per_class=2, seed=3)[7]["video"]
     assert zlib.crc32(clip.numpy().tobytes()) == 2333224932
+
+
+# List and label files
+
+@pytest.mark.parametrize("labels, listing, message", [
+    ("id,name\n0,café\n".encode("latin-1"), b"x.mp4 0\n", "labels.csv line 2: not UTF-8 (byte 0xe9); expected UTF-8"),
+    (b"id,name\n0,a\n", "caf\u00e9/x.mp4 0\n".encode("cp1252"), "list.txt line 1: not UTF-8 (byte 0xe9)"),
+    (b"id,name\n0,a\n1,b\n", "x.mp4 \u00b2\n".encode(), "list.txt line 1: expected 'relative/path label' with a label "
+                                                        "in 0..1"),  # '²'.isdigit(), but int('²') fails
+    (b"id,name\n0,a\n1,b\n", "x.mp4 \u0661\n".encode(), "list.txt line 1: expected"),  # int('١') would be 1
+    (b"id,name\n0,a\n1,b\n0,c\n", b"x.mp4 0\n", "labels.csv line 4: id 0 again (line 2 gave it)"),
+    (b"id,name\n0,a\n1,pouring water, slowly\n", b"x.mp4 0\n",
+     "labels.csv line 3: expected 'id,name' with an integer id (a name holding a comma in double quotes), found "
+     "'1,pouring water, slowly'"),
+    (b"id,name\n0,a\n1,\xc2\xb2\n", b"x.mp4 0\n", None),  # '²' as a class name is fine, and so is a byte-order mark
+])
+def test_list_and_label_files_name_the_line_that_is_not_utf8_or_malformed(tmp_path, labels, listing, message):
+    touch(f"{tmp_path}/x.mp4")
+    (tmp_path / "labels.csv").write_bytes(labels)
+    (tmp_path / "list.txt").write_bytes(b"\xef\xbb\xbf" + listing if message is None else listing)
+
+    def build():
+        return data.build_dataset("list", str(tmp_path), "train", list_file=f"{tmp_path}/list.txt",
+                                  labels_file=f"{tmp_path}/labels.csv")
+
+    if message is None:
+        assert build().classnames == ["a", "\u00b2"] and build().samples[0][1] == 0
+        return
+    with pytest.raises(data.DatasetError, match=re.escape(message)):
+        build()
+
+
+def test_a_folder_given_for_a_file_is_called_a_folder(tmp_path):
+    folder = tmp_path / "dir.mp4"
+    folder.mkdir()
+    write(f"{tmp_path}/labels.csv", "id,name\n0,a\n")
+    write(f"{tmp_path}/list.txt", "x.mp4 0\n")
+    for list_file, labels_file in ((folder, f"{tmp_path}/labels.csv"), (f"{tmp_path}/list.txt", folder)):
+        with pytest.raises(data.DatasetError, match=f"'{re.escape(str(folder))}' is a folder"):
+            data.build_dataset("list", str(tmp_path), "train", list_file=str(list_file), labels_file=str(labels_file))
+    for read in (data.read_labels, data._lines):
+        with pytest.raises(data.DatasetError, match="is a folder; expected a text file"):
+            read(str(folder))
+    with pytest.raises(data.VideoError, match="dir.mp4: is a folder, not a video file"):
+        data.VideoReader(str(folder))
+    with pytest.raises(data.VideoError, match="none.mp4: no such file"):
+        data.VideoReader(str(tmp_path / "none.mp4"))
+
+
+def test_unreadable_videos_in_a_worker_process_stop_with_the_original_one_line_message(tmp_path):
+    dataset = data.VideoDataset([(str(tmp_path / f"{i}.mp4"), 0) for i in range(3)], ["x"], max_retries=2, train=True)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=1, num_workers=1)
+    with pytest.raises(data.DatasetError) as caught:
+        next(iter(loader))
+    assert str(caught.value).startswith("3 videos in a row could not be read, for example ")
+    assert "Traceback" not in str(caught.value) and "\n" not in str(caught.value)
+
+
+# Videos whose headers mislead
+
+def test_variable_rate_video_whose_header_implies_100_times_its_frames_reads_every_frame(tmp_path):
+    """25 frames at 25 fps, then one at 100 s: Matroska records no frame count, and its duration (100.04 s) times
+    the rate FFmpeg guesses from the first frames (25 fps) gives 2501 frames for the 26 the file holds."""
+    path = str(tmp_path / "vfr.mkv")
+    with av.open(path, "w", "matroska") as out:
+        stream = out.add_stream("libx264", rate=25)
+        stream.width = stream.height = 32
+        stream.pix_fmt, stream.codec_context.time_base = "yuv420p", Fraction(1, 1000)
+        for i in range(26):
+            frame = av.VideoFrame.from_ndarray(np.full((32, 32, 3), 8 * i + 20, np.uint8), format="rgb24")
+            frame.pts, frame.time_base = (40 * i if i < 25 else 100_000), Fraction(1, 1000)
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode())
+    with av.open(path) as container:  # what the header says: the hint that misleads
+        rate, seconds = container.streams.video[0].average_rate, container.duration / av.time_base
+        assert not container.streams.video[0].frames and round(seconds * rate) == 2501
+    with data.VideoReader(path) as video:
+        assert len(video) == 26
+        frames = video.read([0, 12, 24, 25])
+    levels = [frames[i].float().mean().item() for i in range(4)]  # frame i is grey 8 i + 20, give or take the codec
+    assert all(abs(level - (8 * i + 20)) < 2 for level, i in zip(levels, [0, 12, 24, 25])), levels
+
+
+def gradient_video(path, height, width, codec="mjpeg", frames=2):
+    """Frames of a smooth gradient: red across, green down, blue 128; MJPEG codes any size of frame."""
+    image = np.empty((height, width, 3), np.uint8)
+    image[..., 0] = (np.arange(width) * 255 // max(width - 1, 1))[None]
+    image[..., 1] = (np.arange(height) * 255 // max(height - 1, 1))[:, None]
+    image[..., 2] = 128
+    tools.write_video(path, [image] * frames, codec=codec)
+
+
+class ReformatSpy:
+    """Stands in for a VideoReader's converter and records the size of every frame it makes."""
+
+    def __init__(self, reformatter):
+        self.reformatter, self.sizes = reformatter, []
+
+    def reformat(self, frame, *args, **kwargs):
+        out = self.reformatter.reformat(frame, *args, **kwargs)
+        self.sizes.append((out.height, out.width))
+        return out
+
+
+def test_large_frames_are_scaled_while_decoding_so_memory_follows_the_output_size(tmp_path):
+    path = str(tmp_path / "large.avi")
+    gradient_video(path, 4000, 4000)
+    with data.VideoReader(path) as video:
+        video.to_rgb = spy = ReformatSpy(video.to_rgb)
+        frames = video.read([0, 1], short_side=256)
+        assert frames.shape == (2, 3, 256, 256) and frames.dtype == torch.uint8
+        # no RGB frame larger than 4 times the output a side (1024 x 1024) was ever made, never the 4000 x 4000
+        assert spy.sizes == [(1024, 1024)] * 2
+        full = video.read([0])[0]  # the source size, as asked: the official chain starts from it
+    assert full.shape == (3, 4000, 4000)
+    # a smooth gradient, so no aliasing either way; FFmpeg's scaled conversion rounds about a level differently
+    assert (frames[0].double() - cv2_linear(full, 256, 256)).abs().mean() < 2
+
+
+def test_frames_too_small_to_crop_or_too_long_are_unreadable_and_counted(tmp_path, videos):
+    one, wide = str(tmp_path / "one.avi"), str(tmp_path / "wide.avi")
+    gradient_video(one, 1, 1)
+    gradient_video(wide, 16, 1024)
+    for path, size in ((one, "1x1"), (wide, "1024x16")):
+        with data.VideoReader(path) as video, pytest.raises(data.VideoError) as caught:
+            video.read([0], short_side=256)  # decodable, but not as a picture to crop
+        assert str(caught.value) == (f"{path}: frames of {size} pixels; expected 16 to 16384 pixels a side, the long "
+                                     f"side at most 8 times the short one: re-encode it to a usual size (e.g. its "
+                                     f"short side to 256)")
+    dataset = data.VideoDataset([(one, 0), (wide, 0), (videos["avi"], 1)], ["a", "b"], frames=2, size=32, train=True)
+    sample = dataset[0]  # replaced by the next readable video, and both failures travel with the sample
+    assert sample["index"] == 2 and sample["video"].shape == (2, 3, 32, 32)
+    assert [line.split(":")[0] for line in sample["failed"].split("\n")] == [one, wide]
+
+
+def test_decoding_and_crops_follow_the_official_resize_chain(tmp_path):
+    """mmaction: the short side to 256 with OpenCV's bilinear filter (new sides int(side * 256 / short + 0.5)),
+    then the crop, then 224 x 224 with the same filter; written out with cv2_linear from the full-size frames."""
+    path = str(tmp_path / "clip.avi")
+    tools.make_test_video(path, num_frames=4, width=320, height=240, texture=20)
+    full = data.read_frames(path, [1, 3]).double()  # (2, 3, 240, 320)
+    scaled = data.read_frames(path, [1, 3], short_side=256)
+    assert scaled.shape == (2, 3, 256, 341)  # int(320 * 256 / 240 + 0.5) = 341
+    official = cv2_linear(full, 256, 341).round()  # cv2 rounds its uint8 results
+    assert (scaled.double() - official).abs().max() <= 1
+    box = (16, 20, 192, 224)  # a MultiScaleCrop box on the 256 x 341 frames: 0.75 x 0.875 of the short side
+    ours = data.render(scaled, data.View(box), 224).double()
+    expect = cv2_linear(official[:, :, 16:208, 20:244], 224, 224).round()
+    assert (ours - expect).abs().max() <= 2 and (ours - expect).abs().mean() < 0.5
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -2856,6 +3022,24 @@ def test_a_million_deep_key_is_one_line_not_a_crash(tmp_path):
     assert "deep.pt: tuples nested more than 100 deep" in run.stderr
 
 
+def test_eleven_unreadable_videos_in_a_row_in_a_worker_exit_2_in_one_line(tmp_path):
+    """The list's first video decodes (so the check before training passes); the 30 after it name one unreadable
+    file, so the first clip drawn among indices 1-20 fails 11 times in a row inside the DataLoader worker."""
+    tools.make_test_video(str(tmp_path / "good.avi"), num_frames=8, width=32, height=32)
+    (tmp_path / "bad.avi").write_text("not a video\n")
+    write(f"{tmp_path}/labels.csv", "id,name\n0,a\n1,b\n")
+    write(f"{tmp_path}/train.txt", "good.avi 0\n" + "bad.avi 1\n" * 30)
+    write(f"{tmp_path}/test.txt", "good.avi 0\n")
+    run = run_cli("train.py", "--dataset", "list", "--protocol", "few-shot", "--root", str(tmp_path), "--train-list",
+                  f"{tmp_path}/train.txt", "--test-list", f"{tmp_path}/test.txt", "--labels", f"{tmp_path}/labels.csv",
+                  "--model", "scratch", "--frames", "2", "--batch-size", "1", "--micro-batch", "1", "--epochs", "1",
+                  "--warmup-epochs", "0", "--workers", "1", "--device", "cpu", "--out", str(tmp_path / "out"))
+    assert run.returncode == 2 and "Traceback" not in run.stderr and "DataLoader worker" not in run.stderr, run.stderr
+    errors = [line for line in run.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and errors[0].startswith("error: 11 videos in a row could not be read, for example ")
+    assert "bad.avi: not a readable video" in errors[0]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # tools.py
 
@@ -2959,6 +3143,18 @@ def test_check_command_exit_codes(tmp_path, capsys):
     result = subprocess.run([sys.executable, tools.__file__, "check", "--dataset", "hmdb51", "--root", str(tmp_path)],
                             capture_output=True, text=True)
     assert result.returncode == 2 and "testTrainMulti_7030_splits" in result.stderr
+
+
+def test_check_names_videos_whose_frames_training_cannot_crop(tmp_path, capsys):
+    gradient_video(str(tmp_path / "one.avi"), 1, 1)  # decodes fine, but is no picture
+    tools.make_test_video(str(tmp_path / "good.avi"), num_frames=4, width=32, height=24)
+    write(f"{tmp_path}/labels.csv", "id,name\n0,a\n")
+    write(f"{tmp_path}/list.txt", "one.avi 0\ngood.avi 0\n")
+    assert tools.main(["check", "--dataset", "list", "--root", str(tmp_path), "--list-file", f"{tmp_path}/list.txt",
+                       "--labels-file", f"{tmp_path}/labels.csv", "--workers", "1"]) == 1
+    out = capsys.readouterr().out
+    assert "train: 2 videos in 1 classes, 0 listed but missing, 1 unreadable" in out
+    assert f"unreadable: {tmp_path / 'one.avi'}: frames of 1x1 pixels; expected 16 to 16384 pixels a side" in out
 
 
 def test_readme_data_commands_run(tmp_path):

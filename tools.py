@@ -44,10 +44,10 @@ import data
 # check
 
 def _probe(path):
-    """'' if the first and last frames of `path` decode, else the reason."""
+    """'' if the first and last frames of `path` decode, else the reason (a frame size training cannot use too)."""
     try:
         with data.VideoReader(path) as video:
-            video.read([0, len(video) - 1])
+            video.read([0, len(video) - 1], short_side=256)  # scaled as training reads them: memory stays small
         return ""
     except data.VideoError as error:
         return str(error)
@@ -64,7 +64,9 @@ def check(args):
         except data.DatasetError as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
-        with Pool(max(1, args.workers)) as pool:
+        # one torch thread per process, as in DataLoader workers: a forked child entering OpenMP after the parent
+        # used it can hang (the probe scales frames with torch)
+        with Pool(max(1, args.workers), initializer=torch.set_num_threads, initargs=(1,)) as pool:
             probes = pool.imap(_probe, [path for path, _ in dataset.samples], chunksize=8)
             errors = [e for e in tqdm(probes, total=len(dataset), desc=f"checking {split}", leave=False) if e]
         print(f"{split}: {len(dataset)} videos in {len(dataset.classnames)} classes, {len(dataset.missing)} listed "
@@ -191,7 +193,7 @@ def write_video(path, images, fps=25, codec="mpeg4", gop=250, bit_rate=600_000):
     with av.open(path, "w") as container:
         stream = container.add_stream(codec, rate=fps)
         stream.height, stream.width = first.shape[:2]
-        stream.pix_fmt = "yuv420p"
+        stream.pix_fmt = "yuvj420p" if codec == "mjpeg" else "yuv420p"  # FFmpeg's MJPEG encoder takes only the former
         stream.codec_context.gop_size, stream.bit_rate = gop, bit_rate
         for image in itertools.chain([first], images):
             container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")))

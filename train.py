@@ -130,8 +130,9 @@ def check_args(args, world):
          f"--eval-roots {args.eval_roots!r}: expected NAME=DIR pairs separated by commas"),
         (args.eval_only and bool(args.resume), f"--resume continues training, but this run only evaluates: to "
                                                f"evaluate {args.resume}, pass it as --checkpoint"),
-        (bool(args.resume) and not os.path.isfile(args.resume), f"--resume {args.resume}: no such file; expected the "
-                                                                "last.pt of an earlier run (its --out folder)"),
+        (bool(args.resume) and not os.path.isfile(args.resume),
+         f"--resume {args.resume}: {'is a folder' if os.path.isdir(args.resume or '') else 'no such file'}; expected the "
+         "last.pt of an earlier run (in its --out folder)"),
         (not args.eval_only and args.micro_batch > 0 and args.batch_size % (args.micro_batch * world) != 0,
          f"--batch-size {args.batch_size} is not a whole number of micro-batches of {args.micro_batch} on {world} "
          f"process(es): choose --micro-batch so that micro-batch x processes divides the batch"),

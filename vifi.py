@@ -410,7 +410,8 @@ def main(argv=None):
     import data  # only the command line decodes video: the model itself stays independent of the data code
     try:
         if not os.path.isfile(args.video):  # said before any model is loaded (or downloaded)
-            raise FileNotFoundError(f"{args.video}: no such file; expected a video file that PyAV can decode")
+            found = "is a folder" if os.path.isdir(args.video) else "no such file"
+            raise FileNotFoundError(f"{args.video}: {found}; expected a video file that PyAV can decode")
         if args.labels_file:  # one name per line, or an 'id,name' CSV (train.py's and the official label files)
             labels = data.read_labels(args.labels_file, plain=True)
         else:
