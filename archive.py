@@ -16,7 +16,8 @@ Neither torch.load, torch.jit.load nor pickle.load is ever called on a file.
 - `cache_dir()`: where downloads are kept: $VIFI_CACHE, else ~/.cache/vifi.
 - `file_sha256(path)`: the hex sha256 of a file.
 - `replacing(path)`: a file object whose contents replace path's only once complete; every writer of the project's
-  outputs uses it. `lock_folder(folder, what)`: one writer per output folder.
+  outputs uses it. `lock_folder(folder, what)`: one writer per output folder; `remove_temps(folder)`: what writers
+  killed mid-write left.
 Every error is a `CheckpointError` that names the file, says why and what to do.
 """
 import collections
@@ -26,6 +27,7 @@ import hashlib
 import io
 import os
 import pickle
+import re
 import sys
 import urllib.request
 import warnings
@@ -205,7 +207,7 @@ def replacing(path, mode="w"):
     exclusively (O_EXCL, O_NOFOLLOW) under a name unique to the process: a symlink planted at any name in the folder
     is never followed, two writers never share a temp file, and rename replaces a planted link itself, not its
     target. Permissions follow the umask, as open() gives."""
-    tmp = f"{path}.{os.getpid()}-{os.urandom(4).hex()}.tmp"
+    tmp = f"{path}.{os.getpid()}-{os.urandom(4).hex()}.tmp"  # as TEMP_NAME matches
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)
     try:
         with open(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
@@ -215,6 +217,19 @@ def replacing(path, mode="w"):
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
+
+
+TEMP_NAME = re.compile(r"\.\d+-[0-9a-f]{8}\.tmp$")  # replacing's temp files
+
+
+def remove_temps(folder):
+    """Remove the temp files that writers killed mid-write left under `folder` (call it holding the folder's lock:
+    then no live writer owns one). Returns how many."""
+    stale = [os.path.join(d, n) for d, _, names in os.walk(folder) for n in names if TEMP_NAME.search(n)]
+    for path in stale:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+    return len(stale)
 
 
 class FolderInUse(RuntimeError):

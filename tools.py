@@ -152,6 +152,7 @@ def prepare(args):
         return 2
     try:
         with archive.lock_folder(out, "--out"):
+            archive.remove_temps(out)  # a killed prepare's half-written files
             return prepare_locked(args, root, out)
     except archive.FolderInUse as error:
         print(f"error: {error}", file=sys.stderr)

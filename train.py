@@ -424,10 +424,12 @@ def check_out(args):
 @contextlib.contextmanager
 def own_out(args):
     """Rank 0 holds --out's lock for the whole run (archive.lock_folder), then checks again that it replaces no
-    earlier run, and with --overwrite removes that run's files: none of them mixes into this run's."""
+    earlier run, removes the temp files of a killed one, and with --overwrite that run's files: none of them mixes
+    into this run's."""
     try:
         with archive.lock_folder(args.out, "--out"):
             check_out(args)
+            archive.remove_temps(args.out)
             if args.overwrite:
                 for path in [*(os.path.join(args.out, n) for n in OUTPUTS),
                              *glob.glob(os.path.join(glob.escape(args.out), "*_list.txt")),
