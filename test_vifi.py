@@ -2348,10 +2348,18 @@ def test_resume_refuses_what_it_cannot_continue(tmp_path):
     train.main(train.get_args(TINY_RUN + ["--epochs", "1", "--out", out]))
     last = os.path.join(out, "last.pt")
     other_size = ["--model", fixture("clip_tiny_openai_jit.pt")]
-    for flags, error in ((other_size, r"last.pt: key 'clip\.\S+' has shape .* the model these flags build"),
-                         (["--towers", "text"], "optimizer state does not fit what these flags train")):
-        with pytest.raises(archive.CheckpointError, match=error):
+    for flags, error in ((other_size, rf"--model {re.escape(other_size[1])}: \S+last.pt continues a run with "
+                                      r"--model scratch"),
+                         (["--towers", "text"], "--towers text: .* continues a run with --towers both")):
+        with pytest.raises(vifi.ConfigError, match=error):
             train.main(train.get_args(TINY_RUN + [*flags, "--resume", last, "--out", str(tmp_path / "again")]))
+    ck = torch.load(last, weights_only=True)  # settings edited in the file: the weights and optimizer still checked
+    for change, error in (({"model": fixture("clip_tiny_openai_jit.pt")}, r"key 'clip\.\S+' has shape .* the model "
+                                                                           "these flags build"),
+                          ({"towers": "text"}, "optimizer state does not fit what these flags train")):
+        torch.save({**ck, "args": {**ck["args"], **change}}, tmp_path / "edited.pt")
+        with pytest.raises(archive.CheckpointError, match=error):
+            train.main(train.get_args(["--resume", str(tmp_path / "edited.pt"), "--out", str(tmp_path / "again")]))
     with pytest.raises(vifi.ConfigError, match=f"only evaluates: to evaluate {re.escape(last)}, pass it as --check"):
         train.main(train.get_args(TINY_RUN + ["--eval-only", "--resume", last, "--out", str(tmp_path / "again")]))
     flip_bytes(Path(last), os.path.getsize(last) // 2)

@@ -14,9 +14,9 @@ the split lists to `--out`.
 """
 import argparse
 import contextlib
+import glob
 import json
 import os
-import glob
 import random
 import shlex
 import shutil
@@ -119,7 +119,7 @@ def get_args(argv=None):
         raise vifi.ConfigError(f"--dataset list: say whose settings to use with --protocol "
                                f"({', '.join(protocols.PROTOCOLS)}); the lists are used as they are")
     args = protocols.resolve(args)
-    if args.resume and os.path.isfile(args.resume):  # a missing file is said with the other flags' errors
+    if args.resume and os.path.isfile(args.resume) and not args.eval_only:  # else refused by check_args
         restore_settings(args, given)
     args._given = given
     return args
