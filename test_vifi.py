@@ -2431,7 +2431,8 @@ ONE_STEP_RUN = ["--dataset", "synthetic", "--shots", "1", "--batch-size", "9", "
 def test_a_second_run_on_one_out_exits_2_and_ctrl_c_prints_how_to_resume(tmp_path):
     out = tmp_path / "run"
     first = subprocess.Popen([sys.executable, "train.py", *ONE_STEP_RUN, "--epochs", "40", "--out", str(out)],
-                             cwd=HERE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                             cwd=HERE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                             start_new_session=True)
     deadline = time.time() + 240
     while not (out / "last.pt").exists() and time.time() < deadline and first.poll() is None:
         time.sleep(0.2)
@@ -2440,7 +2441,7 @@ def test_a_second_run_on_one_out_exits_2_and_ctrl_c_prints_how_to_resume(tmp_pat
     assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr[-2000:]
     assert second.stderr.startswith(f"error: --out {out} is in use by another run (pid {first.pid}: ")
     assert second.stderr.count("\n") == 1 and "train.py" in second.stderr
-    first.send_signal(signal.SIGINT)
+    os.killpg(first.pid, signal.SIGINT)  # as a terminal's Ctrl-C: to the whole process group
     stderr = first.communicate(timeout=120)[1]
     assert first.returncode == 130 and "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-2000:]
     assert stderr.splitlines()[-1] == (f"interrupted: {out / 'last.pt'} holds the last finished epoch; continue "
