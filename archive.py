@@ -21,14 +21,20 @@ view of one row, 5 GB once copied), a BUILD (a set state) on anything but an all
 - `download(url, path, sha256)`: path, fetched once from url, whole and with the sha256 asked for.
 - `cache_dir()`: where downloads are kept: $VIFI_CACHE, else ~/.cache/vifi.
 - `file_sha256(path)`: the hex sha256 of a file.
+- `replacing(path)`: a file object whose contents replace path's only once complete; every writer of the project's
+  outputs uses it. `lock_folder(folder, what)`: one writer per output folder; `remove_temps(folder)`: what writers
+  killed mid-write left.
 Every error is a `CheckpointError` that names the file, says why and what to do.
 """
 import collections
+import contextlib
+import fcntl
 import hashlib
 import io
 import math
 import os
 import pickle
+import re
 import sys
 import urllib.request
 import warnings
@@ -352,25 +358,84 @@ def download(url, path, sha256):
         return path
     folder, name = os.path.split(path)
     os.makedirs(folder, exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.part"  # one per process: two fetches never share it
     digest = hashlib.sha256()
-    try:
-        with open(tmp, "wb") as f, urllib.request.urlopen(url, timeout=60) as r:
+    try:  # a failed or interrupted download leaves nothing behind
+        with replacing(path, "wb") as f, urllib.request.urlopen(url, timeout=60) as r:
             total = int(r.headers.get("Content-Length") or 0) or None
             with tqdm(total=total, unit="B", unit_scale=True, desc=name) as bar:
                 while chunk := r.read(1 << 20):
                     f.write(chunk)
                     digest.update(chunk)
                     bar.update(len(chunk))
-        if digest.hexdigest() != sha256:
-            raise CheckpointError(f"Checksum mismatch: the download of {url} is corrupt (sha256 {digest.hexdigest()}, "
-                                  f"expected {sha256}). Nothing was written to {path}; try again, or place a good "
-                                  "copy there.")
-        os.replace(tmp, path)
+            if digest.hexdigest() != sha256:
+                raise CheckpointError(f"Checksum mismatch: the download of {url} is corrupt (sha256 "
+                                      f"{digest.hexdigest()}, expected {sha256}). Nothing was written to {path}; try "
+                                      "again, or place a good copy there.")
     except OSError as e:  # no network (URLError is an OSError), a timeout, a reset, a full disk
         raise CheckpointError(f"Could not download {url} ({e}). Without network, fetch it elsewhere and place it at "
                               f"{path} (or set $VIFI_CACHE to the folder that holds it).") from None
-    finally:
-        if os.path.exists(tmp):  # a failed or interrupted download leaves nothing behind
-            os.remove(tmp)
     return path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Writing: whole files under their names, one writer per folder
+
+@contextlib.contextmanager
+def replacing(path, mode="w"):
+    """A new file object whose contents become path's when the block ends without an error; on an error (a full
+    disk, Ctrl-C) the temp file is removed and any earlier file at path is untouched. The temp file is created
+    exclusively (O_EXCL, O_NOFOLLOW) under a name unique to the process: a symlink planted at any name in the folder
+    is never followed, two writers never share a temp file, and rename replaces a planted link itself, not its
+    target. Permissions follow the umask, as open() gives."""
+    tmp = f"{path}.{os.getpid()}-{os.urandom(4).hex()}.tmp"  # as TEMP_NAME matches
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)
+    try:
+        with open(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+TEMP_NAME = re.compile(r"\.\d+-[0-9a-f]{8}\.tmp$")  # replacing's temp files
+
+
+def remove_temps(folder):
+    """Remove the temp files that writers killed mid-write left under `folder` (call it holding the folder's lock:
+    then no live writer owns one). Returns how many."""
+    stale = [os.path.join(d, n) for d, _, names in os.walk(folder) for n in names if TEMP_NAME.search(n)]
+    for path in stale:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+    return len(stale)
+
+
+class FolderInUse(RuntimeError):
+    """Another process holds the folder's lock; the message names it."""
+
+
+@contextlib.contextmanager
+def lock_folder(folder, what):
+    """Hold an exclusive lock on `folder` (created if needed) for the block: an flock on folder/.lock, which the OS
+    also drops when the process exits or is killed, so it is never stale. The lock file holds the holder's pid and
+    command line, which a refused second writer names (FolderInUse). `what` names the flag, e.g. '--out'."""
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, ".lock")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+    except OSError as e:
+        raise FolderInUse(f"{what} {folder}: cannot open its lock file {path} ({e.strerror}); remove it if it is "
+                          "a link, or choose another folder") from None
+    with open(fd, "r+", encoding="utf-8") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = f.read().strip() or "a process that has not yet written its name"
+            raise FolderInUse(f"{what} {folder} is in use by another run ({holder}): wait for it to end, or choose "
+                              f"another {what}") from None
+        f.truncate(0)
+        f.write(f"pid {os.getpid()}: {' '.join([os.path.basename(sys.executable), *sys.argv])}\n")
+        f.flush()
+        yield

@@ -712,12 +712,14 @@ def k600_novel_subset(k600_dataset, k400_classnames, seed, size=160):
 
 def write_list(dataset, list_file, labels_file=None):
     """Write the samples in the official list format ('path label', relative to the root) so that a run's split
-    can be reused with build_dataset('list', ...); with labels_file, also the 'id,name' CSV."""
-    with open(list_file, "w") as f:
+    can be reused with build_dataset('list', ...); with labels_file, also the 'id,name' CSV. Each is written whole
+    through archive.replacing (imported here: the rest of data.py needs nothing of the project)."""
+    import archive
+    with archive.replacing(list_file) as f:
         for path, label in dataset.samples:
             f.write(f"{os.path.relpath(path, dataset.root) if dataset.root else path} {label}\n")
     if labels_file:  # csv quotes a name with a comma, as the official files do (SSv2 has such names)
-        with open(labels_file, "w", newline="") as f:
+        with archive.replacing(labels_file) as f:
             csv.writer(f, lineterminator="\n").writerows([("id", "name"), *enumerate(dataset.classnames)])
 
 

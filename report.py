@@ -22,6 +22,8 @@ import av
 import torch
 import torch.nn.functional as F
 
+import archive
+
 # A dark-to-bright colour scale (black, purple, red, orange, pale yellow) for relevance 0..1, readable in greyscale.
 HEAT_COLOURS = torch.tensor([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]]).float()
 DISPLAY_PX = 128  # frames smaller than this are enlarged by a whole factor, so every pixel stays a square
@@ -180,5 +182,5 @@ def write_curves(log, path):
                 *(f'<circle cx="{a:.1f}" cy="{b:.1f}" r="{4 if key == "top1" else 2}" fill="{colour}"/>'
                   for a, b in xy),
                 "</g>"]
-    with open(path, "w") as f:
+    with archive.replacing(path) as f:  # whole or not at all: a full disk leaves any earlier curves.svg
         f.write("\n".join(out + ["</svg>"]))

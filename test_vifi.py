@@ -28,8 +28,10 @@ import random
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 import warnings
@@ -2855,8 +2857,8 @@ def test_full_disk_keeps_the_last_checkpoint_and_says_so(tmp_path, monkeypatch, 
     last = tmp_path / "last.pt"
     last.write_bytes(b"the previous checkpoint")
 
-    def full_disk(obj, path):  # as torch.save on a full disk: part of the file written, then the error
-        Path(path).write_bytes(b"PK\x03\x04 part of a checkpoint")
+    def full_disk(obj, f):  # as torch.save on a full disk: part of the file written, then the error
+        f.write(b"PK\x03\x04 part of a checkpoint")
         raise error
     monkeypatch.setattr(torch, "save", full_disk)
     with pytest.raises(archive.CheckpointError) as e:
@@ -2917,8 +2919,8 @@ def test_resume_refuses_another_runs_checkpoint(tmp_path, synth_tree):
     run = ["--dataset", "synthetic", "--shots", "1", "--batch-size", "9", "--micro-batch", "9", "--epochs", "1",
            "--frames", "2", "--device", "cpu", "--eval-every", "0"]
     train.main(train.get_args(run + ["--out", str(tmp_path / "a")]))
-    with pytest.raises(archive.CheckpointError, match=r"continues a synthetic run on synthetic \(9 classes\), "
-                                                         r"not this supervised run on ucf101 \(18 classes\)"):
+    with pytest.raises(vifi.ConfigError, match=r"--dataset ucf101: \S+last.pt continues a run with --dataset "
+                                                 r"synthetic; leave --dataset out"):
         train.main(train.get_args(file_run(synth_tree, "--workers", "0", "--out", str(tmp_path / "b"),
                                            "--resume", str(tmp_path / "a" / "last.pt"))))
 
@@ -2928,10 +2930,18 @@ def test_resume_refuses_what_it_cannot_continue(tmp_path):
     train.main(train.get_args(TINY_RUN + ["--epochs", "1", "--out", out]))
     last = os.path.join(out, "last.pt")
     other_size = ["--model", fixture("clip_tiny_openai_jit.pt")]
-    for flags, error in ((other_size, r"last.pt: key 'clip\.\S+' has shape .* the model these flags build"),
-                         (["--towers", "text"], "optimizer state does not fit what these flags train")):
-        with pytest.raises(archive.CheckpointError, match=error):
+    for flags, error in ((other_size, rf"--model {re.escape(other_size[1])}: \S+last.pt continues a run with "
+                                      r"--model scratch"),
+                         (["--towers", "text"], "--towers text: .* continues a run with --towers both")):
+        with pytest.raises(vifi.ConfigError, match=error):
             train.main(train.get_args(TINY_RUN + [*flags, "--resume", last, "--out", str(tmp_path / "again")]))
+    ck = torch.load(last, weights_only=True)  # settings edited in the file: the weights and optimizer still checked
+    for change, error in (({"model": fixture("clip_tiny_openai_jit.pt")}, r"key 'clip\.\S+' has shape .* the model "
+                                                                           "these flags build"),
+                          ({"towers": "text"}, "optimizer state does not fit what these flags train")):
+        torch.save({**ck, "args": {**ck["args"], **change}}, tmp_path / "edited.pt")
+        with pytest.raises(archive.CheckpointError, match=error):
+            train.main(train.get_args(["--resume", str(tmp_path / "edited.pt"), "--out", str(tmp_path / "again")]))
     with pytest.raises(vifi.ConfigError, match=f"only evaluates: to evaluate {re.escape(last)}, pass it as --check"):
         train.main(train.get_args(TINY_RUN + ["--eval-only", "--resume", last, "--out", str(tmp_path / "again")]))
     flip_bytes(Path(last), os.path.getsize(last) // 2)
@@ -3040,6 +3050,139 @@ def test_eleven_unreadable_videos_in_a_row_in_a_worker_exit_2_in_one_line(tmp_pa
     assert "bad.avi: not a readable video" in errors[0]
 
 
+# The output folder: one writer, no link followed, nothing replaced silently, resume, Ctrl-C
+
+# One optimizer step per epoch on the synthetic set; evaluation after the last epoch only.
+ONE_STEP_RUN = ["--dataset", "synthetic", "--shots", "1", "--batch-size", "9", "--micro-batch", "9", "--frames", "2",
+                "--device", "cpu", "--eval-every", "0"]
+
+
+def test_a_second_run_on_one_out_exits_2_and_ctrl_c_prints_how_to_resume(tmp_path):
+    out = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "train.py", *ONE_STEP_RUN, "--epochs", "40", "--out", str(out)],
+                             cwd=HERE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                             start_new_session=True)
+    deadline = time.time() + 240
+    while not (out / "last.pt").exists() and time.time() < deadline and first.poll() is None:
+        time.sleep(0.2)
+    assert (out / "last.pt").exists(), first.stderr.read()[-2000:]
+    second = run_cli("train.py", *ONE_STEP_RUN, "--epochs", "40", "--out", str(out), "--resume", str(out / "last.pt"))
+    assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr[-2000:]
+    assert second.stderr.startswith(f"error: --out {out} is in use by another run (pid {first.pid}: ")
+    assert second.stderr.count("\n") == 1 and "train.py" in second.stderr
+    os.killpg(first.pid, signal.SIGINT)  # as a terminal's Ctrl-C: to the whole process group
+    stderr = first.communicate(timeout=120)[1]
+    assert first.returncode == 130 and "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-2000:]
+    assert stderr.splitlines()[-1] == (f"interrupted: {out / 'last.pt'} holds the last finished epoch; continue "
+                                       f"with: python train.py --resume {out / 'last.pt'} --device cpu")
+    assert sum("interrupted" in line for line in stderr.splitlines()) == 1
+
+
+def test_resume_restores_the_runs_settings(tmp_path, monkeypatch):
+    run = ONE_STEP_RUN + ["--epochs", "3", "--lr", "3e-4", "--warmup-epochs", "1", "--label-smoothing", "0.2"]
+    train.main(train.get_args(run + ["--out", str(tmp_path / "a")]))
+    monkeypatch.setattr(report, "write_curves", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):  # killed after epoch 1's last.pt
+        train.main(train.get_args(run + ["--out", str(tmp_path / "b")]))
+    monkeypatch.undo()
+    last = str(tmp_path / "b" / "last.pt")
+    with pytest.raises(vifi.ConfigError, match=rf"--epochs 5: {re.escape(last)} continues a run with --epochs 3"):
+        train.get_args(["--resume", last, "--epochs", "5"])
+    args = train.get_args(["--resume", last, "--workers", "1"])  # where and how it runs may change
+    assert (args.epochs, args.lr, args.label_smoothing, args.workers, args.out) == (3, 3e-4, 0.2, 1, str(tmp_path / "b"))
+    train.main(train.get_args(["--resume", last]))  # the presets are 2 epochs at 1e-3
+    a, b = (torch.load(tmp_path / d / "last.pt", weights_only=True) for d in "ab")
+    assert a["epoch"] == b["epoch"] == 2 and a["step"] == b["step"] == 3
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    rows = [[json.loads(line) for line in open(tmp_path / d / "log.jsonl")] for d in "ab"]
+    for ra, rb in zip(*rows, strict=True):
+        assert {k: v for k, v in ra.items() if k != "clips_per_s"} == {k: v for k, v in rb.items() if k != "clips_per_s"}
+    assert len({r["lr"] for r in rows[1]}) == 3 and max(r["lr"] for r in rows[1]) <= 3e-4  # its schedule, not 1e-3's
+
+
+def test_a_last_pt_with_a_malformed_rng_or_log_is_one_error(tmp_path):
+    train.main(train.get_args(ONE_STEP_RUN + ["--epochs", "1", "--warmup-epochs", "0.5", "--out", str(tmp_path / "a")]))
+    good = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
+    for name, change in (("rng", {"rng": {"python": (3, (1, 2), None), "torch": good["rng"]["torch"][:10]}}),
+                         ("rng", {"rng": "seed 1"}), ("log", {"log": [{"epoch": "one"}]}), ("log", {"log": 7})):
+        torch.save({**good, **change}, tmp_path / "bad.pt")
+        run = run_cli("train.py", "--resume", str(tmp_path / "bad.pt"), "--out", str(tmp_path / "c"))
+        assert run.returncode == 2 and "Traceback" not in run.stderr and run.stderr.count("\n") == 1, run.stderr
+        assert f"--resume {tmp_path / 'bad.pt'}: its {name} entry is not what train.py writes" in run.stderr
+
+
+def test_an_earlier_run_is_never_replaced_silently(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    for name in ("results.json", "last.pt"):  # a finished run; one killed before its end
+        shutil.rmtree("done", ignore_errors=True)
+        os.makedirs("done")
+        (tmp_path / "done" / name).write_text("an earlier run")
+        with pytest.raises(vifi.ConfigError, match=f"--out done already holds a run \\({name}\\): "
+                                                   f"{'continue it with --resume done/last.pt, ' * (name == 'last.pt')}"
+                                                   "replace it with --overwrite, or choose another --out"):
+            train.check_args(train.get_args(["--out", "done"]), world=1)
+    args = train.get_args(["--out", "done", "--overwrite"])
+    train.check_args(args, world=1)
+    (tmp_path / "done" / "test_list.txt").write_text("old")
+    (tmp_path / "done" / "notes.txt").write_text("the user's")
+    with train.own_out(args):  # the earlier run's files go, the user's stay
+        assert sorted(os.listdir("done")) == [".lock", "notes.txt"]
+    for folder in ("runs/synthetic-synthetic", "runs/synthetic-synthetic-2"):  # the default folder: the next free one
+        os.makedirs(folder)
+        (tmp_path / folder / "results.json").write_text("{}")
+    args = train.get_args([])
+    train.check_args(args, world=1)
+    assert args.out == "runs/synthetic-synthetic-3"
+    assert "runs/synthetic-synthetic holds an earlier run; this one writes to runs/synthetic-synthetic-3" in \
+        capsys.readouterr().err
+
+
+def test_links_planted_in_out_are_not_followed(tmp_path):
+    out, victim = tmp_path / "out", tmp_path / "victim"
+    out.mkdir()
+    victim.mkdir()
+    names = ["results.json", "last.pt", "best.pt", "log.jsonl", "curves.svg", "train_list.txt", "train_labels.csv",
+             "base_list.txt", "base_labels.csv", "novel_list.txt", "novel_labels.csv", "last.pt.tmp", "log.jsonl.tmp"]
+    for name in names:
+        (victim / name).write_text("precious")
+        (out / name).symlink_to(victim / name)
+    train.main(train.get_args(ONE_STEP_RUN + ["--epochs", "1", "--out", str(out), "--overwrite"]))
+    assert all((victim / n).read_text() == "precious" for n in names)
+    assert all(not (out / n).is_symlink() for n in names[:11]) and (out / "curves.svg").read_text().startswith("<svg")
+    (out / "curves.svg").unlink()
+    (out / "curves.svg").symlink_to(victim / "curves.svg")
+    with archive.replacing(str(out / "curves.svg")) as f:  # the helper every writer uses, on its own
+        f.write("new")
+    assert (out / "curves.svg").read_text() == "new" and (victim / "curves.svg").read_text() == "precious"
+    (out / ".lock").unlink()
+    (out / ".lock").symlink_to(victim / "lock")
+    with pytest.raises(vifi.ConfigError, match="cannot open its lock file"):
+        with train.own_out(train.get_args(["--out", str(out), "--overwrite"])):
+            pass
+    assert not (victim / "lock").exists()
+
+
+def test_a_full_disk_while_writing_the_curves_warns_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
+    real = archive.replacing
+
+    @contextlib.contextmanager
+    def full_for_curves(path, mode="w"):
+        with real(path, mode) as f:  # the temp file exists; its first write finds the disk full
+            if path.endswith("curves.svg"):
+                f.write = lambda *a: (_ for _ in ()).throw(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+            yield f
+    monkeypatch.setattr(archive, "replacing", full_for_curves)
+    out = tmp_path / "out"
+    train.main(train.get_args(ONE_STEP_RUN + ["--epochs", "2", "--out", str(out)]))
+    assert f"warning: could not write {out / 'curves.svg'} (No space left on device); training goes on" in \
+        capsys.readouterr().err
+    assert sorted(os.listdir(out)) == [".lock", "base_labels.csv", "base_list.txt", "best.pt", "last.pt",
+                                       "log.jsonl", "novel_labels.csv", "novel_list.txt", "results.json",
+                                       "train_labels.csv", "train_list.txt"]  # no curves.svg, empty or not
+    assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 1
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # tools.py
 
@@ -3067,7 +3210,7 @@ def test_prepare_keeps_names_and_frames_with_short_keyframe_intervals(tmp_path):
     names = ["a/clip.avi", "b/clip.mp4", "b/c/clip.webm"]
     flags = list_dataset(src, names)
     assert tools.main(["prepare", *flags, "--root", src, "--out", out, "--keyint", "4", "--workers", "2"]) == 0
-    assert sorted(os.listdir(out)) == ["a", "b", "labels.csv", "list.txt"]  # annotations copied, no temp files
+    assert sorted(os.listdir(out)) == [".lock", "a", "b", "labels.csv", "list.txt"]  # annotations, no temp files
     for name, (_, codec) in zip(names, CODECS):
         with data.VideoReader(os.path.join(src, name)) as before, data.VideoReader(os.path.join(out, name)) as after:
             assert after.stream.codec_context.name == {"libx264": "h264", "libvpx-vp9": "vp9"}.get(codec, codec)
@@ -3092,7 +3235,7 @@ def test_prepare_resumes_and_reports_unreadable_sources(tmp_path, capsys):
         f.write("broken.mp4 1\n")
     os.makedirs(out)  # an interrupted run: v0 finished, v1 half written under its temp name
     tools.prepare_video(os.path.join(src, "v0.mp4"), os.path.join(out, "v0.mp4"))
-    with open(os.path.join(out, "v1.mp4.tmp"), "w") as f:
+    with open(os.path.join(out, "v1.mp4.4321-0123abcd.tmp"), "w") as f:
         f.write("half a video")
     finished = os.stat(os.path.join(out, "v0.mp4")).st_mtime_ns
     assert tools.main(["prepare", *flags]) == 1
@@ -3168,6 +3311,40 @@ def test_readme_data_commands_run(tmp_path):
         run = run_cli("tools.py", *[names.get(a, a) for a in argv])
         assert run.returncode == 0, (argv, run.stderr[-2000:])
     assert "train: 1152 videos in 18 classes, 0 listed but missing, 0 unreadable" in run.stdout
+
+
+def test_prepare_follows_no_link_out_of_root_and_locks_its_out(tmp_path):
+    src, out, secret = tmp_path / "src", tmp_path / "out", tmp_path / "secret"
+    flags = list_dataset(str(src), ["v.avi"])
+    secret.mkdir()
+    (secret / "key.txt").write_text("secret")
+    (src / "leak.txt").symlink_to(secret / "key.txt")  # a link under --root to a file outside it
+    (src / "loop.txt").symlink_to(src / "loop.txt")
+    (src / "gone.txt").symlink_to(tmp_path / "nothing")
+    run = run_cli("tools.py", "prepare", *flags, "--root", str(src), "--out", str(out), "--workers", "1")
+    assert run.returncode == 0 and "Traceback" not in run.stderr, run.stderr[-2000:]
+    assert f"skipped {src / 'leak.txt'}: a link to {secret / 'key.txt'}, outside --root" in run.stdout
+    for name in ("loop.txt", "gone.txt"):
+        assert f"skipped {src / name}: a link that loops or whose target is missing" in run.stdout
+    assert sorted(os.listdir(out)) == [".lock", "labels.csv", "list.txt", "v.avi"]
+    (tmp_path / "inside").symlink_to(src / "sub", target_is_directory=True)  # --out a link into --root
+    (tmp_path / "afile").write_text("")
+    for target, message in ((tmp_path / "inside", "must lie outside --root"), (tmp_path / "afile", "is a file")):
+        run = run_cli("tools.py", "prepare", *flags, "--root", str(src), "--out", str(target))
+        assert run.returncode == 2 and message in run.stderr and run.stderr.count("\n") == 1, run.stderr
+    holder = subprocess.Popen([sys.executable, "-c", "import archive, sys, time\n"
+                               f"with archive.lock_folder({str(out)!r}, '--out'):\n print('held', flush=True)\n"
+                               " time.sleep(60)"], cwd=HERE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        run = run_cli("tools.py", "prepare", *flags, "--root", str(src), "--out", str(out))
+        assert run.returncode == 2 and f"--out {out} is in use by another run (pid {holder.pid}: " in run.stderr
+        assert run.stderr.count("\n") == 1, run.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+    run = run_cli("tools.py", "prepare", *flags, "--root", str(src), "--out", str(out), "--workers", "1")
+    assert run.returncode == 0  # the killed holder's lock is gone with it
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -23,7 +23,6 @@ Also here for the tests and bench.py: make_test_video, a generated video whose f
 """
 
 import argparse
-import contextlib
 import itertools
 import os
 import shutil
@@ -38,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import archive
 import data
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -91,13 +91,13 @@ QUALITY = {"libx264": 20, "libvpx-vp9": 32, "mpeg4": 3}
 def prepare_video(src, dst, keyint=8, quality=None, short_side=256, fast_decode=True):
     """Re-encode `src` into `dst` (container and encoder from dst's extension) with a keyframe every `keyint`
     frames, scaled down to `short_side` if its short side is longer. Every frame is kept, at the source's average
-    rate; audio is dropped. Written through dst + '.tmp': dst exists only complete."""
+    rate; audio is dropped. Written through archive.replacing: dst exists only complete."""
     if os.path.splitext(dst)[1].lower() not in ENCODERS:
         raise data.VideoError(f"{src}: cannot write {os.path.splitext(dst)[1]!r} here, only {', '.join(ENCODERS)}")
     fmt, codec = ENCODERS[os.path.splitext(dst)[1].lower()]
     q = {**QUALITY, **(quality or {})}[codec]
     with data.VideoReader(src) as video, data._video_errors(src, "cannot decode"), \
-            av.open(dst + ".tmp", "w", fmt) as out:
+            archive.replacing(dst, "wb") as f, av.open(f, "w", fmt) as out:
         h, w = video.stream.height, video.stream.width
         scale = min(1.0, short_side / min(h, w)) if short_side else 1.0
         height, width = 2 * round(h * scale / 2), 2 * round(w * scale / 2)  # 4:2:0 chroma needs even sides
@@ -117,12 +117,11 @@ def prepare_video(src, dst, keyint=8, quality=None, short_side=256, fast_decode=
             frame.pts, frame.time_base = i, 1 / rate  # frame i at i / rate: no gaps
             out.mux(stream.encode(frame))
         out.mux(stream.encode())
-    os.replace(dst + ".tmp", dst)
 
 
 def _prepare_one(task):
     """Pool worker: (src, dst, settings) -> (bytes of src, bytes of dst, error or ''). A dst that exists was
-    finished by an earlier run (see prepare_video); a leftover dst + '.tmp' is overwritten."""
+    finished by an earlier run (see prepare_video)."""
     src, dst, settings = task
     try:
         if not os.path.exists(dst):
@@ -130,8 +129,6 @@ def _prepare_one(task):
             prepare_video(src, dst, **settings)
         return os.path.getsize(src), os.path.getsize(dst), ""
     except (data.VideoError, OSError) as error:
-        with contextlib.suppress(OSError):
-            os.remove(dst + ".tmp")
         return 0, 0, str(error).replace("\n", " ")
 
 
@@ -145,11 +142,37 @@ def _quality(text):
 
 def prepare(args):
     """Every video the dataset lists (all splits and folds) re-encoded into --out under the same relative path, and
-    every other file under --root of at most 256 MB (annotations) copied. Returns the exit code."""
-    root, out = os.path.abspath(args.root), os.path.abspath(args.out)
+    every other file under --root of at most 256 MB (annotations) copied; links that lead out of --root, loop or
+    dangle are skipped, each named. One prepare per --out at a time (a lock). Returns the exit code."""
+    root, out = os.path.realpath(args.root), os.path.realpath(args.out)  # real paths: a link cannot hide --out in --root
     if out == root or out.startswith(root + os.sep):
         print(f"error: --out {args.out} must lie outside --root {args.root}", file=sys.stderr)
         return 2
+    if os.path.exists(out) and not os.path.isdir(out):
+        print(f"error: --out {args.out} is a file; expected a folder for the prepared copy (new or from an earlier "
+              "prepare)", file=sys.stderr)
+        return 2
+    try:
+        with archive.lock_folder(out, "--out"):
+            archive.remove_temps(out)  # a killed prepare's half-written files
+            return prepare_locked(args, root, out)
+    except archive.FolderInUse as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def outside(path, root):
+    """Why `path` under `root` is skipped ('' if it is not): a link whose target is missing, loops, or lies outside
+    `root` (its contents would be copied out of a folder the user did not name)."""
+    real = os.path.realpath(path)
+    if not os.path.exists(path):
+        return f"skipped {path}: a link that loops or whose target is missing"
+    if real != root and not real.startswith(root + os.sep):
+        return f"skipped {path}: a link to {real}, outside --root"
+    return ""
+
+
+def prepare_locked(args, root, out):
     lists = [("train", 1, f) for f in args.list_file or [None]] if args.dataset == "list" else [
         (split, fold, None) for split in ("train", "test") for fold in  # a fold's unused videos are another's
         ((1, 2, 3) if args.dataset in ("ucf101", "hmdb51") else (1,))]
@@ -162,24 +185,35 @@ def prepare(args):
             if fold == 1:  # folds 2 and 3 may be absent from a copy: the same videos, split otherwise
                 print(f"error: {error}", file=sys.stderr)
                 return 2
+    skipped = {p: why for p in paths if (why := outside(p, root))}
     settings = dict(keyint=args.keyint, quality=dict(args.quality), short_side=args.short_side)
-    tasks = [(p, os.path.join(out, os.path.relpath(p, root)), settings) for p in sorted(paths)]
+    tasks = [(p, os.path.join(out, os.path.relpath(p, root)), settings) for p in sorted(paths - skipped.keys())]
     start, sizes, errors = time.time(), [], []
     with Pool(max(1, args.workers)) as pool:
         for before, after, error in tqdm(pool.imap_unordered(_prepare_one, tasks), total=len(tasks),
                                          desc="preparing", unit="video", smoothing=0.05):
             (errors.append(error) if error else sizes.append((before, after)))
     before, after = (sum(s) for s in zip(*sizes)) if sizes else (0, 0)
-    others = [os.path.join(d, n) for d, _, names in os.walk(root) for n in names if not n.lower().endswith(
-        data.VIDEO_EXTENSIONS) and os.path.getsize(os.path.join(d, n)) <= 2 ** 28]
+    others = []  # os.walk follows no link to a folder; a link to a file is checked as the videos are
+    for src in (os.path.join(d, n) for d, _, names in os.walk(root) for n in names):
+        if src.lower().endswith(data.VIDEO_EXTENSIONS) or src in skipped:
+            continue
+        if why := outside(src, root):
+            skipped[src] = why
+        elif os.path.getsize(src) <= 2 ** 28:
+            others.append(src)
     for src in others:
-        os.makedirs(os.path.dirname(os.path.join(out, os.path.relpath(src, root))), exist_ok=True)
-        shutil.copy2(src, os.path.join(out, os.path.relpath(src, root)))
+        dst = os.path.join(out, os.path.relpath(src, root))
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        with open(src, "rb") as f, archive.replacing(dst, "wb") as g:
+            shutil.copyfileobj(f, g)
     print(f"{len(sizes)} of {len(tasks)} videos in {out}, {len(errors)} unreadable and left out: {before / 1e9:.3g} "
           f"GB -> {after / 1e9:.3g} GB ({after / max(before, 1):.2f}x); {len(others)} other files copied; "
           f"{time.time() - start:.0f} s")
     for error in errors:
         print(f"  unreadable: {error}")
+    for why in skipped.values():
+        print(f"  {why}")
     return 1 if errors else 0
 
 

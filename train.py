@@ -14,9 +14,11 @@ the split lists to `--out`.
 """
 import argparse
 import contextlib
+import glob
 import json
 import os
 import random
+import shlex
 import shutil
 import sys
 import time
@@ -104,14 +106,47 @@ def get_args(argv=None):
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations: less memory")
     g.add_argument("--out", help="output folder (default: runs/<dataset>-<protocol>)")
-    g.add_argument("--resume", help="continue from DIR/last.pt")
+    g.add_argument("--resume", help="continue from DIR/last.pt, with its run's settings (README: Outputs)")
+    g.add_argument("--overwrite", action="store_true", help="replace the run already in --out (default: refuse "
+                                                            "an explicit --out that holds one)")
     g.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint (or the base model) on the "
                                                             "protocol's test sets, with its frames and views")
     args = p.parse_args(argv)
-    if args.dataset == "list" and not args.protocol and protocols.infer(args) == "supervised":
+    unset = object()  # argparse fills in a default only where the namespace lacks the name: what stays unset
+    given = {k for k, v in vars(p.parse_args(argv, argparse.Namespace(**{k: unset for k in vars(args)}))).items()
+             if v is not unset}
+    if args.dataset == "list" and not args.protocol and protocols.infer(args) == "supervised" and not args.resume:
         raise vifi.ConfigError(f"--dataset list: say whose settings to use with --protocol "
                                f"({', '.join(protocols.PROTOCOLS)}); the lists are used as they are")
-    return protocols.resolve(args)
+    args = protocols.resolve(args)
+    if args.resume and os.path.isfile(args.resume) and not args.eval_only:  # else refused by check_args
+        restore_settings(args, given)
+    args._given = given
+    return args
+
+
+# Flags that may differ from the resumed run's: where and how it runs, not what it computes. The others are the
+# run's settings, restored from last.pt; given again with another value, they are refused.
+RESUME_MAY_CHANGE = ("workers", "device", "precision", "compile", "grad_checkpointing", "micro_batch", "root",
+                     "eval_roots", "out", "overwrite")
+
+
+def restore_settings(args, given):
+    """--resume: the settings saved in last.pt, over the presets; a flag given again must agree with them, except
+    those in RESUME_MAY_CHANGE. --out defaults to the folder of last.pt."""
+    saved = read_last(args.resume)["args"]
+    for key, value in saved.items():
+        if key in ("resume", "out", "device", "overwrite") or key.startswith("_") or not hasattr(args, key):
+            continue  # this run's own, or a setting this version no longer has
+        if key in given and getattr(args, key) != value and key not in RESUME_MAY_CHANGE:
+            flag = "--" + key.replace("_", "-")
+            raise vifi.ConfigError(f"{flag} {getattr(args, key)}: {args.resume} continues a run with {flag} {value}; "
+                                   f"leave {flag} out to resume it, or start a new run with --checkpoint "
+                                   f"{args.resume} to use its weights")
+        if key not in given:
+            setattr(args, key, value)
+    if "out" not in given:
+        args.out = os.path.dirname(args.resume) or "."
 
 
 def check_args(args, world):
@@ -148,6 +183,14 @@ def check_args(args, world):
         data.parse_views(args.views)
     except data.DatasetError as e:  # said as the other flags' errors
         raise vifi.ConfigError(str(e)) from None
+    if "out" not in args._given and not args.resume:  # the default folder: a rerun takes the next free one
+        base, n = args.out, 1
+        while earlier_run(args):
+            n += 1
+            args.out = f"{base}-{n}"
+        if n > 1:
+            print(f"note: {base} holds an earlier run; this one writes to {args.out}", file=sys.stderr)
+    check_out(args)
     if not args.eval_only and args.warmup_epochs >= args.epochs:
         top = args.lr * args.epochs / args.warmup_epochs
         print(f"warning: the run ({args.epochs} epochs) ends inside the warm-up ({args.warmup_epochs:g} epochs): the "
@@ -249,15 +292,36 @@ def checkpoint(t, args):
     rng = {"python": random.getstate(), "torch": torch.get_rng_state()}
     return {"model": t.model.state_dict(), "vifi": vifi.checkpoint_config(t.model),
             "optimizer": t.optimizer.state_dict(), "scaler": t.scaler.state_dict(), "epoch": t.epoch, "step": t.step,
-            "best_top1": t.best_top1, "best_epoch": t.best_epoch, "log": t.log, "rng": rng, "args": dict(vars(args))}
+            "best_top1": t.best_top1, "best_epoch": t.best_epoch, "log": t.log, "rng": rng,
+            "args": {k: v for k, v in vars(args).items() if not k.startswith("_")}}
 
 
-def resume(t, path, args):
-    """Continue t from a last.pt written by a run of the same flags: weights, optimizer, scaler, progress, rngs."""
+def read_last(path):
+    """A last.pt's contents, its entries checked to be what checkpoint() writes (archive.CheckpointError if not)."""
     ck = vifi.read_checkpoint(path)
     if not {"optimizer", "vifi", "args"} <= ck.keys():  # best.pt and the official releases lack some of them
         raise archive.CheckpointError(f"--resume {path}: not a last.pt written by train.py (no optimizer state, model "
                                       "config or flags); to start from its weights, use --checkpoint")
+    rng, log = ck.get("rng"), ck.get("log")
+    python_rng = rng.get("python") if isinstance(rng, dict) else None
+    malformed = [name for name, ok in (
+        ("args", isinstance(ck["args"], dict)),
+        ("epoch, step, best_epoch", all(type(ck.get(k)) is int for k in ("epoch", "step", "best_epoch"))),
+        ("best_top1", isinstance(ck.get("best_top1"), (int, float))),
+        ("rng", isinstance(python_rng, tuple) and len(python_rng) == 3 and isinstance(python_rng[1], tuple)
+         and torch.is_tensor(rng.get("torch")) and rng["torch"].dtype == torch.uint8),
+        ("log", isinstance(log, list) and all(isinstance(r, dict) and type(r.get("epoch")) is int and all(
+            isinstance(v, (int, float, str)) for v in r.values()) for r in log))) if not ok]
+    if malformed:
+        raise archive.CheckpointError(f"--resume {path}: its {malformed[0]} entry is not what train.py writes (the "
+                                      "file was edited or written by other code); resume from another last.pt, or "
+                                      "start from its weights with --checkpoint")
+    return ck
+
+
+def resume(t, path, args):
+    """Continue t from a last.pt written by a run of the same settings: weights, optimizer, scaler, progress, rngs."""
+    ck = read_last(path)
     saved = (ck["args"].get("dataset"), ck["args"].get("protocol"), ck["vifi"].get("classnames"))
     if saved != (args.dataset, args.protocol, t.model.classnames):
         raise archive.CheckpointError(
@@ -275,8 +339,12 @@ def resume(t, path, args):
     t.scaler.load_state_dict(ck["scaler"])
     t.epoch, t.step, t.best_top1, t.best_epoch, t.log = (
         ck["epoch"] + 1, ck["step"], ck["best_top1"], ck["best_epoch"], ck["log"])
-    random.setstate(ck["rng"]["python"])
-    torch.set_rng_state(ck["rng"]["torch"])
+    try:
+        random.setstate(ck["rng"]["python"])
+        torch.set_rng_state(ck["rng"]["torch"])
+    except (TypeError, ValueError, RuntimeError) as e:  # the right types, the wrong contents
+        raise archive.CheckpointError(f"--resume {path}: its rng entry is not what train.py writes ({e}); resume "
+                                      "from another last.pt, or start from its weights with --checkpoint") from None
     return ck
 
 
@@ -334,6 +402,49 @@ def single_view(dataset):
 # ----------------------------------------------------------------------------------------------------------------
 # Outputs
 
+# What a run writes into --out (with {name}_list.txt and {name}_labels.csv per set): --overwrite removes them first.
+OUTPUTS = ("results.json", "last.pt", "best.pt", "log.jsonl", "curves.svg")
+
+
+def earlier_run(args):
+    """The file of an earlier run in --out that this run would replace (results.json or last.pt), else None. The
+    folder that holds --resume's last.pt is the run being continued, not an earlier one."""
+    found = next((name for name in ("results.json", "last.pt") if os.path.isfile(os.path.join(args.out, name))), None)
+    if found and args.resume and os.path.samefile(os.path.dirname(args.resume) or ".", args.out):
+        return None
+    return found
+
+
+def check_out(args):
+    """Refuse to replace an earlier run in --out unless --overwrite says so: a finished result is never lost
+    silently (checked with the flags, and again under the folder's lock)."""
+    found = earlier_run(args)
+    if found and not args.overwrite:
+        resume = f"continue it with --resume {os.path.join(args.out, 'last.pt')}, " if found == "last.pt" else ""
+        raise vifi.ConfigError(f"--out {args.out} already holds a run ({found}): {resume}replace it with "
+                               "--overwrite, or choose another --out")
+
+
+@contextlib.contextmanager
+def own_out(args):
+    """Rank 0 holds --out's lock for the whole run (archive.lock_folder), then checks again that it replaces no
+    earlier run, removes the temp files of a killed one, and with --overwrite that run's files: none of them mixes
+    into this run's."""
+    try:
+        with archive.lock_folder(args.out, "--out"):
+            check_out(args)
+            archive.remove_temps(args.out)
+            if args.overwrite:
+                for path in [*(os.path.join(args.out, n) for n in OUTPUTS),
+                             *glob.glob(os.path.join(glob.escape(args.out), "*_list.txt")),
+                             *glob.glob(os.path.join(glob.escape(args.out), "*_labels.csv"))]:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(path)
+            yield
+    except archive.FolderInUse as e:
+        raise vifi.ConfigError(str(e)) from None
+
+
 def write_outputs(ck, out):
     """best.pt (when the checkpoint's epoch is the best), log.jsonl and curves.svg, each rebuilt whole from a
     last.pt checkpoint `ck`, after it is saved: a run killed between two of these writes has them all back on
@@ -341,22 +452,22 @@ def write_outputs(ck, out):
     if ck["best_epoch"] == ck["epoch"] + 1:  # what evaluation and fine-tuning need; resuming reads last.pt
         save_atomic({k: ck[k] for k in ("model", "vifi", "epoch", "best_top1", "best_epoch", "args")},
                     os.path.join(out, "best.pt"))
-    with open(os.path.join(out, "log.jsonl.tmp"), "w") as f:
+    with archive.replacing(os.path.join(out, "log.jsonl")) as f:
         f.writelines(json.dumps(row) + "\n" for row in ck["log"])
-    os.replace(os.path.join(out, "log.jsonl.tmp"), os.path.join(out, "log.jsonl"))
-    report.write_curves(ck["log"], os.path.join(out, "curves.svg"))
+    try:
+        report.write_curves(ck["log"], os.path.join(out, "curves.svg"))
+    except OSError as e:  # a picture of log.jsonl: not worth stopping a run whose checkpoint is safe
+        print(f"warning: could not write {os.path.join(out, 'curves.svg')} ({e.strerror or e}); training goes on, "
+              "and log.jsonl holds the same numbers", file=sys.stderr)
 
 
 def save_atomic(obj, path):
-    """torch.save through a temp file renamed into place: a crash mid-write never leaves a half checkpoint under the
-    real name, and a failed write (a full disk, a quota) removes the temp file and says what happened."""
-    tmp = path + ".tmp"
+    """torch.save through archive.replacing: a crash mid-write never leaves a half checkpoint under the real name,
+    and a failed write (a full disk, a quota) leaves no temp file and says what happened."""
     try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
+        with archive.replacing(path, "wb") as f:
+            torch.save(obj, f)
     except (OSError, RuntimeError) as e:  # torch reports a full disk as RuntimeError("... unexpected pos ...")
-        if os.path.exists(tmp):
-            os.remove(tmp)
         reason = e.strerror if isinstance(e, OSError) and e.strerror else "the write stopped short"
         free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
         raise archive.CheckpointError(
@@ -377,7 +488,7 @@ def write_results(args, model, train_set, t, results, wall_time):
                    epochs=args.epochs, wall_time_s=wall_time, results=results, best=best,
                    paper_reports=protocols.REPORTED[args.protocol],
                    settings={k: v for k, v in vars(args).items() if not k.startswith("_")})
-    with open(os.path.join(args.out, "results.json"), "w") as f:
+    with archive.replacing(os.path.join(args.out, "results.json")) as f:
         json.dump(summary, f, indent=2)
     print(f"\n{'set':<20}{'videos':>8}{'classes':>9}{'top-1':>9}{'top-5':>9}")
     for name, r in results.items():
@@ -412,24 +523,39 @@ def main(args):
     train_set, tests = protocols.datasets(args, splits_dir)
     protocols.check_readable({"train": train_set, **tests})
     model = setup_model(args, train_set, tests, rt)
-    os.makedirs(args.out, exist_ok=True)
-    if rt.rank == 0:
-        for name, ds in {"train": train_set, **tests}.items():
-            if ds is not None:
-                data.write_list(ds, os.path.join(args.out, f"{name}_list.txt"), os.path.join(args.out, f"{name}_labels.csv"))
-    t, results = fit(model, train_set, tests, args, rt) if not args.eval_only else (None, None)
-    if results is None:  # evaluation only, or resumed after the last epoch
-        results = engine.evaluate_all(model, tests, args, rt)
-    if rt.rank == 0:
-        write_results(args, model, train_set, t, results, time.time() - t_start)
+    with own_out(args) if rt.rank == 0 else contextlib.nullcontext():
+        if rt.rank == 0:
+            for name, ds in {"train": train_set, **tests}.items():
+                if ds is not None:
+                    data.write_list(ds, os.path.join(args.out, f"{name}_list.txt"),
+                                    os.path.join(args.out, f"{name}_labels.csv"))
+        t, results = fit(model, train_set, tests, args, rt) if not args.eval_only else (None, None)
+        if results is None:  # evaluation only, or resumed after the last epoch
+            results = engine.evaluate_all(model, tests, args, rt)
+        if rt.rank == 0:
+            write_results(args, model, train_set, t, results, time.time() - t_start)
     if dist.is_initialized():
         dist.destroy_process_group()
     return results
 
 
+def interrupted(args):
+    """The line Ctrl-C prints: where last.pt is and the command that continues from it."""
+    last = os.path.join(args.out, "last.pt") if args else None
+    if not last or not os.path.isfile(last):
+        return "interrupted before the first epoch ended: nothing to resume; run the command again"
+    command = ["python", "train.py", "--resume", last, *(["--device", args.device] if args.device else [])]
+    return f"interrupted: {last} holds the last finished epoch; continue with: {shlex.join(command)}"
+
+
 if __name__ == "__main__":
+    args = None
     try:
-        main(get_args())
+        args = get_args()
+        main(args)
+    except KeyboardInterrupt:
+        print(f"\n{interrupted(args)}", file=sys.stderr)
+        sys.exit(130)
     except (data.DatasetError, archive.CheckpointError, tokenizer.VocabError, vifi.ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
