@@ -638,7 +638,7 @@ def print_header(device, b, tok_name):
 
 def print_summary(res):
     print()
-    if res["peak_unreliable"]:
+    if res.get("peak_unreliable"):
         print(f"* MFU n/a: a step ran faster than the peak measured ({fmt(res['peak_tflops'])} TFLOP/s), so that "
               "peak is unreliable (the machine was busy while it was timed) and every MFU above is too high; rerun on "
               "an idle machine")

@@ -2692,6 +2692,9 @@ def test_bench_small_runs_and_writes_finite_numbers(tmp_path):
                          env=env, capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "frames/s" in run.stdout and "pipeline clips/s" in run.stdout and "train.py loop" in run.stdout
+    # the benchmark's tables only: none of the inner train.py runs' output (bars, warnings, tables, results paths)
+    assert "\r" not in run.stdout + run.stderr and "results in" not in run.stdout and "set " not in run.stdout
+    assert "warning" not in run.stdout + run.stderr, run.stderr[-3000:]
     res = json.loads(out.read_text())
 
     def positive(v):
@@ -2704,8 +2707,9 @@ def test_bench_small_runs_and_writes_finite_numbers(tmp_path):
     expected |= {f"vifi_{kind}_c{c}" for kind in ("train", "eval", "train_official") for c in classes}
     assert set(res["model"]) == expected
     for key, row in res["model"].items():
-        for metric in ("ms", "frames_per_s", "tflops", "mfu"):
+        for metric in ("ms", "frames_per_s", "tflops"):
             assert positive(row[metric]), (key, metric, row)
+        assert (positive(row["mfu"]) and row["mfu"] <= 1) or (row["mfu"] is None and res["peak_unreliable"]), row
     if os.access("/proc/self/clear_refs", os.W_OK):  # the CPU peak-memory measurement needs it
         peaks = res["model"]["memory_ckpt"]["peak_mb"], res["model"]["memory_no_ckpt"]["peak_mb"], res["memory_ratio"]
         assert all(map(positive, peaks)), peaks
@@ -2734,3 +2738,28 @@ def test_readme_bench_commands_parse():
     assert {"--small", "--compile", "--json"} <= {a for c in commands for a in c}
     for argv in commands:
         bench.parse_args(argv)
+
+
+def test_bench_peak_is_the_fastest_matmul_and_mfu_never_exceeds_1(monkeypatch, capsys):
+    calls = []
+
+    def timed(fn, device, warmup, repeats):  # three matmuls of n = 4: 3 s, 1 s and 2 s
+        calls.append(repeats)
+        return [3.0, 1.0, 2.0]
+    monkeypatch.setattr(bench, "timings", timed)
+    b = bench.Bench(torch.device("cpu"), dict(matmul=4, warmup=0, repeats=3))
+    assert calls == [10] and b.peak == 2 * 4 ** 3 / 1.0  # 128 FLOP/s: the fastest, not the median (64)
+    capsys.readouterr()
+    b.add("half", "half the peak", seconds=0.5, frames=1, flops=32)  # 64 FLOP/s
+    assert b.rows["half"]["mfu"] == 0.5 and not b.peak_unreliable
+    assert capsys.readouterr().out.split()[-1] == "0.5"
+    b.add("over", "above the peak", seconds=0.1, frames=1, flops=32)  # 320 FLOP/s: 2.5x the peak
+    assert b.rows["over"]["mfu"] is None and b.peak_unreliable
+    assert capsys.readouterr().out.split()[-1] == "n/a*"
+    res = dict(model={}, memory_ratio=None, data={}, peak_tflops=b.peak / 1e12, peak_unreliable=True,
+               data_feed=dict(video="v", workers=2, pipeline_clips_per_s_per_worker=1.0, pipeline_clips_per_s=2.0,
+                              train_clips_per_s=3.0, feeds=False))
+    bench.print_summary(res)
+    assert "* MFU n/a: a step ran faster than the peak measured" in capsys.readouterr().out
+    bench.print_summary({**res, "peak_unreliable": False})
+    assert "MFU" not in capsys.readouterr().out
