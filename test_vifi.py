@@ -2526,6 +2526,17 @@ def test_piped_output_is_plain_lines_not_progress_bars(tmp_path):
                for line in lines if line.startswith("eval ")), lines
 
 
+def test_readme_first_block_installs_the_cpu_build_first_and_says_what_a_gpu_machine_does():
+    readme = open(os.path.join(HERE, "README.md")).read()
+    first, after = re.search(r"```bash\n(.*?)```\n\n(.*?)\n\n", readme, re.S).groups()
+    lines = first.splitlines()
+    ci_torch = re.search(r"pip install .*(torch==[\d.]+)", open(os.path.join(HERE, ".ci", "run")).read())[1]
+    assert lines[0].split("#")[0].split() == ["pip", "install", ci_torch, "--index-url",
+                                              "https://download.pytorch.org/whl/cpu"]
+    assert "CPU-only" in lines[0] and lines[1] == "pip install -r requirements.txt"
+    assert "On a GPU machine, leave it out" in after
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # tools.py
 
