@@ -163,8 +163,8 @@ def check_args(args, world):
 
 
 def warn_short_warm_up(args):
-    """A run that ends before its warm-up does never trains at --lr: said once everything else is accepted, just
-    before training. (A warm-up as long as the run reaches --lr at the end: nothing to say.)"""
+    """A run shorter than its warm-up never reaches --lr: said once the flags, data and model are accepted, just
+    before training. (A warm-up as long as the run reaches --lr at its end: nothing to say.)"""
     if not args.eval_only and args.warmup_epochs > args.epochs:
         top = args.lr * args.epochs / args.warmup_epochs
         print(f"warning: --warmup-epochs {args.warmup_epochs:g} is longer than the run ({args.epochs} epochs): the "
@@ -331,6 +331,7 @@ def fit(model, train_set, tests, args, rt):
             save_atomic(ck, os.path.join(args.out, "last.pt"))
             write_outputs(ck, args.out)
             tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+            sys.stdout.flush()  # a log file or a pipe gets each epoch's line when the epoch ends
     return t, results
 
 
@@ -430,7 +431,6 @@ def main(args):
         for name, ds in {"train": train_set, **tests}.items():
             if ds is not None:
                 data.write_list(ds, os.path.join(args.out, f"{name}_list.txt"), os.path.join(args.out, f"{name}_labels.csv"))
-    if rt.rank == 0:
         warn_short_warm_up(args)
     t, results = fit(model, train_set, tests, args, rt) if not args.eval_only else (None, None)
     if results is None:  # evaluation only, or resumed after the last epoch
