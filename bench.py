@@ -640,8 +640,8 @@ def print_summary(res):
     print()
     if res.get("peak_unreliable"):
         print(f"* MFU n/a: a step ran faster than the peak measured ({fmt(res['peak_tflops'])} TFLOP/s), so that "
-              "peak is unreliable (the machine was busy while it was timed) and every MFU above is too high; rerun on "
-              "an idle machine")
+              "peak is unreliable\n  (the machine was busy while it was timed) and every MFU above is too high; rerun "
+              "on an idle machine")
     for r in res["model"].values():
         if "speedup" in r:
             s = r["speedup"]  # the official-style step's time over the lean one's
