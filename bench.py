@@ -65,6 +65,7 @@ import vifi
 # --small has fewer classes: 400 prompts through its text tower would outweigh a step's 8 tiny frames many times over.
 FULL = dict(small=False, res=224, clips=32, T=8, classes=(101, 400), mem_clips=8, mem_T=32, data_T=(8, 32),
             data_size=224, matmul=8192, warmup=3, repeats=10)
+PEAK_REPEATS = 10  # matmuls timed for the peak (at least; --repeats more)
 SMALL = dict(small=True, res=32, clips=2, T=4, classes=(10, 40), mem_clips=2, mem_T=8, data_T=(8, 32),
              data_size=32, matmul=512, warmup=1, repeats=3)
 # --e2e: the trade-off grid of tools.py prepare, (keyframe interval, x264 CRF, fastdecode) on Kinetics-like videos;
@@ -122,7 +123,8 @@ def sync(device):
         torch.cuda.synchronize(device)  # kernels run asynchronously: without this we would time the launches
 
 
-def median_seconds(fn, device, warmup, repeats):
+def timings(fn, device, warmup, repeats):
+    """Seconds of each of `repeats` calls of fn, after `warmup` untimed ones."""
     for _ in range(warmup):  # the first calls pay for allocation, cuDNN autotuning and torch.compile
         fn()
     times = []
@@ -132,7 +134,12 @@ def median_seconds(fn, device, warmup, repeats):
         fn()
         sync(device)
         times.append(time.perf_counter() - start)
-    return statistics.median(times)  # the median ignores the odd hiccup (GC, another process) that a mean keeps
+    return times
+
+
+def median_seconds(fn, device, warmup, repeats):
+    # the median ignores the odd hiccup (GC, another process) that a mean keeps
+    return statistics.median(timings(fn, device, warmup, repeats))
 
 
 def memory(device, peak=False):
@@ -174,19 +181,28 @@ class Bench:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         n = cfg["matmul"]
         a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-        self.peak, self.peak_dtype = 2 * n ** 3 / self.seconds(lambda: a @ b), str(dtype).removeprefix("torch.")
+        # The peak is the fastest of several matmuls, not their median: other work on the machine only ever slows one
+        # down, and a peak measured too low would make every MFU too high.
+        fastest = min(timings(lambda: a @ b, device, cfg["warmup"], max(PEAK_REPEATS, cfg["repeats"])))
+        self.peak, self.peak_dtype = 2 * n ** 3 / fastest, str(dtype).removeprefix("torch.")
+        self.peak_unreliable = False  # set once a row would exceed the peak
 
     def seconds(self, fn, warmup=None):
         return median_seconds(fn, self.device, self.cfg["warmup"] if warmup is None else warmup, self.cfg["repeats"])
 
     def add(self, key, label, seconds, frames, flops, peak_bytes=None, **extra):
+        mfu = flops / seconds / self.peak
+        # Above 1, the model ran faster than the "peak": that matmul was timed while the machine was busy. The row
+        # gets no MFU, and the summary says that the other rows' are overestimates.
+        self.peak_unreliable |= mfu > 1
         r = dict(label=label, ms=1e3 * seconds, frames_per_s=frames / seconds, tflops=flops / seconds / 1e12,
-                 mfu=flops / seconds / self.peak, **extra)
+                 mfu=mfu if mfu <= 1 else None, **extra)
         if peak_bytes is not None:
             r["peak_mb"] = peak_bytes / 2 ** 20
         self.rows[key] = r
+        mfu_text = fmt(r["mfu"]) if r["mfu"] is not None else "n/a*"
         print(f"{r['label']:50s} {fmt(r['ms']):>9s} {fmt(r['frames_per_s']):>9s} {fmt(r['tflops']):>8s} "
-              f"{fmt(r['mfu']):>6s} {fmt(r['peak_mb']) if 'peak_mb' in r else '':>8s}", flush=True)  # as measured
+              f"{mfu_text:>6s} {fmt(r['peak_mb']) if 'peak_mb' in r else '':>8s}", flush=True)  # as measured
 
     def adamw(self, params):
         # fused: one kernel for the whole update instead of several per parameter tensor
@@ -530,11 +546,18 @@ def train_loop_rate(path, T, cfg, compiled, folder):
             str(e["micro_batch"]), "--workers", str(e["workers"]), "--views", "1x1", "--protocol", "supervised",
             "--out", out]
     # On a CPU the step runs on one thread and the workers get the other cores: OpenMP's threads crawl when the
-    # cores are oversubscribed
-    with one_thread() if e["cpu"] else contextlib.nullcontext():
+    # cores are oversubscribed. train.py's own output (its table, results path, warnings) is not the benchmark's.
+    with one_thread() if e["cpu"] else contextlib.nullcontext(), quiet():
         train.main(train.get_args(argv + ["--compile"] * compiled))
     with open(os.path.join(out, "log.jsonl")) as f:
         return [json.loads(line) for line in f][-1]["clips_per_s"]
+
+
+@contextlib.contextmanager
+def quiet():
+    """stdout and stderr (Python's, and warnings) discarded inside; an exception still propagates with its message."""
+    with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
+        yield
 
 
 def bench_train_loop(cfg, videos, prepared, folder, compiled):
@@ -616,6 +639,10 @@ def print_header(device, b, tok_name):
 
 def print_summary(res):
     print()
+    if res.get("peak_unreliable"):
+        print(f"* MFU n/a: a step ran faster than the peak measured ({fmt(res['peak_tflops'])} TFLOP/s), so that "
+              "peak is unreliable\n  (the machine was busy while it was timed) and every MFU above is too high; rerun "
+              "on an idle machine")
     for r in res["model"].values():
         if "speedup" in r:
             s = r["speedup"]  # the official-style step's time over the lean one's
@@ -667,6 +694,7 @@ def bench_model(args, device, cfg, results, videos):
         clip = b.new_clip()
         bench_vision(b, clip, compiled=True)
         bench_vifi(b, clip, tok, compiled=True)
+    results["peak_unreliable"] = b.peak_unreliable
     print_summary(results)
 
 

@@ -792,3 +792,11 @@ class SyntheticVideos(VideoDataset):
         classname = self.names[int(key.split("/")[1])]
         video = render_synthetic(classname, f"{self.seed}/{key}", self.frames, self.size)
         return video[None].expand(1 if self.train else self.clips * self.crops, *video.shape), NO_COLOUR
+
+
+if __name__ == "__main__":  # a library: the dataset commands (check, prepare, synth-ucf) are tools.py's
+    import shlex
+    import sys
+    print(f"error: data.py has no commands; check, prepare and synth-ucf are in tools.py: python tools.py "
+          f"{shlex.join(sys.argv[1:]) or '{check,prepare,synth-ucf} ...'}", file=sys.stderr)
+    sys.exit(2)

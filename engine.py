@@ -9,6 +9,7 @@ them over all processes. Mixup and the learning rate follow the protocol (protoc
 import contextlib
 import itertools
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -65,6 +66,13 @@ class EpochSampler(torch.utils.data.Sampler):
 
     def __len__(self):
         return len(self.indices())
+
+
+def bars(rt):
+    """Progress bars only for someone watching a terminal, on rank 0. Piped or redirected output gets plain lines
+    instead (one per epoch, train.py's, and one per evaluation), not the carriage returns and escape codes that
+    redraw a bar."""
+    return rt.rank == 0 and sys.stderr.isatty()
 
 
 def loader(dataset, args, rt, train):
@@ -130,7 +138,7 @@ def train_one_epoch(t, forward, loader, args, rt):
         g["lr"] = protocols.learning_rate(max(t.epoch - 1 / batches, 0.0), args)
     ddp = isinstance(forward, torch.nn.parallel.DistributedDataParallel)
     bar = tqdm(itertools.islice(loader, used), total=used, desc=f"epoch {t.epoch + 1}", leave=False,
-               disable=rt.rank > 0)
+               disable=not bars(rt))
     for i, batch in enumerate(bar):
         failures.update(batch["failed"])
         # colour jitter and grayscale happen here, on the device, with each clip's own matrix (data.normalize)
@@ -180,8 +188,8 @@ def evaluate(model, dataset, args, rt, desc="eval"):
     model.eval()
     failures = FailureLog(len(dataset))
     mean, std = data.NORMS[model.norm]
-    counts = torch.zeros(3, device=rt.device)  # top-1 hits, top-5 hits, readable videos
-    for batch in tqdm(loader(dataset, args, rt, train=False), desc=desc, leave=False, disable=rt.rank > 0):
+    counts, t0 = torch.zeros(3, device=rt.device), time.time()  # top-1 hits, top-5 hits, readable videos
+    for batch in tqdm(loader(dataset, args, rt, train=False), desc=desc, leave=False, disable=not bars(rt)):
         failures.update(batch["failed"])
         video = data.normalize(batch["video"].to(rt.device, non_blocking=True), mean, std)
         with rt.autocast:
@@ -194,6 +202,9 @@ def evaluate(model, dataset, args, rt, desc="eval"):
         dist.all_reduce(counts)
     failures.gather(rt.world)
     hits1, hits5, n = counts.tolist()
+    if rt.rank == 0 and not bars(rt):
+        print(f"{desc}: top-1 {100 * hits1 / max(n, 1):.2f} top-5 {100 * hits5 / max(n, 1):.2f} over {int(n)} videos "
+              f"({time.time() - t0:.1f} s)", flush=True)
     return dict(top1=100 * hits1 / max(n, 1), top5=100 * hits5 / max(n, 1), videos=int(n),
                 classes=len(dataset.classnames), views=args.views, failures=len(failures.failures),
                 failed_first=list(failures.failures)[:5])

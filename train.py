@@ -44,7 +44,8 @@ SCRATCH = clip_model.CLIPConfig(embed_dim=64, image_resolution=32, vision_layers
 
 
 def data_flags(g):
-    g.add_argument("--dataset", default="synthetic", choices=DATASETS)
+    g.add_argument("--dataset", default="synthetic", choices=DATASETS,
+                   help="default: synthetic, the offline demo (rendered clips, a small CLIP from scratch, no download)")
     g.add_argument("--root", help="folder the dataset unpacks into (default: $VIFI_DATA/<dataset>, VIFI_DATA "
                                   "defaulting to ./data; see README for each layout)")
     g.add_argument("--protocol", choices=protocols.PROTOCOLS, help="the paper's protocol (default: from --shots, "
@@ -74,8 +75,8 @@ def data_flags(g):
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(), epilog="examples:\n" +
+                                __doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     data_flags(p.add_argument_group("data"))
     g = p.add_argument_group("model")
     g.add_argument("--mode", default="finetune", choices=vifi.MODES, help="finetune: ViFi-CLIP; prompt: bridge and "
@@ -119,6 +120,10 @@ def get_args(argv=None):
         raise vifi.ConfigError(f"--dataset list: say whose settings to use with --protocol "
                                f"({', '.join(protocols.PROTOCOLS)}); the lists are used as they are")
     args = protocols.resolve(args)
+    if "micro_batch" not in given:  # the preset's micro-batch at most, cut to divide this process's share of the batch
+        share = args.batch_size // int(os.environ.get("WORLD_SIZE", 1))
+        if share >= 1:
+            args.micro_batch = max(d for d in range(1, min(args.micro_batch, share) + 1) if share % d == 0)
     if args.resume and os.path.isfile(args.resume) and not args.eval_only:  # else refused by check_args
         restore_settings(args, given)
     args._given = given
@@ -157,6 +162,10 @@ def check_args(args, world):
         (args.micro_batch < 1 or args.batch_size < 1, "--batch-size and --micro-batch must be at least 1"),
         (args.epochs < 1 and not args.eval_only, f"--epochs {args.epochs}: train at least one epoch, or --eval-only"),
         (not 0 <= args.label_smoothing < 1, f"--label-smoothing {args.label_smoothing}: expected 0 <= value < 1"),
+        (not args.lr > 0 and not args.eval_only, f"--lr {args.lr:g}: expected a learning rate above 0"),
+        (not args.weight_decay >= 0, f"--weight-decay {args.weight_decay:g}: expected 0 (off) or more"),
+        (not args.warmup_epochs >= 0, f"--warmup-epochs {args.warmup_epochs:g}: expected 0 (no warm-up) or more"),
+        (args.workers < 0, f"--workers {args.workers}: expected 0 (load in this process) or more worker processes"),
         (args.template is not None and args.template.count("{}") != 1,
          f"--template {args.template!r}: expected exactly one {{}} for the name"),
         (any(name not in protocols.EVAL_DATASETS for name in args.eval_datasets),
@@ -171,14 +180,16 @@ def check_args(args, world):
         (not args.eval_only and args.micro_batch > 0 and args.batch_size % (args.micro_batch * world) != 0,
          f"--batch-size {args.batch_size} is not a whole number of micro-batches of {args.micro_batch} on {world} "
          f"process(es): choose --micro-batch so that micro-batch x processes divides the batch"),
-        (args.device and args.device.startswith("cuda") and not torch.cuda.is_available(),
-         f"--device {args.device}: this machine has no CUDA GPU that torch can use; leave --device out for the CPU"),
         (os.path.exists(args.out) and not os.path.isdir(args.out), f"--out {args.out} is a file, not a folder"),
+        (bool(args.root) and os.path.isfile(args.root), f"--root {args.root} is a file: it must name the folder "
+                                                        f"that {args.dataset} unpacks into (see README, Data)"),
         (args.input_size is not None and args.input_size < 1, f"--input-size {args.input_size}: expected pixels > 0"),
     ]
     for bad, message in problems:
         if bad:
             raise vifi.ConfigError(message)
+    if args.device:
+        vifi.check_device(args.device)
     try:
         data.parse_views(args.views)
     except data.DatasetError as e:  # said as the other flags' errors
@@ -191,10 +202,16 @@ def check_args(args, world):
         if n > 1:
             print(f"note: {base} holds an earlier run; this one writes to {args.out}", file=sys.stderr)
     check_out(args)
-    if not args.eval_only and args.warmup_epochs >= args.epochs:
+
+
+def warn_short_warm_up(args):
+    """A run shorter than its warm-up never reaches --lr: said once the flags, data and model are accepted, just
+    before training. (A warm-up as long as the run reaches --lr at its end: nothing to say.)"""
+    if not args.eval_only and args.warmup_epochs > args.epochs:
         top = args.lr * args.epochs / args.warmup_epochs
-        print(f"warning: the run ({args.epochs} epochs) ends inside the warm-up ({args.warmup_epochs:g} epochs): the "
-              f"rate rises only to {top:.3g}, not to --lr {args.lr:g}; lower --warmup-epochs", file=sys.stderr)
+        print(f"warning: --warmup-epochs {args.warmup_epochs:g} is longer than the run ({args.epochs} epochs): the "
+              f"learning rate peaks at {top:.3g}, below --lr {args.lr:g}; give --warmup-epochs {args.epochs} or "
+              f"fewer to reach it", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -366,7 +383,7 @@ def fit(model, train_set, tests, args, rt):
     if len(train_loader) < args.batch_size // (args.micro_batch * rt.world) and rt.rank == 0:  # micro-batches
         print(f"warning: {len(train_set)} training videos are less than one batch of {args.batch_size}: each epoch "
               "takes one optimizer step of all of them (the official code would take none)", file=sys.stderr)
-    for epoch in tqdm(range(t.epoch, args.epochs), desc="epochs", disable=rt.rank > 0, initial=t.epoch,
+    for epoch in tqdm(range(t.epoch, args.epochs), desc="epochs", disable=not engine.bars(rt), initial=t.epoch,
                       total=args.epochs):
         t.epoch = epoch
         row = engine.train_one_epoch(t, forward, train_loader, args, rt)
@@ -384,6 +401,7 @@ def fit(model, train_set, tests, args, rt):
             save_atomic(ck, os.path.join(args.out, "last.pt"))
             write_outputs(ck, args.out)
             tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+            sys.stdout.flush()  # a log file or a pipe gets each epoch's line when the epoch ends
     return t, results
 
 
@@ -529,6 +547,7 @@ def main(args):
                 if ds is not None:
                     data.write_list(ds, os.path.join(args.out, f"{name}_list.txt"),
                                     os.path.join(args.out, f"{name}_labels.csv"))
+            warn_short_warm_up(args)
         t, results = fit(model, train_set, tests, args, rt) if not args.eval_only else (None, None)
         if results is None:  # evaluation only, or resumed after the last epoch
             results = engine.evaluate_all(model, tests, args, rt)

@@ -43,6 +43,26 @@ class ConfigError(ValueError):
     """A mode, tower choice or prompt size that this CLIP cannot have."""
 
 
+def check_device(name):
+    """--device names a device torch can use on this machine: refused with one line before anything is loaded."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name}: not a device name; expected cpu, cuda, cuda:N, mps, ...") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: this machine has no CUDA GPU that torch can use; leave --device out "
+                          "to use the CPU")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), numbered "
+                          "from 0")
+    try:  # any other kind (mps, xpu, ...): an empty tensor there is the cheapest test
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError):  # AssertionError: a torch built without that backend
+        raise ConfigError(f"--device {name}: this torch build or machine has no such device; leave --device out "
+                          "for the best available") from None
+    return device
+
+
 def tokenizer_for(clip):
     """CLIP's BPE for OpenAI's vocabulary; the byte-level tokenizer for a model trained from scratch with it."""
     byte_level = tokenizer.Tokenizer(byte_level=True)
@@ -391,7 +411,8 @@ def parse_args(argv=None):
     p.add_argument("--frames", type=int, default=32)
     p.add_argument("--views", default="1x1", help="CLIPSxCROPS test views, averaged")
     p.add_argument("--norm", choices=["clip", "imagenet"], help="pixel mean/std (default: the model's)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:N, ... "
+                   "(default: cuda if available)")
     p.add_argument("--explain", metavar="HTML", help="also write an explanation report (per-frame votes, relevance "
                                                      "maps) to this HTML file, and its numbers to the .json beside it")
     p.add_argument("--compare-base", action="store_true", help="--explain: add vanilla CLIP's (--model) maps")
@@ -409,7 +430,12 @@ def main(argv=None):
     args = parse_args(argv)
     import data  # only the command line decodes video: the model itself stays independent of the data code
     try:
-        if not os.path.isfile(args.video):  # said before any model is loaded (or downloaded)
+        check_device(args.device)  # flags first, then files: all before any model is loaded (or downloaded)
+        if args.explain and os.path.isdir(args.explain):
+            raise ConfigError(f"--explain {args.explain} is a folder; expected the path of the HTML file to write "
+                              f"(its numbers go to the .json beside it), e.g. "
+                              f"{os.path.join(args.explain, 'report.html')}")
+        if not os.path.isfile(args.video):
             found = "is a folder" if os.path.isdir(args.video) else "no such file"
             raise FileNotFoundError(f"{args.video}: {found}; expected a video file that PyAV can decode")
         if args.labels_file:  # one name per line, or an 'id,name' CSV (train.py's and the official label files)
@@ -417,9 +443,11 @@ def main(argv=None):
         else:
             labels = [name.strip() for name in args.labels.split(",") if name.strip()]
         n_clips, n_crops = data.parse_views(args.views)  # bad flags are refused before any download
-        if len(labels) < 2 or args.frames < 1:
-            raise ConfigError(f"expected at least two class names in --labels / --labels-file (found {len(labels)}) "
-                              f"and --frames >= 1 (got {args.frames})")
+        if len(labels) < 2:
+            given = f"--labels {args.labels!r}" if args.labels is not None else f"--labels-file {args.labels_file}"
+            raise ConfigError(f"{given}: expected at least two class names, found {len(labels)}")
+        if args.frames < 1:
+            raise ConfigError(f"--frames {args.frames}: expected at least one frame")
         ck = read_checkpoint(args.checkpoint) if args.checkpoint else None
         own = ck is not None and "vifi" in ck  # an own checkpoint holds its CLIP
         if args.model in clip_model.MODELS and (not own or args.compare_base):
@@ -454,6 +482,8 @@ def main(argv=None):
         report.write_report(args.explain, args.video, labels, video[0], result["logits"], result, settings, base)
     for p_, i in zip(*probs.topk(min(5, len(labels)))):
         print(f"{100 * p_.item():6.2f}%  {labels[i]}")
+    if args.explain:
+        print(f"wrote {args.explain} and {os.path.splitext(args.explain)[0]}.json")
     return 0
 
 
