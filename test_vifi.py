@@ -749,7 +749,8 @@ def test_clean_like_clip():
 
 def test_special_tokens_inside_a_text_are_their_ids(bpe):
     # CLIP's tokenizer maps '<|startoftext|>' and '<|endoftext|>' written in a text to SOT and EOT, not to spelled-out
-    # pieces: 49406 and 49407 in OpenAI's vocabulary (its last two ids), 256 + 256 and + 1 in the byte-level one.
+    # pieces: 49406 and 49407 in OpenAI's vocabulary (its last two ids), 512 and 513 in the byte-level one (after
+    # its 256 byte symbols and their 256 word-end forms).
     byte_level = Tokenizer(byte_level=True)
     assert byte_level.encode("<|endoftext|>") == [513] and byte_level.encode("<|startoftext|>") == [512]
     if bpe is not None:
