@@ -541,6 +541,39 @@ def test_views_must_lie_inside_their_record_and_nest_shallowly(tmp_path):
             archive.read_archive(write_archive(tmp_path / f"{name}.pt", pkl=pkl), "a test archive")
 
 
+def test_archive_reads_offsets_shared_storages_strides_and_every_dtype_as_torch_load(tmp_path):
+    # What torch.save writes beyond the fixtures: views at a nonzero storage offset, several tensors over one
+    # storage, non-contiguous strides, and every storage dtype the reader claims; read back as torch.load reads them.
+    base = torch.arange(-12, 12, dtype=torch.float32)  # one storage of 24 values
+    grid = base.view(4, 6)
+    obj = {"offset": base[5:11], "columns": grid[:, 1::2], "transposed": grid.t(), "whole": base,
+           "scalar": base[7], "nested": [grid[2:, 3:], {"tail": base[-3:]}]}
+    values = [-128, -1, 0, 1, 3, 100, 127]  # int8's ends: a wrong signedness or width changes them
+    for dtype in (torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int32, torch.int16, torch.int8,
+                  torch.uint8, torch.bool):
+        t = torch.tensor([abs(v) for v in values] if dtype == torch.uint8 else values).to(dtype)
+        obj[str(dtype)] = t[1:].view(2, 3).t()  # offset 1 and transposed strides, in each dtype
+    obj["fractions"] = torch.tensor([0.1, -2.5e-3, 1e4, 3.140625]).to(torch.bfloat16)  # bf16's bits, not fp16's
+    path = tmp_path / "views.pt"
+    torch.save(obj, path)
+    assert obj["offset"].storage_offset() == 5 and not obj["columns"].is_contiguous()  # the cases are the real ones
+    ours, theirs = archive.read_archive(str(path), "a test archive"), torch.load(path, weights_only=True)
+
+    def leaves(x, name=""):
+        if isinstance(x, dict):
+            return [leaf for k, v in x.items() for leaf in leaves(v, f"{name}/{k}")]
+        if isinstance(x, list):
+            return [leaf for i, v in enumerate(x) for leaf in leaves(v, f"{name}/{i}")]
+        return [(name, x)]
+    pairs = list(zip(leaves(ours), leaves(theirs)))
+    assert len(pairs) == len(leaves(obj)) == 17
+    for (name, a), (_, b) in pairs:
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        assert torch.equal(a, b), name
+    assert ours["offset"].tolist() == [-7.0, -6.0, -5.0, -4.0, -3.0, -2.0]  # written out: base[5:11]
+    assert ours["torch.int8"].tolist() == [[-1, 3], [0, 100], [1, 127]]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # clip_model.py
 
@@ -889,6 +922,16 @@ def test_clean_like_clip():
     # ftfy repairs mojibake (and leaves entities alone once the text holds a "<"), entities are then unescaped
     # twice, whitespace collapses, then lower-case
     assert tokenizer.clean("  Ã©tÃ© <I>\t&amp;lt;B&amp;gt;\n ") == "été <i> <b>"
+
+
+def test_special_tokens_inside_a_text_are_their_ids(bpe):
+    # CLIP's tokenizer maps '<|startoftext|>' and '<|endoftext|>' written in a text to SOT and EOT, not to spelled-out
+    # pieces: 49406 and 49407 in OpenAI's vocabulary (its last two ids), 512 and 513 in the byte-level one (after
+    # its 256 byte symbols and their 256 word-end forms).
+    byte_level = Tokenizer(byte_level=True)
+    assert byte_level.encode("<|endoftext|>") == [513] and byte_level.encode("<|startoftext|>") == [512]
+    if bpe is not None:
+        assert Tokenizer(str(bpe)).encode("a <|endoftext|>") == [320, 49407]  # 'a</w>' is 320 in OpenAI's vocabulary
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1655,6 +1698,25 @@ def test_data_py_has_no_commands_and_points_to_tools_py(tmp_path):
     assert os.listdir(tmp_path) == []  # nothing done
 
 
+def test_norm_names_are_the_published_mean_std_pairs_and_normalize_applies_them():
+    # Published constants, written out: OpenAI CLIP's (clip/clip.py), ImageNet's (torchvision), and the official
+    # ViFi-CLIP's img_norm_cfg in datasets/build.py, 0-255 units, which is ImageNet's scaled by 255.
+    published = {"clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+                 "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}
+    assert data.NORMS == published
+    official_mean, official_std = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
+    for ours, theirs in zip(published["imagenet"], (official_mean, official_std)):
+        assert all(abs(255 * a - b) < 1e-9 for a, b in zip(ours, theirs))
+    pixel = torch.tensor([200, 100, 50], dtype=torch.uint8).view(1, 3, 1, 1).expand(2, 3, 2, 2)  # (T, 3, H, W)
+    for name, (mean, std) in published.items():
+        out = data.normalize(pixel, *data.NORMS[name])
+        expected = [(v / 255 - m) / s for v, m, s in zip((200, 100, 50), mean, std)]
+        assert out.dtype == torch.float32 and out.shape == (2, 3, 2, 2)
+        torch.testing.assert_close(out[1, :, 1, 0], torch.tensor(expected), atol=1e-5, rtol=0)
+    clip_red = (200 / 255 - 0.48145466) / 0.26862954  # 1.12736..., ImageNet's gives 1.30738...: not close
+    assert abs(data.normalize(pixel, *data.NORMS["clip"])[0, 0, 0, 0].item() - clip_red) < 1e-5
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # vifi.py
 
@@ -2058,6 +2120,106 @@ def test_vifi_labels_errors_name_the_flag_given(tmp_path, capsys):
         assert err == message + "\n", err
 
 
+def written_out_relevance(model, video, target=None):
+    """Gradient-weighted attention rollout (Chefer et al. 2021) through a ViT forward written out here from the
+    model's parameters (every token through every block, QuickGELU as h * sigmoid(1.702 h), the attention as
+    softmax(q k^T / sqrt(d))). -> (logits (C,), relevance (T, gh, gw), target)."""
+    vis, prompts = model.clip.visual, list(model.vision_prompts)
+    video = video.detach().requires_grad_()
+    T, p = len(video), vis.patch_size
+    gh, gw = video.shape[-2] // p, video.shape[-1] // p
+    x = F.conv2d(video, vis.conv1.weight, stride=p).flatten(2).transpose(1, 2)  # (T, W, gh, gw) -> (T, gh*gw, W)
+    x = torch.cat([vis.class_embedding.expand(T, 1, -1), x], dim=1) + vis.positional_embedding
+    x = torch.cat([x, prompts[0].expand(T, -1, -1)], dim=1) if prompts else x  # prompts after the patches
+    x = F.layer_norm(x, x.shape[-1:], vis.ln_pre.weight, vis.ln_pre.bias)
+    attentions = []
+    for i, block in enumerate(vis.transformer.resblocks):
+        if 0 < i < len(prompts):  # deep prompt i replaces the prompt tokens before block i
+            x = torch.cat([x[:, :1 + gh * gw], prompts[i].expand(T, -1, -1)], dim=1)
+        L, W, heads = x.shape[1], x.shape[2], block.attn.heads
+        h = F.layer_norm(x, (W,), block.ln_1.weight, block.ln_1.bias)
+        q, k, v = (h @ block.attn.in_proj_weight.t() + block.attn.in_proj_bias).split(W, dim=-1)
+        q, k, v = (z.view(T, L, heads, W // heads).transpose(1, 2) for z in (q, k, v))  # (T, heads, L, d)
+        a = (q @ k.transpose(-1, -2) / (W // heads) ** 0.5).softmax(-1)
+        attentions.append(a)
+        x = x + (a @ v).transpose(1, 2).reshape(T, L, W) @ block.attn.out_proj.weight.t() + block.attn.out_proj.bias
+        h = F.layer_norm(x, (W,), block.ln_2.weight, block.ln_2.bias) @ block.mlp.c_fc.weight.t() + block.mlp.c_fc.bias
+        x = x + (h * torch.sigmoid(1.702 * h)) @ block.mlp.c_proj.weight.t() + block.mlp.c_proj.bias
+    frames = F.layer_norm(x[:, 0], (x.shape[-1],), vis.ln_post.weight, vis.ln_post.bias) @ vis.proj  # (T, D)
+    with torch.no_grad():
+        text = F.normalize(model.clip.encode_text(model.text_ids, list(model.text_prompts), cut=False), dim=-1)
+    logits = model.clip.logit_scale.exp() * F.normalize(frames.mean(0), dim=-1) @ text.t()  # (C,)
+    target = int(logits.argmax()) if target is None else target
+    grads = torch.autograd.grad(logits[target], attentions)
+    n = 1 + gh * gw  # the class token and the patches; prompt tokens after them
+    relevance = torch.eye(attentions[0].shape[-1]).repeat(T, 1, 1)
+    for i, (a, g) in enumerate(zip(attentions, grads)):
+        if 0 < i < len(prompts):  # a fresh prompt token carries only itself
+            relevance = torch.cat([relevance[:, :n], torch.eye(relevance.shape[-1])[n:].repeat(T, 1, 1)], dim=1)
+        relevance = relevance + (g * a).clamp(min=0).mean(dim=1) @ relevance  # (T, L, L)
+    patches = relevance[:, 0, 1:n]  # the class token's row, over the patches only
+    return logits.detach(), patches.reshape(T, gh, gw).detach(), target
+
+
+@pytest.mark.parametrize("mode", ["finetune", "prompt"])
+def test_relevance_rollout_matches_a_written_out_rollout(mode):
+    # Three vision blocks with prompts in the first two: the deep prompt enters before block 1 only, and block 2 keeps
+    # it; the map is the class token's row over the 4 x 4 patches (not the class token, not the prompt tokens).
+    clip = small_clip(vocab_size=Tokenizer(byte_level=True).vocab_size, vision_layers=3)
+    model = vifi.ViFiCLIP(clip, CLASSES, mode=mode, depth_text=1, depth_vision=2, n_ctx_vision=3).eval()
+    torch.manual_seed(1)
+    video = torch.randn(3, 3, 32, 32)
+    for target in (None, 1):
+        logits, relevance, top = written_out_relevance(model, video, target)
+        out = vifi.votes_and_relevance(model, video, target)
+        assert out["target"] == top and out["relevance"].shape == (3, 4, 4)
+        torch.testing.assert_close(out["logits"], logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out["relevance"], relevance, atol=1e-6, rtol=1e-4)
+
+
+def test_load_state_dict_outside_train_drops_stale_text_features():
+    # A model in eval mode that has encoded its prompts, then loads other weights without train(): its logits must
+    # be those of a fresh model built on the other weights, not the old text features with the new image encoder.
+    video = torch.randn(2, 2, 3, 32, 32)
+    model = vifi.ViFiCLIP(byte_clip(), CLASSES).eval()
+    other_clip = byte_clip()
+    torch.manual_seed(5)
+    other_clip.init_weights()  # other text weights
+    fresh = vifi.ViFiCLIP(other_clip, CLASSES).eval()
+    with torch.no_grad():
+        before = model(video)  # fills the cache
+        model.load_state_dict(fresh.state_dict())
+        after, expected = model(video), fresh(video)
+    assert not torch.allclose(before, expected, atol=1e-3)  # the weights do differ
+    torch.testing.assert_close(after, expected)
+
+
+def test_compare_base_gives_vanilla_clip_its_own_pixel_normalization(tmp_path):
+    # An official checkpoint reads ImageNet-normalized pixels, vanilla CLIP CLIP-normalized ones: each map of the
+    # report is the written-out rollout of its model on its own normalization of the same frames.
+    video, page = str(tmp_path / "clip.avi"), str(tmp_path / "report.html")
+    tools.make_test_video(video, num_frames=12, width=48, height=40)
+    labels = ["archery", "playing guitar", "brushing hair"]
+    base_path, ck = fixture("clip_tiny_openai_jit.pt"), fixture("vifi_official_finetune_ckpt.pth")
+    assert vifi.main([video, "--labels", ",".join(labels), "--model", base_path, "--checkpoint", ck, "--frames", "3",
+                      "--device", "cpu", "--explain", page, "--compare-base"]) == 0
+    out = json.load(open(tmp_path / "report.json"))
+    model = vifi.load_official_checkpoint(ck, clip_model.load(base_path), labels)
+    base = vifi.ViFiCLIP(clip_model.load(base_path), labels, mode="zeroshot").eval()
+    frames = data.VideoDataset([(video, 0)], labels, 3, 32).load(video)[0][0]  # (V=1, T, 3, H, W) -> (T, 3, H, W)
+    imagenet = (frames / 255 - torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)) / torch.tensor(
+        [0.229, 0.224, 0.225]).view(3, 1, 1)
+    clip_pixels = (frames / 255 - torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(3, 1, 1)) / torch.tensor(
+        [0.26862954, 0.26130258, 0.27577711]).view(3, 1, 1)
+    logits, relevance, target = written_out_relevance(model, imagenet)
+    assert out["label"] == labels[target] and abs(out["logit"] - logits[target].item()) < 1e-4
+    torch.testing.assert_close(torch.tensor(out["relevance"]), relevance, atol=1e-6, rtol=1e-4)
+    _, base_relevance, _ = written_out_relevance(base, clip_pixels, target)
+    _, base_on_imagenet, _ = written_out_relevance(base, imagenet, target)
+    assert not torch.allclose(base_relevance, base_on_imagenet, atol=1e-6, rtol=1e-3)  # the check can tell them apart
+    torch.testing.assert_close(torch.tensor(out["base_relevance"]), base_relevance, atol=1e-6, rtol=1e-4)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # report.py
 
@@ -2121,6 +2283,17 @@ def test_explain_report_holds_votes_and_one_map_per_frame(tmp_path):
     assert len(out["relevance"]) == len(out["base_relevance"]) == 4
     (readme,) = [c for c in readme_commands("vifi.py") if "--explain" in c]  # README's example parses
     assert vifi.parse_args(readme).explain == "report.html"
+
+
+def test_heat_overlay_scales_each_frame_to_its_own_maximum():
+    # Two frames of one patch each, relevance 1 and 0.5: scaled per frame both are at their maximum, the scale's
+    # brightest colour (252, 255, 164), blended 0.6 over a black frame; half of the scale would be (188, 55, 84).
+    pixels = torch.zeros(2, 4, 4, 3)
+    out = report.heat_overlay(pixels, torch.tensor([[[1.0]], [[0.5]]]))
+    assert out.dtype == torch.uint8 and out.shape == (2, 4, 4, 3)
+    assert out.view(-1, 3).tolist() == [[151, 153, 98]] * 32  # round(0.6 * (252, 255, 164))
+    grey = report.heat_overlay(torch.full((1, 2, 2, 3), 100.0), torch.tensor([[[0.0, 1.0]]]))  # (T, gh=1, gw=2)
+    assert grey[0, 0, 0].tolist() == [40, 40, 42]  # relevance 0 on the left edge: 0.4 * 100 + 0.6 * (0, 0, 4)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -2525,6 +2698,49 @@ def test_native_k600_evaluation_draws_three_subsets_subset_s_with_seed_s(monkeyp
     assert len({tuple(tests[f"k600-subset{s}"].classnames) for s in (1, 2, 3)}) == 3
 
 
+def test_mode_zeroshot_evaluates_only_under_every_protocol():
+    # Vanilla CLIP has nothing to train: --mode zeroshot evaluates under any explicit --protocol, and --eval-only on
+    # a dataset that the paper evaluates zero-shot (UCF101, HMDB51, Kinetics-600) is the zero-shot protocol.
+    for protocol in protocols.PROTOCOLS:
+        args = train.get_args(["--dataset", "ucf101", "--root", "x", "--protocol", protocol, "--mode", "zeroshot"])
+        assert args.eval_only and args.protocol == protocol, protocol
+    for dataset in ("ucf101", "hmdb51", "k600"):
+        args = train.get_args(["--dataset", dataset, "--root", "x", "--eval-only", "--checkpoint", "c.pth"])
+        assert (args.protocol, args.eval_only) == ("zero-shot", True), dataset
+    assert train.get_args(["--dataset", "k400", "--root", "x", "--eval-only"]).protocol == "supervised"
+
+
+def test_native_k600_evaluation_draws_subset_s_with_seed_s(monkeypatch):
+    # --splits native: three subsets of 160 of the Kinetics-600 classes that are not Kinetics-400 classes, subset s
+    # drawn with random.Random(s).sample (the paper's seeds 1, 2, 3), whatever --seed the run has.
+    k400 = ["abseiling", "zumba"]
+    k600_names = [f"k600 class {c:03d}" if c % 5 else k400[c % 2] for c in range(220)]  # 44 of them are K400's
+
+    def build(name, root, split, **kw):
+        names = k600_names if name == "k600" else k400
+        return data.VideoDataset([(f"{name}/{c}.mp4", c) for c in range(len(names))], names)
+    monkeypatch.setattr(data, "build_dataset", build)
+    args = argparse.Namespace(dataset="k400", eval_only=True, protocol="zero-shot", eval_datasets=["k600"], fold=1,
+                              train_list=None, test_list=None, labels=None, shots=0, seed=7)
+    _, tests = protocols.native_datasets(args, {"k400": "a", "k600": "b"}, {})
+    novel = [c for c in range(220) if c % 5]
+    drawn = []
+    for s in (1, 2, 3):
+        expected = sorted(random.Random(s).sample(novel, 160))
+        subset = tests[f"k600-subset{s}"]
+        assert subset.classnames == [k600_names[c] for c in expected]
+        assert [path for path, _ in subset.samples] == [f"k600/{c}.mp4" for c in expected]
+        drawn.append(expected)
+    assert drawn[0] != drawn[1] != drawn[2] != drawn[0]
+
+
+def test_base_novel_seed_s_trains_on_the_official_list_of_seed_s():
+    for s in (1, 2, 3):
+        for dataset, folder in (("ucf101", "ucf"), ("hmdb51", "hmdb"), ("k400", "k400"), ("ssv2", "ssv2")):
+            lists = protocols.official_sets(dataset, "base-novel", seed=s)
+            assert lists["train"][0] == f"datasets_splits/base2novel_splits/{folder}_splits/fs_base_s{s}_train.txt"
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # engine.py
 
@@ -2735,6 +2951,91 @@ def test_steps_per_epoch_equal_the_official_formula_for_any_list_size():
         args = train.get_args(["--dataset", "k400", "--root", "x", "--batch-size", str(batch)])
         for n in list(range(batch - 7, 3 * batch + 9)) + [240436]:
             assert ours_steps(n, args) == official_steps(n, batch) == (n + 7) // batch, (batch, n)
+
+
+class DrawRecorder(torch.utils.data.Dataset):
+    """Training samples of one grey frame whose value is the video's index; records every key it is asked for."""
+
+    def __init__(self, n, classes=3):
+        self.n, self.keys, self.classnames = n, [], [f"class {c}" for c in range(classes)]
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, key):
+        self.keys.append(key)
+        index = key[0] if isinstance(key, tuple) else key
+        video = torch.full((2, 3, 4, 4), index, dtype=torch.uint8)  # (T, 3, H, W)
+        return {"video": video, "colour": data.NO_COLOUR, "label": index % 3, "index": index, "failed": ""}
+
+
+class Scaled(torch.nn.Module):
+    """A stand-in model: logits = w * mean pixel."""
+    norm, classnames = "identity", ["class 0", "class 1", "class 2"]
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor([0.1, -0.2, 0.3]))
+
+    def forward(self, video):  # (B, T, 3, H, W) -> (B, 3)
+        return video.mean(dim=(1, 2, 3, 4))[:, None] * self.w
+
+
+def run_epochs(monkeypatch, n, epochs, **flags):
+    """train_one_epoch over `epochs` epochs of DrawRecorder(n) -> (the rate in force at every optimizer step, per
+    epoch; the keys the dataset received, per epoch; the log rows)."""
+    monkeypatch.setitem(data.NORMS, "identity", NO_NORM)
+    args = argparse.Namespace(**{**dict(batch_size=4, micro_batch=2, lr=0.01, epochs=epochs, warmup_epochs=1,
+                                        label_smoothing=0.0, mixup=0.0, cutmix=0.0, mix_switch=0.5, seed=3,
+                                        workers=0, out="unused"), **flags})
+    model, dataset = Scaled(), DrawRecorder(n)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr)
+    rates, keys, rows = [], [], []
+    step = optimizer.step
+    optimizer.step = lambda *a, **k: rates[-1].append(optimizer.param_groups[0]["lr"]) or step(*a, **k)
+    runtime = engine.Runtime(torch.device("cpu"), contextlib.nullcontext())
+    t = engine.Training(model, optimizer, torch.amp.GradScaler("cpu", enabled=False))
+    train_loader = engine.loader(dataset, args, runtime, train=True)
+    for epoch in range(epochs):
+        t.epoch = epoch
+        rates.append([])
+        rows.append(engine.train_one_epoch(t, model, train_loader, args, runtime))
+        keys.append(dataset.keys[:])
+        dataset.keys.clear()
+    return rates, keys, rows
+
+
+def test_lr_at_every_optimizer_step_is_the_timm_schedule(monkeypatch):
+    """timm's CosineLRScheduler as the official code builds it (t in micro-batches: warmup_t = W * n, t_initial =
+    E * n, lr_min = lr / 100, warmup_lr_init = 0), stepped with step_update(epoch * n + i) after micro-batch i closes
+    an accumulation group. The rate in force at a step is the one set after the step before; at the first step of
+    the run timm's initial 0. n micro-batches per epoch, steps per epoch floor(videos / batch)."""
+    def timm(t, peak=0.01, n=6, epochs=3, warmup=1):
+        warmup_t, t_initial, floor = warmup * n, epochs * n, peak / 100
+        if t < warmup_t:
+            return peak * t / warmup_t
+        return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * t / t_initial)) if t < t_initial else floor
+
+    videos, batch, micro, epochs = 12, 4, 2, 3
+    rates, _, rows = run_epochs(monkeypatch, videos, epochs, batch_size=batch, micro_batch=micro)
+    n, accum, steps = videos // micro, batch // micro, videos // batch  # 6 micro-batches, 2 per step, 3 steps
+    closing = [e * n + (j + 1) * accum - 1 for e in range(epochs) for j in range(steps)]  # micro-batch of each step
+    expected = [0.0] + [timm(t) for t in closing[:-1]]  # in force at each step: set after the step before
+    assert [r for epoch in rates for r in epoch] == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    assert [len(epoch) for epoch in rates] == [steps] * epochs and rows[-1]["step"] == steps * epochs
+    assert [row["lr"] for row in rows] == pytest.approx([timm(t) for t in closing[steps - 1::steps]], rel=1e-12)
+    assert expected[3] == pytest.approx(timm(5)) and expected[3] != pytest.approx(timm(6))  # the epoch's first step
+
+
+def test_each_epoch_draws_another_order_and_other_augmentation_keys(monkeypatch):
+    _, keys, _ = run_epochs(monkeypatch, 12, 3)
+    orders = [[index for index, _ in epoch] for epoch in keys]
+    assert all(sorted(order) == list(range(12)) for order in orders)  # every video once per epoch
+    assert orders[0] != orders[1] and orders[1] != orders[2] and orders[0] != orders[2]
+    draws = [dict(epoch) for epoch in keys]  # video -> the key its augmentation is drawn from
+    for i in range(12):
+        assert len({draws[e][i] for e in range(3)}) == 3, i  # a new draw for the same video in every epoch
+    assert len(set(draws[0].values())) == 12  # and a different one for every video of an epoch
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -3471,6 +3772,18 @@ def test_prepare_follows_no_link_out_of_root_and_locks_its_out(tmp_path):
         holder.wait()
     run = run_cli("tools.py", "prepare", *flags, "--root", str(src), "--out", str(out), "--workers", "1")
     assert run.returncode == 0  # the killed holder's lock is gone with it
+
+
+def test_synthetic_ucf_lists_number_classes_as_class_ind_does(tmp_path):
+    # UCF101's trainlist labels are classInd's 1-based ids (the parser reads the class from the folder, so only the
+    # files themselves show a shifted number).
+    root = tmp_path / "synth"
+    tools.write_synthetic_ucf(str(root), frames=2, size=8, train_per_class=1, test_per_class=1)
+    ids = {name: int(i) for i, name in (line.split() for line in open(root / "ucfTrainTestlist" / "classInd.txt"))}
+    assert sorted(ids.values()) == list(range(1, 19))
+    lines = open(root / "ucfTrainTestlist" / "trainlist01.txt").read().splitlines()
+    assert len(lines) == 18 and all(int(label) == ids[path.split("/")[0]] for path, label in map(str.split, lines))
+    assert lines[0].endswith(" 1") and lines[-1].endswith(" 18")
 
 
 # ---------------------------------------------------------------------------------------------------------------
