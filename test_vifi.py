@@ -2504,16 +2504,56 @@ def test_synthetic_ucf_layout_reads_back_through_the_ucf101_parser(tmp_path):
 def test_check_command_exit_codes(tmp_path, capsys):
     root = str(tmp_path / "synth")
     tools.write_synthetic_ucf(root, frames=4, size=16, train_per_class=1, test_per_class=1)
-    assert tools.main(["check", "--dataset", "ucf101", "--root", root, "--workers", "1"]) == 0
-    assert "train: 18 videos in 18 classes, 0 listed but missing, 0 unreadable" in capsys.readouterr().out
+    native = ["check", "--dataset", "ucf101", "--root", root, "--splits", "native"]  # synth-ucf's own names
+    assert tools.main([*native, "--workers", "1"]) == 0
+    assert "ucf101 train: 18 videos listed in 18 classes, 18 found, 0 missing, 0 unreadable" in capsys.readouterr().out
     broken = os.path.join(root, "UCF-101", "RedSquareMovingUp", "v_RedSquareMovingUp_test000.avi")
     with open(broken, "w") as f:
         f.write("garbage")
-    assert tools.main(["check", "--dataset", "ucf101", "--root", root, "--workers", "2"]) == 1
+    assert tools.main([*native, "--workers", "2"]) == 1
     assert f"unreadable: {broken}" in capsys.readouterr().out
-    result = subprocess.run([sys.executable, tools.__file__, "check", "--dataset", "hmdb51", "--root", str(tmp_path)],
-                            capture_output=True, text=True)
+    result = subprocess.run([sys.executable, tools.__file__, "check", "--dataset", "hmdb51", "--root", str(tmp_path),
+                             "--splits", "native"], capture_output=True, text=True)
     assert result.returncode == 2 and "testTrainMulti_7030_splits" in result.stderr
+
+
+def test_check_reads_the_official_lists_train_py_reads(tmp_path):
+    # A copy holding 4 videos of the 2-shot list and 3 of val1.txt, one of them not a video: check reports each list
+    # train.py --shots 2 reads, with counts and the first names, as the official files list them
+    shots, val = official_lines("datasets_splits/ucf_splits/train1_few_shot_2.txt"), official_lines(
+        "datasets_splits/ucf_splits/val1.txt")
+    root = tmp_path / "ucf"
+    os.makedirs(root / "UCF-101" / "any")
+    for name, _ in shots[:4] + val[:2]:
+        tools.make_test_video(str(root / "UCF-101" / "any" / name), num_frames=4, width=32, height=32)
+    corrupt = root / "UCF-101" / "any" / val[2][0]
+    corrupt.write_text("not a video")
+    run = run_cli("tools.py", "check", "--dataset", "ucf101", "--root", str(root), "--splits", official(), "--shots",
+                  "2", "--workers", "2")
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
+    lines = run.stdout.splitlines()
+    first = lambda entries: ", ".join(name for name, _ in entries[:3])
+    assert lines[1:] == [
+        f"datasets_splits/ucf_splits/train1_few_shot_2.txt: {len(shots)} videos listed in 101 classes, 4 found, "
+        f"{len(shots) - 4} missing, 0 unreadable",
+        f"  missing: {first(shots[4:])} and {len(shots) - 7} more",
+        f"datasets_splits/ucf_splits/val1.txt: {len(val)} videos listed in 101 classes, 3 found, {len(val) - 3} "
+        "missing, 1 unreadable",
+        f"  missing: {first(val[3:])} and {len(val) - 6} more",
+        lines[6],  # the reason, as the reader words it
+        "2 of 2 lists name videos that train.py cannot read"]
+    assert lines[6].startswith(f"  unreadable: {corrupt}: ")
+    # without a flag naming a protocol: every official list of UCF101 (4 few-shot, 3 base-to-novel training lists,
+    # base and novel halves, the three zero-shot folds), a list none of whose videos are there said so
+    run = run_cli("tools.py", "check", "--dataset", "ucf101", "--root", str(root), "--splits", official())
+    listed = [line.split(":")[0] for line in run.stdout.splitlines()[1:-1] if not line.startswith("  ")]
+    assert run.returncode == 1 and len(listed) == 12 and run.stdout.splitlines()[-1].startswith("12 of 12 lists")
+    assert {"datasets_splits/ucf_splits/val3.txt", "datasets_splits/base2novel_splits/ucf_splits/novel_val.txt",
+            "datasets_splits/ucf_splits/train1_few_shot_16.txt"} <= set(listed)
+    assert re.search(r"few_shot_8.txt: .*none of the 808 train videos listed were found", run.stdout)
+    run = run_cli("tools.py", "check", "--dataset", "ucf101", "--root", str(root), "--splits", official(), "--shots",
+                  "5")
+    assert run.returncode == 2 and run.stderr.count("\n") == 1 and "no few-shot split of ucf101 with --shots 5" in run.stderr
 
 
 def test_readme_data_commands_run(tmp_path):
@@ -2524,9 +2564,10 @@ def test_readme_data_commands_run(tmp_path):
     # then check the prepared copy
     for argv in sorted(commands, key=lambda c: ["synth-ucf", "prepare", "check"].index(c[0])):
         names = {"DIR": fast if argv[0] == "check" else root, "data/ucf101": fast, "FAST": fast, "k400": "ucf101"}
-        run = run_cli("tools.py", *[names.get(a, a) for a in argv])
+        native = ["--splits", "native"] if argv[0] == "check" else []  # the synthetic set is not UCF101's videos
+        run = run_cli("tools.py", *[names.get(a, a) for a in argv], *native)
         assert run.returncode == 0, (argv, run.stderr[-2000:])
-    assert "train: 1152 videos in 18 classes, 0 listed but missing, 0 unreadable" in run.stdout
+    assert "ucf101 train: 1152 videos listed in 18 classes, 1152 found, 0 missing, 0 unreadable" in run.stdout
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from fractions import Fraction
 from multiprocessing import Pool
 
@@ -39,6 +40,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
+import protocols
+import train
 
 # ----------------------------------------------------------------------------------------------------------------
 # check
@@ -53,26 +56,83 @@ def _probe(path):
         return str(error)
 
 
-def check(args):
-    """Counts per split and every unreadable file. Returns the exit code: 1 if a file is unreadable, 2 if the
-    dataset's lists cannot be read."""
-    unreadable = 0
-    for split in ["train"] if args.dataset == "list" else ["train", "test"]:
+# Without a flag that names a protocol, check reads every list the paper has for the dataset: these protocols, each
+# skipped where the paper has no split of it (protocols.official_files says which).
+ALL_LISTS = ([dict(protocol="few-shot", shots=k) for k in protocols.OFFICIAL_SHOTS] +
+             [dict(protocol="base-novel", seed=s) for s in (1, 2, 3)] +
+             [dict(protocol="zero-shot", eval_only=True), dict(protocol="supervised", eval_only=False)])
+
+
+def check_lists(args):
+    """{list name: VideoDataset, or the DatasetError that reading it raised} of what train.py reads with these
+    flags: the official list files (train.py's default for the paper's datasets; all of the dataset's when no flag
+    names a protocol), or with --splits native / --dataset list the dataset's own lists."""
+    named = args.protocol or args.shots or args.base_novel or args.eval_datasets or args.eval_only
+    protocols.resolve(args)
+    protocols.check_data(args)
+    if args.splits == "native" or args.dataset == "list":  # as train.py: one error stops it, so it stops check
+        train, tests = protocols.datasets(args)
+        return {f"{args.dataset} {name}": ds for name, ds in {"train": train, **tests}.items() if ds is not None}
+    roots, sets = protocols.data_roots(args), {}
+    for config in [{}] if named else ALL_LISTS:
+        run = argparse.Namespace(**{**vars(args), **config})
         try:
-            dataset = data.build_dataset(args.dataset, args.root, split, args.fold, list_file=args.list_file,
-                                         labels_file=args.labels_file)
-        except data.DatasetError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
-        with Pool(max(1, args.workers)) as pool:
-            probes = pool.imap(_probe, [path for path, _ in dataset.samples], chunksize=8)
-            errors = [e for e in tqdm(probes, total=len(dataset), desc=f"checking {split}", leave=False) if e]
-        print(f"{split}: {len(dataset)} videos in {len(dataset.classnames)} classes, {len(dataset.missing)} listed "
-              f"but missing, {len(errors)} unreadable")
-        for error in errors:
-            print(f"  unreadable: {error}")
-        unreadable += len(errors)
-    return 1 if unreadable else 0
+            files = protocols.official_files(run)
+        except data.DatasetError:
+            if named:
+                raise
+            continue  # the paper has no split of this protocol for the dataset
+        folder = protocols.fetch_splits(run)
+        for name, f in files.items():
+            key = f[1] if f else f"{args.dataset}'s own training list (train.py reads it for {run.protocol})"
+            if key in sets:
+                continue
+            try:
+                sets[key] = (protocols.official_list(roots[f[0]], f, folder, "train" if name == "train" else "test", {})
+                             if f else data.build_dataset(args.dataset, args.root, "train"))
+            except data.DatasetError as error:
+                sets[key] = error
+    return sets
+
+
+def _names(items, first=3):
+    return ", ".join(items[:first]) + (f" and {len(items) - first} more" if len(items) > first else "")
+
+
+def check(args):
+    """Per list train.py reads: videos listed, found, missing, unreadable (counts and the first names). Returns the
+    exit code: 1 if a video is missing or unreadable or a list cannot be read, 2 for wrong flags, root or splits."""
+    try:
+        with warnings.catch_warnings():  # build_dataset's warning about missing videos: the report below says it
+            warnings.simplefilter("ignore")
+            sets = check_lists(args)
+    except data.DatasetError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    paths = sorted({path for ds in sets.values() if isinstance(ds, data.VideoDataset) for path, _ in ds.samples})
+    with Pool(max(1, args.workers)) as pool:  # each video decoded once, however many lists name it
+        probes = pool.imap(_probe, paths, chunksize=8)
+        errors = dict(zip(paths, tqdm(probes, total=len(paths), desc="checking", unit="video", leave=False)))
+    print(f"{args.dataset} under {args.root} ({protocols.splits_used(args)}):")
+    bad = 0
+    for name, ds in sets.items():
+        if isinstance(ds, data.DatasetError):
+            print(f"{name}: {ds}")
+            bad += 1
+            continue
+        unreadable = [errors[path] for path, _ in ds.samples if errors[path]]
+        print(f"{name}: {len(ds) + len(ds.missing)} videos listed in {len(ds.classnames)} classes, {len(ds)} found, "
+              f"{len(ds.missing)} missing, {len(unreadable)} unreadable")
+        if ds.missing:
+            print(f"  missing: {_names(ds.missing)}")
+        for reason in unreadable[:3]:
+            print(f"  unreadable: {reason}")
+        if len(unreadable) > 3:
+            print(f"  and {len(unreadable) - 3} more unreadable")
+        bad += bool(ds.missing or unreadable)
+    print(f"{bad} of {len(sets)} lists name videos that train.py cannot read" if bad else
+          f"all {len(sets)} lists complete: {len(paths)} videos, every one readable")
+    return 1 if bad else 0
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -252,14 +312,19 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    chk = commands.add_parser("check", help="scan a dataset: counts per split and every unreadable file")
-    chk.add_argument("--dataset", required=True, choices=list(data.LAYOUTS), help="whose layout and lists to read")
-    chk.add_argument("--root", required=True, help="the folder the dataset unpacks into (README: Data)")
-    chk.add_argument("--fold", type=int, default=1, help="UCF101's or HMDB51's train/test split, 1-3 (default 1)")
-    chk.add_argument("--list-file", help="for --dataset list: a file of 'relative/path label' lines")
-    chk.add_argument("--labels-file", help="for --dataset list: the 'id,name' CSV of the class names")
+    chk = commands.add_parser("check", conflict_handler="resolve", help="verify a copy of a dataset against the lists "
+                              "train.py reads: missing and unreadable videos per list",
+                              description=check.__doc__.split(". Returns")[0] + ". Takes train.py's data flags: "
+                              "without --shots, --base-novel, --protocol, --eval-datasets or --eval-only it reads "
+                              "every official list of the dataset. Exit 1 if anything is missing or unreadable, 2 for "
+                              "wrong flags, root or split files.")
+    train.data_flags(chk)
+    chk.add_argument("--dataset", required=True, choices=list(data.LAYOUTS), help="the dataset to check")
+    chk.add_argument("--eval-only", action="store_true", help="the lists of train.py --eval-only (zero-shot: the "
+                                                              "three folds or subsets)")
     chk.add_argument("--workers", type=int, default=os.cpu_count(),
                      help="processes that decode in parallel (default: one per core)")
+    chk.set_defaults(mode="finetune", out=None)  # what protocols.resolve reads of train.py's other flags
     prep = commands.add_parser("prepare", help="re-encode a dataset into a copy that decodes fast at any position",
                                description=prepare.__doc__.split(". Returns")[0] + ". Resumable: finished files are "
                                "skipped. Exit 1 if a source was unreadable (it is left out), 2 for wrong arguments.")
