@@ -2557,7 +2557,7 @@ def test_check_reads_the_official_lists_train_py_reads(tmp_path):
 
 
 def test_readme_data_commands_run(tmp_path):
-    commands = readme_commands("tools.py")
+    commands = [c for c in readme_commands("tools.py") if c[0] != "table"]  # table: run in its own test
     assert sorted(c[0] for c in commands) == ["check", "check", "prepare", "synth-ucf"]
     root, fast = str(tmp_path / "synth"), str(tmp_path / "fast")
     # write the set, prepare it (the README's example names Kinetics; the synthetic set is laid out as UCF101),
@@ -2568,6 +2568,73 @@ def test_readme_data_commands_run(tmp_path):
         run = run_cli("tools.py", *[names.get(a, a) for a in argv], *native)
         assert run.returncode == 0, (argv, run.stderr[-2000:])
     assert "ucf101 train: 1152 videos listed in 18 classes, 1152 found, 0 missing, 0 unreadable" in run.stdout
+
+
+def finished_run(out, argv, results, best=None):
+    """A run folder with the results.json that train.write_results writes for these flags and results (best: the
+    top-1 of the best evaluation during training, None for a run that only evaluated)."""
+    args = train.get_args(["--root", "unused", "--out", str(out), *argv])
+    args.input_size = 224  # as setup_model resolves it for ViT-B/16
+    os.makedirs(out)
+    model = argparse.Namespace(norm="imagenet", classnames=["class"] * 5)
+    t = argparse.Namespace(log=[], best_top1=best, best_epoch=3) if best is not None else None
+    sets = {k: v if isinstance(v, dict) or k == "harmonic_mean" else  # a number: a test set's top-1
+            dict(top1=v, top5=99.0, videos=10, classes=5, failures=0, failed_first=[]) for k, v in results.items()}
+    with contextlib.redirect_stdout(io.StringIO()):
+        train.write_results(args, model, [0] * 10, t, sets, 1.0)
+
+
+def test_table_sets_runs_beside_the_papers_numbers(tmp_path):
+    runs = tmp_path / "runs"
+    finished_run(runs / "ucf101-few-shot", ["--dataset", "ucf101", "--shots", "8"], {"test": 87.5}, best=88.0)
+    for seed, base, novel in [(1, 70.0, 50.0), (2, 72.0, 52.5)]:
+        finished_run(runs / f"hmdb-s{seed}", ["--dataset", "hmdb51", "--base-novel", "--seed", str(seed)],
+                     {"base": base, "novel": novel, "harmonic_mean": 0.0}, best=base)
+    finished_run(runs / "k400-zero-shot", ["--dataset", "k400", "--eval-datasets", "ucf101", "--epochs", "2"],
+                 {"test": 60.0, **{f"ucf101-fold{k}": 75.0 for k in (1, 2, 3)},
+                  "ucf101": dict(mean_top1=75.0, std_top1=0.5)}, best=60.0)
+    supervised = dict(top1=80.0, top5=95.0, videos=10, classes=5, failures=0, failed_first=[])
+    finished_run(runs / "k400-native", ["--dataset", "k400", "--splits", "native"], {"test": supervised}, best=80.0)
+    # README's command, with its run folders made here
+    argv = next(c for c in readme_commands("tools.py") if c[0] == "table")
+    names = {"runs/ucf101-few-shot": runs / "ucf101-few-shot", "runs/hmdb51-base-novel-s1": runs / "hmdb-s1",
+             "runs/hmdb51-base-novel-s2": runs / "hmdb-s2", "runs/k400-zero-shot": runs / "k400-zero-shot",
+             "runs/k400-supervised": runs / "k400-native"}
+    run = run_cli("tools.py", *[str(names.get(a, a)) for a in argv])
+    assert run.returncode == 0, run.stderr
+    hm = 2 * 71.0 * 51.25 / (71.0 + 51.25)  # the harmonic mean of the two seeds' averages, as the paper takes it
+    expected = [
+        ["protocol", "model", "dataset", "metric", "ours", "paper", "ours - paper", "runs", "not the paper's"],
+        ["few-shot", "ViFi-CLIP", "ucf101", "K=8", "88.00", "90.00", "-2.00", "ucf101-few-shot", ""],
+        ["base-novel", "ViFi-CLIP", "hmdb51", "base", "71.00", "73.80", "-2.80", "hmdb-s1 (seed 1), hmdb-s2 (seed 2)",
+         "2 of the paper's 3 seeds"],
+        ["base-novel", "ViFi-CLIP", "hmdb51", "novel", "51.25", "53.30", "-2.05", "hmdb-s1 (seed 1), hmdb-s2 (seed 2)",
+         "2 of the paper's 3 seeds"],
+        ["base-novel", "ViFi-CLIP", "hmdb51", "HM", f"{hm:.2f}", "61.90", f"{hm - 61.9:+.2f}",
+         "hmdb-s1 (seed 1), hmdb-s2 (seed 2)", "2 of the paper's 3 seeds"],
+        ["zero-shot", "ViFi-CLIP", "k400", "top-1", "60.00", "—", "—", "k400-zero-shot", "epochs 2 (paper 10)"],
+        ["zero-shot", "ViFi-CLIP", "ucf101", "top-1", "75.00 ± 0.50", "76.80 ± 0.70", "-1.80", "k400-zero-shot",
+         "epochs 2 (paper 10)"],
+        ["supervised", "ViFi-CLIP", "k400", "top-1", "80.00", "83.90", "-3.90", "k400-native",
+         "splits native: k400's own lists"],
+        ["supervised", "ViFi-CLIP", "k400", "top-5", "95.00", "96.30", "-1.30", "k400-native",
+         "splits native: k400's own lists"]]
+    markdown = "".join("| " + " | ".join(row) + " |\n" for row in [expected[0], ["---"] * 9, *expected[1:]])
+    assert run.stdout.startswith(markdown) and (runs / "table.md").read_text() == markdown
+    with open(runs / "table.csv", newline="") as f:
+        assert list(csv.reader(f)) == expected
+
+
+def test_table_refuses_a_folder_without_a_readable_results_json(tmp_path):
+    finished_run(tmp_path / "good", ["--dataset", "ucf101", "--shots", "2"], {"test": 80.0}, best=81.0)
+    os.makedirs(tmp_path / "unfinished")
+    write(str(tmp_path / "cut" / "results.json"), '{"protocol": "few-shot", "res')
+    write(str(tmp_path / "other" / "results.json"), '{"protocol": "few-shot"}')
+    for folder, message in [("unfinished", "holds no results.json"), ("cut", "is not valid JSON"),
+                            ("other", "lacks dataset, splits, mode, results, settings")]:
+        run = run_cli("tools.py", "table", str(tmp_path / "good"), str(tmp_path / folder))
+        assert run.returncode == 2 and run.stderr.count("\n") == 1 and message in run.stderr, run.stderr
+        assert not os.path.exists(tmp_path / "table.md")
 
 
 # ---------------------------------------------------------------------------------------------------------------
