@@ -2512,6 +2512,13 @@ def test_check_command_exit_codes(tmp_path, capsys):
         f.write("garbage")
     assert tools.main([*native, "--workers", "2"]) == 1
     assert f"unreadable: {broken}" in capsys.readouterr().out
+    listed = "UCF-101/RedSquareMovingUp/v_RedSquareMovingUp_train000.avi 0\nUCF-101/Absent/v_gone.avi 1\n"
+    write(str(tmp_path / "list.txt"), listed)
+    write(str(tmp_path / "labels.csv"), "id,name\n0,red\n1,gone\n")
+    assert tools.main(["check", "--dataset", "list", "--root", root, "--test-list", str(tmp_path / "list.txt"),
+                       "--labels", str(tmp_path / "labels.csv"), "--workers", "1"]) == 1
+    assert (f"{tmp_path / 'list.txt'} (test): 2 videos listed in 2 classes, 1 found, 1 missing, 0 unreadable\n"
+            "  missing: UCF-101/Absent/v_gone.avi\n") in capsys.readouterr().out
     result = subprocess.run([sys.executable, tools.__file__, "check", "--dataset", "hmdb51", "--root", str(tmp_path),
                              "--splits", "native"], capture_output=True, text=True)
     assert result.returncode == 2 and "testTrainMulti_7030_splits" in result.stderr
@@ -2540,9 +2547,9 @@ def test_check_reads_the_official_lists_train_py_reads(tmp_path):
         f"datasets_splits/ucf_splits/val1.txt: {len(val)} videos listed in 101 classes, 3 found, {len(val) - 3} "
         "missing, 1 unreadable",
         f"  missing: {first(val[3:])} and {len(val) - 6} more",
-        lines[6],  # the reason, as the reader words it
+        lines[5],  # the reason, as the reader words it
         "2 of 2 lists name videos that train.py cannot read"]
-    assert lines[6].startswith(f"  unreadable: {corrupt}: ")
+    assert lines[5].startswith(f"  unreadable: {corrupt}: ")
     # without a flag naming a protocol: every official list of UCF101 (4 few-shot, 3 base-to-novel training lists,
     # base and novel halves, the three zero-shot folds), a list none of whose videos are there said so
     run = run_cli("tools.py", "check", "--dataset", "ucf101", "--root", str(root), "--splits", official())

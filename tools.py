@@ -1,23 +1,27 @@
-"""The dataset command line: check a copy of a dataset, re-encode one so that it decodes fast, and write the
-synthetic set as video files. None of this is on a clip's way from its file to the logits (that is data.py); it
-works on the files themselves.
+"""The dataset command line: check a copy of a dataset, re-encode one so that it decodes fast, write the synthetic
+set as video files, and set finished runs beside the paper's numbers. None of this is on a clip's way from its file
+to the logits (that is data.py); it works on the files themselves.
 
-    python tools.py check --dataset ucf101 --root DIR [--fold 1]   # counts per split, every unreadable file;
-                                                                   # exit 1 if any, 2 for a wrong root
+    python tools.py check --dataset ucf101 --root DIR [--shots 8]  # per list train.py reads: missing, unreadable;
+                                                                   # exit 1 if any, 2 for a wrong root or flags
     python tools.py prepare --dataset k400 --root DIR --out FAST   # a copy with a keyframe every 8 frames,
                                                                    # then train with --root FAST
     python tools.py synth-ucf DIR [--frames 8 --size 32]           # the synthetic set as UCF101-style AVI files
+    python tools.py table RUN_DIR... [--out DIR]                   # the paper's table: ours, the paper's, the
+                                                                   # difference; also table.md and table.csv
 
-check     builds the train and test sets of one fold (for --dataset list, the one list) with build_dataset, as
-          training does, decodes the first and the last frame of every video found, in parallel, and prints per
-          set the numbers of videos, classes, videos listed but missing and unreadable files, then one line per
-          unreadable file.
+check     reads the lists train.py reads with the same data flags (protocols.py picks them: the official lists by
+          default, every one of the dataset's when no flag names a protocol), decodes the first and the last frame
+          of every video found once, in parallel, and prints per list the videos listed, found, missing and
+          unreadable, with the first names.
 prepare   re-encodes every video the dataset lists (all splits and folds) into --out under the same relative
           path: a short keyframe interval, so a clip's segments decode from a near keyframe instead of from the
           start of a long group of pictures, and x264's fastdecode tuning (README: the trade-off, measured). Other
           files under --root (annotations) are copied, so `--root FAST` works with every command. Resumable.
 synth-ucf writes data.SyntheticVideos' clips as MPEG-4 AVI files with UCF101's folders and list files, so the
           file path (decoding, parsing UCF101's lists) can be tried end to end without a download.
+table     reads the results.json of finished runs and lays them out as the paper's tables do, beside the paper's
+          numbers, marking what in a run is not the paper's (splits, seeds, settings).
 
 Also here for the tests and bench.py: make_test_video, a generated video whose frames show their own index.
 """
@@ -73,7 +77,14 @@ def check_lists(args):
     named = args.protocol or args.shots or args.base_novel or args.eval_datasets or args.eval_only
     protocols.resolve(args)
     protocols.check_data(args)
-    if args.splits == "native" or args.dataset == "list":  # as train.py: one error stops it, so it stops check
+    if args.dataset == "list":  # the lists given (train.py needs both to train, one to evaluate)
+        given = {split: f for split, f in (("train", args.train_list), ("test", args.test_list)) if f}
+        if not given:
+            raise data.DatasetError("--dataset list: name the lists to check with --train-list and/or --test-list, "
+                                    "and their class names with --labels")
+        return {f"{f} ({split})": data.build_dataset("list", args.root, split, list_file=f, labels_file=args.labels)
+                for split, f in given.items()}
+    if args.splits == "native":  # as train.py: one error stops it, so it stops check
         train, tests = protocols.datasets(args)
         return {f"{args.dataset} {name}": ds for name, ds in {"train": train, **tests}.items() if ds is not None}
     roots, sets = protocols.data_roots(args), {}
