@@ -368,7 +368,7 @@ def run_differences(run):
         return notes
     flags = ["--dataset", run["dataset"], "--protocol", run["protocol"], "--mode", run["mode"], "--towers",
              s.get("towers", "both"), "--shots", str(s.get("shots", 0)), "--seed", str(s.get("seed", 1)),
-             "--eval-datasets", ",".join(s.get("eval_datasets") or []), *(["--eval-only"] if s.get("eval_only") else [])]
+             "--eval-datasets", ",".join(s.get("eval_datasets") or []), *["--eval-only"] * bool(s.get("eval_only"))]
     try:
         paper = vars(train.get_args(flags))
     except (SystemExit, vifi.ConfigError):
