@@ -3703,15 +3703,23 @@ def test_synthetic_ucf_layout_reads_back_through_the_ucf101_parser(tmp_path):
 def test_check_command_exit_codes(tmp_path, capsys):
     root = str(tmp_path / "synth")
     tools.write_synthetic_ucf(root, frames=4, size=16, train_per_class=1, test_per_class=1)
-    assert tools.main(["check", "--dataset", "ucf101", "--root", root, "--workers", "1"]) == 0
-    assert "train: 18 videos in 18 classes, 0 listed but missing, 0 unreadable" in capsys.readouterr().out
+    native = ["check", "--dataset", "ucf101", "--root", root, "--splits", "native"]  # synth-ucf's own names
+    assert tools.main([*native, "--workers", "1"]) == 0
+    assert "ucf101 train: 18 videos listed in 18 classes, 18 found, 0 missing, 0 unreadable" in capsys.readouterr().out
     broken = os.path.join(root, "UCF-101", "RedSquareMovingUp", "v_RedSquareMovingUp_test000.avi")
     with open(broken, "w") as f:
         f.write("garbage")
-    assert tools.main(["check", "--dataset", "ucf101", "--root", root, "--workers", "2"]) == 1
+    assert tools.main([*native, "--workers", "2"]) == 1
     assert f"unreadable: {broken}" in capsys.readouterr().out
-    result = subprocess.run([sys.executable, tools.__file__, "check", "--dataset", "hmdb51", "--root", str(tmp_path)],
-                            capture_output=True, text=True)
+    listed = "UCF-101/RedSquareMovingUp/v_RedSquareMovingUp_train000.avi 0\nUCF-101/Absent/v_gone.avi 1\n"
+    write(str(tmp_path / "list.txt"), listed)
+    write(str(tmp_path / "labels.csv"), "id,name\n0,red\n1,gone\n")
+    assert tools.main(["check", "--dataset", "list", "--root", root, "--test-list", str(tmp_path / "list.txt"),
+                       "--labels", str(tmp_path / "labels.csv"), "--workers", "1"]) == 1
+    assert (f"{tmp_path / 'list.txt'} (test): 2 videos listed in 2 classes, 1 found, 1 missing, 0 unreadable\n"
+            "  missing: UCF-101/Absent/v_gone.avi\n") in capsys.readouterr().out
+    result = subprocess.run([sys.executable, tools.__file__, "check", "--dataset", "hmdb51", "--root", str(tmp_path),
+                             "--splits", "native"], capture_output=True, text=True)
     assert result.returncode == 2 and "testTrainMulti_7030_splits" in result.stderr
 
 
@@ -3720,24 +3728,131 @@ def test_check_names_videos_whose_frames_training_cannot_crop(tmp_path, capsys):
     tools.make_test_video(str(tmp_path / "good.avi"), num_frames=4, width=32, height=24)
     write(f"{tmp_path}/labels.csv", "id,name\n0,a\n")
     write(f"{tmp_path}/list.txt", "one.avi 0\ngood.avi 0\n")
-    assert tools.main(["check", "--dataset", "list", "--root", str(tmp_path), "--list-file", f"{tmp_path}/list.txt",
-                       "--labels-file", f"{tmp_path}/labels.csv", "--workers", "1"]) == 1
+    assert tools.main(["check", "--dataset", "list", "--root", str(tmp_path), "--train-list", f"{tmp_path}/list.txt",
+                       "--labels", f"{tmp_path}/labels.csv", "--workers", "1"]) == 1
     out = capsys.readouterr().out
-    assert "train: 2 videos in 1 classes, 0 listed but missing, 1 unreadable" in out
+    assert f"{tmp_path}/list.txt (train): 2 videos listed in 1 classes, 2 found, 0 missing, 1 unreadable" in out
     assert f"unreadable: {tmp_path / 'one.avi'}: frames of 1x1 pixels; expected 16 to 16384 pixels a side" in out
 
 
+def test_check_reads_the_official_lists_train_py_reads(tmp_path):
+    # A copy holding 4 videos of the 2-shot list and 3 of val1.txt, one of them not a video: check reports each list
+    # train.py --shots 2 reads, with counts and the first names, as the official files list them
+    shots, val = official_lines("datasets_splits/ucf_splits/train1_few_shot_2.txt"), official_lines(
+        "datasets_splits/ucf_splits/val1.txt")
+    root = tmp_path / "ucf"
+    os.makedirs(root / "UCF-101" / "any")
+    for name, _ in shots[:4] + val[:2]:
+        tools.make_test_video(str(root / "UCF-101" / "any" / name), num_frames=4, width=32, height=32)
+    corrupt = root / "UCF-101" / "any" / val[2][0]
+    corrupt.write_text("not a video")
+    run = run_cli("tools.py", "check", "--dataset", "ucf101", "--root", str(root), "--splits", official(), "--shots",
+                  "2", "--workers", "2")
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
+    lines = run.stdout.splitlines()
+    first = lambda entries: ", ".join(name for name, _ in entries[:3])
+    assert lines[1:] == [
+        f"datasets_splits/ucf_splits/train1_few_shot_2.txt: {len(shots)} videos listed in 101 classes, 4 found, "
+        f"{len(shots) - 4} missing, 0 unreadable",
+        f"  missing: {first(shots[4:])} and {len(shots) - 7} more",
+        f"datasets_splits/ucf_splits/val1.txt: {len(val)} videos listed in 101 classes, 3 found, {len(val) - 3} "
+        "missing, 1 unreadable",
+        f"  missing: {first(val[3:])} and {len(val) - 6} more",
+        lines[5],  # the reason, as the reader words it
+        "2 of 2 lists name videos that train.py cannot read"]
+    assert lines[5].startswith(f"  unreadable: {corrupt}: ")
+    # without a flag naming a protocol: every official list of UCF101 (4 few-shot, 3 base-to-novel training lists,
+    # base and novel halves, the three zero-shot folds), a list none of whose videos are there said so
+    run = run_cli("tools.py", "check", "--dataset", "ucf101", "--root", str(root), "--splits", official())
+    listed = [line.split(":")[0] for line in run.stdout.splitlines()[1:-1] if not line.startswith("  ")]
+    assert run.returncode == 1 and len(listed) == 12 and run.stdout.splitlines()[-1].startswith("12 of 12 lists")
+    assert {"datasets_splits/ucf_splits/val3.txt", "datasets_splits/base2novel_splits/ucf_splits/novel_val.txt",
+            "datasets_splits/ucf_splits/train1_few_shot_16.txt"} <= set(listed)
+    assert re.search(r"few_shot_8.txt: .*none of the 808 train videos listed were found", run.stdout)
+    run = run_cli("tools.py", "check", "--dataset", "ucf101", "--root", str(root), "--splits", official(), "--shots",
+                  "5")
+    assert run.returncode == 2 and run.stderr.count("\n") == 1 and "no few-shot split of ucf101 with --shots 5" in run.stderr
+
+
 def test_readme_data_commands_run(tmp_path):
-    commands = readme_commands("tools.py")
+    commands = [c for c in readme_commands("tools.py") if c[0] != "table"]  # table: run in its own test
     assert sorted(c[0] for c in commands) == ["check", "check", "prepare", "synth-ucf"]
     root, fast = str(tmp_path / "synth"), str(tmp_path / "fast")
     # write the set, prepare it (the README's example names Kinetics; the synthetic set is laid out as UCF101),
     # then check the prepared copy
     for argv in sorted(commands, key=lambda c: ["synth-ucf", "prepare", "check"].index(c[0])):
         names = {"DIR": fast if argv[0] == "check" else root, "data/ucf101": fast, "FAST": fast, "k400": "ucf101"}
-        run = run_cli("tools.py", *[names.get(a, a) for a in argv])
+        native = ["--splits", "native"] if argv[0] == "check" else []  # the synthetic set is not UCF101's videos
+        run = run_cli("tools.py", *[names.get(a, a) for a in argv], *native)
         assert run.returncode == 0, (argv, run.stderr[-2000:])
-    assert "train: 1152 videos in 18 classes, 0 listed but missing, 0 unreadable" in run.stdout
+    assert "ucf101 train: 1152 videos listed in 18 classes, 1152 found, 0 missing, 0 unreadable" in run.stdout
+
+
+def finished_run(out, argv, results, best=None):
+    """A run folder with the results.json that train.write_results writes for these flags and results (best: the
+    top-1 of the best evaluation during training, None for a run that only evaluated)."""
+    args = train.get_args(["--root", "unused", "--out", str(out), *argv])
+    args.input_size = 224  # as setup_model resolves it for ViT-B/16
+    os.makedirs(out)
+    model = argparse.Namespace(norm="imagenet", classnames=["class"] * 5)
+    t = argparse.Namespace(log=[], best_top1=best, best_epoch=3) if best is not None else None
+    sets = {k: v if isinstance(v, dict) or k == "harmonic_mean" else  # a number: a test set's top-1
+            dict(top1=v, top5=99.0, videos=10, classes=5, failures=0, failed_first=[]) for k, v in results.items()}
+    with contextlib.redirect_stdout(io.StringIO()):
+        train.write_results(args, model, [0] * 10, t, sets, 1.0)
+
+
+def test_table_sets_runs_beside_the_papers_numbers(tmp_path):
+    runs = tmp_path / "runs"
+    finished_run(runs / "ucf101-few-shot", ["--dataset", "ucf101", "--shots", "8"], {"test": 87.5}, best=88.0)
+    for seed, base, novel in [(1, 70.0, 50.0), (2, 72.0, 52.5)]:
+        finished_run(runs / f"hmdb-s{seed}", ["--dataset", "hmdb51", "--base-novel", "--seed", str(seed)],
+                     {"base": base, "novel": novel, "harmonic_mean": 0.0}, best=base)
+    finished_run(runs / "k400-zero-shot", ["--dataset", "k400", "--eval-datasets", "ucf101", "--epochs", "2"],
+                 {"test": 60.0, **{f"ucf101-fold{k}": 75.0 for k in (1, 2, 3)},
+                  "ucf101": dict(mean_top1=75.0, std_top1=0.5, std_top1_sample=0.6)}, best=60.0)
+    supervised = dict(top1=80.0, top5=95.0, videos=10, classes=5, failures=0, failed_first=[])
+    finished_run(runs / "k400-native", ["--dataset", "k400", "--splits", "native"], {"test": supervised}, best=80.0)
+    # README's command, with its run folders made here
+    argv = next(c for c in readme_commands("tools.py") if c[0] == "table")
+    names = {"runs/ucf101-few-shot": runs / "ucf101-few-shot", "runs/hmdb51-base-novel-s1": runs / "hmdb-s1",
+             "runs/hmdb51-base-novel-s2": runs / "hmdb-s2", "runs/k400-zero-shot": runs / "k400-zero-shot",
+             "runs/k400-supervised": runs / "k400-native"}
+    run = run_cli("tools.py", *[str(names.get(a, a)) for a in argv])
+    assert run.returncode == 0, run.stderr
+    hm = 2 * 71.0 * 51.25 / (71.0 + 51.25)  # the harmonic mean of the two seeds' averages, as the paper takes it
+    expected = [
+        ["protocol", "model", "dataset", "metric", "ours", "paper", "ours - paper", "runs", "not the paper's"],
+        ["few-shot", "ViFi-CLIP", "ucf101", "K=8", "88.00", "90.00", "-2.00", "ucf101-few-shot", ""],
+        ["base-novel", "ViFi-CLIP", "hmdb51", "base", "71.00", "73.80", "-2.80", "hmdb-s1 (seed 1), hmdb-s2 (seed 2)",
+         "2 of the paper's 3 seeds"],
+        ["base-novel", "ViFi-CLIP", "hmdb51", "novel", "51.25", "53.30", "-2.05", "hmdb-s1 (seed 1), hmdb-s2 (seed 2)",
+         "2 of the paper's 3 seeds"],
+        ["base-novel", "ViFi-CLIP", "hmdb51", "HM", f"{hm:.2f}", "61.90", f"{hm - 61.9:+.2f}",
+         "hmdb-s1 (seed 1), hmdb-s2 (seed 2)", "2 of the paper's 3 seeds"],
+        ["zero-shot", "ViFi-CLIP", "k400", "top-1", "60.00", "—", "—", "k400-zero-shot", "epochs 2 (paper 10)"],
+        ["zero-shot", "ViFi-CLIP", "ucf101", "top-1", "75.00 ± 0.50", "76.80 ± 0.70", "-1.80", "k400-zero-shot",
+         "epochs 2 (paper 10)"],
+        ["supervised", "ViFi-CLIP", "k400", "top-1", "80.00", "83.90", "-3.90", "k400-native",
+         "splits native: k400's own lists"],
+        ["supervised", "ViFi-CLIP", "k400", "top-5", "95.00", "96.30", "-1.30", "k400-native",
+         "splits native: k400's own lists"]]
+    markdown = "".join("| " + " | ".join(row) + " |\n" for row in [expected[0], ["---"] * 9, *expected[1:]])
+    assert run.stdout.startswith(markdown) and (runs / "table.md").read_text() == markdown
+    with open(runs / "table.csv", newline="") as f:
+        assert list(csv.reader(f)) == expected
+
+
+def test_table_refuses_a_folder_without_a_readable_results_json(tmp_path):
+    finished_run(tmp_path / "good", ["--dataset", "ucf101", "--shots", "2"], {"test": 80.0}, best=81.0)
+    os.makedirs(tmp_path / "unfinished")
+    write(str(tmp_path / "cut" / "results.json"), '{"protocol": "few-shot", "res')
+    write(str(tmp_path / "other" / "results.json"), '{"protocol": "few-shot"}')
+    for folder, message in [("unfinished", "holds no results.json"), ("cut", "is not valid JSON"),
+                            ("other", "lacks dataset, splits, mode, results, settings")]:
+        run = run_cli("tools.py", "table", str(tmp_path / "good"), str(tmp_path / folder))
+        assert run.returncode == 2 and run.stderr.count("\n") == 1 and message in run.stderr, run.stderr
+        assert not os.path.exists(tmp_path / "table.md")
 
 
 def test_prepare_follows_no_link_out_of_root_and_locks_its_out(tmp_path):

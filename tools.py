@@ -1,33 +1,40 @@
-"""The dataset command line: check a copy of a dataset, re-encode one so that it decodes fast, and write the
-synthetic set as video files. None of this is on a clip's way from its file to the logits (that is data.py); it
-works on the files themselves.
+"""The dataset command line: check a copy of a dataset, re-encode one so that it decodes fast, write the synthetic
+set as video files, and set finished runs beside the paper's numbers. None of this is on a clip's way from its file
+to the logits (that is data.py); it works on the files themselves.
 
-    python tools.py check --dataset ucf101 --root DIR [--fold 1]   # counts per split, every unreadable file;
-                                                                   # exit 1 if any, 2 for a wrong root
+    python tools.py check --dataset ucf101 --root DIR [--shots 8]  # per list train.py reads: missing, unreadable;
+                                                                   # exit 1 if any, 2 for a wrong root or flags
     python tools.py prepare --dataset k400 --root DIR --out FAST   # a copy with a keyframe every 8 frames,
                                                                    # then train with --root FAST
     python tools.py synth-ucf DIR [--frames 8 --size 32]           # the synthetic set as UCF101-style AVI files
+    python tools.py table RUN_DIR... [--out DIR]                   # the paper's table: ours, the paper's, the
+                                                                   # difference; also table.md and table.csv
 
-check     builds the train and test sets of one fold (for --dataset list, the one list) with build_dataset, as
-          training does, decodes the first and the last frame of every video found, in parallel, and prints per
-          set the numbers of videos, classes, videos listed but missing and unreadable files, then one line per
-          unreadable file.
+check     reads the lists train.py reads with the same data flags (protocols.py picks them: the official lists by
+          default, every one of the dataset's when no flag names a protocol), decodes the first and the last frame
+          of every video found once, in parallel, and prints per list the videos listed, found, missing and
+          unreadable, with the first names.
 prepare   re-encodes every video the dataset lists (all splits and folds) into --out under the same relative
           path: a short keyframe interval, so a clip's segments decode from a near keyframe instead of from the
           start of a long group of pictures, and x264's fastdecode tuning (README: the trade-off, measured). Other
           files under --root (annotations) are copied, so `--root FAST` works with every command. Resumable.
 synth-ucf writes data.SyntheticVideos' clips as MPEG-4 AVI files with UCF101's folders and list files, so the
           file path (decoding, parsing UCF101's lists) can be tried end to end without a download.
+table     reads the results.json of finished runs and lays them out as the paper's tables do, beside the paper's
+          numbers, marking what in a run is not the paper's (splits, seeds, settings).
 
 Also here for the tests and bench.py: make_test_video, a generated video whose frames show their own index.
 """
 
 import argparse
+import csv
 import itertools
+import json
 import os
 import shutil
 import sys
 import time
+import warnings
 from fractions import Fraction
 from multiprocessing import Pool
 
@@ -39,6 +46,9 @@ from tqdm import tqdm
 
 import archive
 import data
+import protocols
+import train
+import vifi
 
 # ----------------------------------------------------------------------------------------------------------------
 # check
@@ -53,28 +63,92 @@ def _probe(path):
         return str(error)
 
 
-def check(args):
-    """Counts per split and every unreadable file. Returns the exit code: 1 if a file is unreadable, 2 if the
-    dataset's lists cannot be read."""
-    unreadable = 0
-    for split in ["train"] if args.dataset == "list" else ["train", "test"]:
+# Without a flag that names a protocol, check reads every list the paper has for the dataset: these protocols, each
+# skipped where the paper has no split of it (protocols.official_files says which).
+ALL_LISTS = ([dict(protocol="few-shot", shots=k) for k in protocols.OFFICIAL_SHOTS] +
+             [dict(protocol="base-novel", seed=s) for s in (1, 2, 3)] +
+             [dict(protocol="zero-shot", eval_only=True), dict(protocol="supervised", eval_only=False)])
+
+
+def check_lists(args):
+    """{list name: VideoDataset, or the DatasetError that reading it raised} of what train.py reads with these
+    flags: the official list files (train.py's default for the paper's datasets; all of the dataset's when no flag
+    names a protocol), or with --splits native / --dataset list the dataset's own lists."""
+    named = args.protocol or args.shots or args.base_novel or args.eval_datasets or args.eval_only
+    protocols.resolve(args)
+    protocols.check_data(args)
+    if args.dataset == "list":  # the lists given (train.py needs both to train, one to evaluate)
+        given = {split: f for split, f in (("train", args.train_list), ("test", args.test_list)) if f}
+        if not given:
+            raise data.DatasetError("--dataset list: name the lists to check with --train-list and/or --test-list, "
+                                    "and their class names with --labels")
+        return {f"{f} ({split})": data.build_dataset("list", args.root, split, list_file=f, labels_file=args.labels)
+                for split, f in given.items()}
+    if args.splits == "native":  # as train.py: one error stops it, so it stops check
+        train, tests = protocols.datasets(args)
+        return {f"{args.dataset} {name}": ds for name, ds in {"train": train, **tests}.items() if ds is not None}
+    roots, sets = protocols.data_roots(args), {}
+    for config in [{}] if named else ALL_LISTS:
+        run = argparse.Namespace(**{**vars(args), **config})
         try:
-            dataset = data.build_dataset(args.dataset, args.root, split, args.fold, list_file=args.list_file,
-                                         labels_file=args.labels_file)
-        except data.DatasetError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
-        # one torch thread per process, as in DataLoader workers: a forked child entering OpenMP after the parent
-        # used it can hang (the probe scales frames with torch)
-        with Pool(max(1, args.workers), initializer=torch.set_num_threads, initargs=(1,)) as pool:
-            probes = pool.imap(_probe, [path for path, _ in dataset.samples], chunksize=8)
-            errors = [e for e in tqdm(probes, total=len(dataset), desc=f"checking {split}", leave=False) if e]
-        print(f"{split}: {len(dataset)} videos in {len(dataset.classnames)} classes, {len(dataset.missing)} listed "
-              f"but missing, {len(errors)} unreadable")
-        for error in errors:
-            print(f"  unreadable: {error}")
-        unreadable += len(errors)
-    return 1 if unreadable else 0
+            files = protocols.official_files(run)
+        except data.DatasetError:
+            if named:
+                raise
+            continue  # the paper has no split of this protocol for the dataset
+        folder = protocols.fetch_splits(run)
+        for name, f in files.items():
+            key = f[1] if f else f"{args.dataset}'s own training list (train.py reads it for {run.protocol})"
+            if key in sets:
+                continue
+            try:
+                sets[key] = (protocols.official_list(roots[f[0]], f, folder, "train" if name == "train" else "test", {})
+                             if f else data.build_dataset(args.dataset, args.root, "train"))
+            except data.DatasetError as error:
+                sets[key] = error
+    return sets
+
+
+def _names(items, first=3):
+    return ", ".join(items[:first]) + (f" and {len(items) - first} more" if len(items) > first else "")
+
+
+def check(args):
+    """Per list train.py reads: videos listed, found, missing, unreadable (counts and the first names). Returns the
+    exit code: 1 if a video is missing or unreadable or a list cannot be read, 2 for wrong flags, root or splits."""
+    try:
+        with warnings.catch_warnings():  # build_dataset's warning about missing videos: the report below says it
+            warnings.simplefilter("ignore")
+            sets = check_lists(args)
+    except data.DatasetError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    paths = sorted({path for ds in sets.values() if isinstance(ds, data.VideoDataset) for path, _ in ds.samples})
+    # each video decoded once, however many lists name it; one torch thread per process, as in DataLoader workers:
+    # a forked child entering OpenMP after the parent used it can hang (the probe scales frames with torch)
+    with Pool(max(1, args.workers), initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        probes = pool.imap(_probe, paths, chunksize=8)
+        errors = dict(zip(paths, tqdm(probes, total=len(paths), desc="checking", unit="video", leave=False)))
+    print(f"{args.dataset} under {args.root} ({protocols.splits_used(args)}):")
+    bad = 0
+    for name, ds in sets.items():
+        if isinstance(ds, data.DatasetError):
+            print(f"{name}: {ds}")
+            bad += 1
+            continue
+        unreadable = [errors[path] for path, _ in ds.samples if errors[path]]
+        print(f"{name}: {len(ds) + len(ds.missing)} videos listed in {len(ds.classnames)} classes, {len(ds)} found, "
+              f"{len(ds.missing)} missing, {len(unreadable)} unreadable")
+        if ds.missing:
+            print(f"  missing: {_names(ds.missing)}")
+        for reason in unreadable[:3]:
+            print(f"  unreadable: {reason}")
+        if len(unreadable) > 3:
+            print(f"  and {len(unreadable) - 3} more unreadable")
+        bad += bool(ds.missing or unreadable)
+    print(f"{bad} of {len(sets)} lists name videos that train.py cannot read" if bad else
+          f"all {len(sets)} lists complete: {len(paths)} videos, every one readable")
+    return 1 if bad else 0
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -218,6 +292,198 @@ def prepare_locked(args, root, out):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# table: finished runs beside the paper's numbers
+
+# The paper's ViT-B/16 top-1 (%) per model, protocol, dataset and metric, as the official repository's README at
+# e2d1948 lists them (the paper's Tables 1-5): few-shot on split 1 (K shots), base-to-novel averaged over seeds
+# 1-3 with HM the harmonic mean of the averages, zero-shot (trained on K400) as mean ± std over the three folds or
+# subsets, fully supervised K400 with 4 clips x 3 crops.
+PAPER = {
+    ("ViFi-CLIP", "few-shot", "hmdb51"): {"K=2": 57.2, "K=4": 62.7, "K=8": 64.5, "K=16": 66.8},
+    ("ViFi-CLIP", "few-shot", "ucf101"): {"K=2": 80.7, "K=4": 85.1, "K=8": 90.0, "K=16": 92.7},
+    ("ViFi-CLIP", "few-shot", "ssv2"): {"K=2": 6.2, "K=4": 7.4, "K=8": 8.5, "K=16": 12.4},
+    ("bridge and prompt", "few-shot", "hmdb51"): {"K=2": 63.0, "K=4": 65.1, "K=8": 69.6, "K=16": 72.0},
+    ("bridge and prompt", "few-shot", "ucf101"): {"K=2": 91.0, "K=4": 93.7, "K=8": 95.0, "K=16": 96.4},
+    ("bridge and prompt", "few-shot", "ssv2"): {"K=2": 6.7, "K=4": 7.9, "K=8": 10.2, "K=16": 13.5},
+    ("ViFi-CLIP", "base-novel", "k400"): {"base": 76.4, "novel": 61.1, "HM": 67.9},
+    ("ViFi-CLIP", "base-novel", "hmdb51"): {"base": 73.8, "novel": 53.3, "HM": 61.9},
+    ("ViFi-CLIP", "base-novel", "ucf101"): {"base": 92.9, "novel": 67.7, "HM": 78.3},
+    ("ViFi-CLIP", "base-novel", "ssv2"): {"base": 16.2, "novel": 12.1, "HM": 13.9},
+    ("CLIP image-FT", "base-novel", "k400"): {"base": 72.9, "novel": 58.0, "HM": 64.6},
+    ("CLIP image-FT", "base-novel", "hmdb51"): {"base": 62.6, "novel": 47.5, "HM": 54.0},
+    ("CLIP image-FT", "base-novel", "ucf101"): {"base": 86.4, "novel": 65.3, "HM": 74.4},
+    ("CLIP image-FT", "base-novel", "ssv2"): {"base": 9.2, "novel": 8.5, "HM": 8.8},
+    ("CLIP text-FT", "base-novel", "k400"): {"base": 73.4, "novel": 59.7, "HM": 65.8},
+    ("CLIP text-FT", "base-novel", "hmdb51"): {"base": 70.0, "novel": 51.2, "HM": 59.1},
+    ("CLIP text-FT", "base-novel", "ucf101"): {"base": 90.9, "novel": 67.4, "HM": 77.4},
+    ("CLIP text-FT", "base-novel", "ssv2"): {"base": 12.4, "novel": 9.5, "HM": 10.8},
+    ("bridge and prompt", "base-novel", "hmdb51"): {"base": 77.1, "novel": 54.9, "HM": 64.1},
+    ("bridge and prompt", "base-novel", "ucf101"): {"base": 95.9, "novel": 74.1, "HM": 83.6},
+    ("bridge and prompt", "base-novel", "ssv2"): {"base": 15.8, "novel": 11.5, "HM": 13.3},
+    ("ViFi-CLIP", "zero-shot", "hmdb51"): {"top-1": (51.3, 0.6)},
+    ("ViFi-CLIP", "zero-shot", "ucf101"): {"top-1": (76.8, 0.7)},
+    ("ViFi-CLIP", "zero-shot", "k600"): {"top-1": (71.2, 1.0)},
+    ("CLIP image-FT", "zero-shot", "hmdb51"): {"top-1": 49.0},
+    ("CLIP image-FT", "zero-shot", "ucf101"): {"top-1": 72.9},
+    ("CLIP image-FT", "zero-shot", "k600"): {"top-1": 62.2},
+    ("CLIP text-FT", "zero-shot", "hmdb51"): {"top-1": 48.5},
+    ("CLIP text-FT", "zero-shot", "ucf101"): {"top-1": 69.8},
+    ("CLIP text-FT", "zero-shot", "k600"): {"top-1": 68.5},
+    ("ViFi-CLIP", "supervised", "k400"): {"top-1": 83.9, "top-5": 96.3},
+    ("CLIP image-FT", "supervised", "k400"): {"top-1": 82.8, "top-5": 96.2},
+    ("CLIP text-FT", "supervised", "k400"): {"top-1": 73.1, "top-5": 91.2},
+}
+PAPER_INPUT_SIZE = 224  # every run of the paper: ViT-B/16 at 224 px
+# The settings that change what a run computes, compared with what train.py picks for the run's protocol (of them,
+# those that only act in training are not compared for a run that only evaluated).
+COMPARED = ["model", "frames", "views", "template", "clean_names", "norm"]
+TRAINING = ["batch_size", "lr", "epochs", "warmup_epochs", "weight_decay", "label_smoothing", "mixup", "cutmix",
+            "mix_switch", "eval_every", "n_ctx", "depth"]
+
+
+class RunError(Exception):
+    """A folder given to `table` that does not hold a finished run's results.json."""
+
+
+def read_run(folder):
+    """A run's results.json, checked for what `table` reads (RunError otherwise)."""
+    path = os.path.join(folder, "results.json")
+    if not os.path.isfile(path):
+        raise RunError(f"{folder} holds no results.json: expected the --out folder of a finished train.py run")
+    try:
+        with open(path) as f:
+            run = json.load(f)
+        missing = [k for k in ("protocol", "dataset", "splits", "mode", "results", "settings") if k not in run]
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as error:
+        raise RunError(f"{path} is not valid JSON ({error}): rerun the evaluation (train.py --eval-only "
+                       "--checkpoint best.pt) or leave the folder out") from None
+    if missing or not isinstance(run["results"], dict) or not isinstance(run["settings"], dict):
+        raise RunError(f"{path} lacks {', '.join(missing) or 'results or settings as objects'}: expected the "
+                       "results.json train.py writes; rerun the evaluation or leave the folder out")
+    return run
+
+
+def model_name(run):
+    """The paper's name for the model a run trained or evaluated."""
+    if run["mode"] == "prompt":
+        return "bridge and prompt"
+    if run["mode"] == "zeroshot":
+        return "vanilla CLIP"
+    return {"image": "CLIP image-FT", "text": "CLIP text-FT"}.get(run["settings"].get("towers"), "ViFi-CLIP")
+
+
+def run_metrics(run):
+    """{(dataset, metric): top-1 or (mean, std)} that the paper's tables report for this run: few-shot the best
+    evaluation (results.json's paper_reports), base-to-novel the base and novel halves (HM is taken after averaging
+    seeds, as the paper does), zero-shot each dataset's mean ± std over folds, otherwise the test set's top-1/5."""
+    results, dataset = run["results"], run["dataset"]
+    if run["protocol"] == "few-shot":
+        best = run.get("best") if run.get("paper_reports") == "best" else None
+        return {(dataset, f"K={run['settings'].get('shots')}"): best["top1"] if best else results["test"]["top1"]}
+    metrics = {}
+    for name, r in results.items():
+        if not isinstance(r, dict) or name.rsplit("-", 1)[-1].startswith(("fold", "subset")):
+            continue  # the harmonic mean (recomputed) and single folds (their mean and std are reported)
+        if "mean_top1" in r:
+            metrics[name, "top-1"] = (r["mean_top1"], r["std_top1"])
+        elif name in ("base", "novel"):
+            metrics[dataset, name] = r["top1"]
+        else:
+            metrics[dataset, "top-1"] = r["top1"]
+            if run["protocol"] == "supervised":
+                metrics[dataset, "top-5"] = r["top5"]
+    return metrics
+
+
+def run_differences(run):
+    """What makes a run not the paper's: its splits, and each setting that is not what train.py picks for the
+    protocol (found by asking train.py's flag parser for the protocol with nothing else given)."""
+    s = run["settings"]
+    notes = [] if str(run["splits"]).startswith("official") else [f"splits {run['splits']}"]
+    if run["protocol"] == "synthetic":
+        return notes
+    flags = ["--dataset", run["dataset"], "--protocol", run["protocol"], "--mode", run["mode"], "--towers",
+             s.get("towers", "both"), "--shots", str(s.get("shots", 0)), "--seed", str(s.get("seed", 1)),
+             "--eval-datasets", ",".join(s.get("eval_datasets") or []), *["--eval-only"] * bool(s.get("eval_only"))]
+    try:
+        paper = vars(train.get_args(flags))
+    except (SystemExit, vifi.ConfigError):
+        return notes + ["settings not comparable with any of the paper's"]
+    compared = COMPARED + ([] if s.get("eval_only") else TRAINING)
+    notes += [f"{k} {s.get(k)} (paper {paper[k]})" for k in compared if s.get(k) != paper[k]]
+    if s.get("input_size") not in (None, PAPER_INPUT_SIZE):
+        notes.append(f"input_size {s['input_size']} (paper {PAPER_INPUT_SIZE})")
+    return notes
+
+
+def _number(value):
+    return "" if value is None else f"{value[0]:.2f} ± {value[1]:.2f}" if isinstance(value, tuple) else f"{value:.2f}"
+
+
+def paper_table(folders):
+    """Rows (protocol, model, dataset, metric, ours, paper, difference, runs, notes) for the runs in `folders`:
+    runs of one protocol, model, dataset and metric are averaged (base-to-novel: the seeds), ordered as
+    protocols.PROTOCOLS; a number the paper does not report is None."""
+    groups = {}
+    for folder in folders:
+        run = read_run(folder)
+        notes = run_differences(run)
+        for (dataset, metric), value in run_metrics(run).items():
+            group = groups.setdefault((run["protocol"], model_name(run), dataset, metric), ([], [], []))
+            group[0].append(value)
+            group[1].append(f"{os.path.basename(os.path.normpath(folder))}"
+                            + (f" (seed {run['settings'].get('seed')})" if run["protocol"] == "base-novel" else ""))
+            group[2].extend(n for n in notes if n not in group[2])
+    for (protocol, model, dataset, metric), (values, runs, notes) in list(groups.items()):
+        if metric == "novel" and (protocol, model, dataset, "base") in groups:  # HM of the averages, as the paper
+            base, novel = (sum(v) / len(v) for v in (groups[protocol, model, dataset, "base"][0], values))
+            groups[protocol, model, dataset, "HM"] = ([2 * base * novel / (base + novel) if base + novel else 0.0],
+                                                      runs, notes)
+    order = {**{p: i for i, p in enumerate(protocols.PROTOCOLS)}, "synthetic": len(protocols.PROTOCOLS)}
+    metric_order = ["K=2", "K=4", "K=8", "K=16", "base", "novel", "HM", "top-1", "top-5"]
+    rows = []
+    for (protocol, model, dataset, metric), (values, runs, notes) in sorted(groups.items(), key=lambda kv: (
+            order.get(kv[0][0], 99), kv[0][1], kv[0][2], metric_order.index(kv[0][3]) if kv[0][3] in metric_order
+            else 99)):
+        if isinstance(values[0], (list, tuple)):  # zero-shot mean ± std, averaged over runs item by item
+            ours = tuple(sum(v[i] for v in values) / len(values) for i in (0, 1))
+        else:
+            ours = sum(values) / len(values)
+        paper = PAPER.get((model, protocol, dataset), {}).get(metric)
+        mean = lambda v: v[0] if isinstance(v, (list, tuple)) else v
+        difference = None if paper is None else mean(ours) - mean(paper)
+        if protocol == "base-novel" and len(runs) < 3:
+            notes = [f"{len(runs)} of the paper's 3 seeds"] + notes
+        rows.append((protocol, model, dataset, metric, ours, paper, difference, ", ".join(runs), "; ".join(notes)))
+    return rows
+
+
+TABLE_HEADER = ["protocol", "model", "dataset", "metric", "ours", "paper", "ours - paper", "runs", "not the paper's"]
+
+
+def table(args):
+    """Print the paper's table for the runs given and write it as table.md and table.csv. Returns the exit code."""
+    try:
+        rows = paper_table(args.runs)
+    except RunError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    cells = [[p, m, d, metric, _number(ours), _number(paper) or "—", "—" if diff is None else f"{diff:+.2f}", runs,
+              notes] for p, m, d, metric, ours, paper, diff, runs, notes in rows]
+    markdown = "".join("| " + " | ".join(c.replace("|", "/") for c in line) + " |\n" for line in
+                       [TABLE_HEADER, ["---"] * len(TABLE_HEADER), *cells])
+    print(markdown, end="")
+    out = args.out or os.path.dirname(os.path.abspath(os.path.normpath(args.runs[0])))
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write(markdown)
+    with open(os.path.join(out, "table.csv"), "w", newline="") as f:
+        csv.writer(f).writerows([TABLE_HEADER, *cells])
+    print(f"written to {os.path.join(out, 'table.md')} and table.csv beside it")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Videos written to files: the synthetic set, and generated videos for the tests and bench.py
 
 def write_video(path, images, fps=25, codec="mpeg4", gop=250, bit_rate=600_000):
@@ -288,14 +554,19 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    chk = commands.add_parser("check", help="scan a dataset: counts per split and every unreadable file")
-    chk.add_argument("--dataset", required=True, choices=list(data.LAYOUTS), help="whose layout and lists to read")
-    chk.add_argument("--root", required=True, help="the folder the dataset unpacks into (README: Data)")
-    chk.add_argument("--fold", type=int, default=1, help="UCF101's or HMDB51's train/test split, 1-3 (default 1)")
-    chk.add_argument("--list-file", help="for --dataset list: a file of 'relative/path label' lines")
-    chk.add_argument("--labels-file", help="for --dataset list: the 'id,name' CSV of the class names")
+    chk = commands.add_parser("check", conflict_handler="resolve", help="verify a copy of a dataset against the lists "
+                              "train.py reads: missing and unreadable videos per list",
+                              description=check.__doc__.split(". Returns")[0] + ". Takes train.py's data flags: "
+                              "without --shots, --base-novel, --protocol, --eval-datasets or --eval-only it reads "
+                              "every official list of the dataset. Exit 1 if anything is missing or unreadable, 2 for "
+                              "wrong flags, root or split files.")
+    train.data_flags(chk)
+    chk.add_argument("--dataset", required=True, choices=list(data.LAYOUTS), help="the dataset to check")
+    chk.add_argument("--eval-only", action="store_true", help="the lists of train.py --eval-only (zero-shot: the "
+                                                              "three folds or subsets)")
     chk.add_argument("--workers", type=int, default=os.cpu_count(),
                      help="processes that decode in parallel (default: one per core)")
+    chk.set_defaults(mode="finetune", towers="both", out=None)  # what protocols.resolve reads of train.py's other flags
     prep = commands.add_parser("prepare", help="re-encode a dataset into a copy that decodes fast at any position",
                                description=prepare.__doc__.split(". Returns")[0] + ". Resumable: finished files are "
                                "skipped. Exit 1 if a source was unreadable (it is left out), 2 for wrong arguments.")
@@ -317,8 +588,18 @@ def main(argv=None):
     synth.add_argument("--size", type=int, default=32, help="width and height of a frame in pixels (default 32)")
     synth.add_argument("--train-per-class", type=int, default=64, help="training videos per class (default 64)")
     synth.add_argument("--test-per-class", type=int, default=16, help="test videos per class (default 16)")
+    tab = commands.add_parser("table", help="the paper's table for finished runs, with the paper's numbers beside",
+                              description="One row per protocol, model, dataset and metric the paper reports: "
+                              "ours (runs of the same averaged, as base-to-novel's seeds), the paper's, the "
+                              "difference, the runs, and what in them is not the paper's (splits, settings). Printed, "
+                              "and written as table.md and table.csv. Exit 2 for a folder without a readable "
+                              "results.json.")
+    tab.add_argument("runs", nargs="+", metavar="RUN_DIR", help="train.py --out folders (each holds results.json)")
+    tab.add_argument("--out", help="where table.md and table.csv go (default: the folder holding the first run)")
     args = parser.parse_args(argv)
 
+    if args.command == "table":
+        return table(args)
     if args.command == "synth-ucf":
         write_synthetic_ucf(args.dir, args.frames, args.size, args.train_per_class, args.test_per_class)
         print(f"wrote {len(data.synthetic_classes())} classes to {args.dir}")
