@@ -353,10 +353,11 @@ def read_run(folder):
     try:
         with open(path) as f:
             run = json.load(f)
-        missing = [k for k in ("protocol", "dataset", "splits", "mode", "results", "settings") if k not in run]
-    except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as error:
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise RunError(f"{path} is not valid JSON ({error}): rerun the evaluation (train.py --eval-only "
                        "--checkpoint best.pt) or leave the folder out") from None
+    keys = ("protocol", "dataset", "splits", "mode", "results", "settings")
+    missing = [k for k in keys if k not in run] if isinstance(run, dict) else list(keys)
     if missing or not isinstance(run["results"], dict) or not isinstance(run["settings"], dict):
         raise RunError(f"{path} lacks {', '.join(missing) or 'results or settings as objects'}: expected the "
                        "results.json train.py writes; rerun the evaluation or leave the folder out")
