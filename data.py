@@ -626,8 +626,9 @@ def _list(list_file, labels_file):
         if not path or not os.path.isfile(path):
             found = ("none was given" if not path else f"{path!r} is a folder" if os.path.isdir(path)
                      else f"{path!r}: no such file")
-            raise DatasetError(f"a list of videos needs a list file and an 'id,name' labels file (train.py: --train-list, "
-                               f"--test-list, --labels; tools.py: --list-file, --labels-file); {found}")
+            raise DatasetError(f"a list of videos needs a list file and an 'id,name' labels file (train.py and tools.py "
+                               f"check: --train-list, --test-list, --labels; tools.py prepare: --list-file, "
+                               f"--labels-file); {found}")
     classes = read_labels(labels_file)
     entries = []
     for number, line in enumerate(_lines(list_file), 1):

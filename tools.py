@@ -476,9 +476,9 @@ def table(args):
     print(markdown, end="")
     out = args.out or os.path.dirname(os.path.abspath(os.path.normpath(args.runs[0])))
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "table.md"), "w") as f:
+    with archive.replacing(os.path.join(out, "table.md")) as f:  # no planted link followed, no half-written table
         f.write(markdown)
-    with open(os.path.join(out, "table.csv"), "w", newline="") as f:
+    with archive.replacing(os.path.join(out, "table.csv")) as f:
         csv.writer(f).writerows([TABLE_HEADER, *cells])
     print(f"written to {os.path.join(out, 'table.md')} and table.csv beside it")
     return 0
