@@ -541,6 +541,20 @@ def test_views_must_lie_inside_their_record_and_nest_shallowly(tmp_path):
             archive.read_archive(write_archive(tmp_path / f"{name}.pt", pkl=pkl), "a test archive")
 
 
+def test_view_bounds_and_tuple_depth_are_exact_at_the_limit(tmp_path):
+    # a (2, 3) view with strides (3, 1) over 6 elements: offset 0 ends at element 5 (inside); offset 1 ends at 6,
+    # one past the end (1 + (2 - 1) * 3 + (3 - 1) * 1 = 6)
+    record = torch.arange(6.0)
+    ref = lambda offset: argparse.Namespace(offset=offset, size=(2, 3), stride=(3, 1))
+    assert torch.equal(archive._view(ref(0), record, "0"), record.reshape(2, 3))
+    with pytest.raises(pickle.UnpicklingError, match=r"reaches past the end of its record 0 \(6 elements\)"):
+        archive._view(ref(1), record, "0")
+    # a dict key of tuples nested 101 deep (one past MAX_DEPTH = 100) is refused by the tuple check itself
+    pkl = b"\x80\x02}K\x01" + b"\x85" * 101 + b"K\x02s."
+    with pytest.raises(archive.CheckpointError, match="tuples nested more than 100 deep"):
+        archive.read_archive(write_archive(tmp_path / "deep101.pt", pkl=pkl), "a test archive")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # clip_model.py
 
