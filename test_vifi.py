@@ -1669,6 +1669,14 @@ def test_data_py_has_no_commands_and_points_to_tools_py(tmp_path):
     assert os.listdir(tmp_path) == []  # nothing done
 
 
+def test_output_size_rounds_the_long_side_as_mmaction_resize():
+    # 321x427 to short side 256: 427 * 256 / 321 = 340.53, int(x + 0.5) = 341 (not 340); the short side exactly 256
+    frame = argparse.Namespace(height=321, width=427)
+    assert data.VideoReader._output_size(None, frame, 256) == (256, 341)
+    assert data.VideoReader._output_size(None, argparse.Namespace(height=500, width=300), 224) == (373, 224)  # 373.3
+    assert data.VideoReader._output_size(None, frame, None) == (321, 427)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # vifi.py
 
