@@ -1677,6 +1677,17 @@ def test_output_size_rounds_the_long_side_as_mmaction_resize():
     assert data.VideoReader._output_size(None, frame, None) == (321, 427)
 
 
+def test_frames_are_read_at_the_short_side_of_the_official_resize_for_each_view(videos, monkeypatch):
+    # official configs: Resize(scale=(-1, 256)) before a 224 crop (training, one centre test crop); three test crops
+    # of 224: Resize(scale=(-1, 224)). At size 112: 112 * 256 / 224 = 128, or 112.
+    seen, read = [], data.VideoReader.read
+    monkeypatch.setattr(data.VideoReader, "read", lambda self, i, short_side=None: (seen.append(short_side),
+                                                                                    read(self, i, short_side))[1])
+    for train, crops in ((True, 1), (False, 1), (False, 3)):
+        data.VideoDataset([(videos["mp4"], 0)], ["x"], frames=2, size=112, crops=crops, train=train)[0]
+    assert seen == [128, 128, 112]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # vifi.py
 
