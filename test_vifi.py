@@ -2558,6 +2558,26 @@ def test_native_k600_evaluation_draws_three_subsets_subset_s_with_seed_s(monkeyp
     assert len({tuple(tests[f"k600-subset{s}"].classnames) for s in (1, 2, 3)}) == 3
 
 
+def test_cutmix_on_wide_frames_draws_x_over_the_width_and_y_over_the_height(monkeypatch):
+    """By hand, the official rand_bbox on 8 x 16 frames (H x W), lambda 0.75: cut_w int(16 * 0.5) = 8, cut_h
+    int(8 * 0.5) = 4; cx = randint(W) drawn first (15), cy = randint(H) (1): columns 11..16, rows 0..3, 15 of
+    128 pixels pasted, lambda 1 - 15 / 128. Partners 1, 0."""
+    class Ranges(Draws):
+        def randrange(self, n):
+            ranges.append(n)
+            return super().randrange(n)
+    ranges, args = [], argparse.Namespace(label_smoothing=0.0, mixup=0.8, cutmix=1.0, mix_switch=0.5)
+    monkeypatch.setattr(protocols, "random", Ranges([1, 0], switch=0.1, lam=0.75, centres=[15, 1]))
+    video = torch.arange(2.0).view(2, 1, 1, 1, 1).expand(2, 1, 3, 8, 16).contiguous()
+    mixed, target = protocols.mix(video, torch.tensor([0, 1]), 2, args)
+    assert ranges == [16, 8]
+    expect = video.clone()
+    expect[0, :, :, 0:3, 11:16], expect[1, :, :, 0:3, 11:16] = 1, 0
+    assert torch.equal(mixed, expect)
+    lam = 1 - 15 / 128
+    torch.testing.assert_close(target, torch.tensor([[lam, 1 - lam], [1 - lam, lam]]))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # engine.py
 
