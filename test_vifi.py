@@ -2790,6 +2790,24 @@ def test_steps_per_epoch_equal_the_official_formula_for_any_list_size():
             assert ours_steps(n, args) == official_steps(n, batch) == (n + 7) // batch, (batch, n)
 
 
+def test_an_epoch_shorter_than_one_batch_takes_one_step_of_all_of_it(tmp_path, monkeypatch):
+    # synthetic 1-shot: 9 clips, batch 16 in micro-batches of 1: 9 micro-batches, fewer than the 16 of a step;
+    # README: such an epoch takes one step of all 9 (the official code would train nothing). A constant rate (the
+    # warm-up starts from nothing) so that the one step moves the weights.
+    monkeypatch.setattr(protocols, "learning_rate", lambda progress, args: args.lr)
+    evaluate_all = engine.evaluate_all  # not the subject here: on one video per test set
+    monkeypatch.setattr(engine, "evaluate_all", lambda model, tests, *a: evaluate_all(
+        model, {name: test.subset(test.samples[:1]) for name, test in tests.items()}, *a))
+    out = tmp_path / "short"
+    train.main(train.get_args(["--dataset", "synthetic", "--shots", "1", "--epochs", "1", "--batch-size", "16",
+                               "--micro-batch", "1", "--mixup", "0", "--cutmix", "0", "--towers", "image",
+                               "--lr", "0.01", "--frames", "2", "--eval-every", "0", "--device", "cpu", "--out", str(out)]))
+    ck = torch.load(out / "last.pt", weights_only=True)
+    start = train.load_clip(train.get_args(["--dataset", "synthetic"])).state_dict()
+    assert ck["step"] == 1
+    assert any(not torch.equal(v, start[k[5:]]) for k, v in ck["model"].items() if k.startswith("clip."))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # train.py
 
