@@ -3544,6 +3544,15 @@ def test_prepare_follows_no_link_out_of_root_and_locks_its_out(tmp_path):
     assert run.returncode == 0  # the killed holder's lock is gone with it
 
 
+def test_a_link_to_a_sibling_whose_name_extends_roots_is_outside(tmp_path):
+    # /tmp/.../data and /tmp/.../data2: the sibling's path starts with the root's text but lies outside it
+    root, sibling = tmp_path / "data", tmp_path / "data2"
+    (root / "ok").mkdir(parents=True), sibling.mkdir()
+    os.symlink(sibling, root / "out"), os.symlink(root / "ok", root / "in")
+    assert tools.outside(str(root / "out"), str(root)) == f"skipped {root / 'out'}: a link to {sibling}, outside --root"
+    assert tools.outside(str(root / "in"), str(root)) == ""
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # bench.py
 
