@@ -2091,6 +2091,14 @@ def test_vifi_labels_errors_name_the_flag_given(tmp_path, capsys):
         assert err == message + "\n", err
 
 
+def test_cuda_device_numbers_run_from_0_to_the_count_minus_1(monkeypatch):
+    # a machine with 2 GPUs (faked): cuda:0 and cuda:1 exist, cuda:2 does not
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(vifi.ConfigError, match=r"--device cuda:2: this machine has 2 CUDA GPU\(s\), numbered from 0"):
+        vifi.check_device("cuda:2")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # report.py
 
