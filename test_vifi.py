@@ -2164,6 +2164,15 @@ def test_explain_report_holds_votes_and_one_map_per_frame(tmp_path):
     assert vifi.parse_args(readme).explain == "report.html"
 
 
+def test_heat_overlay_is_four_tenths_frame_and_six_tenths_heat_colour():
+    # grey 100 frames; relevance 1 everywhere is each frame's maximum: the scale's last colour (252, 255, 164);
+    # relevance 0 everywhere: its first (0, 0, 4). 0.4 * 100 + 0.6 * colour, rounded.
+    pixels = torch.full((2, 4, 4, 3), 100.0)
+    got = report.heat_overlay(pixels, torch.stack([torch.ones(2, 2), torch.zeros(2, 2)]))
+    assert got[0].tolist() == [[[191, 193, 138]] * 4] * 4  # 40 + 151.2, 40 + 153, 40 + 98.4
+    assert got[1].tolist() == [[[40, 40, 42]] * 4] * 4  # 40 + 0, 40 + 0, 40 + 2.4
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # protocols.py
 
