@@ -555,6 +555,14 @@ def test_view_bounds_and_tuple_depth_are_exact_at_the_limit(tmp_path):
         archive.read_archive(write_archive(tmp_path / "deep101.pt", pkl=pkl), "a test archive")
 
 
+def test_a_prefix_that_itself_starts_as_a_zip_is_still_a_prefix(tmp_path):
+    # 12 bytes starting with a zip's own signature PK\x03\x04 before a real checkpoint: the first 4 bytes look right
+    torch.save({"w": torch.zeros(2)}, tmp_path / "ok.pt")
+    (tmp_path / "pre.pt").write_bytes(b"PK\x03\x04" + bytes(8) + (tmp_path / "ok.pt").read_bytes())
+    with pytest.raises(archive.CheckpointError, match="pre.pt: 12 bytes before its zip archive"):
+        archive.read_archive(str(tmp_path / "pre.pt"), "a test archive")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # clip_model.py
 
