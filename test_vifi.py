@@ -574,6 +574,28 @@ def test_archive_reads_offsets_shared_storages_strides_and_every_dtype_as_torch_
     assert ours["torch.int8"].tolist() == [[-1, 3], [0, 100], [1, 127]]
 
 
+def test_view_bounds_and_tuple_depth_are_exact_at_the_limit(tmp_path):
+    # a (2, 3) view with strides (3, 1) over 6 elements: offset 0 ends at element 5 (inside); offset 1 ends at 6,
+    # one past the end (1 + (2 - 1) * 3 + (3 - 1) * 1 = 6)
+    record = torch.arange(6.0)
+    ref = lambda offset: argparse.Namespace(offset=offset, size=(2, 3), stride=(3, 1))
+    assert torch.equal(archive._view(ref(0), record, "0"), record.reshape(2, 3))
+    with pytest.raises(pickle.UnpicklingError, match=r"reaches past the end of its record 0 \(6 elements\)"):
+        archive._view(ref(1), record, "0")
+    # a dict key of tuples nested 101 deep (one past MAX_DEPTH = 100) is refused by the tuple check itself
+    pkl = b"\x80\x02}K\x01" + b"\x85" * 101 + b"K\x02s."
+    with pytest.raises(archive.CheckpointError, match="tuples nested more than 100 deep"):
+        archive.read_archive(write_archive(tmp_path / "deep101.pt", pkl=pkl), "a test archive")
+
+
+def test_a_prefix_that_itself_starts_as_a_zip_is_still_a_prefix(tmp_path):
+    # 12 bytes starting with a zip's own signature PK\x03\x04 before a real checkpoint: the first 4 bytes look right
+    torch.save({"w": torch.zeros(2)}, tmp_path / "ok.pt")
+    (tmp_path / "pre.pt").write_bytes(b"PK\x03\x04" + bytes(8) + (tmp_path / "ok.pt").read_bytes())
+    with pytest.raises(archive.CheckpointError, match="pre.pt: 12 bytes before its zip archive"):
+        archive.read_archive(str(tmp_path / "pre.pt"), "a test archive")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # clip_model.py
 
@@ -1717,6 +1739,25 @@ def test_norm_names_are_the_published_mean_std_pairs_and_normalize_applies_them(
     assert abs(data.normalize(pixel, *data.NORMS["clip"])[0, 0, 0, 0].item() - clip_red) < 1e-5
 
 
+def test_output_size_rounds_the_long_side_as_mmaction_resize():
+    # 321x427 to short side 256: 427 * 256 / 321 = 340.53, int(x + 0.5) = 341 (not 340); the short side exactly 256
+    frame = argparse.Namespace(height=321, width=427)
+    assert data.VideoReader._output_size(None, frame, 256) == (256, 341)
+    assert data.VideoReader._output_size(None, argparse.Namespace(height=500, width=300), 224) == (373, 224)  # 373.3
+    assert data.VideoReader._output_size(None, frame, None) == (321, 427)
+
+
+def test_frames_are_read_at_the_short_side_of_the_official_resize_for_each_view(videos, monkeypatch):
+    # official configs: Resize(scale=(-1, 256)) before a 224 crop (training, one centre test crop); three test crops
+    # of 224: Resize(scale=(-1, 224)). At size 112: 112 * 256 / 224 = 128, or 112.
+    seen, read = [], data.VideoReader.read
+    monkeypatch.setattr(data.VideoReader, "read", lambda self, i, short_side=None: (seen.append(short_side),
+                                                                                    read(self, i, short_side))[1])
+    for train, crops in ((True, 1), (False, 1), (False, 3)):
+        data.VideoDataset([(videos["mp4"], 0)], ["x"], frames=2, size=112, crops=crops, train=train)[0]
+    assert seen == [128, 128, 112]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # vifi.py
 
@@ -2220,6 +2261,14 @@ def test_compare_base_gives_vanilla_clip_its_own_pixel_normalization(tmp_path):
     torch.testing.assert_close(torch.tensor(out["base_relevance"]), base_relevance, atol=1e-6, rtol=1e-4)
 
 
+def test_cuda_device_numbers_run_from_0_to_the_count_minus_1(monkeypatch):
+    # a machine with 2 GPUs (faked): cuda:0 and cuda:1 exist, cuda:2 does not
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(vifi.ConfigError, match=r"--device cuda:2: this machine has 2 CUDA GPU\(s\), numbered from 0"):
+        vifi.check_device("cuda:2")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # report.py
 
@@ -2294,6 +2343,15 @@ def test_heat_overlay_scales_each_frame_to_its_own_maximum():
     assert out.view(-1, 3).tolist() == [[151, 153, 98]] * 32  # round(0.6 * (252, 255, 164))
     grey = report.heat_overlay(torch.full((1, 2, 2, 3), 100.0), torch.tensor([[[0.0, 1.0]]]))  # (T, gh=1, gw=2)
     assert grey[0, 0, 0].tolist() == [40, 40, 42]  # relevance 0 on the left edge: 0.4 * 100 + 0.6 * (0, 0, 4)
+
+
+def test_heat_overlay_is_four_tenths_frame_and_six_tenths_heat_colour():
+    # grey 100 frames; relevance 1 everywhere is each frame's maximum: the scale's last colour (252, 255, 164);
+    # relevance 0 everywhere: its first (0, 0, 4). 0.4 * 100 + 0.6 * colour, rounded.
+    pixels = torch.full((2, 4, 4, 3), 100.0)
+    got = report.heat_overlay(pixels, torch.stack([torch.ones(2, 2), torch.zeros(2, 2)]))
+    assert got[0].tolist() == [[[191, 193, 138]] * 4] * 4  # 40 + 151.2, 40 + 153, 40 + 98.4
+    assert got[1].tolist() == [[[40, 40, 42]] * 4] * 4  # 40 + 0, 40 + 0, 40 + 2.4
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -2741,6 +2799,26 @@ def test_base_novel_seed_s_trains_on_the_official_list_of_seed_s():
             assert lists["train"][0] == f"datasets_splits/base2novel_splits/{folder}_splits/fs_base_s{s}_train.txt"
 
 
+def test_cutmix_on_wide_frames_draws_x_over_the_width_and_y_over_the_height(monkeypatch):
+    """By hand, the official rand_bbox on 8 x 16 frames (H x W), lambda 0.75: cut_w int(16 * 0.5) = 8, cut_h
+    int(8 * 0.5) = 4; cx = randint(W) drawn first (15), cy = randint(H) (1): columns 11..16, rows 0..3, 15 of
+    128 pixels pasted, lambda 1 - 15 / 128. Partners 1, 0."""
+    class Ranges(Draws):
+        def randrange(self, n):
+            ranges.append(n)
+            return super().randrange(n)
+    ranges, args = [], argparse.Namespace(label_smoothing=0.0, mixup=0.8, cutmix=1.0, mix_switch=0.5)
+    monkeypatch.setattr(protocols, "random", Ranges([1, 0], switch=0.1, lam=0.75, centres=[15, 1]))
+    video = torch.arange(2.0).view(2, 1, 1, 1, 1).expand(2, 1, 3, 8, 16).contiguous()
+    mixed, target = protocols.mix(video, torch.tensor([0, 1]), 2, args)
+    assert ranges == [16, 8]
+    expect = video.clone()
+    expect[0, :, :, 0:3, 11:16], expect[1, :, :, 0:3, 11:16] = 1, 0
+    assert torch.equal(mixed, expect)
+    lam = 1 - 15 / 128
+    torch.testing.assert_close(target, torch.tensor([[lam, 1 - lam], [1 - lam, lam]]))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # engine.py
 
@@ -3036,6 +3114,24 @@ def test_each_epoch_draws_another_order_and_other_augmentation_keys(monkeypatch)
     for i in range(12):
         assert len({draws[e][i] for e in range(3)}) == 3, i  # a new draw for the same video in every epoch
     assert len(set(draws[0].values())) == 12  # and a different one for every video of an epoch
+
+
+def test_an_epoch_shorter_than_one_batch_takes_one_step_of_all_of_it(tmp_path, monkeypatch):
+    # synthetic 1-shot: 9 clips, batch 16 in micro-batches of 1: 9 micro-batches, fewer than the 16 of a step;
+    # README: such an epoch takes one step of all 9 (the official code would train nothing). A constant rate (the
+    # warm-up starts from nothing) so that the one step moves the weights.
+    monkeypatch.setattr(protocols, "learning_rate", lambda progress, args: args.lr)
+    evaluate_all = engine.evaluate_all  # not the subject here: on one video per test set
+    monkeypatch.setattr(engine, "evaluate_all", lambda model, tests, *a: evaluate_all(
+        model, {name: test.subset(test.samples[:1]) for name, test in tests.items()}, *a))
+    out = tmp_path / "short"
+    train.main(train.get_args(["--dataset", "synthetic", "--shots", "1", "--epochs", "1", "--batch-size", "16",
+                               "--micro-batch", "1", "--mixup", "0", "--cutmix", "0", "--towers", "image",
+                               "--lr", "0.01", "--frames", "2", "--eval-every", "0", "--device", "cpu", "--out", str(out)]))
+    ck = torch.load(out / "last.pt", weights_only=True)
+    start = train.load_clip(train.get_args(["--dataset", "synthetic"])).state_dict()
+    assert ck["step"] == 1
+    assert any(not torch.equal(v, start[k[5:]]) for k, v in ck["model"].items() if k.startswith("clip."))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -3901,6 +3997,15 @@ def test_synthetic_ucf_lists_number_classes_as_class_ind_does(tmp_path):
     lines = open(root / "ucfTrainTestlist" / "trainlist01.txt").read().splitlines()
     assert len(lines) == 18 and all(int(label) == ids[path.split("/")[0]] for path, label in map(str.split, lines))
     assert lines[0].endswith(" 1") and lines[-1].endswith(" 18")
+
+
+def test_a_link_to_a_sibling_whose_name_extends_roots_is_outside(tmp_path):
+    # /tmp/.../data and /tmp/.../data2: the sibling's path starts with the root's text but lies outside it
+    root, sibling = tmp_path / "data", tmp_path / "data2"
+    (root / "ok").mkdir(parents=True), sibling.mkdir()
+    os.symlink(sibling, root / "out"), os.symlink(root / "ok", root / "in")
+    assert tools.outside(str(root / "out"), str(root)) == f"skipped {root / 'out'}: a link to {sibling}, outside --root"
+    assert tools.outside(str(root / "in"), str(root)) == ""
 
 
 # ---------------------------------------------------------------------------------------------------------------
