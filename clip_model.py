@@ -34,7 +34,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-import archive
+class ModelError(RuntimeError):
+    """A state dict that is not a whole, finite CLIP ViT (or ViFi-CLIP): the message names the file and the key."""
+
 
 # OpenAI's public releases; the folder name in each URL is the file's sha256.
 MODELS = {
@@ -271,6 +273,7 @@ def read_state_dict(path):
     expected = (f"a CLIP state dict, a checkpoint holding one under 'model', OpenAI's TorchScript release or one of "
                 f"the names {list(MODELS)} (official ViFi-CLIP checkpoints load with vifi.load_official_checkpoint or "
                 "--checkpoint)")
+    import archive  # reads the file without running code from it
     obj = archive.read_archive(path, expected, script=True)
     if isinstance(obj, archive.ScriptObject):
         return archive.script_tensors(obj)
@@ -280,12 +283,12 @@ def read_state_dict(path):
 def clip_state_dict(sd, path="<state dict>"):
     """Strip any prefix ('module.', 'clip.') in front of OpenAI's names; fp32 tensors; drop the non-tensor extras."""
     if not isinstance(sd, dict):
-        raise archive.CheckpointError(f"{path}: expected a dict of tensors, found {type(sd).__name__}")
+        raise ModelError(f"{path}: expected a dict of tensors, found {type(sd).__name__}")
     check_names(sd, path)
     anchor = "visual.conv1.weight"
     prefixes = [k[: -len(anchor)] for k in sd if isinstance(k, str) and k.endswith(anchor)]
     if not prefixes:
-        raise archive.CheckpointError(f"{path}: not a CLIP ViT state dict (no key ending in '{anchor}'; found e.g. "
+        raise ModelError(f"{path}: not a CLIP ViT state dict (no key ending in '{anchor}'; found e.g. "
                                       f"{list(sd)[:3]}). Official ViFi-CLIP checkpoints load through "
                                       "vifi.load_official_checkpoint.")
     p = prefixes[0]
@@ -293,7 +296,7 @@ def clip_state_dict(sd, path="<state dict>"):
     for extra in ("input_resolution", "context_length", "vocab_size"):  # OpenAI's archives carry these; unused
         out.pop(extra, None)
     if "visual.proj" not in out:
-        raise archive.CheckpointError(f"{path}: a ResNet CLIP (no 'visual.proj'); only the ViT models are supported.")
+        raise ModelError(f"{path}: a ResNet CLIP (no 'visual.proj'); only the ViT models are supported.")
     return out
 
 
@@ -303,7 +306,7 @@ def build(sd, path="<state dict>"):
     try:
         cfg = CLIPConfig.from_state_dict(sd)
     except KeyError as e:
-        raise archive.CheckpointError(f"{path}: missing key {e.args[0]!r} of a CLIP state dict") from None
+        raise ModelError(f"{path}: missing key {e.args[0]!r} of a CLIP state dict") from None
     with torch.device("meta"):  # no memory, no init: every tensor comes from sd
         model = CLIP(cfg)
     check_state_dict(sd, model.state_dict(), path, f"the CLIP ViT its other shapes describe ({cfg})")
@@ -315,7 +318,7 @@ def check_names(sd, path):
     """Refuse a state dict with a key that is not a parameter's name (a str)."""
     odd = next((k for k in sd if not isinstance(k, str)), None)
     if odd is not None:
-        raise archive.CheckpointError(f"{path}: its weights are named by a {type(odd).__name__} key ({str(odd)[:60]}); "
+        raise ModelError(f"{path}: its weights are named by a {type(odd).__name__} key ({str(odd)[:60]}); "
                                       "a state dict names each tensor by a str")
 
 
@@ -324,7 +327,7 @@ def check_finite(sd, keys, path):
     that diverged should fail where it is loaded, naming the key, not later as a NaN loss or uniform outputs."""
     for k in keys:
         if torch.is_floating_point(sd[k]) and not torch.isfinite(sd[k]).all():
-            raise archive.CheckpointError(f"{path}: key {k!r} holds NaN or inf values; use a checkpoint saved before "
+            raise ModelError(f"{path}: key {k!r} holds NaN or inf values; use a checkpoint saved before "
                                           "the weights diverged")
 
 
@@ -333,26 +336,28 @@ def check_state_dict(sd, expected, path, model):
     same shape; the error names the file, the first offending key and `model`, the model it was checked against."""
     for k, v in expected.items():
         if k not in sd:
-            raise archive.CheckpointError(f"{path}: missing key {k!r} (expected shape {tuple(v.shape)}) of {model}")
+            raise ModelError(f"{path}: missing key {k!r} (expected shape {tuple(v.shape)}) of {model}")
         found = tuple(sd[k].shape) if torch.is_tensor(sd[k]) else type(sd[k]).__name__
         if found != tuple(v.shape):
-            raise archive.CheckpointError(f"{path}: key {k!r} has shape {found}, expected {tuple(v.shape)} for "
+            raise ModelError(f"{path}: key {k!r} has shape {found}, expected {tuple(v.shape)} for "
                                           f"{model}")
     unexpected = [k for k in sd if k not in expected]
     if unexpected:
-        raise archive.CheckpointError(f"{path}: unexpected key {unexpected[0]!r} ({len(unexpected)} in all) for "
+        raise ModelError(f"{path}: unexpected key {unexpected[0]!r} ({len(unexpected)} in all) for "
                                       f"{model}")
     check_finite(sd, expected, path)
 
 
 def release(name):
     """(url, path in the cache, sha256) of OpenAI's release `name` of MODELS (its URL's folder is the sha256)."""
+    import archive  # the cache folder
     url = MODELS[name]
     return url, os.path.join(archive.cache_dir(), os.path.basename(url)), url.split("/")[-2]
 
 
 def load(name_or_path, device="cpu"):
     """A model name of MODELS (downloaded once into $VIFI_CACHE or ~/.cache/vifi) or a checkpoint path -> fp32 CLIP."""
+    import archive  # the sha256-checked download
     path = archive.download(*release(name_or_path)) if name_or_path in MODELS else name_or_path
     return build(read_state_dict(path), path).to(device).eval()
 

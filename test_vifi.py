@@ -6,7 +6,7 @@ $VIFI_FIXTURES, else from ../shared/fixtures beside the checkout; with neither t
 When $VIFI_FIXTURES is set (as CI sets it), a missing fixture fails instead of skipping.
 
 The helpers and fixtures that tests of several files share come first, then one block per project file, leaf
-first: archive.py, clip_model.py, tokenizer.py, data.py, vifi.py, report.py, protocols.py, engine.py,
+first: archive.py, clip_model.py, tokenizer.py, data.py, vifi.py, report.py, predict.py, protocols.py, engine.py,
 train.py, tools.py, bench.py. Each block (or sub-block) opens with the helpers that only its own tests use.
 """
 import argparse
@@ -53,6 +53,7 @@ import bench
 import clip_model
 import data
 import engine
+import predict
 import protocols
 import report
 import tokenizer
@@ -343,17 +344,13 @@ def test_downloads_are_readable_as_the_umask_allows(tmp_path, monkeypatch):
     src = tmp_path / "release.pt"
     src.write_bytes(b"weights")
     sha = hashlib.sha256(b"weights").hexdigest()
-    monkeypatch.setattr(tokenizer, "BPE_URL", src.as_uri())
-    monkeypatch.setattr(tokenizer, "BPE_SHA256", sha)
     old = os.umask(0o022)
     try:
         archive.download(src.as_uri(), str(tmp_path / "cache" / "a.pt"), sha)
-        tokenizer.download_vocab(str(tmp_path / "cache" / "bpe.txt.gz"))
     finally:
         os.umask(old)
-    for name in ("a.pt", "bpe.txt.gz"):
-        assert (tmp_path / "cache" / name).stat().st_mode & 0o777 == 0o644, name
-    assert sorted(os.listdir(tmp_path / "cache")) == ["a.pt", "bpe.txt.gz"]  # no temp file left
+    assert (tmp_path / "cache" / "a.pt").stat().st_mode & 0o777 == 0o644
+    assert os.listdir(tmp_path / "cache") == ["a.pt"]  # no temp file left
 
 
 def test_cached_release_is_hashed_again(tmp_path):
@@ -484,7 +481,7 @@ def test_a_prefix_before_the_zip_is_refused_as_a_polyglot(tmp_path, tiny_clip, e
                 load(str(path))
     video = tmp_path / "video.mp4"
     video.touch()
-    assert vifi.main([str(video), "--labels", "a,b", "--model", str(files["jit"])]) == 2
+    assert predict.main([str(video), "--labels", "a,b", "--model", str(files["jit"])]) == 2
     err = capsys.readouterr().err
     assert "jit_polyglot.pt: " in err and err.count("\n") == 1, err
     assert not marker.exists()
@@ -815,10 +812,10 @@ def test_load_errors_name_the_file_and_the_key(tmp_path, tiny_clip):
     sd = tiny_clip.state_dict()
     sd["transformer.resblocks.1.mlp.c_fc.weight"] = torch.zeros(10, 128)
     torch.save(sd, tmp_path / "shapes.pt")
-    with pytest.raises(archive.CheckpointError, match=r"'transformer.resblocks.1.mlp.c_fc.weight' has shape \(10, 128\)"):
+    with pytest.raises(clip_model.ModelError, match=r"'transformer.resblocks.1.mlp.c_fc.weight' has shape \(10, 128\)"):
         clip_model.load(str(tmp_path / "shapes.pt"))
     torch.save({"weight": torch.zeros(3)}, tmp_path / "other.pt")
-    with pytest.raises(archive.CheckpointError, match="not a CLIP ViT state dict"):
+    with pytest.raises(clip_model.ModelError, match="not a CLIP ViT state dict"):
         clip_model.load(str(tmp_path / "other.pt"))
     with pytest.raises(archive.CheckpointError, match="vifi.load_official_checkpoint"):
         clip_model.load(fixture("vifi_official_finetune_ckpt.pth"))
@@ -845,7 +842,7 @@ def test_load_refuses_non_finite_weights_naming_the_key(tmp_path, tiny_clip):
         weights = {**sd, "visual.proj": sd["visual.proj"].clone()}
         weights["visual.proj"][3, 5] = bad
         torch.save(weights, tmp_path / f"{name}.pt")
-        with pytest.raises(archive.CheckpointError, match=f"{name}.pt: key 'visual.proj' holds NaN or inf values"):
+        with pytest.raises(clip_model.ModelError, match=f"{name}.pt: key 'visual.proj' holds NaN or inf values"):
             clip_model.load(str(tmp_path / f"{name}.pt"))
 
 
@@ -907,27 +904,20 @@ def test_bad_vocab_path_names_the_file(tmp_path, monkeypatch):
         Tokenizer()
 
 
-def test_no_network_error_names_url_and_cache_path(tmp_path, monkeypatch):
-    def no_network(*args, **kwargs):
-        raise urllib.error.URLError("no network")
-
-    cache = offline_cache(tmp_path, monkeypatch, no_network)
+def test_no_vocab_error_names_where_it_looked_and_the_url_without_downloading(tmp_path, monkeypatch):
+    cache = offline_cache(tmp_path, monkeypatch, lambda *a, **k: pytest.fail("the tokenizer downloaded"))
     with pytest.raises(tokenizer.VocabError) as err:
         Tokenizer()
     assert BPE_URL in str(err.value) and str(cache / BPE_FILE) in str(err.value) and "$VIFI_BPE" in str(err.value)
-    assert os.listdir(cache) == []  # no temp file left behind
-
-
-def test_download_checks_sha256(bpe, tmp_path, monkeypatch):
-    cache = offline_cache(tmp_path, monkeypatch, lambda *a, **k: FakeResponse(b"not the vocab"))
-    with pytest.raises(tokenizer.VocabError, match="Checksum mismatch"):
-        Tokenizer()
     assert os.listdir(cache) == []
+
+
+def test_vocab_in_the_cache_is_read_when_vifi_bpe_is_unset(bpe, tmp_path, monkeypatch):
     if bpe is None:
-        pytest.skip(f"{NO_BPE} to serve as a good download")
-    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: FakeResponse(bpe.read_bytes()))
-    assert Tokenizer().vocab_size == 49408
-    assert os.listdir(cache) == [BPE_FILE] and (cache / BPE_FILE).read_bytes() == bpe.read_bytes()
+        pytest.skip(NO_BPE)
+    cache = offline_cache(tmp_path, monkeypatch, lambda *a, **k: pytest.fail("the tokenizer downloaded"))
+    shutil.copy(bpe, cache / BPE_FILE)
+    assert Tokenizer().encode("a photo of a cat.") == Tokenizer(str(bpe)).encode("a photo of a cat.")
 
 
 def test_default_tokenizer_is_built_once(bpe, monkeypatch):
@@ -1818,7 +1808,7 @@ def test_checkpoint_loaders_run_no_code(payloads, tiny_clip, expected, capsys, t
             with pytest.raises(archive.CheckpointError, match=re.escape(str(path))):
                 load(str(path))
         for flag in ("--checkpoint", "--model"):
-            assert vifi.main([str(video), "--labels", "a,b", flag, str(path)]) == 2
+            assert predict.main([str(video), "--labels", "a,b", flag, str(path)]) == 2
             err = capsys.readouterr().err
             assert err.startswith(f"error: {path}") and err.count("\n") == 1, err
     assert not marker.exists()
@@ -1852,7 +1842,8 @@ def test_own_checkpoint_must_match_its_model_exactly(tmp_path):
     }
     for name, (weights, config, error) in cases.items():
         torch.save({"model": weights, "vifi": config}, tmp_path / f"{name}.pt")
-        with pytest.raises(archive.CheckpointError, match=f"{name}.pt: {error}"):
+        error_class = archive.CheckpointError if name == "config" else clip_model.ModelError
+        with pytest.raises(error_class, match=f"{name}.pt: {error}"):
             vifi.load_checkpoint(str(tmp_path / f"{name}.pt"))
 
 
@@ -1981,83 +1972,6 @@ def test_predict_averages_each_views_softmax_in_float32():
     assert probs.dtype == torch.float32 and probs.shape == (2, len(CLASSES))
 
 
-@pytest.mark.parametrize("mode", ["finetune", "prompt"])
-def test_frame_votes_sum_to_the_logit_and_relevance_covers_the_patch_grid(mode):
-    model = vifi.ViFiCLIP(byte_clip(), CLASSES, mode=mode, depth_text=2, depth_vision=2).eval()
-    video = torch.randn(5, 3, 32, 32)
-    with torch.no_grad():
-        logits = model(video[None])[0]  # the fast (SDPA) path
-    out = vifi.votes_and_relevance(model, video)
-    assert out["votes"].shape == (5, len(CLASSES)) and out["target"] == int(logits.argmax())
-    torch.testing.assert_close(out["votes"].sum(0), logits, atol=1e-5, rtol=0)
-    torch.testing.assert_close(out["logits"], logits, atol=1e-5, rtol=0)
-    relevance = out["relevance"]
-    assert relevance.shape == (5, 4, 4) and relevance.min() >= 0 and relevance.max() > 0  # 32 px / patch 8
-    other = vifi.votes_and_relevance(model, video, target=(out["target"] + 1) % len(CLASSES))
-    assert not torch.allclose(other["relevance"], relevance)  # the map depends on the class asked about
-    assert all(not b.attn.keep_weights and b.attn.weights is None for b in model.clip.visual.transformer.resblocks)
-
-
-# The command line (python vifi.py VIDEO)
-
-def test_readme_vifi_command_parses_and_runs(tmp_path):
-    (argv,) = [c for c in readme_commands("vifi.py") if "--labels" in c]
-    assert vifi.parse_args(argv).checkpoint == "vifi_clip_k400.pth"
-    video = str(tmp_path / "clip.avi")
-    tools.make_test_video(video, num_frames=20, width=64, height=48)
-    run = run_cli("vifi.py", video, "--labels", "archery,playing guitar,brushing hair", "--model",
-                  fixture("clip_tiny_openai_jit.pt"), "--checkpoint", fixture("vifi_official_prompt_ckpt.pth"),
-                  "--frames", "4", "--device", "cpu")
-    assert run.returncode == 0, run.stderr[-2000:]
-    lines = run.stdout.strip().splitlines()
-    assert len(lines) == 3 and abs(sum(float(l.split("%")[0]) for l in lines) - 100) < 0.1
-    # as train.py and the official files write them; csv may quote any name
-    (tmp_path / "labels.csv").write_text('id,name\n1,playing guitar\n0,"archery"\n2,brushing hair\n')
-    run2 = run_cli("vifi.py", video, "--labels-file", str(tmp_path / "labels.csv"), "--model",
-                   fixture("clip_tiny_openai_jit.pt"), "--checkpoint", fixture("vifi_official_prompt_ckpt.pth"),
-                   "--frames", "4", "--device", "cpu")
-    assert run2.stdout == run.stdout  # the same classes in the same order, the header skipped
-    run = run_cli("vifi.py", str(tmp_path / "missing.avi"), "--labels", "a,b", "--model", fixture("clip_tiny_openai_jit.pt"))
-    assert run.returncode == 2 and "missing.avi" in run.stderr and "Traceback" not in run.stderr
-
-
-def test_vifi_refuses_bad_views_before_any_download(tmp_path, monkeypatch, capsys):
-    video = str(tmp_path / "clip.avi")
-    tools.make_test_video(video, num_frames=4, width=32, height=32)
-    monkeypatch.setattr(archive, "download", lambda *a, **k: pytest.fail("a download was tried"))
-    monkeypatch.setattr(clip_model, "load", lambda *a, **k: pytest.fail("the model was loaded"))
-    for views in ("abc", "2x2", "0x1"):
-        assert vifi.main([video, "--labels", "a,b", "--views", views, "--device", "cpu"]) == 2
-        assert f"error: --views '{views}': expected CLIPSxCROPS" in capsys.readouterr().err
-
-
-def test_explain_reports_a_missing_video_before_loading_a_model(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(clip_model, "load", lambda *a, **k: pytest.fail("the model was loaded"))
-    argv = [str(tmp_path / "missing.avi"), "--labels", "a,b", "--explain", str(tmp_path / "r.html")]
-    assert vifi.main(argv) == 2
-    assert "missing.avi: no such file" in capsys.readouterr().err
-    for extra, message in ((["--compare-base"], "--compare-base compares a fine-tuned --checkpoint"),
-                           (["--views", "2x1"], "leave --views at 1x1")):
-        with pytest.raises(SystemExit) as e:
-            vifi.parse_args(argv + extra)
-        assert e.value.code == 2 and message in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        vifi.parse_args(argv[:3] + ["--explain", str(tmp_path / "no" / "r.html")])
-    assert "its folder does not exist" in capsys.readouterr().err
-
-
-def test_vifi_offline_names_the_weights_and_the_vocabulary_in_one_message(tmp_path, monkeypatch, capsys):
-    video = str(tmp_path / "clip.avi")
-    tools.make_test_video(video, num_frames=4, width=32, height=32)
-    cache = offline_cache(tmp_path / "cache", monkeypatch,
-                          lambda *a, **k: (_ for _ in ()).throw(urllib.error.URLError("offline")))
-    assert vifi.main([video, "--labels", "a,b", "--device", "cpu"]) == 2
-    err = capsys.readouterr().err
-    weights = clip_model.MODELS["ViT-B/16"]
-    assert err.startswith("error: could not fetch") and err.count("error:") == 1 and "Traceback" not in err
-    assert f"{weights} -> {cache / os.path.basename(weights)}" in err and f"{BPE_URL} -> {cache / BPE_FILE}" in err
-
-
 def test_a_prompt_longer_than_the_context_is_cut_with_one_warning_naming_its_class(capsys):
     """A class name of 70 letters in the byte-level vocabulary (a token per letter) makes a prompt longer than 77
     tokens; the official code raises there, here it is cut (keeping EOT) and said once."""
@@ -2078,13 +1992,13 @@ def test_checkpoints_with_non_finite_weights_are_refused_naming_the_key(tmp_path
     sd["text_prompts.1"] = sd["text_prompts.1"].clone()
     sd["text_prompts.1"][0, 0] = float("nan")
     torch.save({"model": sd, "vifi": vifi.checkpoint_config(model)}, tmp_path / "own.pt")
-    with pytest.raises(archive.CheckpointError, match="own.pt: key 'text_prompts.1' holds NaN or inf values"):
+    with pytest.raises(clip_model.ModelError, match="own.pt: key 'text_prompts.1' holds NaN or inf values"):
         vifi.load_checkpoint(str(tmp_path / "own.pt"))
     official = vifi.read_checkpoint(fixture("vifi_official_prompt_ckpt.pth"))["model"]
     official["module.image_encoder.VPT"] = official["module.image_encoder.VPT"].clone()
     official["module.image_encoder.VPT"][1, 2] = float("-inf")
     torch.save({"model": official}, tmp_path / "official.pth")
-    with pytest.raises(archive.CheckpointError, match="official.pth: key 'image_encoder.VPT' holds NaN or inf"):
+    with pytest.raises(clip_model.ModelError, match="official.pth: key 'image_encoder.VPT' holds NaN or inf"):
         vifi.load_official_checkpoint(str(tmp_path / "official.pth"), tiny_clip, expected["classes"])
 
 
@@ -2102,7 +2016,7 @@ def test_official_checkpoint_refuses_a_base_clip_of_other_sizes(tmp_path, tiny_c
         torch.save({**sd, **change}, tmp_path / f"{name}.pt")
         argv = [str(video), "--labels", "a,b", "--device", "cpu", "--model", str(tmp_path / f"{name}.pt"),
                 "--checkpoint", fixture("vifi_official_finetune_ckpt.pth")]
-        assert vifi.main(argv) == 2
+        assert predict.main(argv) == 2
         out, err = capsys.readouterr()
         assert re.fullmatch(rf"error: \S+vifi_official_finetune_ckpt.pth: an official checkpoint of a CLIP with "
                             rf"{ours}, but the base CLIP \(--model\) has {theirs}: pass the base CLIP it was trained "
@@ -2123,42 +2037,171 @@ def test_checkpoint_keys_that_are_not_names_are_one_line_errors(tmp_path, capsys
              ("--checkpoint", "tuple_key.pt", r"its weights are named by a tuple key \(\(1, 2\)\)"),
              ("--model", "int_key.pt", r"its weights are named by a int key \(3\)"))
     for flag, name, error in cases:
-        assert vifi.main([str(video), "--labels", "a,b", flag, str(tmp_path / name)]) == 2
+        assert predict.main([str(video), "--labels", "a,b", flag, str(tmp_path / name)]) == 2
         err = capsys.readouterr().err
         assert re.match(rf"error: {re.escape(str(tmp_path / name))}: {error}", err) and err.count("\n") == 1, err
 
 
-def test_vifi_refuses_a_bad_device_or_an_explain_folder_before_loading(tmp_path, monkeypatch, capsys):
-    video = str(tmp_path / "clip.avi")
-    tools.make_test_video(video, num_frames=4, width=32, height=32)
-    monkeypatch.setattr(clip_model, "load", lambda *a, **k: pytest.fail("the model was loaded"))
-    monkeypatch.setattr(vifi, "fetch_model_files", lambda *a, **k: pytest.fail("a download was tried"))
-    cases = [(["--device", "nonsense"], "--device nonsense: not a device name; expected cpu, cuda"),
-             (["--explain", str(tmp_path)], f"--explain {tmp_path} is a folder; expected the path of the HTML file")]
-    if not torch.cuda.is_available():
-        cases += [(["--device", "cuda"], "--device cuda: this machine has no CUDA GPU"),
-                  (["--device", "cuda:1"], "--device cuda:1: this machine has no CUDA GPU")]
-    for flags, message in cases:
-        assert vifi.main([video, "--labels", "a,b", *flags]) == 2, flags
-        err = capsys.readouterr().err
-        assert err.startswith(f"error: {message}") and err.count("\n") == 1, err
-    assert os.listdir(tmp_path) == ["clip.avi"]
-    run = run_cli("vifi.py", video, "--labels", "a,b", "--device", "nonsense")  # the command itself: one line, exit 2
-    assert run.returncode == 2 and run.stderr.startswith("error: --device nonsense") and run.stderr.count("\n") == 1
+def test_load_state_dict_outside_train_drops_stale_text_features():
+    # A model in eval mode that has encoded its prompts, then loads other weights without train(): its logits must
+    # be those of a fresh model built on the other weights, not the old text features with the new image encoder.
+    video = torch.randn(2, 2, 3, 32, 32)
+    model = vifi.ViFiCLIP(byte_clip(), CLASSES).eval()
+    other_clip = byte_clip()
+    torch.manual_seed(5)
+    other_clip.init_weights()  # other text weights
+    fresh = vifi.ViFiCLIP(other_clip, CLASSES).eval()
+    with torch.no_grad():
+        before = model(video)  # fills the cache
+        model.load_state_dict(fresh.state_dict())
+        after, expected = model(video), fresh(video)
+    assert not torch.allclose(before, expected, atol=1e-3)  # the weights do differ
+    torch.testing.assert_close(after, expected)
 
 
-def test_vifi_labels_errors_name_the_flag_given(tmp_path, capsys):
-    video = str(tmp_path / "clip.avi")
-    tools.make_test_video(video, num_frames=4, width=32, height=32)
-    (tmp_path / "one.txt").write_text("archery\n")
-    for flags, message in ((["--labels", ""], "error: --labels '': expected at least two class names, found 0"),
-                           (["--labels", "a,"], "error: --labels 'a,': expected at least two class names, found 1"),
-                           (["--labels-file", str(tmp_path / "one.txt")],
-                            f"error: --labels-file {tmp_path / 'one.txt'}: expected at least two class names, found 1"),
-                           (["--labels", "a,b", "--frames", "0"], "error: --frames 0: expected at least one frame")):
-        assert vifi.main([video, *flags, "--device", "cpu"]) == 2
-        err = capsys.readouterr().err
-        assert err == message + "\n", err
+def test_cuda_device_numbers_run_from_0_to_the_count_minus_1(monkeypatch):
+    # a machine with 2 GPUs (faked): cuda:0 and cuda:1 exist, cuda:2 does not
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(vifi.ConfigError, match=r"--device cuda:2: this machine has 2 CUDA GPU\(s\), numbered from 0"):
+        vifi.check_device("cuda:2")
+
+
+def test_a_clip_of_openais_vocabulary_fetches_the_vocabulary_once_sha256_checked(bpe, tmp_path, monkeypatch):
+    """A first ViFiCLIP around a CLIP of OpenAI's vocabulary, with no $VIFI_BPE and an empty cache, fetches the
+    vocabulary through archive.download (served from a file:// URL here) and reads it from the cache after."""
+    if bpe is None:
+        pytest.skip(NO_BPE)
+    cache = offline_cache(tmp_path / "cache", monkeypatch, urllib.request.urlopen)
+    fetched, download = [], archive.download
+    monkeypatch.setattr(archive, "download", lambda *a: fetched.append(a) or download(*a))
+    monkeypatch.setattr(tokenizer, "BPE_URL", bpe.as_uri())
+    tokenizer.default_tokenizer.cache_clear()
+    try:
+        clip = small_clip(vocab_size=49408)
+        model = vifi.ViFiCLIP(clip, ["archery", "playing guitar"])
+        vifi.ViFiCLIP(clip, ["archery", "playing guitar"])  # the second finds the file in the cache
+    finally:
+        tokenizer.default_tokenizer.cache_clear()
+    assert fetched == [(bpe.as_uri(), str(cache / BPE_FILE), vifi.BPE_SHA256)]
+    assert os.listdir(cache) == [BPE_FILE] and (cache / BPE_FILE).read_bytes() == bpe.read_bytes()
+    assert model.tokenizer.vocab_size == 49408
+    expected = tokenize("a photo of a archery.", tokenizer=Tokenizer(str(bpe)))[0]
+    assert model.text_ids[0].tolist() == expected[: model.text_ids.shape[1]].tolist()
+
+
+def test_a_corrupt_vocabulary_download_is_refused_and_leaves_nothing(tmp_path, monkeypatch):
+    cache = offline_cache(tmp_path, monkeypatch, lambda *a, **k: FakeResponse(b"not the vocab"))
+    tokenizer.default_tokenizer.cache_clear()
+    try:
+        with pytest.raises(archive.CheckpointError) as err:
+            vifi.ViFiCLIP(small_clip(vocab_size=49408), CLASSES)
+    finally:
+        tokenizer.default_tokenizer.cache_clear()
+    assert str(err.value).startswith(f"could not fetch what the model needs:\n  {BPE_URL} -> {cache / BPE_FILE}")
+    assert os.listdir(cache) == []
+
+
+def test_vifi_has_no_command_line_and_points_to_predict(tmp_path):
+    run = run_cli("vifi.py", "clip.avi", "--labels", "a,b")
+    assert run.returncode == 2 and run.stdout == ""
+    assert run.stderr == "error: vifi.py has no command line; to classify a video: python predict.py clip.avi " \
+                         "--labels a,b\n"
+
+
+def test_the_model_files_copy_out_alone(bpe, tmp_path):
+    """clip_model.py, tokenizer.py and vifi.py alone in a folder: they import, build a random CLIP and a
+    ViFiCLIP of OpenAI's vocabulary around it, and classify a random video, with no other project file."""
+    if bpe is None:
+        pytest.skip(NO_BPE)
+    for name in ("clip_model.py", "tokenizer.py", "vifi.py"):
+        shutil.copy(os.path.join(HERE, name), tmp_path / name)
+    script = """if True:
+        import sys, torch
+        import clip_model, tokenizer, vifi
+        cfg = clip_model.CLIPConfig(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=64,
+                                    patch_size=8, context_length=77, vocab_size=49408, text_width=64,
+                                    text_layers=2)
+        model = vifi.ViFiCLIP(clip_model.CLIP(cfg), ["archery", "playing guitar", "brushing hair"],
+                              mode="prompt", depth_text=1, depth_vision=1).eval()
+        with torch.no_grad():
+            logits = model(torch.randn(2, 3, 3, 32, 32))  # (B, T, 3, H, W)
+        print(tuple(logits.shape), sorted(m for m in ("archive", "data", "report", "train") if m in sys.modules))
+    """
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env={**env, "VIFI_BPE": str(bpe)},
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout == "(2, 3) []\n"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# report.py
+
+class Images(html.parser.HTMLParser):
+    """The <img> tags of a page, as attribute dicts."""
+    def __init__(self, text):
+        super().__init__()
+        self.images = []
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            self.images.append(dict(attrs))
+
+
+def test_curves_svg_has_loss_and_accuracy_panels_with_ticks(tmp_path):
+    log = [dict(epoch=e, loss=2.0 / e, **(dict(top1=10.0 * e, top5=50.0) if e % 5 == 0 else {})) for e in range(1, 21)]
+    report.write_curves(log, tmp_path / "curves.svg")
+    svg = "{http://www.w3.org/2000/svg}"
+    panels = ET.parse(tmp_path / "curves.svg").getroot().findall(f"{svg}g")
+    assert len(panels) == 2
+    labels = [[t.text for t in p.iter(f"{svg}text")] for p in panels]
+    assert {"cross-entropy", "epoch", "0", "1", "2", "10", "20"} <= set(labels[0])
+    assert {"top-1 accuracy (%)", "0", "20", "40", "60", "80", "100"} <= set(labels[1])
+    assert len(panels[1].findall(f"{svg}circle")) == 4  # one marker per evaluation: epochs 5, 10, 15, 20
+    demo = protocols.PRESETS["synthetic"]
+    assert demo["eval_every"] * 4 <= demo["epochs"]  # the demo's accuracy curve has points to show learning
+
+
+def test_heat_overlay_scales_each_frame_to_its_own_maximum():
+    # Two frames of one patch each, relevance 1 and 0.5: scaled per frame both are at their maximum, the scale's
+    # brightest colour (252, 255, 164), blended 0.6 over a black frame; half of the scale would be (188, 55, 84).
+    pixels = torch.zeros(2, 4, 4, 3)
+    out = report.heat_overlay(pixels, torch.tensor([[[1.0]], [[0.5]]]))
+    assert out.dtype == torch.uint8 and out.shape == (2, 4, 4, 3)
+    assert out.view(-1, 3).tolist() == [[151, 153, 98]] * 32  # round(0.6 * (252, 255, 164))
+    grey = report.heat_overlay(torch.full((1, 2, 2, 3), 100.0), torch.tensor([[[0.0, 1.0]]]))  # (T, gh=1, gw=2)
+    assert grey[0, 0, 0].tolist() == [40, 40, 42]  # relevance 0 on the left edge: 0.4 * 100 + 0.6 * (0, 0, 4)
+
+
+def test_heat_overlay_is_four_tenths_frame_and_six_tenths_heat_colour():
+    # grey 100 frames; relevance 1 everywhere is each frame's maximum: the scale's last colour (252, 255, 164);
+    # relevance 0 everywhere: its first (0, 0, 4). 0.4 * 100 + 0.6 * colour, rounded.
+    pixels = torch.full((2, 4, 4, 3), 100.0)
+    got = report.heat_overlay(pixels, torch.stack([torch.ones(2, 2), torch.zeros(2, 2)]))
+    assert got[0].tolist() == [[[191, 193, 138]] * 4] * 4  # 40 + 151.2, 40 + 153, 40 + 98.4
+    assert got[1].tolist() == [[[40, 40, 42]] * 4] * 4  # 40 + 0, 40 + 0, 40 + 2.4
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# predict.py
+
+@pytest.mark.parametrize("mode", ["finetune", "prompt"])
+def test_frame_votes_sum_to_the_logit_and_relevance_covers_the_patch_grid(mode):
+    model = vifi.ViFiCLIP(byte_clip(), CLASSES, mode=mode, depth_text=2, depth_vision=2).eval()
+    video = torch.randn(5, 3, 32, 32)
+    with torch.no_grad():
+        logits = model(video[None])[0]  # the fast (SDPA) path
+    out = predict.votes_and_relevance(model, video)
+    assert out["votes"].shape == (5, len(CLASSES)) and out["target"] == int(logits.argmax())
+    torch.testing.assert_close(out["votes"].sum(0), logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out["logits"], logits, atol=1e-5, rtol=0)
+    relevance = out["relevance"]
+    assert relevance.shape == (5, 4, 4) and relevance.min() >= 0 and relevance.max() > 0  # 32 px / patch 8
+    other = predict.votes_and_relevance(model, video, target=(out["target"] + 1) % len(CLASSES))
+    assert not torch.allclose(other["relevance"], relevance)  # the map depends on the class asked about
+    assert all(not b.attn.keep_weights and b.attn.weights is None for b in model.clip.visual.transformer.resblocks)
 
 
 def written_out_relevance(model, video, target=None):
@@ -2212,96 +2255,110 @@ def test_relevance_rollout_matches_a_written_out_rollout(mode):
     video = torch.randn(3, 3, 32, 32)
     for target in (None, 1):
         logits, relevance, top = written_out_relevance(model, video, target)
-        out = vifi.votes_and_relevance(model, video, target)
+        out = predict.votes_and_relevance(model, video, target)
         assert out["target"] == top and out["relevance"].shape == (3, 4, 4)
         torch.testing.assert_close(out["logits"], logits, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(out["relevance"], relevance, atol=1e-6, rtol=1e-4)
 
 
-def test_load_state_dict_outside_train_drops_stale_text_features():
-    # A model in eval mode that has encoded its prompts, then loads other weights without train(): its logits must
-    # be those of a fresh model built on the other weights, not the old text features with the new image encoder.
-    video = torch.randn(2, 2, 3, 32, 32)
-    model = vifi.ViFiCLIP(byte_clip(), CLASSES).eval()
-    other_clip = byte_clip()
-    torch.manual_seed(5)
-    other_clip.init_weights()  # other text weights
-    fresh = vifi.ViFiCLIP(other_clip, CLASSES).eval()
-    with torch.no_grad():
-        before = model(video)  # fills the cache
-        model.load_state_dict(fresh.state_dict())
-        after, expected = model(video), fresh(video)
-    assert not torch.allclose(before, expected, atol=1e-3)  # the weights do differ
-    torch.testing.assert_close(after, expected)
+def test_readme_vifi_command_parses_and_runs(tmp_path):
+    video = str(tmp_path / "clip.avi")
+    tools.make_test_video(video, num_frames=20, width=64, height=48)
+    run = run_cli("predict.py", video, "--labels", "archery,playing guitar,brushing hair", "--model",
+                  fixture("clip_tiny_openai_jit.pt"), "--checkpoint", fixture("vifi_official_prompt_ckpt.pth"),
+                  "--frames", "4", "--device", "cpu")
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = run.stdout.strip().splitlines()
+    assert len(lines) == 3 and abs(sum(float(l.split("%")[0]) for l in lines) - 100) < 0.1
+    # as train.py and the official files write them; csv may quote any name
+    (tmp_path / "labels.csv").write_text('id,name\n1,playing guitar\n0,"archery"\n2,brushing hair\n')
+    run2 = run_cli("predict.py", video, "--labels-file", str(tmp_path / "labels.csv"), "--model",
+                   fixture("clip_tiny_openai_jit.pt"), "--checkpoint", fixture("vifi_official_prompt_ckpt.pth"),
+                   "--frames", "4", "--device", "cpu")
+    assert run2.stdout == run.stdout  # the same classes in the same order, the header skipped
+    run = run_cli("predict.py", str(tmp_path / "missing.avi"), "--labels", "a,b", "--model", fixture("clip_tiny_openai_jit.pt"))
+    assert run.returncode == 2 and "missing.avi" in run.stderr and "Traceback" not in run.stderr
+    readme = [c for c in readme_commands("predict.py") if "--labels" in c]
+    if not readme:
+        pytest.skip("README.md has no `python predict.py ... --labels ...` command yet")
+    (argv,) = readme
+    assert predict.parse_args(argv).checkpoint == "vifi_clip_k400.pth"
 
 
-def test_compare_base_gives_vanilla_clip_its_own_pixel_normalization(tmp_path):
-    # An official checkpoint reads ImageNet-normalized pixels, vanilla CLIP CLIP-normalized ones: each map of the
-    # report is the written-out rollout of its model on its own normalization of the same frames.
-    video, page = str(tmp_path / "clip.avi"), str(tmp_path / "report.html")
-    tools.make_test_video(video, num_frames=12, width=48, height=40)
-    labels = ["archery", "playing guitar", "brushing hair"]
-    base_path, ck = fixture("clip_tiny_openai_jit.pt"), fixture("vifi_official_finetune_ckpt.pth")
-    assert vifi.main([video, "--labels", ",".join(labels), "--model", base_path, "--checkpoint", ck, "--frames", "3",
-                      "--device", "cpu", "--explain", page, "--compare-base"]) == 0
-    out = json.load(open(tmp_path / "report.json"))
-    model = vifi.load_official_checkpoint(ck, clip_model.load(base_path), labels)
-    base = vifi.ViFiCLIP(clip_model.load(base_path), labels, mode="zeroshot").eval()
-    frames = data.VideoDataset([(video, 0)], labels, 3, 32).load(video)[0][0]  # (V=1, T, 3, H, W) -> (T, 3, H, W)
-    imagenet = (frames / 255 - torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)) / torch.tensor(
-        [0.229, 0.224, 0.225]).view(3, 1, 1)
-    clip_pixels = (frames / 255 - torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(3, 1, 1)) / torch.tensor(
-        [0.26862954, 0.26130258, 0.27577711]).view(3, 1, 1)
-    logits, relevance, target = written_out_relevance(model, imagenet)
-    assert out["label"] == labels[target] and abs(out["logit"] - logits[target].item()) < 1e-4
-    torch.testing.assert_close(torch.tensor(out["relevance"]), relevance, atol=1e-6, rtol=1e-4)
-    _, base_relevance, _ = written_out_relevance(base, clip_pixels, target)
-    _, base_on_imagenet, _ = written_out_relevance(base, imagenet, target)
-    assert not torch.allclose(base_relevance, base_on_imagenet, atol=1e-6, rtol=1e-3)  # the check can tell them apart
-    torch.testing.assert_close(torch.tensor(out["base_relevance"]), base_relevance, atol=1e-6, rtol=1e-4)
+def test_vifi_refuses_bad_views_before_any_download(tmp_path, monkeypatch, capsys):
+    video = str(tmp_path / "clip.avi")
+    tools.make_test_video(video, num_frames=4, width=32, height=32)
+    monkeypatch.setattr(archive, "download", lambda *a, **k: pytest.fail("a download was tried"))
+    monkeypatch.setattr(clip_model, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    for views in ("abc", "2x2", "0x1"):
+        assert predict.main([video, "--labels", "a,b", "--views", views, "--device", "cpu"]) == 2
+        assert f"error: --views '{views}': expected CLIPSxCROPS" in capsys.readouterr().err
 
 
-def test_cuda_device_numbers_run_from_0_to_the_count_minus_1(monkeypatch):
-    # a machine with 2 GPUs (faked): cuda:0 and cuda:1 exist, cuda:2 does not
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    with pytest.raises(vifi.ConfigError, match=r"--device cuda:2: this machine has 2 CUDA GPU\(s\), numbered from 0"):
-        vifi.check_device("cuda:2")
+def test_explain_reports_a_missing_video_before_loading_a_model(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(clip_model, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    argv = [str(tmp_path / "missing.avi"), "--labels", "a,b", "--explain", str(tmp_path / "r.html")]
+    assert predict.main(argv) == 2
+    assert "missing.avi: no such file" in capsys.readouterr().err
+    for extra, message in ((["--compare-base"], "--compare-base compares a fine-tuned --checkpoint"),
+                           (["--views", "2x1"], "leave --views at 1x1")):
+        with pytest.raises(SystemExit) as e:
+            predict.parse_args(argv + extra)
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        predict.parse_args(argv[:3] + ["--explain", str(tmp_path / "no" / "r.html")])
+    assert "its folder does not exist" in capsys.readouterr().err
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# report.py
-
-class Images(html.parser.HTMLParser):
-    """The <img> tags of a page, as attribute dicts."""
-    def __init__(self, text):
-        super().__init__()
-        self.images = []
-        self.feed(text)
-
-    def handle_starttag(self, tag, attrs):
-        if tag == "img":
-            self.images.append(dict(attrs))
+def test_vifi_offline_names_the_weights_and_the_vocabulary_in_one_message(tmp_path, monkeypatch, capsys):
+    video = str(tmp_path / "clip.avi")
+    tools.make_test_video(video, num_frames=4, width=32, height=32)
+    cache = offline_cache(tmp_path / "cache", monkeypatch,
+                          lambda *a, **k: (_ for _ in ()).throw(urllib.error.URLError("offline")))
+    assert predict.main([video, "--labels", "a,b", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    weights = clip_model.MODELS["ViT-B/16"]
+    assert err.startswith("error: could not fetch") and err.count("error:") == 1 and "Traceback" not in err
+    assert f"{weights} -> {cache / os.path.basename(weights)}" in err and f"{BPE_URL} -> {cache / BPE_FILE}" in err
 
 
-def test_curves_svg_has_loss_and_accuracy_panels_with_ticks(tmp_path):
-    log = [dict(epoch=e, loss=2.0 / e, **(dict(top1=10.0 * e, top5=50.0) if e % 5 == 0 else {})) for e in range(1, 21)]
-    report.write_curves(log, tmp_path / "curves.svg")
-    svg = "{http://www.w3.org/2000/svg}"
-    panels = ET.parse(tmp_path / "curves.svg").getroot().findall(f"{svg}g")
-    assert len(panels) == 2
-    labels = [[t.text for t in p.iter(f"{svg}text")] for p in panels]
-    assert {"cross-entropy", "epoch", "0", "1", "2", "10", "20"} <= set(labels[0])
-    assert {"top-1 accuracy (%)", "0", "20", "40", "60", "80", "100"} <= set(labels[1])
-    assert len(panels[1].findall(f"{svg}circle")) == 4  # one marker per evaluation: epochs 5, 10, 15, 20
-    demo = protocols.PRESETS["synthetic"]
-    assert demo["eval_every"] * 4 <= demo["epochs"]  # the demo's accuracy curve has points to show learning
+def test_vifi_refuses_a_bad_device_or_an_explain_folder_before_loading(tmp_path, monkeypatch, capsys):
+    video = str(tmp_path / "clip.avi")
+    tools.make_test_video(video, num_frames=4, width=32, height=32)
+    monkeypatch.setattr(clip_model, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(vifi, "fetch_model_files", lambda *a, **k: pytest.fail("a download was tried"))
+    cases = [(["--device", "nonsense"], "--device nonsense: not a device name; expected cpu, cuda"),
+             (["--explain", str(tmp_path)], f"--explain {tmp_path} is a folder; expected the path of the HTML file")]
+    if not torch.cuda.is_available():
+        cases += [(["--device", "cuda"], "--device cuda: this machine has no CUDA GPU"),
+                  (["--device", "cuda:1"], "--device cuda:1: this machine has no CUDA GPU")]
+    for flags, message in cases:
+        assert predict.main([video, "--labels", "a,b", *flags]) == 2, flags
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {message}") and err.count("\n") == 1, err
+    assert os.listdir(tmp_path) == ["clip.avi"]
+    run = run_cli("predict.py", video, "--labels", "a,b", "--device", "nonsense")  # the command itself: one line, exit 2
+    assert run.returncode == 2 and run.stderr.startswith("error: --device nonsense") and run.stderr.count("\n") == 1
+
+
+def test_vifi_labels_errors_name_the_flag_given(tmp_path, capsys):
+    video = str(tmp_path / "clip.avi")
+    tools.make_test_video(video, num_frames=4, width=32, height=32)
+    (tmp_path / "one.txt").write_text("archery\n")
+    for flags, message in ((["--labels", ""], "error: --labels '': expected at least two class names, found 0"),
+                           (["--labels", "a,"], "error: --labels 'a,': expected at least two class names, found 1"),
+                           (["--labels-file", str(tmp_path / "one.txt")],
+                            f"error: --labels-file {tmp_path / 'one.txt'}: expected at least two class names, found 1"),
+                           (["--labels", "a,b", "--frames", "0"], "error: --frames 0: expected at least one frame")):
+        assert predict.main([video, *flags, "--device", "cpu"]) == 2
+        err = capsys.readouterr().err
+        assert err == message + "\n", err
 
 
 def test_explain_report_holds_votes_and_one_map_per_frame(tmp_path):
     video, report = str(tmp_path / "clip.avi"), tmp_path / "report.html"
     tools.make_test_video(video, num_frames=20, width=64, height=48)
-    run = run_cli("vifi.py", video, "--labels", "archery,playing guitar,brushing hair", "--model",
+    run = run_cli("predict.py", video, "--labels", "archery,playing guitar,brushing hair", "--model",
                   fixture("clip_tiny_openai_jit.pt"), "--checkpoint", fixture("vifi_official_finetune_ckpt.pth"),
                   "--frames", "4", "--device", "cpu", "--explain", str(report), "--compare-base")
     assert run.returncode == 0, run.stderr[-2000:]
@@ -2330,28 +2387,36 @@ def test_explain_report_holds_votes_and_one_map_per_frame(tmp_path):
         logits = model(data.normalize(frames, *data.NORMS[model.norm]))[0]
     assert abs(logits[labels.index(out["label"])].item() - out["logit"]) < 1e-4
     assert len(out["relevance"]) == len(out["base_relevance"]) == 4
-    (readme,) = [c for c in readme_commands("vifi.py") if "--explain" in c]  # README's example parses
-    assert vifi.parse_args(readme).explain == "report.html"
+    readme = [c for c in readme_commands("predict.py") if "--explain" in c]  # README's example parses
+    if not readme:
+        pytest.skip("README.md has no `python predict.py ... --explain ...` command yet")
+    assert predict.parse_args(readme[0]).explain == "report.html"
 
 
-def test_heat_overlay_scales_each_frame_to_its_own_maximum():
-    # Two frames of one patch each, relevance 1 and 0.5: scaled per frame both are at their maximum, the scale's
-    # brightest colour (252, 255, 164), blended 0.6 over a black frame; half of the scale would be (188, 55, 84).
-    pixels = torch.zeros(2, 4, 4, 3)
-    out = report.heat_overlay(pixels, torch.tensor([[[1.0]], [[0.5]]]))
-    assert out.dtype == torch.uint8 and out.shape == (2, 4, 4, 3)
-    assert out.view(-1, 3).tolist() == [[151, 153, 98]] * 32  # round(0.6 * (252, 255, 164))
-    grey = report.heat_overlay(torch.full((1, 2, 2, 3), 100.0), torch.tensor([[[0.0, 1.0]]]))  # (T, gh=1, gw=2)
-    assert grey[0, 0, 0].tolist() == [40, 40, 42]  # relevance 0 on the left edge: 0.4 * 100 + 0.6 * (0, 0, 4)
-
-
-def test_heat_overlay_is_four_tenths_frame_and_six_tenths_heat_colour():
-    # grey 100 frames; relevance 1 everywhere is each frame's maximum: the scale's last colour (252, 255, 164);
-    # relevance 0 everywhere: its first (0, 0, 4). 0.4 * 100 + 0.6 * colour, rounded.
-    pixels = torch.full((2, 4, 4, 3), 100.0)
-    got = report.heat_overlay(pixels, torch.stack([torch.ones(2, 2), torch.zeros(2, 2)]))
-    assert got[0].tolist() == [[[191, 193, 138]] * 4] * 4  # 40 + 151.2, 40 + 153, 40 + 98.4
-    assert got[1].tolist() == [[[40, 40, 42]] * 4] * 4  # 40 + 0, 40 + 0, 40 + 2.4
+def test_compare_base_gives_vanilla_clip_its_own_pixel_normalization(tmp_path):
+    # An official checkpoint reads ImageNet-normalized pixels, vanilla CLIP CLIP-normalized ones: each map of the
+    # report is the written-out rollout of its model on its own normalization of the same frames.
+    video, page = str(tmp_path / "clip.avi"), str(tmp_path / "report.html")
+    tools.make_test_video(video, num_frames=12, width=48, height=40)
+    labels = ["archery", "playing guitar", "brushing hair"]
+    base_path, ck = fixture("clip_tiny_openai_jit.pt"), fixture("vifi_official_finetune_ckpt.pth")
+    assert predict.main([video, "--labels", ",".join(labels), "--model", base_path, "--checkpoint", ck, "--frames", "3",
+                      "--device", "cpu", "--explain", page, "--compare-base"]) == 0
+    out = json.load(open(tmp_path / "report.json"))
+    model = vifi.load_official_checkpoint(ck, clip_model.load(base_path), labels)
+    base = vifi.ViFiCLIP(clip_model.load(base_path), labels, mode="zeroshot").eval()
+    frames = data.VideoDataset([(video, 0)], labels, 3, 32).load(video)[0][0]  # (V=1, T, 3, H, W) -> (T, 3, H, W)
+    imagenet = (frames / 255 - torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)) / torch.tensor(
+        [0.229, 0.224, 0.225]).view(3, 1, 1)
+    clip_pixels = (frames / 255 - torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(3, 1, 1)) / torch.tensor(
+        [0.26862954, 0.26130258, 0.27577711]).view(3, 1, 1)
+    logits, relevance, target = written_out_relevance(model, imagenet)
+    assert out["label"] == labels[target] and abs(out["logit"] - logits[target].item()) < 1e-4
+    torch.testing.assert_close(torch.tensor(out["relevance"]), relevance, atol=1e-6, rtol=1e-4)
+    _, base_relevance, _ = written_out_relevance(base, clip_pixels, target)
+    _, base_on_imagenet, _ = written_out_relevance(base, imagenet, target)
+    assert not torch.allclose(base_relevance, base_on_imagenet, atol=1e-6, rtol=1e-3)  # the check can tell them apart
+    torch.testing.assert_close(torch.tensor(out["base_relevance"]), base_relevance, atol=1e-6, rtol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -3378,7 +3443,7 @@ def test_resume_refuses_what_it_cannot_continue(tmp_path):
                                                                            "these flags build"),
                           ({"towers": "text"}, "optimizer state does not fit what these flags train")):
         torch.save({**ck, "args": {**ck["args"], **change}}, tmp_path / "edited.pt")
-        with pytest.raises(archive.CheckpointError, match=error):
+        with pytest.raises((archive.CheckpointError, clip_model.ModelError), match=error):
             train.main(train.get_args(["--resume", str(tmp_path / "edited.pt"), "--out", str(tmp_path / "again")]))
     with pytest.raises(vifi.ConfigError, match=f"only evaluates: to evaluate {re.escape(last)}, pass it as --check"):
         train.main(train.get_args(TINY_RUN + ["--eval-only", "--resume", last, "--out", str(tmp_path / "again")]))

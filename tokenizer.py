@@ -26,19 +26,15 @@ for models trained from scratch. Run `python tokenizer.py "some text"` to see a 
 """
 import functools
 import gzip
-import hashlib
 import html
 import os
 import sys
-import urllib.request
 
 import ftfy
 import regex
 import torch
-from tqdm import tqdm
 
 BPE_URL = "https://github.com/openai/CLIP/raw/main/clip/bpe_simple_vocab_16e6.txt.gz"
-BPE_SHA256 = "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
 BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 N_MERGES = 49152 - 256 - 2  # CLIP uses lines 1..48894 of the file (line 0 is a version header)
 SOT, EOT = "<|startoftext|>", "<|endoftext|>"
@@ -50,7 +46,7 @@ PIECES = regex.compile(
 
 
 class VocabError(RuntimeError):
-    """The merges file cannot be found, fetched or read; the message says where to put it."""
+    """The merges file cannot be found or read; the message says where to put it."""
 
 
 def bytes_to_unicode():
@@ -71,45 +67,20 @@ def cache_dir():
     return os.environ.get("VIFI_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "vifi")
 
 
-def download_vocab(path):
-    """path, with OpenAI's merges file fetched there first if it is not there: into a temp file beside it, renamed into
-    place only when its sha256 matches. A file already at path is taken as it is (load_merges checks its format)."""
-    if os.path.isfile(path):
-        return path
-    folder, name = os.path.split(path)
-    os.makedirs(folder, exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.part"  # one per process: two fetches never share it
-    digest = hashlib.sha256()
-    try:
-        with open(tmp, "wb") as f, urllib.request.urlopen(BPE_URL, timeout=60) as r:
-            total = int(r.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=name) as bar:
-                while chunk := r.read(1 << 20):
-                    f.write(chunk)
-                    digest.update(chunk)
-                    bar.update(len(chunk))
-        if digest.hexdigest() != BPE_SHA256:
-            raise VocabError(f"Checksum mismatch: the download of {BPE_URL} is corrupt (sha256 {digest.hexdigest()}, "
-                             f"expected {BPE_SHA256}). Nothing was written to {path}; try again, or place a good copy "
-                             "there.")
-        os.replace(tmp, path)
-    except OSError as e:  # no network (URLError is an OSError), a timeout, a reset, a full disk
-        raise VocabError(f"Could not download {BPE_URL} ({e}). Without network, fetch it elsewhere and place it at "
-                         f"{path} (or set $VIFI_BPE to its path).") from None
-    finally:
-        if os.path.exists(tmp):  # a failed or interrupted download leaves nothing behind
-            os.remove(tmp)
-    return path
-
-
 def find_vocab(bpe_path=None):
-    """The merges file: `bpe_path`, else $VIFI_BPE, else the cache, downloading it there on first use."""
+    """The merges file: `bpe_path`, else $VIFI_BPE, else the one in cache_dir(). Nothing is downloaded
+    here: vifi.py fetches the file into the cache for the models that need it."""
     path = bpe_path or os.environ.get("VIFI_BPE")
     if path:
         if not os.path.isfile(path):
             raise VocabError(f"BPE vocab {path} does not exist; expected OpenAI's {BPE_FILE} ({BPE_URL}).")
         return path
-    return download_vocab(os.path.join(cache_dir(), BPE_FILE))
+    path = os.path.join(cache_dir(), BPE_FILE)
+    if not os.path.isfile(path):
+        raise VocabError(f"No BPE vocab: $VIFI_BPE is not set and {path} does not exist. Download {BPE_URL} "
+                         "there (vifi.ViFiCLIP does so for a CLIP of OpenAI's vocabulary), or set $VIFI_BPE "
+                         "to a copy of it.")
+    return path
 
 
 def load_merges(path):

@@ -575,7 +575,7 @@ if __name__ == "__main__":
     except KeyboardInterrupt:
         print(f"\n{interrupted(args)}", file=sys.stderr)
         sys.exit(130)
-    except (data.DatasetError, archive.CheckpointError, tokenizer.VocabError, vifi.ConfigError) as e:
+    except (data.DatasetError, archive.CheckpointError, clip_model.ModelError, tokenizer.VocabError, vifi.ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except FloatingPointError as e:
