@@ -1,29 +1,34 @@
 """
-CLIP (Radford et al. 2021), vision transformer variants only, written from scratch for reading and for speed.
+CLIP (Radford et al. 2021), vision transformer variants only, written from scratch for reading and
+for speed.
 
 Two towers map an image and a text to vectors in one embedding space:
   image (N, 3, R, R) -> patches -> ViT -> class token -> ln_post -> @ proj            -> (N, D)
   ids   (N, L)       -> tokens  -> causal transformer -> token at EOT -> @ text_projection -> (N, D)
 and `logit_scale` is the learned inverse temperature of the cosine similarities.
 
-Parameter names and shapes are OpenAI's, so an OpenAI state dict loads with `load_state_dict(strict=True)` and no
-rename table; every size is read off the state dict's shapes, as OpenAI's `build_model` does. What differs from
-OpenAI's model.py is how the math runs (each point is explained where it is done):
-- batch-first tensors and `F.scaled_dot_product_attention` (flash / memory-efficient kernels on GPU) instead of
-  `nn.MultiheadAttention`; the packed `in_proj_weight` is kept, so one matmul makes q, k and v (Attention);
+Parameter names and shapes are OpenAI's, so an OpenAI state dict loads with
+`load_state_dict(strict=True)` and no rename table; every size is read off the state dict's shapes,
+as OpenAI's `build_model` does. What differs from OpenAI's model.py is how the math runs (each point
+is explained where it is done):
+- batch-first tensors and `F.scaled_dot_product_attention` (flash / memory-efficient kernels on GPU)
+  instead of `nn.MultiheadAttention`; the packed `in_proj_weight` is kept, so one matmul makes q, k
+  and v (Attention);
 - QuickGELU as one silu kernel, its constants folded into the MLP's weights (MLP);
-- the patch embedding as one matmul over the cut-out patches instead of a convolution (VisionTransformer.forward);
-- the text side stops at the last EOT of the batch (CLIP.encode_text), and the image side's last block computes
-  the class token alone, the only token read (VisionTransformer.forward);
-- fp32 parameters that run under `torch.autocast` (bf16/fp16), optional activation checkpointing per block, and
-  positional embeddings interpolated when the input size differs from the checkpoint's.
+- the patch embedding as one matmul over the cut-out patches instead of a convolution
+  (VisionTransformer.forward);
+- the text side stops at the last EOT of the batch (CLIP.encode_text), and the image side's last
+  block computes the class token alone, the only token read (VisionTransformer.forward);
+- fp32 parameters that run under `torch.autocast` (bf16/fp16), optional activation checkpointing per
+  block, and positional embeddings interpolated when the input size differs from the checkpoint's.
 
-Both encoders take optional deep prompts (a list, one (n, width) tensor per layer from the first): the hook that
-ViFi-CLIP's "bridge and prompt" stage needs (vifi.py). Without them this is plain CLIP.
+Both encoders take optional deep prompts (a list, one (n, width) tensor per layer from the first):
+the hook that ViFi-CLIP's "bridge and prompt" stage needs (vifi.py). Without them this is plain
+CLIP.
 
-`load(name_or_path)` takes a name of MODELS (OpenAI's release, downloaded once, sha256 checked) or the path of a
-TorchScript archive, a state dict or a checkpoint of this project. archive.py reads every file, without running code
-from it.
+`load(name_or_path)` takes a name of MODELS (OpenAI's release, downloaded once, sha256 checked) or
+the path of a TorchScript archive, a state dict or a checkpoint of this project. archive.py reads
+every file, without running code from it.
 """
 import math
 import os
@@ -35,7 +40,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 class ModelError(RuntimeError):
-    """A state dict that is not a whole, finite CLIP ViT (or ViFi-CLIP): the message names the file and the key."""
+    """A state dict that is not a whole, finite CLIP ViT (or ViFi-CLIP): the message names the file
+    and the key."""
 
 
 # OpenAI's public releases; the folder name in each URL is the file's sha256.
@@ -74,17 +80,19 @@ class CLIPConfig:
 
 
 class MLP(nn.Module):
-    """c_fc -> QuickGELU -> c_proj, where QuickGELU(h) = h * sigmoid(1.702 h) is the GELU approximation CLIP was
-    trained with (the exact GELU would change the pretrained outputs).
+    """c_fc -> QuickGELU -> c_proj, where QuickGELU(h) = h * sigmoid(1.702 h) is the GELU
+    approximation CLIP was trained with (the exact GELU would change the pretrained outputs).
 
-    QuickGELU(h) = silu(1.702 h) / 1.702, so both constants fold into the weights: c_fc's weight and bias are scaled
-    by 1.702 and c_proj's weight by 1 / 1.702 on the fly. The (N, L, 4W) activation, the largest tensor of a block,
-    then passes through one fused silu kernel instead of three elementwise ones, and backward keeps one copy of it
-    instead of three. Scaling the small weight matrices costs next to nothing; the result is the same function."""
+    QuickGELU(h) = silu(1.702 h) / 1.702, so both constants fold into the weights: c_fc's weight and
+    bias are scaled by 1.702 and c_proj's weight by 1 / 1.702 on the fly. The (N, L, 4W) activation,
+    the largest tensor of a block, then passes through one fused silu kernel instead of three
+    elementwise ones, and backward keeps one copy of it instead of three. Scaling the small weight
+    matrices costs next to nothing; the result is the same function."""
 
     def __init__(self, width):
         super().__init__()
-        self.c_fc = nn.Linear(width, 4 * width)  # OpenAI's names: the state dict's keys are mlp.c_fc / mlp.c_proj
+        # OpenAI's names: the state dict's keys are mlp.c_fc / mlp.c_proj
+        self.c_fc = nn.Linear(width, 4 * width)
         self.c_proj = nn.Linear(4 * width, width)
 
     def forward(self, x):
@@ -93,8 +101,9 @@ class MLP(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with OpenAI's packed parameters, computed by SDPA on (B, L, width) tensors; with
-    keep_weights (vifi.votes_and_relevance), written out as softmax(q k^T / sqrt(d)) v, weights kept in self.weights."""
+    """Multi-head self-attention with OpenAI's packed parameters, computed by SDPA on (B, L, width)
+    tensors; with keep_weights (predict.votes_and_relevance), written out as softmax(q k^T /
+    sqrt(d)) v, weights kept in self.weights."""
 
     def __init__(self, width):
         super().__init__()
@@ -105,19 +114,23 @@ class Attention(nn.Module):
         self.keep_weights, self.weights = False, None
 
     def forward(self, x, causal, n_out=None):
-        """x: (B, L, width) -> (B, n_out, width): the outputs of the first n_out tokens (all L when None), each
-        attending to every token (or, if causal, to those up to itself)."""
+        """x: (B, L, width) -> (B, n_out, width): the outputs of the first n_out tokens (all L when
+        None), each attending to every token (or, if causal, to those up to itself)."""
         B, L, W = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
-        q, k, v = qkv.view(B, L, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)  # (B, L, 3W) -> 3 x (B, h, L, W/h)
-        if self.keep_weights:  # SDPA's fused kernels never hold the (B, h, n_out, L) weights; this path does
-            scores = q[:, :, :n_out] @ k.transpose(-2, -1) / math.sqrt(k.shape[-1])  # (B, h, n_out, L)
+        # (B, L, 3W) -> 3 x (B, h, L, W/h)
+        q, k, v = qkv.view(B, L, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)
+        # SDPA's fused kernels never hold the (B, h, n_out, L) weights; this path does
+        if self.keep_weights:
+            # (B, h, n_out, L)
+            scores = q[:, :, :n_out] @ k.transpose(-2, -1) / math.sqrt(k.shape[-1])
             if causal:  # query i sees keys 0..i, as is_causal below
                 scores = scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).triu(1), float("-inf"))
             self.weights = scores.softmax(dim=-1)
             y = self.weights @ v
         else:
-            y = F.scaled_dot_product_attention(q[:, :, :n_out], k, v, is_causal=causal)  # causal: query i sees keys 0..i
+            # causal: query i sees keys 0..i
+            y = F.scaled_dot_product_attention(q[:, :, :n_out], k, v, is_causal=causal)
         y = y.transpose(1, 2).reshape(B, -1, W)  # (B, h, n_out, W/h) -> (B, n_out, W)
         return self.out_proj(y)
 
@@ -143,17 +156,19 @@ class Transformer(nn.Module):
         self.grad_checkpointing = False
 
     def forward(self, x, causal=False, deep_prompts=(), prompt_start=0, out_tokens=None):
-        """x: (B, L, width). deep_prompts[i-1] (n, width) replaces tokens prompt_start..prompt_start+n before block i.
-        out_tokens=n: the caller reads only the first n tokens' outputs, so the last block computes only those
-        (every token still serves as a key and value) -> (B, n, width)."""
+        """x: (B, L, width). deep_prompts[i-1] (n, width) replaces tokens
+        prompt_start..prompt_start+n before block i. out_tokens=n: the caller reads only the first n
+        tokens' outputs, so the last block computes only those (every token still serves as a key
+        and value) -> (B, n, width)."""
         for i, block in enumerate(self.resblocks):
             if 0 < i <= len(deep_prompts):
-                p = deep_prompts[i - 1].to(x.dtype).expand(x.shape[0], -1, -1)  # (n, W) -> (B, n, W)
+                # (n, W) -> (B, n, W)
+                p = deep_prompts[i - 1].to(x.dtype).expand(x.shape[0], -1, -1)
                 x = torch.cat([x[:, :prompt_start], p, x[:, prompt_start + p.shape[1]:]], dim=1)
             n_out = out_tokens if i == len(self.resblocks) - 1 else None
             if self.grad_checkpointing and torch.is_grad_enabled():
-                # Keep only each block's input and recompute the block in backward: long clips fit in memory, for
-                # the price of a second forward pass.
+                # Keep only each block's input and recompute the block in backward: long clips fit
+                # in memory, for the price of a second forward pass.
                 x = checkpoint(block, x, causal, n_out, use_reentrant=False)
             else:
                 x = block(x, causal, n_out)
@@ -165,7 +180,8 @@ class VisionTransformer(nn.Module):
         super().__init__()
         w, self.patch_size = cfg.vision_width, cfg.patch_size
         scale = w ** -0.5
-        self.conv1 = nn.Conv2d(3, w, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False)  # run as a matmul
+        # run as a matmul
+        self.conv1 = nn.Conv2d(3, w, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False)
         self.class_embedding = nn.Parameter(scale * torch.randn(w))
         self.positional_embedding = nn.Parameter(scale * torch.randn((cfg.image_resolution // cfg.patch_size) ** 2 + 1, w))
         self.ln_pre = nn.LayerNorm(w)
@@ -174,32 +190,40 @@ class VisionTransformer(nn.Module):
         self.proj = nn.Parameter(scale * torch.randn(w, cfg.embed_dim))
 
     def position_embedding(self, gh, gw):
-        """The (1 + gh*gw, width) positional embedding, bicubic-resized on the patch grid if the input size differs."""
+        """The (1 + gh*gw, width) positional embedding, bicubic-resized on the patch grid if the
+        input size differs."""
         pos = self.positional_embedding
         g = round((pos.shape[0] - 1) ** 0.5)
         if (gh, gw) == (g, g):
             return pos
         grid = pos[1:].reshape(1, g, g, -1).permute(0, 3, 1, 2)  # (g*g, W) -> (1, W, g, g)
         grid = F.interpolate(grid, size=(gh, gw), mode="bicubic", align_corners=False)
-        return torch.cat([pos[:1], grid.permute(0, 2, 3, 1).reshape(gh * gw, -1)])  # (1, W, gh, gw) -> (gh*gw, W)
+        # (1, W, gh, gw) -> (gh*gw, W)
+        return torch.cat([pos[:1], grid.permute(0, 2, 3, 1).reshape(gh * gw, -1)])
 
     def forward(self, x, prompts=None):
-        """x: (N, 3, H, W) normalized pixels -> (N, D). prompts: [layer-0 tokens appended, then one per later block]."""
-        # A stride-p convolution over non-overlapping p x p patches is one matmul: cut the image into patches and
-        # apply conv1's weight as a linear layer. The same function, and faster than cuDNN's kernels for this conv.
+        """x: (N, 3, H, W) normalized pixels -> (N, D). prompts: [layer-0 tokens appended, then one
+        per later block]."""
+        # A stride-p convolution over non-overlapping p x p patches is one matmul: cut the image
+        # into patches and apply conv1's weight as a linear layer. The same function, and faster
+        # than cuDNN's kernels for this conv.
         N, C, p = x.shape[0], x.shape[1], self.patch_size
         gh, gw = x.shape[2] // p, x.shape[3] // p
-        x = x[:, :, :gh * p, :gw * p].reshape(N, C, gh, p, gw, p)  # edge pixels short of a patch drop, as in conv
-        x = x.permute(0, 2, 4, 1, 3, 5).reshape(N, gh * gw, C * p * p)  # -> (N, gh, gw, C, p, p) -> (N, gh*gw, C*p*p)
-        x = F.linear(x, self.conv1.weight.flatten(1))  # conv1.weight (W, C, p, p) -> (W, C*p*p): (N, gh*gw, W)
+        # edge pixels short of a patch drop, as in conv
+        x = x[:, :, :gh * p, :gw * p].reshape(N, C, gh, p, gw, p)
+        # -> (N, gh, gw, C, p, p) -> (N, gh*gw, C*p*p)
+        x = x.permute(0, 2, 4, 1, 3, 5).reshape(N, gh * gw, C * p * p)
+        # conv1.weight (W, C, p, p) -> (W, C*p*p): (N, gh*gw, W)
+        x = F.linear(x, self.conv1.weight.flatten(1))
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        x = torch.cat([cls, x], dim=1) + self.position_embedding(gh, gw).to(x.dtype)  # (N, 1 + gh*gw, W)
+        # (N, 1 + gh*gw, W)
+        x = torch.cat([cls, x], dim=1) + self.position_embedding(gh, gw).to(x.dtype)
         start = x.shape[1]
         if prompts:  # visual prompt tokens go after the patches, as in the official ViFi-CLIP code
             x = torch.cat([x, prompts[0].to(x.dtype).expand(x.shape[0], -1, -1)], dim=1)
         x = self.ln_pre(x)
-        # Only the class token is read, so the last block skips the other tokens' attention outputs and MLPs
-        # (exact, and ~6% of ViT-B/16's FLOPs): (N, L, W) -> (N, 1, W)
+        # Only the class token is read, so the last block skips the other tokens' attention outputs
+        # and MLPs (exact, and ~6% of ViT-B/16's FLOPs): (N, L, W) -> (N, 1, W)
         x = self.transformer(x, deep_prompts=prompts[1:] if prompts else (), prompt_start=start, out_tokens=1)
         return self.ln_post(x[:, 0]) @ self.proj  # the class token
 
@@ -218,7 +242,8 @@ class CLIP(nn.Module):
         self.init_weights()
 
     def init_weights(self):
-        """OpenAI's initialization, for models trained from scratch (loading pretrained weights overwrites it)."""
+        """OpenAI's initialization, for models trained from scratch (loading pretrained weights
+        overwrites it)."""
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
         nn.init.normal_(self.text_projection, std=self.config.text_width ** -0.5)
@@ -238,22 +263,26 @@ class CLIP(nn.Module):
         return self.visual(images, prompts)
 
     def encode_text(self, ids, prompts=None, cut=True):
-        """ids: (N, L) token ids, EOT the largest id of each row -> (N, D). prompts[0] replaces tokens 1..n (after SOT).
-        cut=False: the caller has already cut the ids after their last EOT (vifi.py does it once per class list)."""
+        """ids: (N, L) token ids, EOT the largest id of each row -> (N, D). prompts[0] replaces
+        tokens 1..n (after SOT). cut=False: the caller has already cut the ids after their last EOT
+        (vifi.py does it once per class list)."""
         if cut and not torch.compiler.is_compiling():
-            # Causal attention: nothing after the batch's last EOT can change an EOT output, so drop it (exact; a
-            # class prompt is ~10-20 of the 77 tokens).
-            # Finding where to cut reads a GPU value, which stalls the CPU until the GPU has caught up: callers that
-            # encode the same ids every step cut them once. Under torch.compile nothing is cut, for a static graph.
+            # Causal attention: nothing after the batch's last EOT can change an EOT output, so drop
+            # it (exact; a class prompt is ~10-20 of the 77 tokens).
+            # Finding where to cut reads a GPU value, which stalls the CPU until the GPU has caught
+            # up: callers that encode the same ids every step cut them once. Under torch.compile
+            # nothing is cut, for a static graph.
             ids = ids[:, : int(ids.argmax(dim=-1).max()) + 1]
         x = self.token_embedding(ids)  # (N, L) -> (N, L, W)
-        if prompts:  # the prompt tokens take the place of the placeholder words and get their positions too
+        # the prompt tokens take the place of the placeholder words and get their positions too
+        if prompts:
             p = prompts[0].to(x.dtype).expand(x.shape[0], -1, -1)
             x = torch.cat([x[:, :1], p, x[:, 1 + p.shape[1]:]], dim=1)
         x = x + self.positional_embedding[: ids.shape[1]]
         x = self.transformer(x, causal=True, deep_prompts=prompts[1:] if prompts else (), prompt_start=1)
         x = self.ln_final(x)
-        eot = x[torch.arange(x.shape[0], device=x.device), ids.argmax(dim=-1)]  # (N, L, W) -> (N, W)
+        # (N, L, W) -> (N, W)
+        eot = x[torch.arange(x.shape[0], device=x.device), ids.argmax(dim=-1)]
         return eot @ self.text_projection
 
     def forward(self, images, ids):
@@ -263,13 +292,14 @@ class CLIP(nn.Module):
         return logits_per_image, logits_per_image.t()
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Loading: OpenAI's releases and this project's checkpoints -> a CLIP. archive.py reads the files (without running
-# code from them) and downloads the releases; what follows turns what it reads into a model.
+# --------------------------------------------------------------------------------------------------
+# Loading: OpenAI's releases and this project's checkpoints -> a CLIP. archive.py reads the files
+# (without running code from them) and downloads the releases; what follows turns what it reads into
+# a model.
 
 def read_state_dict(path):
-    """A TorchScript archive (OpenAI's format), a plain state dict, or a checkpoint holding one under 'model'; read by
-    read_archive, so no file can run code whatever it holds."""
+    """A TorchScript archive (OpenAI's format), a plain state dict, or a checkpoint holding one
+    under 'model'; read by read_archive, so no file can run code whatever it holds."""
     expected = (f"a CLIP state dict, a checkpoint holding one under 'model', OpenAI's TorchScript release or one of "
                 f"the names {list(MODELS)} (official ViFi-CLIP checkpoints load with vifi.load_official_checkpoint or "
                 "--checkpoint)")
@@ -281,7 +311,8 @@ def read_state_dict(path):
 
 
 def clip_state_dict(sd, path="<state dict>"):
-    """Strip any prefix ('module.', 'clip.') in front of OpenAI's names; fp32 tensors; drop the non-tensor extras."""
+    """Strip any prefix ('module.', 'clip.') in front of OpenAI's names; fp32 tensors; drop the
+    non-tensor extras."""
     if not isinstance(sd, dict):
         raise ModelError(f"{path}: expected a dict of tensors, found {type(sd).__name__}")
     check_names(sd, path)
@@ -293,7 +324,8 @@ def clip_state_dict(sd, path="<state dict>"):
                                       "vifi.load_official_checkpoint.")
     p = prefixes[0]
     out = {k[len(p):]: v.float() for k, v in sd.items() if k.startswith(p) and torch.is_tensor(v)}
-    for extra in ("input_resolution", "context_length", "vocab_size"):  # OpenAI's archives carry these; unused
+    # OpenAI's archives carry these; unused
+    for extra in ("input_resolution", "context_length", "vocab_size"):
         out.pop(extra, None)
     if "visual.proj" not in out:
         raise ModelError(f"{path}: a ResNet CLIP (no 'visual.proj'); only the ViT models are supported.")
@@ -301,7 +333,8 @@ def clip_state_dict(sd, path="<state dict>"):
 
 
 def build(sd, path="<state dict>"):
-    """A CLIP whose sizes are read off sd's shapes, holding sd's weights; errors name the first offending key."""
+    """A CLIP whose sizes are read off sd's shapes, holding sd's weights; errors name the first
+    offending key."""
     sd = clip_state_dict(sd, path)
     try:
         cfg = CLIPConfig.from_state_dict(sd)
@@ -323,8 +356,9 @@ def check_names(sd, path):
 
 
 def check_finite(sd, keys, path):
-    """Refuse NaN or inf in the floating-point tensors sd holds under keys: such weights predict nothing, and a run
-    that diverged should fail where it is loaded, naming the key, not later as a NaN loss or uniform outputs."""
+    """Refuse NaN or inf in the floating-point tensors sd holds under keys: such weights predict
+    nothing, and a run that diverged should fail where it is loaded, naming the key, not later as a
+    NaN loss or uniform outputs."""
     for k in keys:
         if torch.is_floating_point(sd[k]) and not torch.isfinite(sd[k]).all():
             raise ModelError(f"{path}: key {k!r} holds NaN or inf values; use a checkpoint saved before "
@@ -332,8 +366,9 @@ def check_finite(sd, keys, path):
 
 
 def check_state_dict(sd, expected, path, model):
-    """Refuse sd unless it holds exactly the keys of `expected` (a model's state_dict), each a finite tensor of the
-    same shape; the error names the file, the first offending key and `model`, the model it was checked against."""
+    """Refuse sd unless it holds exactly the keys of `expected` (a model's state_dict), each a
+    finite tensor of the same shape; the error names the file, the first offending key and `model`,
+    the model it was checked against."""
     for k, v in expected.items():
         if k not in sd:
             raise ModelError(f"{path}: missing key {k!r} (expected shape {tuple(v.shape)}) of {model}")
@@ -349,14 +384,16 @@ def check_state_dict(sd, expected, path, model):
 
 
 def release(name):
-    """(url, path in the cache, sha256) of OpenAI's release `name` of MODELS (its URL's folder is the sha256)."""
+    """(url, path in the cache, sha256) of OpenAI's release `name` of MODELS (its URL's folder is
+    the sha256)."""
     import archive  # the cache folder
     url = MODELS[name]
     return url, os.path.join(archive.cache_dir(), os.path.basename(url)), url.split("/")[-2]
 
 
 def load(name_or_path, device="cpu"):
-    """A model name of MODELS (downloaded once into $VIFI_CACHE or ~/.cache/vifi) or a checkpoint path -> fp32 CLIP."""
+    """A model name of MODELS (downloaded once into $VIFI_CACHE or ~/.cache/vifi) or a checkpoint
+    path -> fp32 CLIP."""
     import archive  # the sha256-checked download
     path = archive.download(*release(name_or_path)) if name_or_path in MODELS else name_or_path
     return build(read_state_dict(path), path).to(device).eval()

@@ -1,11 +1,11 @@
 """
-Classify one video with a ViFi-CLIP or CLIP model, and explain the answer (nanoGPT's sample.py, for video):
+Classify one video with a ViFi-CLIP or CLIP model, and explain the answer (as nanoGPT's sample.py):
 
   python predict.py VIDEO --labels "archery,playing guitar" [--model ViT-B/16] [--checkpoint FILE]
 
-prints the top-5 classes. `--explain report.html` also writes what each frame votes for and where the image
-encoder looks (votes_and_relevance below; report.py draws the page), and `--compare-base` adds vanilla CLIP's
-maps beside a fine-tuned checkpoint's.
+prints the top-5 classes. `--explain report.html` also writes what each frame votes for and where
+the image encoder looks (votes_and_relevance below; report.py draws the page), and `--compare-base`
+adds vanilla CLIP's maps beside a fine-tuned checkpoint's.
 """
 import argparse
 import os
@@ -22,29 +22,31 @@ import tokenizer
 import vifi
 from vifi import ConfigError, ViFiCLIP
 
-# ------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Explanation: what each frame votes for, and where the image encoder looks (drawn by report.py)
 
 def votes_and_relevance(model, video, target=None):
-    """video: one video's frames (T, 3, H, W), normalized. -> logits (C,), votes (T, C), and for `target`
-    (default: the top class) relevance (T, gh, gw) over the patch grid.
-    votes: the video embedding is the mean of the T frame embeddings f_t, so every logit splits exactly
-    into T terms, one per frame:
+    """video: one video's frames (T, 3, H, W), normalized. -> logits (C,), votes (T, C), and for
+    `target` (default: the top class) relevance (T, gh, gw) over the patch grid.
+    votes: the video embedding is the mean of the T frame embeddings f_t, so every logit splits
+    exactly into T terms, one per frame:
       s <mean f, t_c> / (|mean f| |t_c|) = sum_t s <f_t, t_c> / (T |mean f| |t_c|)
-    relevance (Chefer et al. 2021, gradient-weighted attention rollout): raw attention in a ViT is mostly
-    mixing that is not specific to any class, and gradients alone are noisy, so each block's attention is
-    weighted by its gradient for the class, only the positive part kept, and rolled out through the
-    residual connections:
+    relevance (Chefer et al. 2021, gradient-weighted attention rollout): raw attention in a ViT is
+    mostly mixing that is not specific to any class, and gradients alone are noisy, so each block's
+    attention is weighted by its gradient for the class, only the positive part kept, and rolled out
+    through the residual connections:
       R = I; for every block R += mean over heads(max(0, grad * A)) @ R
     and the map is the class token's row over the patches."""
     vis = model.clip.visual
     for block in vis.transformer.resblocks:
-        block.attn.keep_weights = True  # the written-out attention: same logits as SDPA, weights kept
+        # the written-out attention: same logits as SDPA, weights kept
+        block.attn.keep_weights = True
     try:
         # even with every weight frozen, the attention then carries gradients
         video = video.detach().requires_grad_()
         f = model.clip.encode_image(video, list(model.vision_prompts))  # (T, D)
-        weights = [block.attn.weights for block in vis.transformer.resblocks]  # each (T, heads, L or 1, L)
+        # each (T, heads, L or 1, L)
+        weights = [block.attn.weights for block in vis.transformer.resblocks]
     finally:
         for block in vis.transformer.resblocks:
             block.attn.keep_weights, block.attn.weights = False, None
@@ -58,15 +60,17 @@ def votes_and_relevance(model, video, target=None):
     eye = torch.eye(L, device=f.device)
     R = eye.repeat(T, 1, 1)  # (T, L, L): every token starts as evidence for itself only
     for i, (A, G) in enumerate(zip(weights, grads)):
-        if 0 < i < len(model.vision_prompts):  # deep prompts (after the patches) replace theirs before block i
+        # deep prompts (after the patches) replace theirs before block i
+        if 0 < i < len(model.vision_prompts):
             R[:, 1 + gh * gw:] = eye[1 + gh * gw:]
         # (T, L or 1, L): the last block computes the class token alone
         R = R[:, :A.shape[2]] + (G * A).clamp(min=0).mean(dim=1) @ R
-    relevance = R[:, 0, 1:1 + gh * gw].reshape(T, gh, gw)  # (T, L) -> (T, gh, gw): class token over patches
+    # (T, L) -> (T, gh, gw): class token over patches
+    relevance = R[:, 0, 1:1 + gh * gw].reshape(T, gh, gw)
     return dict(logits=logits.detach(), votes=votes.detach(), relevance=relevance.detach(), target=target)
 
 
-# ------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Command line: classify one video
 
 def parse_args(argv=None):
@@ -109,7 +113,8 @@ def main(argv=None):
         if not os.path.isfile(args.video):
             found = "is a folder" if os.path.isdir(args.video) else "no such file"
             raise FileNotFoundError(f"{args.video}: {found}; expected a video file that PyAV can decode")
-        if args.labels_file:  # one name per line, or an 'id,name' CSV (train.py's, the official files)
+        # one name per line, or an 'id,name' CSV (train.py's, the official files)
+        if args.labels_file:
             labels = data.read_labels(args.labels_file, plain=True)
         else:
             labels = [name.strip() for name in args.labels.split(",") if name.strip()]
@@ -131,7 +136,8 @@ def main(argv=None):
         else:
             model = ViFiCLIP(clip, labels, mode="zeroshot")
         model.to(args.device).eval()
-        base_model = None  # --compare-base: vanilla CLIP, the --model a fine-tuned checkpoint started from
+        # --compare-base: vanilla CLIP, the --model a fine-tuned checkpoint started from
+        base_model = None
         if args.compare_base:
             base_model = ViFiCLIP(clip or clip_model.load(args.model), labels, mode="zeroshot")
             base_model.to(args.device).eval()
@@ -144,7 +150,8 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    def pixels(m):  # each model gets the pixel mean/std it was trained with, unless --norm says otherwise
+    # each model gets the pixel mean/std it was trained with, unless --norm says otherwise
+    def pixels(m):
         return data.normalize(video.to(args.device), *data.NORMS[args.norm or m.norm])
 
     # (V, T, 3, H, W) -> (1, V, T, 3, H, W) -> (1, C) -> (C,)

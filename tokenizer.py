@@ -1,28 +1,33 @@
 """
-CLIP's tokenizer: byte-level byte-pair encoding (BPE), giving the same ids as OpenAI's `simple_tokenizer.py`.
+CLIP's tokenizer: byte-level byte-pair encoding (BPE), giving the same ids as OpenAI's
+`simple_tokenizer.py`.
 
 How a string becomes ids, step by step:
-1. Clean: ftfy repairs broken unicode ("Ã©" -> "é"), HTML entities are unescaped twice (as CLIP does, so
-   "&amp;lt;" also becomes "<"), runs of whitespace collapse to one space, and everything is lower-cased.
-2. Split into pieces with CLIP's regex: the two special tokens, English contractions ('s 't 're 've 'm 'll 'd),
-   runs of letters, single digits, and runs of other non-space symbols. Whitespace is dropped; BPE never merges
-   across pieces, so a piece is a "word".
-3. Bytes to unicode: each piece is UTF-8 encoded, and each byte is written as one printable unicode character
-   (printable ASCII and Latin-1 bytes stand for themselves, the other 68 are shifted to chr(256 + n)). Any text,
-   emoji and CJK included, becomes a string over a 256-symbol alphabet with no whitespace or control characters,
-   so the merges file can be plain text with one space-separated pair per line, and nothing is ever unknown.
-4. Mark the word end: the last symbol gets "</w>" appended. "cat" at the end of a word ("cat</w>") and "cat"
-   inside "catalog" become different tokens, and decoding knows where to put spaces back.
-5. Merge by rank: the merges file lists symbol pairs in the order they were learned (most frequent first). Among
-   the adjacent pairs of the word, take the one learned earliest, fuse every occurrence of it, and repeat until no
-   adjacent pair is in the list. Each remaining symbol is a vocab entry.
-6. Ids: the vocab is the 256 byte symbols, the same 256 with "</w>", the fused string of every merge in rank
-   order, then <|startoftext|> and <|endoftext|>. With OpenAI's 48894 merges that is 49408 tokens, SOT = 49406
-   and EOT = 49407. Words repeat a lot, so step 5 is cached per word.
+1. Clean: ftfy repairs broken unicode ("Ã©" -> "é"), HTML entities are unescaped twice (as CLIP
+   does, so "&amp;lt;" also becomes "<"), runs of whitespace collapse to one space, and everything
+   is lower-cased.
+2. Split into pieces with CLIP's regex: the two special tokens, English contractions ('s 't 're 've
+   'm 'll 'd), runs of letters, single digits, and runs of other non-space symbols. Whitespace is
+   dropped; BPE never merges across pieces, so a piece is a "word".
+3. Bytes to unicode: each piece is UTF-8 encoded, and each byte is written as one printable unicode
+   character (printable ASCII and Latin-1 bytes stand for themselves, the other 68 are shifted to
+   chr(256 + n)). Any text, emoji and CJK included, becomes a string over a 256-symbol alphabet with
+   no whitespace or control characters, so the merges file can be plain text with one
+   space-separated pair per line, and nothing is ever unknown.
+4. Mark the word end: the last symbol gets "</w>" appended. "cat" at the end of a word ("cat</w>")
+   and "cat" inside "catalog" become different tokens, and decoding knows where to put spaces back.
+5. Merge by rank: the merges file lists symbol pairs in the order they were learned (most frequent
+   first). Among the adjacent pairs of the word, take the one learned earliest, fuse every
+   occurrence of it, and repeat until no adjacent pair is in the list. Each remaining symbol is a
+   vocab entry.
+6. Ids: the vocab is the 256 byte symbols, the same 256 with "</w>", the fused string of every merge
+   in rank order, then <|startoftext|> and <|endoftext|>. With OpenAI's 48894 merges that is 49408
+   tokens, SOT = 49406 and EOT = 49407. Words repeat a lot, so step 5 is cached per word.
 
-`tokenize(texts)` wraps ids as [SOT] + ids + [EOT] in rows of 77 padded with 0, the input of CLIP's text encoder.
-`Tokenizer(byte_level=True)` skips step 5 (no merges file, works offline): 512 byte tokens, SOT = 512, EOT = 513,
-for models trained from scratch. Run `python tokenizer.py "some text"` to see a string tokenized.
+`tokenize(texts)` wraps ids as [SOT] + ids + [EOT] in rows of 77 padded with 0, the input of CLIP's
+text encoder. `Tokenizer(byte_level=True)` skips step 5 (no merges file, works offline): 512 byte
+tokens, SOT = 512, EOT = 513, for models trained from scratch. Run `python tokenizer.py "some text"`
+to see a string tokenized.
 """
 import functools
 import gzip
@@ -50,7 +55,8 @@ class VocabError(RuntimeError):
 
 
 def bytes_to_unicode():
-    """Byte value -> printable character. The dict's order fixes the ids of the first 256 tokens (as in CLIP)."""
+    """Byte value -> printable character. The dict's order fixes the ids of the first 256 tokens (as
+    in CLIP)."""
     keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     moved = [b for b in range(256) if b not in keep]  # space, control characters, soft hyphen, ...
     return {b: chr(b) for b in keep} | {b: chr(256 + i) for i, b in enumerate(moved)}
@@ -68,8 +74,8 @@ def cache_dir():
 
 
 def find_vocab(bpe_path=None):
-    """The merges file: `bpe_path`, else $VIFI_BPE, else the one in cache_dir(). Nothing is downloaded
-    here: vifi.py fetches the file into the cache for the models that need it."""
+    """The merges file: `bpe_path`, else $VIFI_BPE, else the one in cache_dir(). Nothing is
+    downloaded here: vifi.py fetches the file into the cache for the models that need it."""
     path = bpe_path or os.environ.get("VIFI_BPE")
     if path:
         if not os.path.isfile(path):
@@ -96,8 +102,9 @@ def load_merges(path):
 
 
 class Tokenizer:
-    """CLIP's BPE. `.encode(text) -> list[int]`, `.decode(ids) -> str`; `.sot`/`.eot` are the start/end token
-    ids and `.vocab_size` the number of ids (the token embedding's rows). `byte_level=True` uses no merges file."""
+    """CLIP's BPE. `.encode(text) -> list[int]`, `.decode(ids) -> str`; `.sot`/`.eot` are the
+    start/end token ids and `.vocab_size` the number of ids (the token embedding's rows).
+    `byte_level=True` uses no merges file."""
 
     def __init__(self, bpe_path=None, byte_level=False):
         if byte_level and bpe_path:
@@ -114,7 +121,8 @@ class Tokenizer:
         # Decoding: each id back to its bytes, a word end back to a space.
         self.id_bytes = [bytes(byte_decoder[c] for c in t.removesuffix("</w>")) + (b" " if t.endswith("</w>") else b"")
                          for t in self.vocab]
-        # word -> ids; the special tokens are seeded so that "<|endoftext|>" in a text maps to EOT, as in CLIP.
+        # word -> ids; the special tokens are seeded so that "<|endoftext|>" in a text maps to EOT,
+        # as in CLIP.
         self.cache = {SOT: [self.sot], EOT: [self.eot]}
 
     def bpe(self, word):
@@ -145,7 +153,8 @@ class Tokenizer:
         return ids
 
     def decode(self, ids):
-        """Text of `ids`, with one space after each word (the last one stripped). Bad UTF-8 becomes U+FFFD."""
+        """Text of `ids`, with one space after each word (the last one stripped). Bad UTF-8 becomes
+        U+FFFD."""
         data = b"".join(self.id_bytes[int(i)] for i in ids)
         return data.decode("utf-8", errors="replace").removesuffix(" ")
 
@@ -157,7 +166,8 @@ def default_tokenizer():
 
 
 def tokenize(texts, context_length=77, truncate=True, tokenizer=None):
-    """A str or list of str -> LongTensor (N, context_length) of rows [SOT] + ids + [EOT], padded with 0."""
+    """A str or list of str -> LongTensor (N, context_length) of rows [SOT] + ids + [EOT], padded
+    with 0."""
     tok = tokenizer or default_tokenizer()
     texts = [texts] if isinstance(texts, str) else texts
     out = torch.zeros(len(texts), context_length, dtype=torch.long)
@@ -167,7 +177,8 @@ def tokenize(texts, context_length=77, truncate=True, tokenizer=None):
             if not truncate:
                 raise ValueError(f"Text {text!r} is {len(ids)} tokens long (with SOT and EOT), more than "
                                  f"context_length={context_length}; shorten it or pass truncate=True.")
-            ids = ids[: context_length - 1] + [tok.eot]  # keep EOT: the text features are read at its position
+            # keep EOT: the text features are read at its position
+            ids = ids[: context_length - 1] + [tok.eot]
         row[: len(ids)] = torch.tensor(ids)
     return out
 
