@@ -184,7 +184,11 @@ def tokenize(texts, context_length=77, truncate=True, tokenizer=None):
 
 
 if __name__ == "__main__":
-    tok = Tokenizer()
+    try:
+        tok = Tokenizer()
+    except VocabError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     ids = tok.encode(" ".join(sys.argv[1:]) or "a photo of a cat.")
     print("ids:    ", ids)
     print("tokens: ", [tok.vocab[i] for i in ids])
