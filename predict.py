@@ -20,7 +20,6 @@ import data
 import report
 import tokenizer
 import vifi
-from vifi import ConfigError, ViFiCLIP
 
 # --------------------------------------------------------------------------------------------------
 # Explanation: what each frame votes for, and where the image encoder looks (drawn by report.py)
@@ -107,9 +106,9 @@ def main(argv=None):
     try:
         vifi.check_device(args.device)  # flags first, then files: all before any model is loaded
         if args.explain and os.path.isdir(args.explain):
-            raise ConfigError(f"--explain {args.explain} is a folder; expected the path of the HTML file to "
-                              f"write (its numbers go to the .json beside it), e.g. "
-                              f"{os.path.join(args.explain, 'report.html')}")
+            raise vifi.ConfigError(f"--explain {args.explain} is a folder; expected the path of the HTML "
+                                   f"file to write (its numbers go to the .json beside it), e.g. "
+                                   f"{os.path.join(args.explain, 'report.html')}")
         if not os.path.isfile(args.video):
             found = "is a folder" if os.path.isdir(args.video) else "no such file"
             raise FileNotFoundError(f"{args.video}: {found}; expected a video file that PyAV can decode")
@@ -122,9 +121,9 @@ def main(argv=None):
         if len(labels) < 2:
             given = (f"--labels {args.labels!r}" if args.labels is not None
                      else f"--labels-file {args.labels_file}")
-            raise ConfigError(f"{given}: expected at least two class names, found {len(labels)}")
+            raise vifi.ConfigError(f"{given}: expected at least two class names, found {len(labels)}")
         if args.frames < 1:
-            raise ConfigError(f"--frames {args.frames}: expected at least one frame")
+            raise vifi.ConfigError(f"--frames {args.frames}: expected at least one frame")
         ck = vifi.read_checkpoint(args.checkpoint) if args.checkpoint else None
         own = ck is not None and "vifi" in ck  # an own checkpoint holds its CLIP
         if args.model in clip_model.MODELS and (not own or args.compare_base):
@@ -134,19 +133,19 @@ def main(argv=None):
         if ck:
             model = vifi.load_checkpoint(args.checkpoint, clip, labels, ck=ck)
         else:
-            model = ViFiCLIP(clip, labels, mode="zeroshot")
+            model = vifi.ViFiCLIP(clip, labels, mode="zeroshot")
         model.to(args.device).eval()
         # --compare-base: vanilla CLIP, the --model a fine-tuned checkpoint started from
         base_model = None
         if args.compare_base:
-            base_model = ViFiCLIP(clip or clip_model.load(args.model), labels, mode="zeroshot")
+            base_model = vifi.ViFiCLIP(clip or clip_model.load(args.model), labels, mode="zeroshot")
             base_model.to(args.device).eval()
         size = model.clip.config.image_resolution
         dataset = data.VideoDataset([(args.video, 0)], labels, args.frames, size, clips=n_clips,
                                     crops=n_crops)
         video, _ = dataset.load(args.video)  # uint8 (V, T, 3, H, W)
     except (OSError, data.VideoError, data.DatasetError, archive.CheckpointError, clip_model.ModelError,
-            tokenizer.VocabError, ConfigError) as e:
+            tokenizer.VocabError, vifi.ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

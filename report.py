@@ -105,10 +105,11 @@ def image(pixels, alt, css=""):
 
 
 def write_report(path, video_path, labels, images, logits, result, settings, base=None):
-    """Write the HTML report to `path` and its numbers to the .json beside it. images: uint8 (T, 3,
-    H, W), the frames as the model saw them; logits (C,): the model's, at least two classes (vifi.py
-    passes result["logits"], the votes' sums, which equal the ordinary forward's to 1e-5); result
-    and base: vifi.votes_and_relevance of the model and of vanilla CLIP, for the top class."""
+    """Write the HTML report to `path` and its numbers to the .json beside it. images: uint8
+    (T, 3, H, W), the frames as the model saw them; logits (C,): the model's, at least two classes
+    (predict.py passes result["logits"], the votes' sums, which equal the ordinary forward's to
+    1e-5); result and base: predict.votes_and_relevance of the model and of vanilla CLIP, for the
+    top class."""
     votes = result["votes"]  # (T, C); each column sums to its logit
     probs = logits.softmax(dim=-1)
     ranked = probs.argsort(descending=True).tolist()

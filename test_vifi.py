@@ -2102,6 +2102,22 @@ def test_a_corrupt_vocabulary_download_is_refused_and_leaves_nothing(tmp_path, m
     assert os.listdir(cache) == []
 
 
+def test_config_resolve_fills_in_the_mode_and_refuses_what_the_clip_cannot_have():
+    sizes = small_clip().config  # 2 text and 2 vision layers, a context of 77
+    cfg = vifi.ViFiConfig(mode="zeroshot", n_ctx_text=5).resolve(sizes)
+    assert (cfg.template, cfg.n_ctx_text, cfg.n_ctx_vision, cfg.depth_text, cfg.depth_vision) == ("{}", 0, 0, 0, 0)
+    assert vifi.ViFiConfig().resolve(sizes).template == "a photo of a {}."
+    cases = [(dict(mode="prompt", depth_text=3, depth_vision=2), r"prompt depths must be in 1..2 \(text\) and 1..2 "
+              r"\(vision\); got 3, 2"),
+             (dict(mode="prompt", depth_text=2, depth_vision=2, n_ctx_text=74), r"prompt tokens must be in 1..73 "
+              r"\(text, a context of 77\) and at least 1 \(vision\); got 74, 10"),
+             (dict(towers="all"), "towers one of .*got 'finetune', 'all'"),
+             (dict(template="{} and {}"), "exactly one '{}' for the class name; got '{} and {}'")]
+    for fields, message in cases:
+        with pytest.raises(vifi.ConfigError, match=message):
+            vifi.ViFiConfig(**fields).resolve(sizes)
+
+
 def test_vifi_has_no_command_line_and_points_to_predict(tmp_path):
     run = run_cli("vifi.py", "clip.avi", "--labels", "a,b")
     assert run.returncode == 2 and run.stdout == ""
