@@ -257,11 +257,12 @@ def run_cli(*argv, env=None, timeout=300):
                           env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
 
-# README: every command in it parses (the ones that need real data or downloads) or runs (in .ci/run and above);
-# each is tested in the block of the file it runs.
+# README and docs/: every command in them parses (the ones that need real data or downloads) or runs (in .ci/run
+# and above); each is tested in the block of the file it runs.
 
 def readme_commands(script):
-    text = open(os.path.join(HERE, "README.md")).read()
+    files = [Path(HERE, "README.md"), *sorted(Path(HERE, "docs").glob("*.md"))]
+    text = "".join(f.read_text(encoding="utf-8") for f in files)
     found = re.findall(rf"python {script} ([^`\n]*)", text)
     return [shlex.split(c.split("#")[0].replace("...", "")) for c in found]
 
@@ -2294,10 +2295,7 @@ def test_readme_vifi_command_parses_and_runs(tmp_path):
     assert run2.stdout == run.stdout  # the same classes in the same order, the header skipped
     run = run_cli("predict.py", str(tmp_path / "missing.avi"), "--labels", "a,b", "--model", fixture("clip_tiny_openai_jit.pt"))
     assert run.returncode == 2 and "missing.avi" in run.stderr and "Traceback" not in run.stderr
-    readme = [c for c in readme_commands("predict.py") if "--labels" in c]
-    if not readme:
-        pytest.skip("README.md has no `python predict.py ... --labels ...` command yet")
-    (argv,) = readme
+    (argv,) = [c for c in readme_commands("predict.py") if "--labels" in c]  # the documented command parses
     assert predict.parse_args(argv).checkpoint == "vifi_clip_k400.pth"
 
 
@@ -2403,10 +2401,8 @@ def test_explain_report_holds_votes_and_one_map_per_frame(tmp_path):
         logits = model(data.normalize(frames, *data.NORMS[model.norm]))[0]
     assert abs(logits[labels.index(out["label"])].item() - out["logit"]) < 1e-4
     assert len(out["relevance"]) == len(out["base_relevance"]) == 4
-    readme = [c for c in readme_commands("predict.py") if "--explain" in c]  # README's example parses
-    if not readme:
-        pytest.skip("README.md has no `python predict.py ... --explain ...` command yet")
-    assert predict.parse_args(readme[0]).explain == "report.html"
+    (readme,) = [c for c in readme_commands("predict.py") if "--explain" in c]  # README's example parses
+    assert predict.parse_args(readme).explain == "report.html"
 
 
 def test_compare_base_gives_vanilla_clip_its_own_pixel_normalization(tmp_path):
@@ -3078,10 +3074,10 @@ def ours_steps(n, args):
 
 
 def test_steps_per_epoch_are_the_official_ones_for_every_protocol_of_the_readme_table():
-    """README's table: its videos are the official lists' lines, its steps the official formula's, and an epoch
-    here takes as many at the protocol's preset (--micro-batch 8, one process)."""
+    """docs/protocols.md's table: its videos are the official lists' lines, its steps the official formula's, and an
+    epoch here takes as many at the protocol's preset (--micro-batch 8, one process)."""
     datasets = {"ucf": "ucf101", "hmdb": "hmdb51", "ssv2": "ssv2", "k400": "k400"}
-    with open(os.path.join(HERE, "README.md")) as f:
+    with open(os.path.join(HERE, "docs", "protocols.md")) as f:
         rows = re.findall(r"^\| ([^|]+) \| `([^`]+)` \| ([\d /]+) \| (\d+) \| ([\d /]+) \|$", f.read(), re.M)
     assert len(rows) == 7
     checked = 0
@@ -4208,3 +4204,55 @@ def test_bench_peak_is_the_fastest_matmul_and_mfu_never_exceeds_1(monkeypatch, c
     assert "* MFU n/a: a step ran faster than the peak measured" in capsys.readouterr().out
     bench.print_summary({**res, "peak_unreliable": False})
     assert "MFU" not in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# README.md and docs/
+
+def test_readme_python_example_classifies_a_video(tmp_path, monkeypatch, capsys, tiny_clip):
+    """README's Python block, run as written on a generated video, with the tiny CLIP in place of ViT-B/16: it
+    prints the class that CLIP's own encoders, averaged over the frames, score highest, and its probability."""
+    code = re.search(r"```python\n(.*?)```", Path(HERE, "README.md").read_text(encoding="utf-8"), re.S)[1]
+    (video,) = set(re.findall(r'"([^"]+\.mp4)"', code))
+    tools.make_test_video(str(tmp_path / video), num_frames=40, width=64, height=48, codec="libx264")
+    monkeypatch.chdir(tmp_path)
+    asked = []
+    monkeypatch.setattr(clip_model, "load", lambda name, *a, **k: asked.append(name) or tiny_clip)
+    scope = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert asked == ["ViT-B/16"] and len(code.strip().splitlines()) <= 15
+    classes, pixels = scope["classes"], scope["video"]
+    assert pixels.shape == (1, 8, 3, 32, 32)  # one view of T = 8 frames at the tiny CLIP's 32 px
+    # the method written out on the same pixels: mean frame embedding, cosine to each prompt, times the scale
+    with torch.no_grad():
+        v = F.normalize(tiny_clip.encode_image(pixels[0]).mean(dim=0), dim=-1)  # (T, D) -> (D,)
+        ids = tokenize([f"a photo of a {c}." for c in classes], tiny_clip.config.context_length)
+        t = F.normalize(tiny_clip.encode_text(ids), dim=-1)  # (C, D)
+        probs = (tiny_clip.logit_scale.exp() * t @ v).softmax(-1)
+    assert capsys.readouterr().out == f"{classes[probs.argmax()]}: {probs.max():.1%}\n"
+
+
+def test_readme_is_short_opens_with_the_example_and_links_only_existing_docs():
+    path = Path(HERE, "README.md")
+    text = path.read_text(encoding="utf-8")
+    assert path.stat().st_size <= 20 * 1024, f"README.md is {path.stat().st_size} bytes; at most 20 KB"
+    # what it is, the Python example, the commands, the method table, the file map: in that order, nothing else
+    intro, *sections = re.split(r"^## ", text, flags=re.M)
+    assert "ViFi-CLIP" in intro and "arXiv 2212.03640" in intro and "```python" not in intro
+    assert [s.splitlines()[0] for s in sections] == ["Classify a video in Python", "Run it",
+                                                     "The method, tied to the code", "Files"]
+    example, commands, method, files = sections
+    assert example.index("```python") < 200 and "vifi.ViFiCLIP(clip, " in example
+    assert "python train.py --dataset synthetic" in commands and "--dataset ucf101 --shots 8" in commands
+    assert "| Sec. 3.1 |" in method and "| `predict.py` |" in files and "| `engine.py` |" in files
+    # every docs/ link resolves, and every page in docs/ is linked from README
+    docs = sorted(Path(HERE, "docs").glob("*.md"))
+    linked = set(re.findall(r"\]\((docs/[^)#]+)", text))
+    assert {f"docs/{d.name}" for d in docs} <= linked
+    assert all(Path(HERE, link).is_file() for link in linked), linked
+    for page in docs:  # and the relative links between the pages
+        for link in re.findall(r"\]\((?!https?:|#)([^)#]+)", page.read_text(encoding="utf-8")):
+            assert (page.parent / link).is_file(), (page.name, link)
+    # the test command README gives is the one CI runs
+    ci = re.search(r"^(python -m pytest [^|\n]*?) 2>", Path(HERE, ".ci", "run").read_text(), re.M)[1]
+    assert re.findall(r"^python -m pytest [^#\n]*?(?=\s*#|$)", text, re.M) == [ci]
