@@ -1,37 +1,45 @@
 """
-How fast ViFi-CLIP trains and evaluates, how much memory a step takes, and whether the data pipeline keeps up.
-Random weights with the real sizes (no download) and synthetic inputs, on cuda if present, else the CPU.
+How fast ViFi-CLIP trains and evaluates, how much memory a step takes, and whether the data pipeline
+keeps up. Random weights with the real sizes (no download) and synthetic inputs, on cuda if present,
+else the CPU.
 
     python bench.py                   # ViT-B/16 at 224 (hours on a CPU: use --small there)
     python bench.py --compile         # the torch.compile variants too
     python bench.py --small           # a small CLIP, tiny videos: seconds on a CPU (the tests run this)
     python bench.py --json out.json   # every number, with the device, torch version and date
-    python bench.py --e2e             # the data path end to end (below); --small runs a tiny version of it too
+    python bench.py --e2e             # the data path end to end (below); --small: a tiny version
 
 What is timed (median of timed repeats after warm-up, the device synchronized around each repeat):
-  vision train / infer  CLIP's image tower on 256 frames (32 clips x 8) at 224: forward, backward, AdamW (fused on
-                        CUDA); and a no-grad forward
-  vifi train C=101/400  the whole ViFi-CLIP step on 32 clips x 8 frames: all C class prompts through the text tower
-                        (it trains, so they are encoded every step), cross-entropy over the (B, C) logits, AdamW
-  vifi train, official  the baseline: the same weights and step run as the official code runs them (OpenAI's
-                        model.py layout, nn.MultiheadAttention math, all 77 tokens of every prompt, every step)
-  vifi eval             the same forward in eval mode: text features come from the cache, never re-encoded
-  memory                a training step at 32 frames per clip with and without activation checkpointing. CUDA:
-                        torch.cuda.max_memory_allocated; CPU (Linux): the peak resident memory (VmHWM, reset through
-                        /proc/self/clear_refs), approximate since malloc may keep freed pages. Both count from
-                        before the model is built: weights, grads, AdamW state, activations
-  data                  clips/s of one worker (one thread, as in a DataLoader worker) on generated UCF101-like
-                        (320x240, 7 s, MPEG-4 AVI) and Kinetics-like (340x256, 10 s, H.264 MP4) videos: decoding
-                        the sampled frames alone vs the training pipeline (decode + TSN sample + augment, uint8 out)
-  e2e                   tools.py prepare's trade-off on Kinetics-like videos, smooth and textured: keyframe interval
-                        x x264 CRF -> one worker's clips/s at T = 16 against the original's (the files take turns,
-                        medians), bytes, PSNR of the frames against the original's; DataLoader worker scaling, 1 to
-                        all cores, original and prepared; train.py's own loop (2 epochs of >= 50 steps, the second
-                        timed) over each, against the same loop on clips held in memory. The model: ViT-B/16 with
-                        random weights at micro-batch 32 on a GPU; train.py's small scratch CLIP on a CPU
-FLOPs are those the code runs, counted from the shapes (image_flops, text_flops); a training step is 3x the
-forward (the recompute of checkpointing is not counted, as usual for MFU). MFU divides by the peak of a large matmul
-measured in this run: bf16 on CUDA (what autocast runs the model in), fp32 on CPU (the model runs in fp32 there).
+  vision train / infer  CLIP's image tower on 256 frames (32 clips x 8) at 224: forward, backward,
+                        AdamW (fused on CUDA); and a no-grad forward
+  vifi train C=101/400  the whole ViFi-CLIP step on 32 clips x 8 frames: all C class prompts through
+                        the text tower (it trains, so they are encoded every step), cross-entropy
+                        over the (B, C) logits, AdamW
+  vifi train, official  the baseline: the same weights and step run as the official code runs them
+                        (OpenAI's model.py layout, nn.MultiheadAttention math, all 77 tokens of
+                        every prompt, every step)
+  vifi eval             the same forward in eval mode: text features come from the cache
+  memory                a training step at 32 frames per clip with and without activation
+                        checkpointing. CUDA: torch.cuda.max_memory_allocated; CPU (Linux): the peak
+                        resident memory (VmHWM, reset through /proc/self/clear_refs), approximate
+                        since malloc may keep freed pages. Both count from before the model is
+                        built: weights, grads, AdamW state, activations
+  data                  clips/s of one worker (one thread, as in a DataLoader worker) on generated
+                        UCF101-like (320x240, 7 s, MPEG-4 AVI) and Kinetics-like (340x256, 10 s,
+                        H.264 MP4) videos: decoding the sampled frames alone vs the training
+                        pipeline (decode + TSN sample + augment, uint8 out)
+  e2e                   tools.py prepare's trade-off on Kinetics-like videos, smooth and textured:
+                        keyframe interval x x264 CRF -> one worker's clips/s at T = 16 against the
+                        original's (the files take turns, medians), bytes, PSNR of the frames
+                        against the original's; DataLoader worker scaling, 1 to all cores, original
+                        and prepared; train.py's own loop (2 epochs of >= 50 steps, the second
+                        timed) over each, against the same loop on clips held in memory. The model:
+                        ViT-B/16 with random weights at micro-batch 32 on a GPU; train.py's small
+                        scratch CLIP on a CPU
+FLOPs are those the code runs, counted from the shapes (image_flops, text_flops); a training step is
+3x the forward (the recompute of checkpointing is not counted, as usual for MFU). MFU divides by the
+peak of a large matmul measured in this run: bf16 on CUDA (what autocast runs the model in), fp32 on
+CPU (the model runs in fp32 there).
 """
 import argparse
 import contextlib
@@ -61,16 +69,18 @@ import tools
 import train
 import vifi
 
-# Sizes of a full run and of --small. Frames = clips x T; mem_* is the memory test at 32 frames per clip.
-# --small has fewer classes: 400 prompts through its text tower would outweigh a step's 8 tiny frames many times over.
+# Sizes of a full run and of --small. Frames = clips x T; mem_* is the memory test at 32 frames per
+# clip. --small has fewer classes: 400 prompts through its text tower would outweigh a step's 8 tiny
+# frames many times over.
 FULL = dict(small=False, res=224, clips=32, T=8, classes=(101, 400), mem_clips=8, mem_T=32, data_T=(8, 32),
             data_size=224, matmul=8192, warmup=3, repeats=10)
 PEAK_REPEATS = 10  # matmuls timed for the peak (at least; --repeats more)
 SMALL = dict(small=True, res=32, clips=2, T=4, classes=(10, 40), mem_clips=2, mem_T=8, data_T=(8, 32),
              data_size=32, matmul=512, warmup=1, repeats=3)
-# --e2e: the trade-off grid of tools.py prepare, (keyframe interval, x264 CRF, fastdecode) on Kinetics-like videos;
-# reads per file and round x rounds; the textured video's noise (grey levels, standard deviation); train.py's loop
-# per device: micro-batch, worker processes, optimizer steps per epoch, input size; clips per worker when scaling.
+# --e2e: the trade-off grid of tools.py prepare, (keyframe interval, x264 CRF, fastdecode) on
+# Kinetics-like videos; reads per file and round x rounds; the textured video's noise (grey levels,
+# standard deviation); train.py's loop per device: micro-batch, worker processes, optimizer steps
+# per epoch, input size; clips per worker when scaling.
 PREPARE_GRID = [(k, q, True) for k in (1, 4, 8, 16) for q in (17, 20, 23)] + [(8, 20, False)]
 TEXTURE = 30
 E2E_GPU = dict(micro_batch=32, workers=os.cpu_count(), steps=50, size=224, clips_per_worker=48)
@@ -78,17 +88,19 @@ E2E_CPU = dict(micro_batch=2, workers=os.cpu_count(), steps=50, size=32, clips_p
 FULL.update(prepare_grid=PREPARE_GRID, prepare_reads=(8, 3))
 SMALL.update(prepare_grid=[(4, 20, True), (8, 20, False)], prepare_reads=(2, 1),
              e2e=dict(micro_batch=2, workers=2, steps=3, clips_per_worker=4))
-# --small's model: train.py's scratch CLIP with CLIP's vocabulary and 77-token context, so that class prompts
-# tokenize and pad as they do for the real models.
+# --small's model: train.py's scratch CLIP with CLIP's vocabulary and 77-token context, so that
+# class prompts tokenize and pad as they do for the real models.
 SMALL_CLIP = dataclasses.replace(train.SCRATCH, vocab_size=clip_model.CLIPConfig().vocab_size, context_length=77)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# FLOPs from shapes (2 per multiply-add). Layer norms, softmax, GELU and residual adds are left out: a few %.
+# FLOPs from shapes (2 per multiply-add). Layer norms, softmax, GELU and residual adds are left out:
+# a few %.
 
 def block_flops(width, tokens, queries):
-    """Forward FLOPs of one block over a sequence of `tokens` tokens of `width` channels whose first `queries`
-    outputs are computed (all of them but in the image tower's last block, which computes the class token alone)."""
+    """Forward FLOPs of one block over a sequence of `tokens` tokens of `width` channels whose first
+    `queries` outputs are computed (all of them but in the image tower's last block, which computes
+    the class token alone)."""
     return (2 * tokens * width * 3 * width               # q, k, v of every token: one packed projection
             + 2 * 2 * queries * tokens * width           # q @ k^T and attention @ v, all heads together
             + 2 * queries * width * width                # output projection
@@ -101,8 +113,9 @@ def transformer_flops(width, layers, tokens):
 
 
 def image_flops(cfg, res):
-    """Forward FLOPs the image tower runs for one frame: patch embedding, the ViT whose last block computes only the
-    class token, the class token's projection. Published counts run every token through every block: ~6% more."""
+    """Forward FLOPs the image tower runs for one frame: patch embedding, the ViT whose last block
+    computes only the class token, the class token's projection. Published counts run every token
+    through every block: ~6% more."""
     patches, w = (res // cfg.patch_size) ** 2, cfg.vision_width
     embed = 2 * patches * 3 * cfg.patch_size ** 2 * w  # the stride-p convolution is a matmul
     head = 2 * w * cfg.embed_dim
@@ -110,8 +123,8 @@ def image_flops(cfg, res):
 
 
 def text_flops(cfg, tokens):
-    """Forward FLOPs of the text tower for one prompt cut after EOT. Causal attention is counted in full; at ~10
-    tokens the attention matmuls are under 1% of the projections."""
+    """Forward FLOPs of the text tower for one prompt cut after EOT. Causal attention is counted in
+    full; at ~10 tokens the attention matmuls are under 1% of the projections."""
     return transformer_flops(cfg.text_width, cfg.text_layers, tokens) + 2 * cfg.text_width * cfg.embed_dim
 
 
@@ -143,7 +156,8 @@ def median_seconds(fn, device, warmup, repeats):
 
 
 def memory(device, peak=False):
-    """Bytes in use now (or at the peak since reset_peak): CUDA's allocator, or on Linux the resident memory."""
+    """Bytes in use now (or at the peak since reset_peak): CUDA's allocator, or on Linux the
+    resident memory."""
     if device.type == "cuda":
         return (torch.cuda.max_memory_allocated if peak else torch.cuda.memory_allocated)(device)
     with contextlib.suppress(OSError, TypeError), open("/proc/self/status") as f:
@@ -181,8 +195,8 @@ class Bench:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         n = cfg["matmul"]
         a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-        # The peak is the fastest of several matmuls, not their median: other work on the machine only ever slows one
-        # down, and a peak measured too low would make every MFU too high.
+        # The peak is the fastest of several matmuls, not their median: other work on the machine
+        # only ever slows one down, and a peak measured too low would make every MFU too high.
         fastest = min(timings(lambda: a @ b, device, cfg["warmup"], max(PEAK_REPEATS, cfg["repeats"])))
         self.peak, self.peak_dtype = 2 * n ** 3 / fastest, str(dtype).removeprefix("torch.")
         self.peak_unreliable = False  # set once a row would exceed the peak
@@ -192,8 +206,8 @@ class Bench:
 
     def add(self, key, label, seconds, frames, flops, peak_bytes=None, **extra):
         mfu = flops / seconds / self.peak
-        # Above 1, the model ran faster than the "peak": that matmul was timed while the machine was busy. The row
-        # gets no MFU, and the summary says that the other rows' are overestimates.
+        # Above 1, the model ran faster than the "peak": that matmul was timed while the machine was
+        # busy. The row gets no MFU, and the summary says that the other rows' are overestimates.
         self.peak_unreliable |= mfu > 1
         r = dict(label=label, ms=1e3 * seconds, frames_per_s=frames / seconds, tflops=flops / seconds / 1e12,
                  mfu=mfu if mfu <= 1 else None, **extra)
@@ -218,8 +232,9 @@ class Bench:
 # Text: class names and their tokenizer
 
 def class_names(n):
-    """n distinct action-like names ('riding horse'). Common English words are one BPE token each, as in real
-    label sets, so the prompts are as long as UCF101's and Kinetics' (~8-10 tokens with the template)."""
+    """n distinct action-like names ('riding horse'). Common English words are one BPE token each,
+    as in real label sets, so the prompts are as long as UCF101's and Kinetics' (~8-10 tokens with
+    the template)."""
     verbs = ("playing riding throwing jumping cutting washing walking climbing swimming dancing eating brushing "
              "juggling kicking lifting making pushing pulling carrying catching").split()
     nouns = ("guitar horse ball rope hair dog bike cake tree water drum piano car snow wall boat fish paper box "
@@ -231,9 +246,10 @@ def class_names(n):
 
 
 class RandomTokens:
-    """Stands in for CLIP's BPE when its vocabulary file is not on this machine (the bench never downloads):
-    one random id per word or punctuation mark, about what BPE gives for common English, so the text tower sees
-    prompts of realistic length. Which ids they are changes nothing in the timing; only the lengths matter."""
+    """Stands in for CLIP's BPE when its vocabulary file is not on this machine (the bench never
+    downloads): one random id per word or punctuation mark, about what BPE gives for common English,
+    so the text tower sees prompts of realistic length. Which ids they are changes nothing in the
+    timing; only the lengths matter."""
 
     def __init__(self, vocab_size):
         self.sot, self.eot, self.rng = vocab_size - 2, vocab_size - 1, random.Random(0)
@@ -275,7 +291,8 @@ def bench_vision(b, clip, compiled):
 
 
 def compile_fresh(module):
-    # Forget earlier graphs: after a model of other shapes, dynamo would recompile this one with dynamic shapes.
+    # Forget earlier graphs: after a model of other shapes, dynamo would recompile this one with
+    # dynamic shapes.
     torch.compiler.reset()
     return torch.compile(module)
 
@@ -289,9 +306,10 @@ def vifi_step(run, opt, video, labels, amp):
 
 
 class OfficialStyle(torch.nn.Module):
-    """The same weights run the way the official code runs them (OpenAI's model.py): sequence-first tensors,
-    nn.MultiheadAttention's math with a float causal mask, and every class prompt re-encoded at all 77 tokens on
-    every step. The baseline of the speed targets; tests check it gives this project's logits."""
+    """The same weights run the way the official code runs them (OpenAI's model.py): sequence-first
+    tensors, nn.MultiheadAttention's math with a float causal mask, and every class prompt
+    re-encoded at all 77 tokens on every step. The baseline of the speed targets; tests check it
+    gives this project's logits."""
 
     def __init__(self, model):
         super().__init__()
@@ -357,8 +375,8 @@ def bench_vifi(b, clip, tok, compiled):
 
 
 def bench_memory(b, tok):
-    """Training steps at mem_T frames per clip. Checkpointing runs first: malloc may keep freed memory, which a
-    later and smaller run would count as its own."""
+    """Training steps at mem_T frames per clip. Checkpointing runs first: malloc may keep freed
+    memory, which a later and smaller run would count as its own."""
     B, T, res, C = b.cfg["mem_clips"], b.cfg["mem_T"], b.cfg["res"], b.cfg["classes"][0]
     free(b.device)
     base = memory(b.device)
@@ -380,9 +398,10 @@ def bench_memory(b, tok):
 
 
 def generated_videos(cfg, folder):
-    """name -> path of the generated videos: UCF101-like (make_test_video's defaults: 175 frames, 320x240, MPEG-4
-    in AVI), Kinetics-like (250 frames, 340x256, H.264 in MP4, x264's default keyframe interval 250, as the common
-    Kinetics copies), and the same with a panning noise texture, harder to compress, as camera footage is."""
+    """name -> path of the generated videos: UCF101-like (make_test_video's defaults: 175 frames,
+    320x240, MPEG-4 in AVI), Kinetics-like (250 frames, 340x256, H.264 in MP4, x264's default
+    keyframe interval 250, as the common Kinetics copies), and the same with a panning noise
+    texture, harder to compress, as camera footage is."""
     small = cfg["small"]
     kinetics = dict(codec="libx264", **(dict(num_frames=50, width=84, height=64) if small else
                                         dict(num_frames=250, width=340, height=256)))
@@ -425,12 +444,14 @@ def bench_data(cfg, videos):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The data path end to end: prepared copies (tools.py prepare), worker scaling, and train.py's own loop
+# The data path end to end: prepared copies (tools.py prepare), worker scaling, and train.py's own
+# loop
 
 def read_rates(paths, T, size, clips, rounds):
-    """clips/s of one worker reading `clips` training clips (decode, TSN sampling, augmentation) from each of `paths`.
-    The files take turns, `rounds` times, and every file gets the same clips: the load of a shared machine then
-    falls alike on all of them, and the median per file is what is compared."""
+    """clips/s of one worker reading `clips` training clips (decode, TSN sampling, augmentation)
+    from each of `paths`. The files take turns, `rounds` times, and every file gets the same clips:
+    the load of a shared machine then falls alike on all of them, and the median per file is what is
+    compared."""
     rates = {p: [] for p in paths}
     with one_thread():
         for r in range(rounds):
@@ -445,7 +466,8 @@ def read_rates(paths, T, size, clips, rounds):
 
 
 def psnr(original, prepared, T=16, clips=4):
-    """dB of the prepared file's frames against the original's, at the frames of `clips` test clips."""
+    """dB of the prepared file's frames against the original's, at the frames of `clips` test
+    clips."""
     with data.VideoReader(original) as video:
         rng = random.Random(0)  # the clips of multi-clip testing, the same for both files
         indices = [i for _ in range(clips) for i in data.sample_indices(len(video), T, True, rng)]
@@ -455,7 +477,8 @@ def psnr(original, prepared, T=16, clips=4):
 
 
 def prepared_copy(src, folder, keyint=None, crf=None, fast_decode=True):
-    """tools.prepare_video with its defaults, or a setting of the trade-off -> (path, seconds to encode)."""
+    """tools.prepare_video with its defaults, or a setting of the trade-off -> (path, seconds to
+    encode)."""
     tag = "default" if keyint is None else f"k{keyint}_crf{crf}{'' if fast_decode else '_nofastdecode'}"
     dst = os.path.join(folder, f"{tag}_{os.path.basename(src)}")
     settings = {} if keyint is None else dict(keyint=keyint, quality={"libx264": crf}, fast_decode=fast_decode)
@@ -465,8 +488,9 @@ def prepared_copy(src, folder, keyint=None, crf=None, fast_decode=True):
 
 
 def bench_prepare(cfg, videos, folder):
-    """The trade-off of preparing Kinetics-like videos: keyframe interval x x264 CRF -> one worker's clips/s at
-    T = 16 against the original's, bytes against the original's, PSNR against the original's frames."""
+    """The trade-off of preparing Kinetics-like videos: keyframe interval x x264 CRF -> one worker's
+    clips/s at T = 16 against the original's, bytes against the original's, PSNR against the
+    original's frames."""
     out = {}
     os.makedirs(folder)
     for name in ("kinetics", "kinetics_textured"):
@@ -482,7 +506,8 @@ def bench_prepare(cfg, videos, folder):
 
 
 def loader_rate(dataset, workers, clips, batch=4):
-    """clips/s of a DataLoader with `workers` worker processes, after each worker's first batch (start-up)."""
+    """clips/s of a DataLoader with `workers` worker processes, after each worker's first batch
+    (start-up)."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch, num_workers=workers, shuffle=True)
     batches = iter(loader)
     for _ in range(workers):
@@ -494,7 +519,8 @@ def loader_rate(dataset, workers, clips, batch=4):
 
 
 def bench_workers(cfg, videos, prepared):
-    """Worker scaling of the training pipeline, 1 ... all cores, on each kind of video, original and prepared."""
+    """Worker scaling of the training pipeline, 1 ... all cores, on each kind of video, original and
+    prepared."""
     out = {}
     counts = sorted({w for w in (1, 2, 4, 8, 16, 32) if w <= os.cpu_count()} | {os.cpu_count()})
     for name, T in (("kinetics", 16), ("ucf101", 8)):
@@ -509,9 +535,10 @@ def bench_workers(cfg, videos, prepared):
 
 @contextlib.contextmanager
 def clips_in_memory():
-    """Every VideoDataset serves, for each path, the first clip it loaded: train.py's loop without decoding or
-    augmenting, the bound that faster files could approach. (DataLoader forks its workers on Linux, so they
-    inherit the patch; under another start method they would decode as usual.)"""
+    """Every VideoDataset serves, for each path, the first clip it loaded: train.py's loop without
+    decoding or augmenting, the bound that faster files could approach. (DataLoader forks its
+    workers on Linux, so they inherit the patch; under another start method they would decode as
+    usual.)"""
     load, cache = data.VideoDataset.load, {}
 
     def cached(self, path, *args):
@@ -526,8 +553,9 @@ def clips_in_memory():
 
 
 def train_loop_rate(path, T, cfg, compiled, folder):
-    """clips/s of train.py's training loop (its DataLoader, normalization, mixup, forward, backward, AdamW) over
-    `path` listed steps x micro-batch times: the second of two epochs (the first pays for start-up)."""
+    """clips/s of train.py's training loop (its DataLoader, normalization, mixup, forward, backward,
+    AdamW) over `path` listed steps x micro-batch times: the second of two epochs (the first pays
+    for start-up)."""
     e, classes = cfg["e2e"], 10
     root, lists = os.path.dirname(path), os.path.join(folder, "lists")
     os.makedirs(lists, exist_ok=True)
@@ -545,8 +573,9 @@ def train_loop_rate(path, T, cfg, compiled, folder):
             "--input-size", str(e["size"]), "--epochs", "2", "--batch-size", str(e["micro_batch"]), "--micro-batch",
             str(e["micro_batch"]), "--workers", str(e["workers"]), "--views", "1x1", "--protocol", "supervised",
             "--out", out]
-    # On a CPU the step runs on one thread and the workers get the other cores: OpenMP's threads crawl when the
-    # cores are oversubscribed. train.py's own output (its table, results path, warnings) is not the benchmark's.
+    # On a CPU the step runs on one thread and the workers get the other cores: OpenMP's threads
+    # crawl when the cores are oversubscribed. train.py's own output (its table, results path,
+    # warnings) is not the benchmark's.
     with one_thread() if e["cpu"] else contextlib.nullcontext(), quiet():
         train.main(train.get_args(argv + ["--compile"] * compiled))
     with open(os.path.join(out, "log.jsonl")) as f:
@@ -555,13 +584,15 @@ def train_loop_rate(path, T, cfg, compiled, folder):
 
 @contextlib.contextmanager
 def quiet():
-    """stdout and stderr (Python's, and warnings) discarded inside; an exception still propagates with its message."""
+    """stdout and stderr (Python's, and warnings) discarded inside; an exception still propagates
+    with its message."""
     with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
         yield
 
 
 def bench_train_loop(cfg, videos, prepared, folder, compiled):
-    """train.py's loop on each kind of video, original and prepared, against the same loop on clips in memory."""
+    """train.py's loop on each kind of video, original and prepared, against the same loop on clips
+    in memory."""
     out = {}
     for name, T in (("kinetics", 16), ("ucf101", 8)):
         with clips_in_memory():
@@ -577,8 +608,9 @@ def bench_train_loop(cfg, videos, prepared, folder, compiled):
 
 
 def e2e_model(cfg, device, folder):
-    """--model for train.py: its small scratch CLIP on a CPU; on a GPU, ViT-B/16 with random weights, saved as a
-    state dict (no download; its prompts need CLIP's BPE vocabulary, cached or at $VIFI_BPE)."""
+    """--model for train.py: its small scratch CLIP on a CPU; on a GPU, ViT-B/16 with random
+    weights, saved as a state dict (no download; its prompts need CLIP's BPE vocabulary, cached or
+    at $VIFI_BPE)."""
     if device.type != "cuda" or cfg["small"]:
         return "scratch"
     path = os.path.join(folder, "vit_b16_random.pt")
@@ -587,8 +619,9 @@ def e2e_model(cfg, device, folder):
 
 
 def bench_e2e(cfg, device, videos, folder, compiled, res, saved):
-    """Trade-off table, worker scaling and train.py's loop into `res`, calling saved() after each. Each has its own
-    subfolder of `folder`: the list dataset indexes the files under its root once, when the first loop runs."""
+    """Trade-off table, worker scaling and train.py's loop into `res`, calling saved() after each.
+    Each has its own subfolder of `folder`: the list dataset indexes the files under its root once,
+    when the first loop runs."""
     e = cfg["e2e"] = {**(E2E_GPU if device.type == "cuda" and not cfg["small"] else E2E_CPU), **cfg.get("e2e", {})}
     e["model"], e["cpu"] = e2e_model(cfg, device, folder), device.type == "cpu"
     res["prepare"] = bench_prepare(cfg, videos, os.path.join(folder, "grid"))
@@ -666,7 +699,8 @@ def print_summary(res):
 
 
 def bench_model(args, device, cfg, results, videos):
-    """Everything but --e2e: the model's steps, memory, one worker's data rates, and whether they add up."""
+    """Everything but --e2e: the model's steps, memory, one worker's data rates, and whether they
+    add up."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN picks its kernels (the official style's conv) once
     b = Bench(device, cfg)
@@ -681,8 +715,9 @@ def bench_model(args, device, cfg, results, videos):
     results["data"] = bench_data(cfg, videos)
     with_ckpt, without = b.rows["memory_ckpt"].get("peak_mb"), b.rows["memory_no_ckpt"].get("peak_mb")
     results["memory_ratio"] = without / with_ckpt if with_ckpt and without else None
-    # Does the pipeline feed training at 32 frames per clip? Workers on every core against the step without
-    # checkpointing (on a CPU those cores also train, so this means something only next to a GPU).
+    # Does the pipeline feed training at 32 frames per clip? Workers on every core against the step
+    # without checkpointing (on a CPU those cores also train, so this means something only next to a
+    # GPU).
     video = f"ucf101_t{max(cfg['data_T'])}"
     per_worker, workers = results["data"][video]["pipeline_clips_per_s"], os.cpu_count()
     train_rate = cfg["mem_clips"] / (b.rows["memory_no_ckpt"]["ms"] / 1e3)

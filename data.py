@@ -1,30 +1,33 @@
-"""Video data for ViFi-CLIP: PyAV decoding, the official frame sampling, clip augmentation in torch, the datasets of
-the paper (UCF101, HMDB51, Kinetics-400/600, Something-Something v2, the official list files) and a synthetic one
-rendered in memory, few-shot / base-to-novel / zero-shot splits, and bad-file handling.
+"""Video data for ViFi-CLIP: PyAV decoding, the official frame sampling, clip augmentation in torch,
+the datasets of the paper (UCF101, HMDB51, Kinetics-400/600, Something-Something v2, the official
+list files) and a synthetic one rendered in memory, few-shot / base-to-novel / zero-shot splits, and
+bad-file handling.
 
-A sample is a dict: "video" uint8, (T, 3, H, W) when training and (V, T, 3, H, W) when testing, V = clips x crops
-views (V = 1 too); "colour" float32 (2, 3, 3), the clip's colour jitter (identity when testing); "label" and "index"
-ints; "failed" str (below). Clips stay uint8 until they reach the device (4x less to copy than float), where the
-consumer calls `normalize(batch["video"], mean, std, colour=batch["colour"])`, which applies the colour jitter
-(see colour_matrix) and the normalization there. Everything else (sampling, crop, resize, flip) happens in the
-DataLoader workers. CLIP_MEAN/CLIP_STD and IMAGENET_MEAN/IMAGENET_STD are on the 0-1 scale, as published;
-`normalize` rescales. The official ViFi-CLIP checkpoints were trained with ImageNet's constants, so evaluating
+A sample is a dict: "video" uint8, (T, 3, H, W) when training and (V, T, 3, H, W) when testing, V =
+clips x crops views (V = 1 too); "colour" float32 (2, 3, 3), the clip's colour jitter (identity when
+testing); "label" and "index" ints; "failed" str (below). Clips stay uint8 until they reach the
+device (4x less to copy than float), where the consumer calls `normalize(batch["video"], mean, std,
+colour=batch["colour"])`, which applies the colour jitter (see colour_matrix) and the normalization
+there. Everything else (sampling, crop, resize, flip) happens in the DataLoader workers.
+CLIP_MEAN/CLIP_STD and IMAGENET_MEAN/IMAGENET_STD are on the 0-1 scale, as published; `normalize`
+rescales. The official ViFi-CLIP checkpoints were trained with ImageNet's constants, so evaluating
 them needs those.
 
-Bad files. A video that cannot be read (missing, empty, truncated, not a video, undecodable) raises VideoError.
-A training set then loads the next index instead, up to `max_retries` in a row; a test set returns a black clip
-with label -1, which evaluation leaves out (a replacement would count its neighbour twice). The sample carries
-"index" of the video actually loaded and "failed": one line "path: reason" per unreadable video ("" when none).
-DataLoader workers are separate processes, so no counter inside the dataset would reach the trainer: the
-failures travel in the batches, and the consumer counts and reports them (engine.FailureLog).
+Bad files. A video that cannot be read (missing, empty, truncated, not a video, undecodable) raises
+VideoError. A training set then loads the next index instead, up to `max_retries` in a row; a test
+set returns a black clip with label -1, which evaluation leaves out (a replacement would count its
+neighbour twice). The sample carries "index" of the video actually loaded and "failed": one line
+"path: reason" per unreadable video ("" when none). DataLoader workers are separate processes, so no
+counter inside the dataset would reach the trainer: the failures travel in the batches, and the
+consumer counts and reports them (engine.FailureLog).
 
-Datasets are found by file name anywhere under --root (one os.walk per root, cached), so official layouts and
-flattened copies both work; see LAYOUTS. Videos listed but absent (common in Kinetics) are skipped at
-construction and counted in `dataset.missing`. The paper's protocols read the official repository's list files
-with the list dataset (protocols.py); splits can also be drawn from a dataset's own lists (few_shot,
-base_novel_classes + subset_classes, k600_novel_subset); write_list saves any split in the official list format.
-Checking a copy of a dataset, preparing one for fast decoding and writing the synthetic set as files is tools.py's
-command line.
+Datasets are found by file name anywhere under --root (one os.walk per root, cached), so official
+layouts and flattened copies both work; see LAYOUTS. Videos listed but absent (common in Kinetics)
+are skipped at construction and counted in `dataset.missing`. The paper's protocols read the
+official repository's list files with the list dataset (protocols.py); splits can also be drawn from
+a dataset's own lists (few_shot, base_novel_classes + subset_classes, k600_novel_subset); write_list
+saves any split in the official list format. Checking a copy of a dataset, preparing one for fast
+decoding and writing the synthetic set as files is tools.py's command line.
 """
 
 import bisect
@@ -56,9 +59,9 @@ NORMS = {"clip": (CLIP_MEAN, CLIP_STD), "imagenet": (IMAGENET_MEAN, IMAGENET_STD
 VIDEO_EXTENSIONS = (".avi", ".mp4", ".webm", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv")
 
 
-# Frame sizes a video may have: below 16 pixels a side there is no picture to crop (a 1x1 frame scaled up to the
-# short side 256 is one colour); over 16384 (16K video is 15360 wide) or a long side over 8 times the short one, the
-# decoder's own frames or the scaled ones would take gigabytes.
+# Frame sizes a video may have: below 16 pixels a side there is no picture to crop (a 1x1 frame
+# scaled up to the short side 256 is one colour); over 16384 (16K video is 15360 wide) or a long
+# side over 8 times the short one, the decoder's own frames or the scaled ones would take gigabytes.
 MIN_SIDE, MAX_SIDE, MAX_ASPECT = 16, 16384, 8
 
 
@@ -67,12 +70,13 @@ class VideoError(Exception):
 
 
 class DatasetError(Exception):
-    """The dataset or its settings are wrong: a missing annotation file, no videos under --root, too many bad files,
-    test views that are not CLIPSxCROPS."""
+    """The dataset or its settings are wrong: a missing annotation file, no videos under --root, too
+    many bad files, test views that are not CLIPSxCROPS."""
 
     def __init__(self, message=""):
-        # Raised in a DataLoader worker process, it reaches the main process rebuilt by torch (ExceptionWrapper) with
-        # the worker's whole traceback as its message; keep the original message alone, the one line users read.
+        # Raised in a DataLoader worker process, it reaches the main process rebuilt by torch
+        # (ExceptionWrapper) with the worker's whole traceback as its message; keep the original
+        # message alone, the one line users read.
         if message.startswith(f"Caught {type(self).__name__} in DataLoader worker"):
             message = message.rstrip().rsplit(f"{type(self).__name__}: ", 1)[-1]
         super().__init__(message)
@@ -82,13 +86,14 @@ class DatasetError(Exception):
 # Sampling and decoding
 
 def sample_indices(num_frames, num_segments, train, rng=random):
-    """The official frame sampling: mmaction's SampleFrames with clip_len 1 and num_clips T, as the official
-    datasets/pipeline.py runs it. train=True (_get_train_clips, used for training and for each clip of multi-clip
-    testing): N // T frames per segment and one random frame of each, so the last N mod T frames are never used
-    and T <= N < 2T gives exactly 0..T-1; a video shorter than T frames takes round(i * N / T) (half to even, as
-    np.around), wrapped modulo N as its 'loop' option does. train=False (_get_test_clips): the frame
-    int(i * N / T + N / T / 2) of each fractional segment. Python's `random` by default: DataLoader seeds it
-    differently in every worker."""
+    """The official frame sampling: mmaction's SampleFrames with clip_len 1 and num_clips T, as the
+    official datasets/pipeline.py runs it. train=True (_get_train_clips, used for training and for
+    each clip of multi-clip testing): N // T frames per segment and one random frame of each, so the
+    last N mod T frames are never used and T <= N < 2T gives exactly 0..T-1; a video shorter than T
+    frames takes round(i * N / T) (half to even, as np.around), wrapped modulo N as its 'loop'
+    option does. train=False (_get_test_clips): the frame int(i * N / T + N / T / 2) of each
+    fractional segment. Python's `random` by default: DataLoader seeds it differently in every
+    worker."""
     assert num_frames >= 1
     if not train:
         length = num_frames / num_segments
@@ -117,14 +122,14 @@ def _video_errors(path, what):
 
 
 class VideoReader:
-    """An open video whose first video stream is demuxed into memory at once (compressed: a few MB for a
-    dataset clip), then decoded only as far as `read` needs.
+    """An open video whose first video stream is demuxed into memory at once (compressed: a few MB
+    for a dataset clip), then decoded only as far as `read` needs.
 
-    Demuxing costs ~1% of decoding and gives what the headers may not: the exact frame count (WebM stores
-    none), each frame's index as the rank of its timestamp (B-frames arrive out of order), and where the
-    keyframes are, so `read` skips to the keyframe before a wanted frame when one lies ahead of the decoder.
-    Threading: one decoder thread. Frame threading can hang when decoding stops before the end with torch
-    loaded, and the DataLoader workers already use every core.
+    Demuxing costs ~1% of decoding and gives what the headers may not: the exact frame count (WebM
+    stores none), each frame's index as the rank of its timestamp (B-frames arrive out of order),
+    and where the keyframes are, so `read` skips to the keyframe before a wanted frame when one lies
+    ahead of the decoder. Threading: one decoder thread. Frame threading can hang when decoding
+    stops before the end with torch loaded, and the DataLoader workers already use every core.
     """
 
     def __init__(self, path):
@@ -163,9 +168,10 @@ class VideoReader:
                                                 if p.is_keyframe and pos > 0])
 
     def _check_complete(self, stamps):
-        """Refuse a file cut short (a broken download): its frames must span 90 % of the time the header declares
-        (headers a little off are common; half a file is not). Time, not a frame count, since the headers are only
-        hints: a variable-rate video's count from duration x average rate can be 100 times the frames it holds."""
+        """Refuse a file cut short (a broken download): its frames must span 90 % of the time the
+        header declares (headers a little off are common; half a file is not). Time, not a frame
+        count, since the headers are only hints: a variable-rate video's count from duration x
+        average rate can be 100 times the frames it holds."""
         declared, covered, unit = self.stream.frames, len(self.packets), "frames"  # without timestamps: counts
         duration = (self.stream.duration * self.stream.time_base if self.stream.duration else
                     self.container.duration / av.time_base if self.container.duration else None)
@@ -180,9 +186,9 @@ class VideoReader:
         return len(self.packets)
 
     def _decode(self, keyframe, want=None):
-        """Yield (frame index, frame) from a (frame index, packet position) keyframe on. With `want` (a set of
-        indices), frames that no other frame refers to (MPEG-4's B-frames, some of H.264's) are dropped unread
-        unless wanted."""
+        """Yield (frame index, frame) from a (frame index, packet position) keyframe on. With `want`
+        (a set of indices), frames that no other frame refers to (MPEG-4's B-frames, some of
+        H.264's) are dropped unread unless wanted."""
         codec = self.stream.codec_context
         codec.flush_buffers()  # forget the frames of an earlier position
         codec.skip_frame = "DEFAULT"
@@ -195,11 +201,11 @@ class VideoReader:
                 yield index, frame
 
     def read(self, indices, short_side=None):
-        """Frames at `indices` (any order, repeats allowed) -> uint8 (len(indices), 3, H, W). With `short_side`,
-        each frame is scaled while it is decoded so that its short side has that length, the official pipeline's
-        first step (see _rgb); else it keeps its size. Only the wanted frames are converted to RGB; a wanted frame
-        that never decodes (a dropped frame, a short tail) is replaced by the next one that does, or at the end by
-        the last one."""
+        """Frames at `indices` (any order, repeats allowed) -> uint8 (len(indices), 3, H, W). With
+        `short_side`, each frame is scaled while it is decoded so that its short side has that
+        length, the official pipeline's first step (see _rgb); else it keeps its size. Only the
+        wanted frames are converted to RGB; a wanted frame that never decodes (a dropped frame, a
+        short tail) is replaced by the next one that does, or at the end by the last one."""
         want = set(indices)
         got = {}
         starts = [k[0] for k in self.keyframes]
@@ -231,8 +237,9 @@ class VideoReader:
         return video.permute(0, 3, 1, 2)  # (T, H, W, 3) -> (T, 3, H, W), a view: memory stays channels-last
 
     def _output_size(self, frame, short_side):
-        """(height, width) of the frames read returns: the frame's own, or its short side scaled to `short_side`
-        and the other rounded as mmaction's Resize(scale=(-1, S)) rounds it, int(side * S / short + 0.5)."""
+        """(height, width) of the frames read returns: the frame's own, or its short side scaled to
+        `short_side` and the other rounded as mmaction's Resize(scale=(-1, S)) rounds it, int(side *
+        S / short + 0.5)."""
         height, width = frame.height, frame.width
         if short_side is None:
             return height, width
@@ -240,11 +247,12 @@ class VideoReader:
         return int(height * scale + 0.5), int(width * scale + 0.5)
 
     def _rgb(self, frame, size):
-        """A decoded frame -> uint8 (height, width, 3) at `size`. The official pipeline scales with OpenCV's bilinear
-        filter without antialiasing (cv2.INTER_LINEAR); torch's interpolate(antialias=False) computes the same,
-        within one level. A frame over 4 times the output size is first reduced to 4 times it by FFmpeg's area
-        filter, in the conversion to RGB: memory then follows the size asked for, not the source's (README:
-        deliberate differences)."""
+        """A decoded frame -> uint8 (height, width, 3) at `size`. The official pipeline scales with
+        OpenCV's bilinear filter without antialiasing (cv2.INTER_LINEAR); torch's
+        interpolate(antialias=False) computes the same, within one level. A frame over 4 times the
+        output size is first reduced to 4 times it by FFmpeg's area filter, in the conversion to
+        RGB: memory then follows the size asked for, not the source's (README: deliberate
+        differences)."""
         h, w = frame.height, frame.width
         if not (MIN_SIDE <= min(h, w) and max(h, w) <= MAX_SIDE and max(h, w) <= MAX_ASPECT * min(h, w)):
             raise VideoError(f"{self.path}: frames of {w}x{h} pixels; expected {MIN_SIDE} to {MAX_SIDE} pixels a "
@@ -276,8 +284,9 @@ def read_frames(path, indices, short_side=None):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Augmentation: every view is a box of the frames as read (short side already scaled, see VideoDataset.load), resized
-# to (size, size), maybe flipped, and a colour matrix for the device, with the same parameters for every frame.
+# Augmentation: every view is a box of the frames as read (short side already scaled, see
+# VideoDataset.load), resized to (size, size), maybe flipped, and a colour matrix for the device,
+# with the same parameters for every frame.
 
 @dataclass
 class View:
@@ -291,13 +300,14 @@ CROP_SCALES = (1, 0.875, 0.75, 0.66)
 
 
 def train_view(height, width, rng=random):
-    """The official training augmentation (mmaction's MultiScaleCrop, then the rest), on frames whose short side
-    is already 256/224 of the input size (VideoDataset.load): a crop of the short side times two scales of
-    CROP_SCALES at most one step apart (width and height), at a corner or the centre, placed in steps of a quarter
-    of the room left, as the official code rounds them; resized later to the input size without keeping the
-    aspect ratio; flip p=0.5; colour jitter p=0.8 with brightness .4, contrast .4, saturation .2, hue .1 in a
-    random order; grayscale p=0.2. (The official code also rounds a crop within 3 pixels of the input size to it:
-    never the case at 224 or 336.)"""
+    """The official training augmentation (mmaction's MultiScaleCrop, then the rest), on frames
+    whose short side is already 256/224 of the input size (VideoDataset.load): a crop of the short
+    side times two scales of CROP_SCALES at most one step apart (width and height), at a corner or
+    the centre, placed in steps of a quarter of the room left, as the official code rounds them;
+    resized later to the input size without keeping the aspect ratio; flip p=0.5; colour jitter
+    p=0.8 with brightness .4, contrast .4, saturation .2, hue .1 in a random order; grayscale p=0.2.
+    (The official code also rounds a crop within 3 pixels of the input size to it: never the case at
+    224 or 336.)"""
     side = min(height, width)
     pairs = [(a, b) for i, a in enumerate(CROP_SCALES) for j, b in enumerate(CROP_SCALES) if abs(i - j) <= 1]
     scale_h, scale_w = rng.choice(pairs)
@@ -313,7 +323,8 @@ def train_view(height, width, rng=random):
 
 
 def parse_views(text):
-    """'4x3' -> (4, 3): CLIPS clips in time x CROPS crops (1 or 3, what test_views makes) of each test video."""
+    """'4x3' -> (4, 3): CLIPS clips in time x CROPS crops (1 or 3, what test_views makes) of each
+    test video."""
     clips, _, crops = text.partition("x")
     if not (clips.isdigit() and int(clips) > 0 and crops in ("1", "3")):
         raise DatasetError(f"--views {text!r}: expected CLIPSxCROPS with CROPS 1 or 3, e.g. 1x1 or 4x3")
@@ -321,9 +332,10 @@ def parse_views(text):
 
 
 def test_views(height, width, size, crops=1):
-    """The official test crops of `size` pixels, on frames as VideoDataset.load reads them: one centre crop of
-    frames whose short side is 256/224 of `size`, or three square crops along the long side (start, centre, end)
-    of frames whose short side is `size`. Offsets round down, as the official code's."""
+    """The official test crops of `size` pixels, on frames as VideoDataset.load reads them: one
+    centre crop of frames whose short side is 256/224 of `size`, or three square crops along the
+    long side (start, centre, end) of frames whose short side is `size`. Offsets round down, as the
+    official code's."""
     if crops == 1:
         return [View(((height - size) // 2, (width - size) // 2, size, size))]
     assert crops == 3, "crops must be 1 or 3"
@@ -339,14 +351,15 @@ YIQ_TO_RGB = torch.linalg.inv(RGB_TO_YIQ)
 
 
 def colour_matrix(view):
-    """The view's colour jitter and grayscale as one affine map of RGB pixels, x -> A x + B m, where m is the
-    clip's mean colour; returned as float32 (2, 3, 3) [A, B], applied by normalize() on the device.
+    """The view's colour jitter and grayscale as one affine map of RGB pixels, x -> A x + B m, where
+    m is the clip's mean colour; returned as float32 (2, 3, 3) [A, B], applied by normalize() on the
+    device.
 
-    Brightness, saturation, hue and grayscale are linear per pixel; contrast blends with the grey level of the
-    mean of the image so far, which is linear in m. So the chain is one 3x3 matmul, done where it is cheap:
-    on a CPU it would cost as much as decoding. Unlike torchvision, values are clamped once at the end, not
-    after each step, and hue turns colours about the grey axis (a rotation of YIQ's chroma plane by
-    hue x 360 degrees) instead of shifting HSV hue."""
+    Brightness, saturation, hue and grayscale are linear per pixel; contrast blends with the grey
+    level of the mean of the image so far, which is linear in m. So the chain is one 3x3 matmul,
+    done where it is cheap: on a CPU it would cost as much as decoding. Unlike torchvision, values
+    are clamped once at the end, not after each step, and hue turns colours about the grey axis (a
+    rotation of YIQ's chroma plane by hue x 360 degrees) instead of shifting HSV hue."""
     a, b = torch.eye(3, dtype=torch.float64), torch.zeros(3, 3, dtype=torch.float64)
     grey = torch.outer(torch.ones(3, dtype=torch.float64), LUMA)  # every channel <- luma
     for operation, factor in view.jitter:
@@ -368,20 +381,20 @@ def colour_matrix(view):
 
 
 def render(video, view, size):
-    """uint8 (T, 3, H, W) -> uint8 (T, 3, size, size): the view's box, resized, flipped. Memory stays
-    channels-last (free here, and any layout is fine on the device)."""
+    """uint8 (T, 3, H, W) -> uint8 (T, 3, size, size): the view's box, resized, flipped. Memory
+    stays channels-last (free here, and any layout is fine on the device)."""
     top, left, height, width = view.box
-    # OpenCV's bilinear filter without antialiasing, as the official code's (VideoReader._rgb); uint8 in and out:
-    # torch's fast path on CPU
+    # OpenCV's bilinear filter without antialiasing, as the official code's (VideoReader._rgb);
+    # uint8 in and out: torch's fast path on CPU
     out = F.interpolate(video[:, :, top:top + height, left:left + width], size=(size, size), mode="bilinear",
                         antialias=False, align_corners=False)
     return out.flip(-1) if view.flip else out
 
 
 def normalize(video, mean=CLIP_MEAN, std=CLIP_STD, colour=None):
-    """uint8 (..., 3, H, W) -> float32 (..., 3, H, W), (x / 255 - mean) / std, on the device `video` is on.
-    For training batches pass colour=batch["colour"] (B, 2, 3, 3) with video (B, T, 3, H, W): first each clip
-    becomes clamp(A x + B m, 0, 255), m its mean colour (see colour_matrix)."""
+    """uint8 (..., 3, H, W) -> float32 (..., 3, H, W), (x / 255 - mean) / std, on the device `video`
+    is on. For training batches pass colour=batch["colour"] (B, 2, 3, 3) with video (B, T, 3, H, W):
+    first each clip becomes clamp(A x + B m, 0, 255), m its mean colour (see colour_matrix)."""
     x = video.float()
     if colour is not None:
         colour = colour.to(x.device, torch.float32)
@@ -400,8 +413,9 @@ NO_COLOUR = torch.stack([torch.eye(3), torch.zeros(3, 3)])  # colour_matrix of a
 # Datasets
 
 class VideoDataset(Dataset):
-    """Videos as a list of (path, label), with readable `classnames`. Training: one clip (sample_indices), augmented,
-    (T, 3, H, W); testing: `clips` clips x `crops` crops, V views stacked as (V, T, 3, H, W), V = 1 included."""
+    """Videos as a list of (path, label), with readable `classnames`. Training: one clip
+    (sample_indices), augmented, (T, 3, H, W); testing: `clips` clips x `crops` crops, V views
+    stacked as (V, T, 3, H, W), V = 1 included."""
 
     def __init__(self, samples, classnames, frames=8, size=224, train=False, clips=1, crops=1, root=None,
                  missing=(), max_retries=10):
@@ -413,14 +427,15 @@ class VideoDataset(Dataset):
         return len(self.samples)
 
     def load(self, path, rng=random):
-        """One video -> (uint8 views (V, T, 3, size, size), colour (2, 3, 3) for normalize()); random choices
-        (training frames and view) from `rng`."""
+        """One video -> (uint8 views (V, T, 3, size, size), colour (2, 3, 3) for normalize());
+        random choices (training frames and view) from `rng`."""
         clips = 1 if self.train else self.clips
-        # the official first step, mmaction's Resize(scale=(-1, S)): the short side to S = 256/224 of the input
-        # size (256 for 224), or to the input size itself for three test crops
+        # the official first step, mmaction's Resize(scale=(-1, S)): the short side to S = 256/224
+        # of the input size (256 for 224), or to the input size itself for three test crops
         short_side = self.size if not self.train and self.crops == 3 else int(self.size * 256 / 224)
         with VideoReader(path) as reader:
-            # several test clips: the official code draws each as a training clip (SampleFrames' multiview)
+            # several test clips: the official code draws each as a training clip (SampleFrames'
+            # multiview)
             picks = [sample_indices(len(reader), self.frames, self.train or clips > 1, rng) for _ in range(clips)]
             decoded = reader.read([i for pick in picks for i in pick], short_side)
         videos = decoded.unflatten(0, (clips, self.frames))  # (N*T, 3, H, W) -> (N, T, 3, H, W)
@@ -432,11 +447,13 @@ class VideoDataset(Dataset):
         return torch.stack([render(video, view, self.size) for video in videos for view in views]), NO_COLOUR
 
     def __getitem__(self, key):
-        """key: an index, or (index, draw): then the sample's random choices come from random.Random(draw) alone
-        (testing: from the index, so multi-clip testing draws the same clips in every evaluation),
-        the same in whichever worker process loads it (engine.EpochSampler passes 'seed/epoch/index', so a resumed
-        run draws what the uninterrupted one drew). An unreadable video is replaced by the next one when training;
-        when testing it comes back as a black clip with label -1, to be left out of the counts (module docstring)."""
+        """key: an index, or (index, draw): then the sample's random choices come from
+        random.Random(draw) alone (testing: from the index, so multi-clip testing draws the same
+        clips in every evaluation), the same in whichever worker process loads it
+        (engine.EpochSampler passes 'seed/epoch/index', so a resumed run draws what the
+        uninterrupted one drew). An unreadable video is replaced by the next one when training; when
+        testing it comes back as a black clip with label -1, to be left out of the counts (module
+        docstring)."""
         index, draw = key if isinstance(key, tuple) else (key, None)
         if draw is None and not self.train:  # the random clips of multi-clip testing: the same in every evaluation
             draw = f"test/{index}"
@@ -492,8 +509,9 @@ HOMES = {"ucf101": "https://www.crcv.ucf.edu/data/UCF101.php",
 
 
 def check_root(name, root):
-    """A dataset's folder exists and holds videos: checked first, so a missing copy costs no download. The error
-    says where it looked, the layout expected, where the dataset is published and how to check a copy."""
+    """A dataset's folder exists and holds videos: checked first, so a missing copy costs no
+    download. The error says where it looked, the layout expected, where the dataset is published
+    and how to check a copy."""
     if root and os.path.isdir(root) and _video_files(root):
         return
     found = "holds no video files" if root and os.path.isdir(root) else "is not a folder"
@@ -511,7 +529,8 @@ def _annotation(root, candidates):
 
 
 def _text(path):
-    """A list, label or annotation file's text, which must be UTF-8 (a byte-order mark is skipped)."""
+    """A list, label or annotation file's text, which must be UTF-8 (a byte-order mark is
+    skipped)."""
     if os.path.isdir(path):
         raise DatasetError(f"{path} is a folder; expected a text file")
     try:
@@ -530,14 +549,15 @@ def _lines(path):
 
 
 def _number(text):
-    """A non-negative integer in ASCII digits, else None: str.isdigit() also takes '²', which int() refuses, and
-    int() takes '٣', ' 3' and '1_0', none of which a list file means as a label."""
+    """A non-negative integer in ASCII digits, else None: str.isdigit() also takes '²', which int()
+    refuses, and int() takes '٣', ' 3' and '1_0', none of which a list file means as a label."""
     return int(text) if text.isascii() and text.isdigit() else None
 
 
 @functools.lru_cache(maxsize=16)
 def _video_files(root):
-    """Every video under root by file name and by name without extension (one walk per root, cached)."""
+    """Every video under root by file name and by name without extension (one walk per root,
+    cached)."""
     found = {}
     for folder, _, names in os.walk(root):
         for name in names:
@@ -553,8 +573,8 @@ def _ucf101(root, train, fold):
     classes = [line.split(maxsplit=1)[1] for line in _lines(classind)]
     label_of = {name.lower(): i for i, name in enumerate(classes)}
     listed = _annotation(folder, [f"{'trainlist' if train else 'testlist'}{fold:02d}.txt"])
-    # testlist lines carry no label: the class folder gives it (matched without case: HandstandPushups); file
-    # names may hold spaces, so only a trailing label is split off
+    # testlist lines carry no label: the class folder gives it (matched without case:
+    # HandstandPushups); file names may hold spaces, so only a trailing label is split off
     paths = [line.rsplit(maxsplit=1)[0] if train else line for line in _lines(listed)]
     entries = [(path, label_of[path.split("/")[0].lower()]) for path in paths]
     return entries, classes
@@ -595,8 +615,9 @@ def _ssv2(root, train, fold):
 
 
 def read_labels(path, plain=False):
-    """An 'id,name' CSV (the official label files, or train.py's own) -> class names in id order, verbatim. With
-    plain=True, a file that does not start with that header is one class name per line."""
+    """An 'id,name' CSV (the official label files, or train.py's own) -> class names in id order,
+    verbatim. With plain=True, a file that does not start with that header is one class name per
+    line."""
     text = _text(path)
     reader = csv.reader(io.StringIO(text))
     rows = [(reader.line_num, row) for row in reader]  # line_num: the row's last line (a quoted name may span two)
@@ -642,9 +663,10 @@ def _list(list_file, labels_file):
 
 def build_dataset(name, root=None, split="train", fold=1, frames=8, size=224, train=None, clips=1, crops=1,
                   list_file=None, labels_file=None, seed=0):
-    """A VideoDataset: name is one of LAYOUTS or 'synthetic' (no root; `seed` picks its clips); split 'train' or
-    'test' (the validation set of Kinetics and SSv2); fold 1-3 for UCF101 and HMDB51; train: sample randomly
-    and augment (default: split == 'train'); clips x crops test views."""
+    """A VideoDataset: name is one of LAYOUTS or 'synthetic' (no root; `seed` picks its clips);
+    split 'train' or 'test' (the validation set of Kinetics and SSv2); fold 1-3 for UCF101 and
+    HMDB51; train: sample randomly and augment (default: split == 'train'); clips x crops test
+    views."""
     train = split == "train" if train is None else train
     if name == "synthetic":
         return SyntheticVideos(split, frames, size, seed=seed, clips=clips, crops=crops, train=train)
@@ -673,10 +695,12 @@ def build_dataset(name, root=None, split="train", fold=1, frames=8, size=224, tr
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Splits drawn from a dataset's own lists (--splits native): not the paper's, but seeded and written out
+# Splits drawn from a dataset's own lists (--splits native): not the paper's, but seeded and written
+# out
 
 def few_shot(dataset, shots, seed):
-    """`shots` videos per class (all of a class that has fewer), drawn with `seed`, in the list's order."""
+    """`shots` videos per class (all of a class that has fewer), drawn with `seed`, in the list's
+    order."""
     rng = random.Random(seed)
     by_class = {}
     for position, (_, label) in enumerate(dataset.samples):
@@ -686,8 +710,8 @@ def few_shot(dataset, shots, seed):
 
 
 def base_novel_classes(train_dataset):
-    """(base, novel) class ids: base is the half (rounded up) of the classes with the most training videos,
-    ties broken by class id, as in the paper's base-to-novel protocol."""
+    """(base, novel) class ids: base is the half (rounded up) of the classes with the most training
+    videos, ties broken by class id, as in the paper's base-to-novel protocol."""
     counts = [0] * len(train_dataset.classnames)
     for _, label in train_dataset.samples:
         counts[label] += 1
@@ -704,17 +728,18 @@ def subset_classes(dataset, class_ids):
 
 
 def k600_novel_subset(k600_dataset, k400_classnames, seed, size=160):
-    """Zero-shot on Kinetics-600: `size` classes drawn with `seed` (1, 2, 3 in the paper) among those whose
-    name is not a Kinetics-400 class."""
+    """Zero-shot on Kinetics-600: `size` classes drawn with `seed` (1, 2, 3 in the paper) among
+    those whose name is not a Kinetics-400 class."""
     known = {name.lower() for name in k400_classnames}
     novel = [c for c, name in enumerate(k600_dataset.classnames) if name.lower() not in known]
     return subset_classes(k600_dataset, sorted(random.Random(seed).sample(novel, min(size, len(novel)))))
 
 
 def write_list(dataset, list_file, labels_file=None):
-    """Write the samples in the official list format ('path label', relative to the root) so that a run's split
-    can be reused with build_dataset('list', ...); with labels_file, also the 'id,name' CSV. Each is written whole
-    through archive.replacing (imported here: the rest of data.py needs nothing of the project)."""
+    """Write the samples in the official list format ('path label', relative to the root) so that a
+    run's split can be reused with build_dataset('list', ...); with labels_file, also the 'id,name'
+    CSV. Each is written whole through archive.replacing (imported here: the rest of data.py needs
+    nothing of the project)."""
     import archive
     with archive.replacing(list_file) as f:
         for path, label in dataset.samples:
@@ -733,9 +758,10 @@ SYNTH_MOTIONS = ("moving up", "moving down")
 
 
 def synthetic_classes():
-    """Class names 'colour shape motion'. Base classes first (ids 0-8): each colour-shape pair with one motion;
-    then novel ones (9-17): the same pairs with the other motion, so every word of a novel class was seen in
-    training. Equal counts per class make base_novel_classes() pick exactly the base ids."""
+    """Class names 'colour shape motion'. Base classes first (ids 0-8): each colour-shape pair with
+    one motion; then novel ones (9-17): the same pairs with the other motion, so every word of a
+    novel class was seen in training. Equal counts per class make base_novel_classes() pick exactly
+    the base ids."""
     combos = [(c, s, m) for c in range(len(SYNTH_COLOURS)) for s in range(len(SYNTH_SHAPES))
               for m in range(len(SYNTH_MOTIONS))]
     combos.sort(key=lambda x: (x[2] != (x[0] + x[1]) % len(SYNTH_MOTIONS), x))
@@ -743,10 +769,10 @@ def synthetic_classes():
 
 
 def render_synthetic(classname, key, frames, size):
-    """One clip of `classname`, uint8 (T, 3, size, size), fully determined by the string `key`. A shape of the
-    class's colour moves up or down over a noisy grey background, with a thin fading tail behind it: ViFi-CLIP
-    averages frame embeddings, which loses frame order, so the direction must show in every single frame, as
-    motion blur does in real video."""
+    """One clip of `classname`, uint8 (T, 3, size, size), fully determined by the string `key`. A
+    shape of the class's colour moves up or down over a noisy grey background, with a thin fading
+    tail behind it: ViFi-CLIP averages frame embeddings, which loses frame order, so the direction
+    must show in every single frame, as motion blur does in real video."""
     colour_name, shape, motion = classname.split(" ", 2)
     seed = zlib.crc32(key.encode())  # not hash(): that changes between processes
     rng = random.Random(seed)
@@ -777,10 +803,10 @@ def render_synthetic(classname, key, frames, size):
 
 
 class SyntheticVideos(VideoDataset):
-    """Rendered on the fly, no files: `per_class` clips of each of synthetic_classes() per split. Samples are
-    (key, label) with key 'split/class id/number', so few_shot() and subset_classes() apply as to real data.
-    Clips are returned as rendered (no augmentation: a flip would not change the class, but colour jitter
-    would); test views repeat the clip."""
+    """Rendered on the fly, no files: `per_class` clips of each of synthetic_classes() per split.
+    Samples are (key, label) with key 'split/class id/number', so few_shot() and subset_classes()
+    apply as to real data. Clips are returned as rendered (no augmentation: a flip would not change
+    the class, but colour jitter would); test views repeat the clip."""
 
     def __init__(self, split="train", frames=8, size=32, per_class=None, seed=0, clips=1, crops=1, train=None):
         per_class = per_class or (64 if split == "train" else 16)

@@ -1,29 +1,33 @@
-"""The dataset command line: check a copy of a dataset, re-encode one so that it decodes fast, write the synthetic
-set as video files, and set finished runs beside the paper's numbers. None of this is on a clip's way from its file
-to the logits (that is data.py); it works on the files themselves.
+"""The dataset command line: check a copy of a dataset, re-encode one so that it decodes fast, write
+the synthetic set as video files, and set finished runs beside the paper's numbers. None of this is
+on a clip's way from its file to the logits (that is data.py); it works on the files themselves.
 
-    python tools.py check --dataset ucf101 --root DIR [--shots 8]  # per list train.py reads: missing, unreadable;
-                                                                   # exit 1 if any, 2 for a wrong root or flags
-    python tools.py prepare --dataset k400 --root DIR --out FAST   # a copy with a keyframe every 8 frames,
-                                                                   # then train with --root FAST
-    python tools.py synth-ucf DIR [--frames 8 --size 32]           # the synthetic set as UCF101-style AVI files
-    python tools.py table RUN_DIR... [--out DIR]                   # the paper's table: ours, the paper's, the
-                                                                   # difference; also table.md and table.csv
+    python tools.py check --dataset ucf101 --root DIR [--shots 8]
+        # per list train.py reads: missing, unreadable; exit 1 if any, 2 for a wrong root or flags
+    python tools.py prepare --dataset k400 --root DIR --out FAST
+        # a copy with a keyframe every 8 frames, then train with --root FAST
+    python tools.py synth-ucf DIR [--frames 8 --size 32]
+        # the synthetic set as UCF101-style AVI files
+    python tools.py table RUN_DIR... [--out DIR]
+        # the paper's table: ours, the paper's, the difference; also table.md and table.csv
 
-check     reads the lists train.py reads with the same data flags (protocols.py picks them: the official lists by
-          default, every one of the dataset's when no flag names a protocol), decodes the first and the last frame
-          of every video found once, in parallel, and prints per list the videos listed, found, missing and
-          unreadable, with the first names.
-prepare   re-encodes every video the dataset lists (all splits and folds) into --out under the same relative
-          path: a short keyframe interval, so a clip's segments decode from a near keyframe instead of from the
-          start of a long group of pictures, and x264's fastdecode tuning (README: the trade-off, measured). Other
-          files under --root (annotations) are copied, so `--root FAST` works with every command. Resumable.
-synth-ucf writes data.SyntheticVideos' clips as MPEG-4 AVI files with UCF101's folders and list files, so the
-          file path (decoding, parsing UCF101's lists) can be tried end to end without a download.
-table     reads the results.json of finished runs and lays them out as the paper's tables do, beside the paper's
-          numbers, marking what in a run is not the paper's (splits, seeds, settings).
+check     reads the lists train.py reads with the same data flags (protocols.py picks them: the
+          official lists by default, every one of the dataset's when no flag names a protocol),
+          decodes the first and the last frame of every video found once, in parallel, and prints
+          per list the videos listed, found, missing and unreadable, with the first names.
+prepare   re-encodes every video the dataset lists (all splits and folds) into --out under the same
+          relative path: a short keyframe interval, so a clip's segments decode from a near keyframe
+          instead of from the start of a long group of pictures, and x264's fastdecode tuning
+          (README: the trade-off, measured). Other files under --root (annotations) are copied, so
+          `--root FAST` works with every command. Resumable.
+synth-ucf writes data.SyntheticVideos' clips as MPEG-4 AVI files with UCF101's folders and list
+          files, so the file path (decoding, parsing UCF101's lists) can be tried end to end without
+          a download.
+table     reads the results.json of finished runs and lays them out as the paper's tables do, beside
+          the paper's numbers, marking what in a run is not the paper's (splits, seeds, settings).
 
-Also here for the tests and bench.py: make_test_video, a generated video whose frames show their own index.
+Also here for the tests and bench.py: make_test_video, a generated video whose frames show their
+own index.
 """
 
 import argparse
@@ -54,7 +58,8 @@ import vifi
 # check
 
 def _probe(path):
-    """'' if the first and last frames of `path` decode, else the reason (a frame size training cannot use too)."""
+    """'' if the first and last frames of `path` decode, else the reason (a frame size training
+    cannot use too)."""
     try:
         with data.VideoReader(path) as video:
             video.read([0, len(video) - 1], short_side=256)  # scaled as training reads them: memory stays small
@@ -63,17 +68,18 @@ def _probe(path):
         return str(error)
 
 
-# Without a flag that names a protocol, check reads every list the paper has for the dataset: these protocols, each
-# skipped where the paper has no split of it (protocols.official_files says which).
+# Without a flag that names a protocol, check reads every list the paper has for the dataset: these
+# protocols, each skipped where the paper has no split of it (protocols.official_files says which).
 ALL_LISTS = ([dict(protocol="few-shot", shots=k) for k in protocols.OFFICIAL_SHOTS] +
              [dict(protocol="base-novel", seed=s) for s in (1, 2, 3)] +
              [dict(protocol="zero-shot", eval_only=True), dict(protocol="supervised", eval_only=False)])
 
 
 def check_lists(args):
-    """{list name: VideoDataset, or the DatasetError that reading it raised} of what train.py reads with these
-    flags: the official list files (train.py's default for the paper's datasets; all of the dataset's when no flag
-    names a protocol), or with --splits native / --dataset list the dataset's own lists."""
+    """{list name: VideoDataset, or the DatasetError that reading it raised} of what train.py reads
+    with these flags: the official list files (train.py's default for the paper's datasets; all of
+    the dataset's when no flag names a protocol), or with --splits native / --dataset list the
+    dataset's own lists."""
     named = args.protocol or args.shots or args.base_novel or args.eval_datasets or args.eval_only
     protocols.resolve(args)
     protocols.check_data(args)
@@ -114,8 +120,9 @@ def _names(items, first=3):
 
 
 def check(args):
-    """Per list train.py reads: videos listed, found, missing, unreadable (counts and the first names). Returns the
-    exit code: 1 if a video is missing or unreadable or a list cannot be read, 2 for wrong flags, root or splits."""
+    """Per list train.py reads: videos listed, found, missing, unreadable (counts and the first
+    names). Returns the exit code: 1 if a video is missing or unreadable or a list cannot be read, 2
+    for wrong flags, root or splits."""
     try:
         with warnings.catch_warnings():  # build_dataset's warning about missing videos: the report below says it
             warnings.simplefilter("ignore")
@@ -124,8 +131,9 @@ def check(args):
         print(f"error: {error}", file=sys.stderr)
         return 2
     paths = sorted({path for ds in sets.values() if isinstance(ds, data.VideoDataset) for path, _ in ds.samples})
-    # each video decoded once, however many lists name it; one torch thread per process, as in DataLoader workers:
-    # a forked child entering OpenMP after the parent used it can hang (the probe scales frames with torch)
+    # each video decoded once, however many lists name it; one torch thread per process, as in
+    # DataLoader workers: a forked child entering OpenMP after the parent used it can hang (the
+    # probe scales frames with torch)
     with Pool(max(1, args.workers), initializer=torch.set_num_threads, initargs=(1,)) as pool:
         probes = pool.imap(_probe, paths, chunksize=8)
         errors = dict(zip(paths, tqdm(probes, total=len(paths), desc="checking", unit="video", leave=False)))
@@ -154,18 +162,20 @@ def check(args):
 # ----------------------------------------------------------------------------------------------------------------
 # prepare: a copy that decodes fast at any position
 
-# Per file extension (kept, so names stay): the container and the encoder PyAV ships for it. Quality: lower is better
-# and bigger; CRF for x264 (0-51) and VP9 (0-63), a fixed quantizer for MPEG-4 (1-31). The defaults here and of
-# prepare_video are chosen from the measurements in README (bench.py --e2e).
+# Per file extension (kept, so names stay): the container and the encoder PyAV ships for it.
+# Quality: lower is better and bigger; CRF for x264 (0-51) and VP9 (0-63), a fixed quantizer for
+# MPEG-4 (1-31). The defaults here and of prepare_video are chosen from the measurements in README
+# (bench.py --e2e).
 ENCODERS = {".mp4": ("mp4", "libx264"), ".m4v": ("mp4", "libx264"), ".mov": ("mov", "libx264"),
             ".mkv": ("matroska", "libx264"), ".webm": ("webm", "libvpx-vp9"), ".avi": ("avi", "mpeg4")}
 QUALITY = {"libx264": 20, "libvpx-vp9": 32, "mpeg4": 3}
 
 
 def prepare_video(src, dst, keyint=8, quality=None, short_side=256, fast_decode=True):
-    """Re-encode `src` into `dst` (container and encoder from dst's extension) with a keyframe every `keyint`
-    frames, scaled down to `short_side` if its short side is longer. Every frame is kept, at the source's average
-    rate; audio is dropped. Written through archive.replacing: dst exists only complete."""
+    """Re-encode `src` into `dst` (container and encoder from dst's extension) with a keyframe every
+    `keyint` frames, scaled down to `short_side` if its short side is longer. Every frame is kept,
+    at the source's average rate; audio is dropped. Written through archive.replacing: dst exists
+    only complete."""
     if os.path.splitext(dst)[1].lower() not in ENCODERS:
         raise data.VideoError(f"{src}: cannot write {os.path.splitext(dst)[1]!r} here, only {', '.join(ENCODERS)}")
     fmt, codec = ENCODERS[os.path.splitext(dst)[1].lower()]
@@ -194,8 +204,8 @@ def prepare_video(src, dst, keyint=8, quality=None, short_side=256, fast_decode=
 
 
 def _prepare_one(task):
-    """Pool worker: (src, dst, settings) -> (bytes of src, bytes of dst, error or ''). A dst that exists was
-    finished by an earlier run (see prepare_video)."""
+    """Pool worker: (src, dst, settings) -> (bytes of src, bytes of dst, error or ''). A dst that
+    exists was finished by an earlier run (see prepare_video)."""
     src, dst, settings = task
     try:
         if not os.path.exists(dst):
@@ -215,9 +225,10 @@ def _quality(text):
 
 
 def prepare(args):
-    """Every video the dataset lists (all splits and folds) re-encoded into --out under the same relative path, and
-    every other file under --root of at most 256 MB (annotations) copied; links that lead out of --root, loop or
-    dangle are skipped, each named. One prepare per --out at a time (a lock). Returns the exit code."""
+    """Every video the dataset lists (all splits and folds) re-encoded into --out under the same
+    relative path, and every other file under --root of at most 256 MB (annotations) copied; links
+    that lead out of --root, loop or dangle are skipped, each named. One prepare per --out at a time
+    (a lock). Returns the exit code."""
     root, out = os.path.realpath(args.root), os.path.realpath(args.out)  # real paths: a link cannot hide --out in --root
     if out == root or out.startswith(root + os.sep):
         print(f"error: --out {args.out} must lie outside --root {args.root}", file=sys.stderr)
@@ -236,8 +247,8 @@ def prepare(args):
 
 
 def outside(path, root):
-    """Why `path` under `root` is skipped ('' if it is not): a link whose target is missing, loops, or lies outside
-    `root` (its contents would be copied out of a folder the user did not name)."""
+    """Why `path` under `root` is skipped ('' if it is not): a link whose target is missing, loops,
+    or lies outside `root` (its contents would be copied out of a folder the user did not name)."""
     real = os.path.realpath(path)
     if not os.path.exists(path):
         return f"skipped {path}: a link that loops or whose target is missing"
@@ -294,10 +305,11 @@ def prepare_locked(args, root, out):
 # ----------------------------------------------------------------------------------------------------------------
 # table: finished runs beside the paper's numbers
 
-# The paper's ViT-B/16 top-1 (%) per model, protocol, dataset and metric, as the official repository's README at
-# e2d1948 lists them (the paper's Tables 1-5): few-shot on split 1 (K shots), base-to-novel averaged over seeds
-# 1-3 with HM the harmonic mean of the averages, zero-shot (trained on K400) as mean ± std over the three folds or
-# subsets, fully supervised K400 with 4 clips x 3 crops.
+# The paper's ViT-B/16 top-1 (%) per model, protocol, dataset and metric, as the official
+# repository's README at e2d1948 lists them (the paper's Tables 1-5): few-shot on split 1 (K shots),
+# base-to-novel averaged over seeds 1-3 with HM the harmonic mean of the averages, zero-shot
+# (trained on K400) as mean ± std over the three folds or subsets, fully supervised K400 with 4
+# clips x 3 crops.
 PAPER = {
     ("ViFi-CLIP", "few-shot", "hmdb51"): {"K=2": 57.2, "K=4": 62.7, "K=8": 64.5, "K=16": 66.8},
     ("ViFi-CLIP", "few-shot", "ucf101"): {"K=2": 80.7, "K=4": 85.1, "K=8": 90.0, "K=16": 92.7},
@@ -334,8 +346,9 @@ PAPER = {
     ("CLIP text-FT", "supervised", "k400"): {"top-1": 73.1, "top-5": 91.2},
 }
 PAPER_INPUT_SIZE = 224  # every run of the paper: ViT-B/16 at 224 px
-# The settings that change what a run computes, compared with what train.py picks for the run's protocol (of them,
-# those that only act in training are not compared for a run that only evaluated).
+# The settings that change what a run computes, compared with what train.py picks for the run's
+# protocol (of them, those that only act in training are not compared for a run that only
+# evaluated).
 COMPARED = ["model", "frames", "views", "template", "clean_names", "norm"]
 TRAINING = ["batch_size", "lr", "epochs", "warmup_epochs", "weight_decay", "label_smoothing", "mixup", "cutmix",
             "mix_switch", "eval_every", "n_ctx", "depth"]
@@ -374,9 +387,10 @@ def model_name(run):
 
 
 def run_metrics(run):
-    """{(dataset, metric): top-1 or (mean, std)} that the paper's tables report for this run: few-shot the best
-    evaluation (results.json's paper_reports), base-to-novel the base and novel halves (HM is taken after averaging
-    seeds, as the paper does), zero-shot each dataset's mean ± std over folds, otherwise the test set's top-1/5."""
+    """{(dataset, metric): top-1 or (mean, std)} that the paper's tables report for this run:
+    few-shot the best evaluation (results.json's paper_reports), base-to-novel the base and novel
+    halves (HM is taken after averaging seeds, as the paper does), zero-shot each dataset's mean ±
+    std over folds, otherwise the test set's top-1/5."""
     results, dataset = run["results"], run["dataset"]
     if run["protocol"] == "few-shot":
         best = run.get("best") if run.get("paper_reports") == "best" else None
@@ -397,8 +411,9 @@ def run_metrics(run):
 
 
 def run_differences(run):
-    """What makes a run not the paper's: its splits, and each setting that is not what train.py picks for the
-    protocol (found by asking train.py's flag parser for the protocol with nothing else given)."""
+    """What makes a run not the paper's: its splits, and each setting that is not what train.py
+    picks for the protocol (found by asking train.py's flag parser for the protocol with nothing
+    else given)."""
     s = run["settings"]
     notes = [] if str(run["splits"]).startswith("official") else [f"splits {run['splits']}"]
     if run["protocol"] == "synthetic":
@@ -422,9 +437,9 @@ def _number(value):
 
 
 def paper_table(folders):
-    """Rows (protocol, model, dataset, metric, ours, paper, difference, runs, notes) for the runs in `folders`:
-    runs of one protocol, model, dataset and metric are averaged (base-to-novel: the seeds), ordered as
-    protocols.PROTOCOLS; a number the paper does not report is None."""
+    """Rows (protocol, model, dataset, metric, ours, paper, difference, runs, notes) for the runs in
+    `folders`: runs of one protocol, model, dataset and metric are averaged (base-to-novel: the
+    seeds), ordered as protocols.PROTOCOLS; a number the paper does not report is None."""
     groups = {}
     for folder in folders:
         run = read_run(folder)
@@ -463,7 +478,8 @@ TABLE_HEADER = ["protocol", "model", "dataset", "metric", "ours", "paper", "ours
 
 
 def table(args):
-    """Print the paper's table for the runs given and write it as table.md and table.csv. Returns the exit code."""
+    """Print the paper's table for the runs given and write it as table.md and table.csv. Returns
+    the exit code."""
     try:
         rows = paper_table(args.runs)
     except RunError as error:
@@ -488,7 +504,8 @@ def table(args):
 # Videos written to files: the synthetic set, and generated videos for the tests and bench.py
 
 def write_video(path, images, fps=25, codec="mpeg4", gop=250, bit_rate=600_000):
-    """Encode uint8 frames (T, H, W, 3), an array or any iterable of (H, W, 3) arrays, to a file with PyAV."""
+    """Encode uint8 frames (T, H, W, 3), an array or any iterable of (H, W, 3) arrays, to a file
+    with PyAV."""
     images = iter(images)
     first = next(images)
     with av.open(path, "w") as container:
@@ -502,8 +519,9 @@ def write_video(path, images, fps=25, codec="mpeg4", gop=250, bit_rate=600_000):
 
 
 def write_synthetic_ucf(root, frames=8, size=32, train_per_class=64, test_per_class=16, seed=0):
-    """Write SyntheticVideos' clips as MPEG-4 AVI files in UCF101's layout (class folders, ucfTrainTestlist/
-    classInd.txt, trainlist01.txt, testlist01.txt), so build_dataset('ucf101', root) reads them back."""
+    """Write SyntheticVideos' clips as MPEG-4 AVI files in UCF101's layout (class folders,
+    ucfTrainTestlist/ classInd.txt, trainlist01.txt, testlist01.txt), so build_dataset('ucf101',
+    root) reads them back."""
     names = data.synthetic_classes()
     folders = ["".join(word.capitalize() for word in name.split()) for name in names]  # UCF101's CamelCase
     os.makedirs(os.path.join(root, "ucfTrainTestlist"), exist_ok=True)
@@ -524,11 +542,12 @@ def write_synthetic_ucf(root, frames=8, size=32, train_per_class=64, test_per_cl
 
 def make_test_video(path, num_frames=175, width=320, height=240, fps=25, codec="mpeg4", gop=250, bit_rate=600_000,
                     texture=0.0):
-    """A video for tests and benchmarks: smooth moving colour patterns under a 16-row band that encodes the frame
-    index i (left half grey level 16 * (i % 16) + 8, right half 16 * (i // 16 % 16) + 8). The defaults are
-    UCF101-like (320x240, 7 s, MPEG-4 in AVI); Kinetics-like is 340x256, 250 frames at 25 fps, libx264 in MP4.
-    texture > 0 adds grey noise of that standard deviation, smooth over 2 to 16 pixels, panning 2 px right and
-    1 px down per frame under the pattern: detail that moves, as in camera footage, and costs bits."""
+    """A video for tests and benchmarks: smooth moving colour patterns under a 16-row band that
+    encodes the frame index i (left half grey level 16 * (i % 16) + 8, right half 16 * (i // 16 %
+    16) + 8). The defaults are UCF101-like (320x240, 7 s, MPEG-4 in AVI); Kinetics-like is 340x256,
+    250 frames at 25 fps, libx264 in MP4. texture > 0 adds grey noise of that standard deviation,
+    smooth over 2 to 16 pixels, panning 2 px right and 1 px down per frame under the pattern: detail
+    that moves, as in camera footage, and costs bits."""
     y, x = np.mgrid[0:height, 0:width].astype(np.float32)
     rows, cols, g = height + num_frames, width + 2 * num_frames, torch.Generator().manual_seed(0)
     field = np.zeros((rows, cols), np.float32)  # (height + T, width + 2T): frame i sees a window at (i, 2i)
