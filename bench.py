@@ -101,10 +101,10 @@ def block_flops(width, tokens, queries):
     """Forward FLOPs of one block over a sequence of `tokens` tokens of `width` channels whose first
     `queries` outputs are computed (all of them but in the image tower's last block, which computes
     the class token alone)."""
-    return (2 * tokens * width * 3 * width               # q, k, v of every token: one packed projection
-            + 2 * 2 * queries * tokens * width           # q @ k^T and attention @ v, all heads together
-            + 2 * queries * width * width                # output projection
-            + 2 * 2 * queries * width * 4 * width)       # MLP: width -> 4 width -> width
+    return (2 * tokens * width * 3 * width          # q, k, v of every token: one packed projection
+            + 2 * 2 * queries * tokens * width      # q @ k^T and attention @ v, all heads together
+            + 2 * queries * width * width           # output projection
+            + 2 * 2 * queries * width * 4 * width)  # MLP: width -> 4 width -> width
 
 
 def transformer_flops(width, layers, tokens):
@@ -133,12 +133,14 @@ def text_flops(cfg, tokens):
 
 def sync(device):
     if device.type == "cuda":
-        torch.cuda.synchronize(device)  # kernels run asynchronously: without this we would time the launches
+        # kernels run asynchronously: without this we would time the launches
+        torch.cuda.synchronize(device)
 
 
 def timings(fn, device, warmup, repeats):
     """Seconds of each of `repeats` calls of fn, after `warmup` untimed ones."""
-    for _ in range(warmup):  # the first calls pay for allocation, cuDNN autotuning and torch.compile
+    # the first calls pay for allocation, cuDNN autotuning and torch.compile
+    for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
@@ -171,7 +173,8 @@ def reset_peak(device):
         torch.cuda.reset_peak_memory_stats(device)
         return True
     with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # Linux >= 4.0: the peak resident memory (VmHWM) starts again from the current one
+        # Linux >= 4.0: the peak resident memory (VmHWM) starts again from the current one
+        f.write("5")
         return True
     return False
 
@@ -180,7 +183,9 @@ def free(device):
     gc.collect()  # the previous section's model and optimizer, before the next is built or measured
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    else:  # hand freed heap pages back (glibc), so that the resident memory counts live memory and a later peak shows
+    else:
+        # hand freed heap pages back (glibc), so that the resident memory counts live memory and a
+        # later peak shows
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL("libc.so.6").malloc_trim(0)
 
@@ -215,8 +220,9 @@ class Bench:
             r["peak_mb"] = peak_bytes / 2 ** 20
         self.rows[key] = r
         mfu_text = fmt(r["mfu"]) if r["mfu"] is not None else "n/a*"
+        peak_text = fmt(r["peak_mb"]) if "peak_mb" in r else ""
         print(f"{r['label']:50s} {fmt(r['ms']):>9s} {fmt(r['frames_per_s']):>9s} {fmt(r['tflops']):>8s} "
-              f"{mfu_text:>6s} {fmt(r['peak_mb']) if 'peak_mb' in r else '':>8s}", flush=True)  # as measured
+              f"{mfu_text:>6s} {peak_text:>8s}", flush=True)  # as measured
 
     def adamw(self, params):
         # fused: one kernel for the whole update instead of several per parameter tensor
@@ -277,7 +283,8 @@ def bench_vision(b, clip, compiled):
 
     def train():
         with b.amp:
-            loss = run(x).float().square().mean()  # any scalar: the cost is the tower's forward and backward
+            # any scalar: the cost is the tower's forward and backward
+            loss = run(x).float().square().mean()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -335,10 +342,12 @@ class OfficialStyle(torch.nn.Module):
         B, T = video.shape[:2]
         x = v.conv1(video.flatten(0, 1)).flatten(2).transpose(1, 2)  # (B*T, 3, H, W) -> (B*T, P, W)
         x = torch.cat([v.class_embedding.to(x.dtype).expand(len(x), 1, -1), x], 1) + v.positional_embedding.to(x.dtype)
-        x = self.blocks(v.transformer, v.ln_pre(x).transpose(0, 1)).transpose(0, 1)  # NLD -> LND -> NLD
+        # NLD -> LND -> NLD
+        x = self.blocks(v.transformer, v.ln_pre(x).transpose(0, 1)).transpose(0, 1)
         image = (v.ln_post(x[:, 0]) @ v.proj).view(B, T, -1).mean(1)  # (B*T, D) -> (B, D)
         ids = self.ids.to(video.device)
-        t = (c.token_embedding(ids) + c.positional_embedding).transpose(0, 1)  # (C, 77, W) -> (77, C, W)
+        # (C, 77, W) -> (77, C, W)
+        t = (c.token_embedding(ids) + c.positional_embedding).transpose(0, 1)
         t = c.ln_final(self.blocks(c.transformer, t, self.mask).transpose(0, 1))
         text = t[torch.arange(len(ids)), ids.argmax(-1)] @ c.text_projection
         return c.logit_scale.exp() * F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).t().to(image.dtype)
@@ -358,7 +367,8 @@ def bench_vifi(b, clip, tok, compiled):
         s = b.seconds(lambda: vifi_step(run, opt, video, labels, b.amp))
         b.add(f"vifi_train_c{C}{key}", f"vifi train, {B}x{T}, C={C}{tag}", s, B * T, 3 * (vision + text),
               prompt_tokens=L)
-        if not compiled:  # the official style, eager as the official code runs: same weights, same FLOPs of work
+        # the official style, eager as the official code runs: same weights, same FLOPs of work
+        if not compiled:
             official = OfficialStyle(model).to(b.device)
             s0 = b.seconds(lambda: vifi_step(official, opt, video, labels, b.amp))
             L0 = clip.config.context_length  # every prompt at full length
@@ -681,7 +691,8 @@ def print_summary(res):
             s = r["speedup"]  # the official-style step's time over the lean one's
             how = f"{s:.2f}x faster than" if s >= 1 else f"{1 / s:.2f}x slower than"
             print(f"the lean eager step is {how}: {r['label']}")
-    ratio = res["memory_ratio"]  # peak without checkpointing over peak with it; None where no peak is measured
+    # peak without checkpointing over peak with it; None where no peak is measured
+    ratio = res["memory_ratio"]
     if ratio is None:
         print("activation checkpointing: no memory peak can be measured on this device")
     elif ratio >= 1:
@@ -702,7 +713,8 @@ def bench_model(args, device, cfg, results, videos):
     """Everything but --e2e: the model's steps, memory, one worker's data rates, and whether they
     add up."""
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN picks its kernels (the official style's conv) once
+        # fixed shapes: cuDNN picks its kernels (the official style's conv) once
+        torch.backends.cudnn.benchmark = True
     b = Bench(device, cfg)
     tok, tok_name = text_tokenizer((SMALL_CLIP if args.small else clip_model.CLIPConfig()).vocab_size)
     print_header(device, b, tok_name)
@@ -724,7 +736,8 @@ def bench_model(args, device, cfg, results, videos):
     results["data_feed"] = dict(video=video, workers=workers, pipeline_clips_per_s_per_worker=per_worker,
                                 pipeline_clips_per_s=workers * per_worker, train_clips_per_s=train_rate,
                                 feeds=workers * per_worker >= train_rate)
-    if args.compile:  # last: compiling takes minutes, and everything above is already measured by then
+    # last: compiling takes minutes, and everything above is already measured by then
+    if args.compile:
         save(results, args.json)  # so an interrupted run still leaves the eager numbers
         clip = b.new_clip()
         bench_vision(b, clip, compiled=True)

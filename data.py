@@ -55,7 +55,8 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-NORMS = {"clip": (CLIP_MEAN, CLIP_STD), "imagenet": (IMAGENET_MEAN, IMAGENET_STD)}  # by name, as models record it
+# by name, as models record it
+NORMS = {"clip": (CLIP_MEAN, CLIP_STD), "imagenet": (IMAGENET_MEAN, IMAGENET_STD)}
 VIDEO_EXTENSIONS = (".avi", ".mp4", ".webm", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv")
 
 
@@ -151,10 +152,13 @@ class VideoReader:
         if not self.container.streams.video:
             raise VideoError(f"{self.path}: no video stream")
         self.stream = self.container.streams.video[0]
-        self.stream.codec_context.thread_type = "SLICE"  # never FRAME (see above); with one thread: none
+        # never FRAME (see above); with one thread: none
+        self.stream.codec_context.thread_type = "SLICE"
         self.stream.codec_context.thread_count = 1
-        self.to_rgb = VideoReformatter()  # one converter for all frames: frame.to_ndarray() builds one per frame
-        self.packets = [p for p in self.container.demux(self.stream) if p.size]  # the last, empty one only flushes
+        # one converter for all frames: frame.to_ndarray() builds one per frame
+        self.to_rgb = VideoReformatter()
+        # the last, empty one only flushes
+        self.packets = [p for p in self.container.demux(self.stream) if p.size]
         if not self.packets:
             raise VideoError(f"{self.path}: no video frames")
         stamps = [p.pts for p in self.packets]
@@ -172,10 +176,12 @@ class VideoReader:
         header declares (headers a little off are common; half a file is not). Time, not a frame
         count, since the headers are only hints: a variable-rate video's count from duration x
         average rate can be 100 times the frames it holds."""
-        declared, covered, unit = self.stream.frames, len(self.packets), "frames"  # without timestamps: counts
+        # without timestamps: counts
+        declared, covered, unit = self.stream.frames, len(self.packets), "frames"
         duration = (self.stream.duration * self.stream.time_base if self.stream.duration else
                     self.container.duration / av.time_base if self.container.duration else None)
-        if stamps and len(stamps) > 1 and duration:  # n frames span n intervals of their mean length
+        # n frames span n intervals of their mean length
+        if stamps and len(stamps) > 1 and duration:
             declared, unit = float(duration), "s"
             covered = float((max(stamps) - min(stamps)) * self.stream.time_base) * len(stamps) / (len(stamps) - 1)
         if covered < 0.9 * declared:
@@ -193,7 +199,8 @@ class VideoReader:
         codec.flush_buffers()  # forget the frames of an earlier position
         codec.skip_frame = "DEFAULT"
         index = keyframe[0] - 1
-        for packet in itertools.chain(self.packets[keyframe[1]:], [None]):  # None drains the decoder
+        # None drains the decoder
+        for packet in itertools.chain(self.packets[keyframe[1]:], [None]):
             if want is not None and self.rank and packet is not None:
                 codec.skip_frame = "DEFAULT" if self.rank[packet.pts] in want else "NONREF"
             for frame in codec.decode(packet):
@@ -209,7 +216,8 @@ class VideoReader:
         want = set(indices)
         got = {}
         starts = [k[0] for k in self.keyframes]
-        decoder, at, size = None, -1, None  # the running decoder, the index of its last frame, the output size
+        # the running decoder, the index of its last frame, the output size
+        decoder, at, size = None, -1, None
         with _video_errors(self.path, "cannot decode"):
             for target in sorted(want):
                 if target in got:
@@ -218,7 +226,8 @@ class VideoReader:
                 if decoder is None or keyframe[0] > at + 1:
                     decoder = self._decode(keyframe, want)
                 for at, frame in decoder:
-                    fresh = at in want and at not in got  # (frames before a keyframe may come out broken)
+                    # (frames before a keyframe may come out broken)
+                    fresh = at in want and at not in got
                     if fresh or at >= target:
                         # every frame at the first one's size: a stream may change its size midway
                         size = size or self._output_size(frame, short_side)
@@ -234,7 +243,8 @@ class VideoReader:
         for i in want - set(got):
             got[i] = got[decoded[max(bisect.bisect_right(decoded, i) - 1, 0)]]
         video = torch.stack([got[i] for i in indices])
-        return video.permute(0, 3, 1, 2)  # (T, H, W, 3) -> (T, 3, H, W), a view: memory stays channels-last
+        # (T, H, W, 3) -> (T, 3, H, W), a view: memory stays channels-last
+        return video.permute(0, 3, 1, 2)
 
     def _output_size(self, frame, short_side):
         """(height, width) of the frames read returns: the frame's own, or its short side scaled to
@@ -261,8 +271,9 @@ class VideoReader:
         height, width, how = (4 * size[0], 4 * size[1], "AREA") if min(h, w) > 4 * min(size) else (h, w, None)
         image = torch.from_numpy(self.to_rgb.reformat(frame, width, height, "rgb24", interpolation=how).to_ndarray())
         if tuple(image.shape[:2]) != size:
-            image = F.interpolate(image.permute(2, 0, 1)[None], size=size, mode="bilinear", antialias=False,
-                                  align_corners=False)[0].permute(1, 2, 0)  # (H, W, 3) -> (1, 3, H, W) and back
+            # (H, W, 3) -> (1, 3, H, W) and back
+            image = F.interpolate(image.permute(2, 0, 1)[None], size=size, mode="bilinear",
+                                  antialias=False, align_corners=False)[0].permute(1, 2, 0)
         return image
 
     def close(self):
@@ -371,7 +382,9 @@ def colour_matrix(view):
             c, s = math.cos(2 * math.pi * factor), math.sin(2 * math.pi * factor)
             turn = torch.tensor([[1, 0, 0], [0, c, -s], [0, s, c]], dtype=torch.float64)
             m = YIQ_TO_RGB @ turn @ RGB_TO_YIQ
-        else:  # contrast: x -> f x + (1 - f) * grey level of the mean so far, LUMA . (A + B) m, in every channel
+        else:
+            # contrast: x -> f x + (1 - f) * grey level of the mean so far, LUMA . (A + B) m, in
+            # every channel
             a, b = factor * a, factor * b + (1 - factor) * grey @ (a + b)
             continue
         a, b = m @ a, m @ b
@@ -455,7 +468,8 @@ class VideoDataset(Dataset):
         testing it comes back as a black clip with label -1, to be left out of the counts (module
         docstring)."""
         index, draw = key if isinstance(key, tuple) else (key, None)
-        if draw is None and not self.train:  # the random clips of multi-clip testing: the same in every evaluation
+        # the random clips of multi-clip testing: the same in every evaluation
+        if draw is None and not self.train:
             draw = f"test/{index}"
         rng = random if draw is None else random.Random(draw)
         failed = []
@@ -475,7 +489,8 @@ class VideoDataset(Dataset):
         else:
             raise DatasetError(f"{len(failed)} videos in a row could not be read, for example {failed[0]}. "
                                f"Is --root {self.root} the dataset's folder?")
-        video = video[0] if self.train else video  # training: the one view, (1, T, 3, H, W) -> (T, 3, H, W)
+        # training: the one view, (1, T, 3, H, W) -> (T, 3, H, W)
+        video = video[0] if self.train else video
         return {"video": video, "colour": colour, "label": label, "index": index, "failed": "\n".join(failed)}
 
     def subset(self, samples, classnames=None):
@@ -596,7 +611,8 @@ def _kinetics(root, train, fold):
         path = _annotation(root, [p for n in names for p in (n, "annotations/" + n)])
         return list(csv.DictReader(io.StringIO(_text(path))))
     train_rows = rows(["train.csv"])
-    classes = sorted({row["label"] for row in train_rows})  # the official ids are the alphabetical order
+    # the official ids are the alphabetical order
+    classes = sorted({row["label"] for row in train_rows})
     label_of = {name: i for i, name in enumerate(classes)}
     entries = [(f"{row['youtube_id']}_{int(float(row['time_start'])):06d}_{int(float(row['time_end'])):06d}",
                 label_of[row["label"]]) for row in (train_rows if train else rows(["val.csv", "validate.csv"]))]
@@ -620,7 +636,8 @@ def read_labels(path, plain=False):
     line."""
     text = _text(path)
     reader = csv.reader(io.StringIO(text))
-    rows = [(reader.line_num, row) for row in reader]  # line_num: the row's last line (a quoted name may span two)
+    # line_num: the row's last line (a quoted name may span two)
+    rows = [(reader.line_num, row) for row in reader]
     header = bool(rows) and [cell.strip() for cell in rows[0][1]] == ["id", "name"]
     if plain and not header:
         return [line.strip() for line in text.splitlines() if line.strip()]
@@ -653,7 +670,8 @@ def _list(list_file, labels_file):
     classes = read_labels(labels_file)
     entries = []
     for number, line in enumerate(_lines(list_file), 1):
-        path, label = (line.rsplit(maxsplit=1) + [""])[:2]  # the label is the last field: paths may hold spaces
+        # the label is the last field: paths may hold spaces
+        path, label = (line.rsplit(maxsplit=1) + [""])[:2]
         if _number(label) is None or _number(label) >= len(classes):
             raise DatasetError(f"{list_file} line {number}: expected 'relative/path label' with a label in "
                                f"0..{len(classes) - 1} of {labels_file}, found {line!r}")
@@ -744,7 +762,8 @@ def write_list(dataset, list_file, labels_file=None):
     with archive.replacing(list_file) as f:
         for path, label in dataset.samples:
             f.write(f"{os.path.relpath(path, dataset.root) if dataset.root else path} {label}\n")
-    if labels_file:  # csv quotes a name with a comma, as the official files do (SSv2 has such names)
+    # csv quotes a name with a comma, as the official files do (SSv2 has such names)
+    if labels_file:
         with archive.replacing(labels_file) as f:
             csv.writer(f, lineterminator="\n").writerows([("id", "name"), *enumerate(dataset.classnames)])
 
@@ -821,7 +840,8 @@ class SyntheticVideos(VideoDataset):
         return video[None].expand(1 if self.train else self.clips * self.crops, *video.shape), NO_COLOUR
 
 
-if __name__ == "__main__":  # a library: the dataset commands (check, prepare, synth-ucf) are tools.py's
+# a library: the dataset commands (check, prepare, synth-ucf) are tools.py's
+if __name__ == "__main__":
     import shlex
     import sys
     print(f"error: data.py has no commands; check, prepare and synth-ucf are in tools.py: python tools.py "

@@ -62,7 +62,8 @@ def _probe(path):
     cannot use too)."""
     try:
         with data.VideoReader(path) as video:
-            video.read([0, len(video) - 1], short_side=256)  # scaled as training reads them: memory stays small
+            # scaled as training reads them: memory stays small
+            video.read([0, len(video) - 1], short_side=256)
         return ""
     except data.VideoError as error:
         return str(error)
@@ -124,7 +125,8 @@ def check(args):
     names). Returns the exit code: 1 if a video is missing or unreadable or a list cannot be read, 2
     for wrong flags, root or splits."""
     try:
-        with warnings.catch_warnings():  # build_dataset's warning about missing videos: the report below says it
+        # build_dataset's warning about missing videos: the report below says it
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             sets = check_lists(args)
     except data.DatasetError as error:
@@ -184,17 +186,22 @@ def prepare_video(src, dst, keyint=8, quality=None, short_side=256, fast_decode=
             archive.replacing(dst, "wb") as f, av.open(f, "w", fmt) as out:
         h, w = video.stream.height, video.stream.width
         scale = min(1.0, short_side / min(h, w)) if short_side else 1.0
-        height, width = 2 * round(h * scale / 2), 2 * round(w * scale / 2)  # 4:2:0 chroma needs even sides
+        # 4:2:0 chroma needs even sides
+        height, width = 2 * round(h * scale / 2), 2 * round(w * scale / 2)
         rate = Fraction(video.stream.average_rate or 25)
         stream = out.add_stream(codec, rate=rate)
         stream.height, stream.width, stream.pix_fmt = height, width, "yuv420p"
         stream.codec_context.gop_size = keyint
         stream.codec_context.thread_count = 1  # one process per core
         if codec == "mpeg4":
-            stream.codec_context.qmin = stream.codec_context.qmax = q  # a fixed quantizer: constant quality
-        elif codec == "libx264":  # fastdecode: no CABAC, deblocking or weighted B-frames (README: the trade-off)
+            # a fixed quantizer: constant quality
+            stream.codec_context.qmin = stream.codec_context.qmax = q
+        elif codec == "libx264":
+            # fastdecode: no CABAC, deblocking or weighted B-frames (README: the trade-off)
             stream.options = {"crf": str(q), "preset": "fast", **({"tune": "fastdecode"} if fast_decode else {})}
-        else:  # VP9's constant-quality mode needs bit rate 0; cpu-used 5 encodes far faster than the default
+        else:
+            # VP9's constant-quality mode needs bit rate 0; cpu-used 5 encodes far faster than the
+            # default
             stream.bit_rate, stream.options = 0, {"crf": str(q), "cpu-used": "5", "row-mt": "0"}
         for i, (_, frame) in enumerate(video._decode(video.keyframes[0])):
             frame = frame.reformat(width, height, "yuv420p", interpolation="AREA")
@@ -229,7 +236,8 @@ def prepare(args):
     relative path, and every other file under --root of at most 256 MB (annotations) copied; links
     that lead out of --root, loop or dangle are skipped, each named. One prepare per --out at a time
     (a lock). Returns the exit code."""
-    root, out = os.path.realpath(args.root), os.path.realpath(args.out)  # real paths: a link cannot hide --out in --root
+    # real paths: a link cannot hide --out in --root
+    root, out = os.path.realpath(args.root), os.path.realpath(args.out)
     if out == root or out.startswith(root + os.sep):
         print(f"error: --out {args.out} must lie outside --root {args.root}", file=sys.stderr)
         return 2
@@ -258,16 +266,18 @@ def outside(path, root):
 
 
 def prepare_locked(args, root, out):
+    # every fold: a fold's unused videos are another's
+    folds = (1, 2, 3) if args.dataset in ("ucf101", "hmdb51") else (1,)
     lists = [("train", 1, f) for f in args.list_file or [None]] if args.dataset == "list" else [
-        (split, fold, None) for split in ("train", "test") for fold in  # a fold's unused videos are another's
-        ((1, 2, 3) if args.dataset in ("ucf101", "hmdb51") else (1,))]
+        (split, fold, None) for split in ("train", "test") for fold in folds]
     paths = set()
     for split, fold, list_file in lists:
         try:
             paths |= {path for path, _ in data.build_dataset(args.dataset, root, split, fold, list_file=list_file,
                                                             labels_file=args.labels_file).samples}
         except data.DatasetError as error:
-            if fold == 1:  # folds 2 and 3 may be absent from a copy: the same videos, split otherwise
+            # folds 2 and 3 may be absent from a copy: the same videos, split otherwise
+            if fold == 1:
                 print(f"error: {error}", file=sys.stderr)
                 return 2
     skipped = {p: why for p in paths if (why := outside(p, root))}
@@ -279,7 +289,8 @@ def prepare_locked(args, root, out):
                                          desc="preparing", unit="video", smoothing=0.05):
             (errors.append(error) if error else sizes.append((before, after)))
     before, after = (sum(s) for s in zip(*sizes)) if sizes else (0, 0)
-    others = []  # os.walk follows no link to a folder; a link to a file is checked as the videos are
+    # os.walk follows no link to a folder; a link to a file is checked as the videos are
+    others = []
     for src in (os.path.join(d, n) for d, _, names in os.walk(root) for n in names):
         if src.lower().endswith(data.VIDEO_EXTENSIONS) or src in skipped:
             continue
@@ -398,7 +409,8 @@ def run_metrics(run):
     metrics = {}
     for name, r in results.items():
         if not isinstance(r, dict) or name.rsplit("-", 1)[-1].startswith(("fold", "subset")):
-            continue  # the harmonic mean (recomputed) and single folds (their mean and std are reported)
+            # the harmonic mean (recomputed) and single folds (their mean and std are reported)
+            continue
         if "mean_top1" in r:
             metrics[name, "top-1"] = (r["mean_top1"], r["std_top1"])
         elif name in ("base", "novel"):
@@ -451,7 +463,8 @@ def paper_table(folders):
                             + (f" (seed {run['settings'].get('seed')})" if run["protocol"] == "base-novel" else ""))
             group[2].extend(n for n in notes if n not in group[2])
     for (protocol, model, dataset, metric), (values, runs, notes) in list(groups.items()):
-        if metric == "novel" and (protocol, model, dataset, "base") in groups:  # HM of the averages, as the paper
+        # HM of the averages, as the paper
+        if metric == "novel" and (protocol, model, dataset, "base") in groups:
             base, novel = (sum(v) / len(v) for v in (groups[protocol, model, dataset, "base"][0], values))
             groups[protocol, model, dataset, "HM"] = ([2 * base * novel / (base + novel) if base + novel else 0.0],
                                                       runs, notes)
@@ -461,7 +474,8 @@ def paper_table(folders):
     for (protocol, model, dataset, metric), (values, runs, notes) in sorted(groups.items(), key=lambda kv: (
             order.get(kv[0][0], 99), kv[0][1], kv[0][2], metric_order.index(kv[0][3]) if kv[0][3] in metric_order
             else 99)):
-        if isinstance(values[0], (list, tuple)):  # zero-shot mean ± std, averaged over runs item by item
+        # zero-shot mean ± std, averaged over runs item by item
+        if isinstance(values[0], (list, tuple)):
             ours = tuple(sum(v[i] for v in values) / len(values) for i in (0, 1))
         else:
             ours = sum(values) / len(values)
@@ -492,7 +506,8 @@ def table(args):
     print(markdown, end="")
     out = args.out or os.path.dirname(os.path.abspath(os.path.normpath(args.runs[0])))
     os.makedirs(out, exist_ok=True)
-    with archive.replacing(os.path.join(out, "table.md")) as f:  # no planted link followed, no half-written table
+    # no planted link followed, no half-written table
+    with archive.replacing(os.path.join(out, "table.md")) as f:
         f.write(markdown)
     with archive.replacing(os.path.join(out, "table.csv")) as f:
         csv.writer(f).writerows([TABLE_HEADER, *cells])
@@ -511,7 +526,8 @@ def write_video(path, images, fps=25, codec="mpeg4", gop=250, bit_rate=600_000):
     with av.open(path, "w") as container:
         stream = container.add_stream(codec, rate=fps)
         stream.height, stream.width = first.shape[:2]
-        stream.pix_fmt = "yuvj420p" if codec == "mjpeg" else "yuv420p"  # FFmpeg's MJPEG encoder takes only the former
+        # FFmpeg's MJPEG encoder takes only the former
+        stream.pix_fmt = "yuvj420p" if codec == "mjpeg" else "yuv420p"
         stream.codec_context.gop_size, stream.bit_rate = gop, bit_rate
         for image in itertools.chain([first], images):
             container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")))
@@ -523,7 +539,8 @@ def write_synthetic_ucf(root, frames=8, size=32, train_per_class=64, test_per_cl
     ucfTrainTestlist/ classInd.txt, trainlist01.txt, testlist01.txt), so build_dataset('ucf101',
     root) reads them back."""
     names = data.synthetic_classes()
-    folders = ["".join(word.capitalize() for word in name.split()) for name in names]  # UCF101's CamelCase
+    # UCF101's CamelCase
+    folders = ["".join(word.capitalize() for word in name.split()) for name in names]
     os.makedirs(os.path.join(root, "ucfTrainTestlist"), exist_ok=True)
     with open(os.path.join(root, "ucfTrainTestlist", "classInd.txt"), "w") as f:
         f.write("".join(f"{i + 1} {folder}\n" for i, folder in enumerate(folders)))
@@ -533,8 +550,10 @@ def write_synthetic_ucf(root, frames=8, size=32, train_per_class=64, test_per_cl
         for key, label in dataset.samples:
             name = f"{folders[label]}/v_{folders[label]}_{split}{key.split('/')[2]}.avi"
             os.makedirs(os.path.join(root, "UCF-101", folders[label]), exist_ok=True)
-            video = dataset.load(key)[0][0].permute(0, 2, 3, 1).numpy()  # (T, 3, H, W) -> (T, H, W, 3)
-            write_video(os.path.join(root, "UCF-101", name), video, bit_rate=2_000_000)  # nearly lossless
+            # (T, 3, H, W) -> (T, H, W, 3)
+            video = dataset.load(key)[0][0].permute(0, 2, 3, 1).numpy()
+            # nearly lossless
+            write_video(os.path.join(root, "UCF-101", name), video, bit_rate=2_000_000)
             lines.append(f"{name} {label + 1}\n" if split == "train" else f"{name}\n")
         with open(os.path.join(root, "ucfTrainTestlist", f"{split}list01.txt"), "w") as f:
             f.writelines(lines)
@@ -550,7 +569,8 @@ def make_test_video(path, num_frames=175, width=320, height=240, fps=25, codec="
     that moves, as in camera footage, and costs bits."""
     y, x = np.mgrid[0:height, 0:width].astype(np.float32)
     rows, cols, g = height + num_frames, width + 2 * num_frames, torch.Generator().manual_seed(0)
-    field = np.zeros((rows, cols), np.float32)  # (height + T, width + 2T): frame i sees a window at (i, 2i)
+    # (height + T, width + 2T): frame i sees a window at (i, 2i)
+    field = np.zeros((rows, cols), np.float32)
     if texture:  # noise at 1/2 to 1/16 resolution, upsampled; coarser: stronger
         noise = sum(s * F.interpolate(torch.randn(1, 1, rows // s + 1, cols // s + 1, generator=g), scale_factor=s,
                                       mode="bicubic")[0, 0, :rows, :cols] for s in (2, 4, 8, 16))
@@ -558,7 +578,8 @@ def make_test_video(path, num_frames=175, width=320, height=240, fps=25, codec="
 
     def frame(i):
         image = np.stack([128 + 90 * np.sin(x / (17 + 5 * c) + y / (23 - 4 * c) + i / (6 + c)) for c in range(3)], -1)
-        image[16:] += 20 * (np.sin(x[16:] * 0.7 + i) * np.cos(y[16:] * 0.5))[..., None]  # fine texture for the codec
+        # fine texture for the codec
+        image[16:] += 20 * (np.sin(x[16:] * 0.7 + i) * np.cos(y[16:] * 0.5))[..., None]
         image[16:] += field[i:i + height - 16, 2 * i:2 * i + width, None]
         image[:16, : width // 2] = 16 * (i % 16) + 8
         image[:16, width // 2:] = 16 * (i // 16 % 16) + 8
@@ -586,7 +607,8 @@ def main(argv=None):
                                                               "three folds or subsets)")
     chk.add_argument("--workers", type=int, default=os.cpu_count(),
                      help="processes that decode in parallel (default: one per core)")
-    chk.set_defaults(mode="finetune", towers="both", out=None)  # what protocols.resolve reads of train.py's other flags
+    # what protocols.resolve reads of train.py's other flags
+    chk.set_defaults(mode="finetune", towers="both", out=None)
     prep = commands.add_parser("prepare", help="re-encode a dataset into a copy that decodes fast at any position",
                                description=prepare.__doc__.split(". Returns")[0] + ". Resumable: finished files are "
                                "skipped. Exit 1 if a source was unreadable (it is left out), 2 for wrong arguments.")
