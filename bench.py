@@ -645,7 +645,6 @@ def bench_e2e(cfg, device, videos, folder, compiled, res, saved):
     if compiled:
         saved()
         res["train_loop"].update(bench_train_loop(cfg, videos, prepared, folder, compiled=True))
-    print_prepare(res["prepare"])
     for r in res["train_loop"].values():
         print(f"train.py loop, {r['video']} T={r['T']} {r['files']}{' compiled' * r['compiled']}: "
               f"{fmt(r['clips_per_s'])} clips/s = {r['of_bound']:.2f}x the in-memory {fmt(r['in_memory_clips_per_s'])}")

@@ -4056,6 +4056,7 @@ def test_bench_small_runs_and_writes_finite_numbers(tmp_path):
                          env=env, capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "frames/s" in run.stdout and "pipeline clips/s" in run.stdout and "train.py loop" in run.stdout
+    assert run.stdout.count("prepared Kinetics-like, T=16") == 1, run.stdout  # the trade-off table, once
     # the benchmark's tables only: none of the inner train.py runs' output (bars, warnings, tables, results paths)
     assert "\r" not in run.stdout + run.stderr and "results in" not in run.stdout and not re.search(r"^set +videos", run.stdout, re.M)
     assert "warning" not in run.stdout + run.stderr, run.stderr[-3000:]
