@@ -31,6 +31,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import termios
 import time
 import urllib.error
 import urllib.request
@@ -4006,6 +4007,31 @@ def test_a_link_to_a_sibling_whose_name_extends_roots_is_outside(tmp_path):
     os.symlink(sibling, root / "out"), os.symlink(root / "ok", root / "in")
     assert tools.outside(str(root / "out"), str(root)) == f"skipped {root / 'out'}: a link to {sibling}, outside --root"
     assert tools.outside(str(root / "in"), str(root)) == ""
+
+
+def test_prepare_and_check_draw_bars_only_on_a_terminal(tmp_path):
+    # as train.py's: piped output gets no carriage returns or escape codes; a terminal gets the bar
+    src = str(tmp_path / "src")
+    flags = list_dataset(src, ["v.avi"])
+    lists = ["--test-list", os.path.join(src, "list.txt"), "--labels", os.path.join(src, "labels.csv")]
+    check = ["tools.py", "check", "--dataset", "list", "--root", src, *lists, "--workers", "1"]
+    prepare = ["tools.py", "prepare", *flags, "--root", src, "--workers", "1", "--out"]
+    for argv in (check, prepare + [str(tmp_path / "piped")]):
+        run = subprocess.run([sys.executable, *argv], cwd=HERE, capture_output=True, timeout=300)  # bytes: "\r" kept
+        output = run.stdout + run.stderr
+        assert run.returncode == 0 and b"\r" not in output and b"\x1b" not in output, output
+        assert b"checking" not in output and b"preparing" not in output, output
+    leader, follower = os.openpty()
+    termios.tcsetwinsize(follower, (24, 80))  # a new pty is 0 columns wide: tqdm would draw an empty bar
+    with subprocess.Popen([sys.executable, *prepare, str(tmp_path / "tty")], cwd=HERE,
+                          stdout=subprocess.DEVNULL, stderr=follower) as process:
+        os.close(follower)
+        seen = b""
+        with contextlib.suppress(OSError):  # EIO once the process has closed its end
+            while chunk := os.read(leader, 4096):
+                seen += chunk
+    os.close(leader)
+    assert process.returncode == 0 and b"preparing" in seen and b"\r" in seen, seen
 
 
 # ---------------------------------------------------------------------------------------------------------------

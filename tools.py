@@ -138,7 +138,9 @@ def check(args):
     # probe scales frames with torch)
     with Pool(max(1, args.workers), initializer=torch.set_num_threads, initargs=(1,)) as pool:
         probes = pool.imap(_probe, paths, chunksize=8)
-        errors = dict(zip(paths, tqdm(probes, total=len(paths), desc="checking", unit="video", leave=False)))
+        bar = tqdm(probes, total=len(paths), desc="checking", unit="video", leave=False,
+                   disable=not sys.stderr.isatty())
+        errors = dict(zip(paths, bar))
     print(f"{args.dataset} under {args.root} ({protocols.splits_used(args)}):")
     bad = 0
     for name, ds in sets.items():
@@ -285,8 +287,9 @@ def prepare_locked(args, root, out):
     tasks = [(p, os.path.join(out, os.path.relpath(p, root)), settings) for p in sorted(paths - skipped.keys())]
     start, sizes, errors = time.time(), [], []
     with Pool(max(1, args.workers)) as pool:
-        for before, after, error in tqdm(pool.imap_unordered(_prepare_one, tasks), total=len(tasks),
-                                         desc="preparing", unit="video", smoothing=0.05):
+        bar = tqdm(pool.imap_unordered(_prepare_one, tasks), total=len(tasks), desc="preparing",
+                   unit="video", smoothing=0.05, disable=not sys.stderr.isatty())
+        for before, after, error in bar:
             (errors.append(error) if error else sizes.append((before, after)))
     before, after = (sum(s) for s in zip(*sizes)) if sizes else (0, 0)
     # os.walk follows no link to a folder; a link to a file is checked as the videos are
