@@ -93,7 +93,7 @@ SMALL.update(prepare_grid=[(4, 20, True), (8, 20, False)], prepare_reads=(2, 1),
 SMALL_CLIP = dataclasses.replace(train.SCRATCH, vocab_size=clip_model.CLIPConfig().vocab_size, context_length=77)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # FLOPs from shapes (2 per multiply-add). Layer norms, softmax, GELU and residual adds are left out:
 # a few %.
 
@@ -128,7 +128,7 @@ def text_flops(cfg, tokens):
     return transformer_flops(cfg.text_width, cfg.text_layers, tokens) + 2 * cfg.text_width * cfg.embed_dim
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Timing and memory
 
 def sync(device):
@@ -234,7 +234,7 @@ class Bench:
         return clip_model.CLIP(SMALL_CLIP if self.cfg["small"] else clip_model.CLIPConfig()).to(self.device)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Text: class names and their tokenizer
 
 def class_names(n):
@@ -271,7 +271,7 @@ def text_tokenizer(vocab_size):
     return RandomTokens(vocab_size), "random ids of realistic lengths (no BPE vocab: set VIFI_BPE)"
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The benchmarks
 
 def bench_vision(b, clip, compiled):
@@ -453,7 +453,7 @@ def bench_data(cfg, videos):
     return out
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The data path end to end: prepared copies (tools.py prepare), worker scaling, and train.py's own
 # loop
 
@@ -659,7 +659,7 @@ def print_prepare(rows):
               f"{r['bytes_ratio']:>5.2f}x {r['psnr_db']:>8.1f} {r['encode_s']:>9.2f}", flush=True)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 def device_name(device):
     if device.type == "cuda":

@@ -83,7 +83,7 @@ class DatasetError(Exception):
         super().__init__(message)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Sampling and decoding
 
 def sample_indices(num_frames, num_segments, train, rng=random):
@@ -294,7 +294,7 @@ def read_frames(path, indices, short_side=None):
         return video.read(indices, short_side)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Augmentation: every view is a box of the frames as read (short side already scaled, see
 # VideoDataset.load), resized to (size, size), maybe flipped, and a colour matrix for the device,
 # with the same parameters for every frame.
@@ -422,7 +422,7 @@ def normalize(video, mean=CLIP_MEAN, std=CLIP_STD, colour=None):
 NO_COLOUR = torch.stack([torch.eye(3), torch.zeros(3, 3)])  # colour_matrix of a view without jitter
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Datasets
 
 class VideoDataset(Dataset):
@@ -712,7 +712,7 @@ def build_dataset(name, root=None, split="train", fold=1, frames=8, size=224, tr
     return VideoDataset(samples, classes, frames, size, train, clips, crops, root, missing)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Splits drawn from a dataset's own lists (--splits native): not the paper's, but seeded and written
 # out
 
@@ -768,7 +768,7 @@ def write_list(dataset, list_file, labels_file=None):
             csv.writer(f, lineterminator="\n").writerows([("id", "name"), *enumerate(dataset.classnames)])
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The synthetic dataset
 
 SYNTH_COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 235)}
