@@ -57,7 +57,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # by name, as models record it
 NORMS = {"clip": (CLIP_MEAN, CLIP_STD), "imagenet": (IMAGENET_MEAN, IMAGENET_STD)}
-VIDEO_EXTENSIONS = (".avi", ".mp4", ".webm", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv")
+VIDEO_EXTENSIONS = (".avi", ".mp4", ".webm", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".flv",
+                    ".wmv")
 
 
 # Frame sizes a video may have: below 16 pixels a side there is no picture to crop (a 1x1 frame
@@ -109,8 +110,9 @@ def describe_test_clips(clips):
     """How the test clips were drawn, for results.json."""
     if clips == 1:
         return "1 clip: the centre frame of each of T equal segments (official _get_test_clips)"
-    return (f"{clips} clips, each drawn as a training clip as the official multiview does, seeded by the video's "
-            "index: the same clips in every evaluation (the official ones change from run to run)")
+    return (f"{clips} clips, each drawn as a training clip as the official multiview does, seeded "
+            "by the video's index: the same clips in every evaluation (the official ones change "
+            "from run to run)")
 
 
 @contextlib.contextmanager
@@ -136,7 +138,8 @@ class VideoReader:
     def __init__(self, path):
         self.path = path
         if not os.path.isfile(path):
-            raise VideoError(f"{path}: {'is a folder, not a video file' if os.path.isdir(path) else 'no such file'}")
+            problem = "is a folder, not a video file" if os.path.isdir(path) else "no such file"
+            raise VideoError(f"{path}: {problem}")
         if os.path.getsize(path) == 0:
             raise VideoError(f"{path}: empty file (0 bytes)")
         self.container = None
@@ -168,8 +171,9 @@ class VideoReader:
             self.rank, self.keyframes = {}, [(0, 0)]
         else:
             self.rank = {pts: i for i, pts in enumerate(sorted(stamps))}
-            self.keyframes = sorted([(0, 0)] + [(self.rank[p.pts], pos) for pos, p in enumerate(self.packets)
-                                                if p.is_keyframe and pos > 0])
+            self.keyframes = sorted([(0, 0)] + [(self.rank[packet.pts], pos)
+                                                for pos, packet in enumerate(self.packets)
+                                                if packet.is_keyframe and pos > 0])
 
     def _check_complete(self, stamps):
         """Refuse a file cut short (a broken download): its frames must span 90 % of the time the
@@ -183,10 +187,11 @@ class VideoReader:
         # n frames span n intervals of their mean length
         if stamps and len(stamps) > 1 and duration:
             declared, unit = float(duration), "s"
-            covered = float((max(stamps) - min(stamps)) * self.stream.time_base) * len(stamps) / (len(stamps) - 1)
+            span = float((max(stamps) - min(stamps)) * self.stream.time_base)
+            covered = span * len(stamps) / (len(stamps) - 1)
         if covered < 0.9 * declared:
-            raise VideoError(f"{self.path}: truncated: the header declares {declared:.4g} {unit}, the frames in the "
-                             f"file cover {covered:.4g} {unit}")
+            raise VideoError(f"{self.path}: truncated: the header declares {declared:.4g} {unit}, "
+                             f"the frames in the file cover {covered:.4g} {unit}")
 
     def __len__(self):
         return len(self.packets)
@@ -264,12 +269,18 @@ class VideoReader:
         RGB: memory then follows the size asked for, not the source's (README: deliberate
         differences)."""
         h, w = frame.height, frame.width
-        if not (MIN_SIDE <= min(h, w) and max(h, w) <= MAX_SIDE and max(h, w) <= MAX_ASPECT * min(h, w)):
-            raise VideoError(f"{self.path}: frames of {w}x{h} pixels; expected {MIN_SIDE} to {MAX_SIDE} pixels a "
-                             f"side, the long side at most {MAX_ASPECT} times the short one: re-encode it to a usual "
-                             f"size (e.g. its short side to 256)")
-        height, width, how = (4 * size[0], 4 * size[1], "AREA") if min(h, w) > 4 * min(size) else (h, w, None)
-        image = torch.from_numpy(self.to_rgb.reformat(frame, width, height, "rgb24", interpolation=how).to_ndarray())
+        short, long = min(h, w), max(h, w)
+        if not (MIN_SIDE <= short and long <= MAX_SIDE and long <= MAX_ASPECT * short):
+            raise VideoError(f"{self.path}: frames of {w}x{h} pixels; expected {MIN_SIDE} to "
+                             f"{MAX_SIDE} pixels a side, the long side at most {MAX_ASPECT} times "
+                             f"the short one: re-encode it to a usual size (e.g. its short side to "
+                             f"256)")
+        if short > 4 * min(size):
+            height, width, how = 4 * size[0], 4 * size[1], "AREA"
+        else:
+            height, width, how = h, w, None
+        rgb = self.to_rgb.reformat(frame, width, height, "rgb24", interpolation=how)
+        image = torch.from_numpy(rgb.to_ndarray())
         if tuple(image.shape[:2]) != size:
             # (H, W, 3) -> (1, 3, H, W) and back
             image = F.interpolate(image.permute(2, 0, 1)[None], size=size, mode="bilinear",
@@ -320,7 +331,8 @@ def train_view(height, width, rng=random):
     (The official code also rounds a crop within 3 pixels of the input size to it: never the case at
     224 or 336.)"""
     side = min(height, width)
-    pairs = [(a, b) for i, a in enumerate(CROP_SCALES) for j, b in enumerate(CROP_SCALES) if abs(i - j) <= 1]
+    pairs = [(a, b) for i, a in enumerate(CROP_SCALES) for j, b in enumerate(CROP_SCALES)
+             if abs(i - j) <= 1]
     scale_h, scale_w = rng.choice(pairs)
     crop_h, crop_w = int(side * scale_h), int(side * scale_w)
     top, left = rng.choice([(0, 0), (0, 4), (4, 0), (4, 4), (2, 2)])  # in quarters of the room left
@@ -338,7 +350,8 @@ def parse_views(text):
     test video."""
     clips, _, crops = text.partition("x")
     if not (clips.isdigit() and int(clips) > 0 and crops in ("1", "3")):
-        raise DatasetError(f"--views {text!r}: expected CLIPSxCROPS with CROPS 1 or 3, e.g. 1x1 or 4x3")
+        raise DatasetError(f"--views {text!r}: expected CLIPSxCROPS with CROPS 1 or 3, e.g. 1x1 or "
+                           "4x3")
     return int(clips), int(crops)
 
 
@@ -399,8 +412,8 @@ def render(video, view, size):
     top, left, height, width = view.box
     # OpenCV's bilinear filter without antialiasing, as the official code's (VideoReader._rgb);
     # uint8 in and out: torch's fast path on CPU
-    out = F.interpolate(video[:, :, top:top + height, left:left + width], size=(size, size), mode="bilinear",
-                        antialias=False, align_corners=False)
+    out = F.interpolate(video[:, :, top:top + height, left:left + width], size=(size, size),
+                        mode="bilinear", antialias=False, align_corners=False)
     return out.flip(-1) if view.flip else out
 
 
@@ -413,7 +426,8 @@ def normalize(video, mean=CLIP_MEAN, std=CLIP_STD, colour=None):
         colour = colour.to(x.device, torch.float32)
         m = x.mean(dim=(1, 3, 4))  # (B, T, 3, H, W) -> (B, 3)
         shift = torch.einsum("bij,bj->bi", colour[:, 1], m)
-        x = (torch.einsum("bij,btjhw->btihw", colour[:, 0], x) + shift[:, None, :, None, None]).clamp_(0, 255)
+        x = torch.einsum("bij,btjhw->btihw", colour[:, 0], x) + shift[:, None, :, None, None]
+        x = x.clamp_(0, 255)
     mean = torch.tensor(mean, device=x.device).view(3, 1, 1) * 255
     std = torch.tensor(std, device=x.device).view(3, 1, 1) * 255
     return (x - mean) / std
@@ -430,10 +444,11 @@ class VideoDataset(Dataset):
     (sample_indices), augmented, (T, 3, H, W); testing: `clips` clips x `crops` crops, V views
     stacked as (V, T, 3, H, W), V = 1 included."""
 
-    def __init__(self, samples, classnames, frames=8, size=224, train=False, clips=1, crops=1, root=None,
-                 missing=(), max_retries=10):
+    def __init__(self, samples, classnames, frames=8, size=224, train=False, clips=1, crops=1,
+                 root=None, missing=(), max_retries=10):
         self.samples, self.classnames = list(samples), list(classnames)
-        self.frames, self.size, self.train, self.clips, self.crops = frames, size, train, clips, crops
+        self.frames, self.size, self.train = frames, size, train
+        self.clips, self.crops = clips, crops
         self.root, self.missing, self.max_retries = root, list(missing), max_retries
 
     def __len__(self):
@@ -449,7 +464,8 @@ class VideoDataset(Dataset):
         with VideoReader(path) as reader:
             # several test clips: the official code draws each as a training clip (SampleFrames'
             # multiview)
-            picks = [sample_indices(len(reader), self.frames, self.train or clips > 1, rng) for _ in range(clips)]
+            picks = [sample_indices(len(reader), self.frames, self.train or clips > 1, rng)
+                     for _ in range(clips)]
             decoded = reader.read([i for pick in picks for i in pick], short_side)
         videos = decoded.unflatten(0, (clips, self.frames))  # (N*T, 3, H, W) -> (N, T, 3, H, W)
         height, width = videos.shape[-2:]
@@ -457,7 +473,8 @@ class VideoDataset(Dataset):
             view = train_view(height, width, rng)
             return render(videos[0], view, self.size)[None], colour_matrix(view)
         views = test_views(height, width, self.size, self.crops)
-        return torch.stack([render(video, view, self.size) for video in videos for view in views]), NO_COLOUR
+        rendered = [render(video, view, self.size) for video in videos for view in views]
+        return torch.stack(rendered), NO_COLOUR
 
     def __getitem__(self, key):
         """key: an index, or (index, draw): then the sample's random choices come from
@@ -482,16 +499,18 @@ class VideoDataset(Dataset):
                 failed.append(str(error).replace("\n", " "))
                 if not self.train:
                     views = self.clips * self.crops
-                    video = torch.zeros(views, self.frames, 3, self.size, self.size, dtype=torch.uint8)
+                    video = torch.zeros(views, self.frames, 3, self.size, self.size,
+                                        dtype=torch.uint8)
                     colour, label = NO_COLOUR, -1
                     break
                 index = (index + 1) % len(self.samples)
         else:
-            raise DatasetError(f"{len(failed)} videos in a row could not be read, for example {failed[0]}. "
-                               f"Is --root {self.root} the dataset's folder?")
+            raise DatasetError(f"{len(failed)} videos in a row could not be read, for example "
+                               f"{failed[0]}. Is --root {self.root} the dataset's folder?")
         # training: the one view, (1, T, 3, H, W) -> (T, 3, H, W)
         video = video[0] if self.train else video
-        return {"video": video, "colour": colour, "label": label, "index": index, "failed": "\n".join(failed)}
+        return {"video": video, "colour": colour, "label": label, "index": index,
+                "failed": "\n".join(failed)}
 
     def subset(self, samples, classnames=None):
         """The same settings over other samples (and class names)."""
@@ -500,25 +519,29 @@ class VideoDataset(Dataset):
         return new
 
 
-KINETICS_LAYOUT = ("ROOT/{train,val}/[<label>/]<youtube_id>_<start:06d>_<end:06d>.mp4 with train.csv and val.csv "
-                   "(or validate.csv) in ROOT or ROOT/annotations")
+KINETICS_LAYOUT = ("ROOT/{train,val}/[<label>/]<youtube_id>_<start:06d>_<end:06d>.mp4 with "
+                   "train.csv and val.csv (or validate.csv) in ROOT or ROOT/annotations")
 LAYOUTS = {
-    "ucf101": "ROOT/UCF-101/<Class>/v_*.avi beside ROOT/ucfTrainTestlist/{classInd,trainlist0F,testlist0F}.txt",
+    "ucf101": "ROOT/UCF-101/<Class>/v_*.avi beside "
+              "ROOT/ucfTrainTestlist/{classInd,trainlist0F,testlist0F}.txt",
     "hmdb51": "ROOT/<class>/*.avi (or ROOT/hmdb51_org/<class>/*.avi) beside "
               "ROOT/testTrainMulti_7030_splits/<class>_test_split{1,2,3}.txt",
     "k400": KINETICS_LAYOUT,
     "k600": KINETICS_LAYOUT,
-    "ssv2": "ROOT/20bn-something-something-v2/<id>.webm with labels.json, train.json and validation.json in ROOT "
-            "or ROOT/labels",
-    "list": "list_file of lines 'relative/path label', labels_file a CSV 'id,name', the videos under ROOT",
+    "ssv2": "ROOT/20bn-something-something-v2/<id>.webm with labels.json, train.json and "
+            "validation.json in ROOT or ROOT/labels",
+    "list": "list_file of lines 'relative/path label', labels_file a CSV 'id,name', the videos "
+            "under ROOT",
 }
 
 
 # Where each dataset is published, for the message a missing copy gets.
+KINETICS_HOME = ("the Kinetics download tools, e.g. "
+                 "https://github.com/cvdfoundation/kinetics-dataset")
 HOMES = {"ucf101": "https://www.crcv.ucf.edu/data/UCF101.php",
          "hmdb51": "https://serre-lab.clps.brown.edu/resource/hmdb-a-large-human-motion-database/",
-         "k400": "the Kinetics download tools, e.g. https://github.com/cvdfoundation/kinetics-dataset",
-         "k600": "the Kinetics download tools, e.g. https://github.com/cvdfoundation/kinetics-dataset",
+         "k400": KINETICS_HOME,
+         "k600": KINETICS_HOME,
          "ssv2": "https://www.qualcomm.com/developer/software/something-something-v-2-dataset",
          "list": "your own videos"}
 
@@ -530,9 +553,10 @@ def check_root(name, root):
     if root and os.path.isdir(root) and _video_files(root):
         return
     found = "holds no video files" if root and os.path.isdir(root) else "is not a folder"
-    raise DatasetError(f"{name}: {root!r} {found}. Expected {LAYOUTS[name]}; the paper's protocols need only the "
-                       f"videos under it, found by file name. {name} is published at {HOMES[name]}. Put it there "
-                       f"(or pass --root DIR, or set VIFI_DATA to the folder holding <dataset>/), then verify it with "
+    raise DatasetError(f"{name}: {root!r} {found}. Expected {LAYOUTS[name]}; the paper's protocols "
+                       f"need only the videos under it, found by file name. {name} is published at "
+                       f"{HOMES[name]}. Put it there (or pass --root DIR, or set VIFI_DATA to the "
+                       f"folder holding <dataset>/), then verify it with "
                        f"`python tools.py check --dataset {name} --root {root}`")
 
 
@@ -540,7 +564,8 @@ def _annotation(root, candidates):
     for name in candidates:
         if os.path.isfile(os.path.join(root, name)):
             return os.path.join(root, name)
-    raise DatasetError(f"{os.path.join(root, candidates[0])} not found (looked for {', '.join(candidates)} in {root})")
+    raise DatasetError(f"{os.path.join(root, candidates[0])} not found (looked for "
+                       f"{', '.join(candidates)} in {root})")
 
 
 def _text(path):
@@ -555,7 +580,8 @@ def _text(path):
         raise DatasetError(f"{path}: no such file") from None
     except UnicodeDecodeError as error:
         line = error.object[:error.start].count(b"\n") + 1
-        raise DatasetError(f"{path} line {line}: not UTF-8 (byte 0x{error.object[error.start]:02x}); expected UTF-8 "
+        byte = error.object[error.start]
+        raise DatasetError(f"{path} line {line}: not UTF-8 (byte 0x{byte:02x}); expected UTF-8 "
                            f"text: convert it, e.g. `iconv -f <its encoding> -t utf-8`") from None
 
 
@@ -596,26 +622,30 @@ def _ucf101(root, train, fold):
 
 
 def _hmdb51(root, train, fold):
-    folder = os.path.dirname(_annotation(root, [f"testTrainMulti_7030_splits/brush_hair_test_split{fold}.txt"]))
+    split_file = f"testTrainMulti_7030_splits/brush_hair_test_split{fold}.txt"
+    folder = os.path.dirname(_annotation(root, [split_file]))
     suffix = f"_test_split{fold}.txt"
     classes = sorted(name[:-len(suffix)] for name in os.listdir(folder) if name.endswith(suffix))
     wanted = "1" if train else "2"  # 1 train, 2 test, 0 unused
     entries = [(path, label) for label, name in enumerate(classes)
-               for path, use in (line.rsplit(maxsplit=1) for line in _lines(os.path.join(folder, name + suffix)))
+               for path, use in (line.rsplit(maxsplit=1)
+                                 for line in _lines(os.path.join(folder, name + suffix)))
                if use == wanted]  # 'file name with spaces.avi 1
     return entries, classes
 
 
 def _kinetics(root, train, fold):
     def rows(names):
-        path = _annotation(root, [p for n in names for p in (n, "annotations/" + n)])
+        places = [place for name in names for place in (name, "annotations/" + name)]
+        path = _annotation(root, places)
         return list(csv.DictReader(io.StringIO(_text(path))))
     train_rows = rows(["train.csv"])
     # the official ids are the alphabetical order
     classes = sorted({row["label"] for row in train_rows})
     label_of = {name: i for i, name in enumerate(classes)}
-    entries = [(f"{row['youtube_id']}_{int(float(row['time_start'])):06d}_{int(float(row['time_end'])):06d}",
-                label_of[row["label"]]) for row in (train_rows if train else rows(["val.csv", "validate.csv"]))]
+    listed = train_rows if train else rows(["val.csv", "validate.csv"])
+    entries = [(f"{row['youtube_id']}_{int(float(row['time_start'])):06d}"
+                f"_{int(float(row['time_end'])):06d}", label_of[row["label"]]) for row in listed]
     return entries, classes
 
 
@@ -642,17 +672,19 @@ def read_labels(path, plain=False):
     if plain and not header:
         return [line.strip() for line in text.splitlines() if line.strip()]
     if not header:
-        raise DatasetError(f"{path}: expected a CSV whose first line is 'id,name', found {rows[0][1] if rows else 'nothing'}")
+        first = rows[0][1] if rows else "nothing"
+        raise DatasetError(f"{path}: expected a CSV whose first line is 'id,name', found {first}")
     named, lines = {}, {}
     for number, row in rows[1:]:
         if not row:
             continue
         key = _number(row[0].strip())
         if len(row) != 2 or key is None:
-            raise DatasetError(f"{path} line {number}: expected 'id,name' with an integer id (a name holding a comma "
-                               f"in double quotes), found {','.join(row)!r}")
+            raise DatasetError(f"{path} line {number}: expected 'id,name' with an integer id (a "
+                               f"name holding a comma in double quotes), found {','.join(row)!r}")
         if key in named:
-            raise DatasetError(f"{path} line {number}: id {key} again (line {lines[key]} gave it); each id once")
+            raise DatasetError(f"{path} line {number}: id {key} again (line {lines[key]} gave it); "
+                               "each id once")
         named[key], lines[key] = row[1], number
     if sorted(named) != list(range(len(named))):
         raise DatasetError(f"{path}: ids must run 0..{len(named) - 1} without gaps")
@@ -662,36 +694,37 @@ def read_labels(path, plain=False):
 def _list(list_file, labels_file):
     for path in (list_file, labels_file):
         if not path or not os.path.isfile(path):
-            found = ("none was given" if not path else f"{path!r} is a folder" if os.path.isdir(path)
-                     else f"{path!r}: no such file")
-            raise DatasetError(f"a list of videos needs a list file and an 'id,name' labels file (train.py and tools.py "
-                               f"check: --train-list, --test-list, --labels; tools.py prepare: --list-file, "
-                               f"--labels-file); {found}")
+            found = ("none was given" if not path else
+                     f"{path!r} is a folder" if os.path.isdir(path) else f"{path!r}: no such file")
+            raise DatasetError(f"a list of videos needs a list file and an 'id,name' labels file "
+                               f"(train.py and tools.py check: --train-list, --test-list, "
+                               f"--labels; tools.py prepare: --list-file, --labels-file); {found}")
     classes = read_labels(labels_file)
     entries = []
     for number, line in enumerate(_lines(list_file), 1):
         # the label is the last field: paths may hold spaces
         path, label = (line.rsplit(maxsplit=1) + [""])[:2]
         if _number(label) is None or _number(label) >= len(classes):
-            raise DatasetError(f"{list_file} line {number}: expected 'relative/path label' with a label in "
-                               f"0..{len(classes) - 1} of {labels_file}, found {line!r}")
+            raise DatasetError(f"{list_file} line {number}: expected 'relative/path label' with a "
+                               f"label in 0..{len(classes) - 1} of {labels_file}, found {line!r}")
         entries.append((path, _number(label)))
     return entries, classes
 
 
-def build_dataset(name, root=None, split="train", fold=1, frames=8, size=224, train=None, clips=1, crops=1,
-                  list_file=None, labels_file=None, seed=0):
+def build_dataset(name, root=None, split="train", fold=1, frames=8, size=224, train=None, clips=1,
+                  crops=1, list_file=None, labels_file=None, seed=0):
     """A VideoDataset: name is one of LAYOUTS or 'synthetic' (no root; `seed` picks its clips);
     split 'train' or 'test' (the validation set of Kinetics and SSv2); fold 1-3 for UCF101 and
     HMDB51; train: sample randomly and augment (default: split == 'train'); clips x crops test
     views."""
     train = split == "train" if train is None else train
     if name == "synthetic":
-        return SyntheticVideos(split, frames, size, seed=seed, clips=clips, crops=crops, train=train)
+        return SyntheticVideos(split, frames, size, seed=seed, clips=clips, crops=crops,
+                               train=train)
     if name not in LAYOUTS:
         raise DatasetError(f"unknown dataset {name!r}; known: {', '.join([*LAYOUTS, 'synthetic'])}")
-    parsers = {"ucf101": _ucf101, "hmdb51": _hmdb51, "k400": _kinetics, "k600": _kinetics, "ssv2": _ssv2,
-               "list": lambda root, train, fold: _list(list_file, labels_file)}
+    parsers = {"ucf101": _ucf101, "hmdb51": _hmdb51, "k400": _kinetics, "k600": _kinetics,
+               "ssv2": _ssv2, "list": lambda root, train, fold: _list(list_file, labels_file)}
     try:
         if not root or not os.path.isdir(root):
             raise DatasetError(f"--root {root!r} is not a folder")
@@ -699,16 +732,18 @@ def build_dataset(name, root=None, split="train", fold=1, frames=8, size=224, tr
         files = _video_files(root)
         samples, missing = [], []
         for entry, label in entries:
-            path = files.get(os.path.basename(entry)) or files.get(os.path.splitext(os.path.basename(entry))[0])
+            base = os.path.basename(entry)
+            path = files.get(base) or files.get(os.path.splitext(base)[0])
             (samples.append((path, label)) if path else missing.append(entry))
         if not samples:
-            raise DatasetError(f"none of the {len(entries)} {split} videos listed were found under {root} "
-                               f"(looked for {entries[0][0] if entries else 'any'})")
+            example = entries[0][0] if entries else "any"
+            raise DatasetError(f"none of the {len(entries)} {split} videos listed were found under "
+                               f"{root} (looked for {example})")
     except DatasetError as error:
         raise DatasetError(f"{name}: {error}. Expected layout: {LAYOUTS[name]}") from None
     if missing:
-        warnings.warn(f"{name} {split}: {len(missing)} of {len(entries)} listed videos are missing under {root} "
-                      f"and skipped (first: {missing[0]})")
+        warnings.warn(f"{name} {split}: {len(missing)} of {len(entries)} listed videos are missing "
+                      f"under {root} and skipped (first: {missing[0]})")
     return VideoDataset(samples, classes, frames, size, train, clips, crops, root, missing)
 
 
@@ -723,8 +758,9 @@ def few_shot(dataset, shots, seed):
     by_class = {}
     for position, (_, label) in enumerate(dataset.samples):
         by_class.setdefault(label, []).append(position)
-    keep = sorted(p for positions in by_class.values() for p in rng.sample(positions, min(shots, len(positions))))
-    return dataset.subset([dataset.samples[p] for p in keep])
+    keep = sorted(position for positions in by_class.values()
+                  for position in rng.sample(positions, min(shots, len(positions))))
+    return dataset.subset([dataset.samples[position] for position in keep])
 
 
 def base_novel_classes(train_dataset):
@@ -750,7 +786,8 @@ def k600_novel_subset(k600_dataset, k400_classnames, seed, size=160):
     those whose name is not a Kinetics-400 class."""
     known = {name.lower() for name in k400_classnames}
     novel = [c for c, name in enumerate(k600_dataset.classnames) if name.lower() not in known]
-    return subset_classes(k600_dataset, sorted(random.Random(seed).sample(novel, min(size, len(novel)))))
+    drawn = random.Random(seed).sample(novel, min(size, len(novel)))
+    return subset_classes(k600_dataset, sorted(drawn))
 
 
 def write_list(dataset, list_file, labels_file=None):
@@ -765,7 +802,8 @@ def write_list(dataset, list_file, labels_file=None):
     # csv quotes a name with a comma, as the official files do (SSv2 has such names)
     if labels_file:
         with archive.replacing(labels_file) as f:
-            csv.writer(f, lineterminator="\n").writerows([("id", "name"), *enumerate(dataset.classnames)])
+            rows = [("id", "name"), *enumerate(dataset.classnames)]
+            csv.writer(f, lineterminator="\n").writerows(rows)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -812,7 +850,8 @@ def render_synthetic(classname, key, frames, size):
     else:  # triangle, apex up
         body = (dy <= radius) & (dx.abs() <= (dy + radius) / 2)
     behind = -dy * math.copysign(1, step)  # distance behind the centre along the motion
-    tail = ((behind > 0) & (dx.abs() <= 0.4 * radius)) * (0.8 - 0.8 * behind / (2.5 * radius)).clamp(min=0)
+    tail = (((behind > 0) & (dx.abs() <= 0.4 * radius))
+            * (0.8 - 0.8 * behind / (2.5 * radius)).clamp(min=0))
     noise = torch.Generator().manual_seed(seed)
     video = rng.uniform(20, 80) + 30 * torch.rand(frames, 3, size, size, generator=noise)
     for alpha in (tail, body.float()):  # a thin fading tail, under the shape
@@ -827,23 +866,28 @@ class SyntheticVideos(VideoDataset):
     apply as to real data. Clips are returned as rendered (no augmentation: a flip would not change
     the class, but colour jitter would); test views repeat the clip."""
 
-    def __init__(self, split="train", frames=8, size=32, per_class=None, seed=0, clips=1, crops=1, train=None):
+    def __init__(self, split="train", frames=8, size=32, per_class=None, seed=0, clips=1, crops=1,
+                 train=None):
         per_class = per_class or (64 if split == "train" else 16)
         names = synthetic_classes()
-        samples = [(f"{split}/{c:02d}/{i:03d}", c) for c in range(len(names)) for i in range(per_class)]
-        super().__init__(samples, names, frames, size, split == "train" if train is None else train, clips, crops)
+        samples = [(f"{split}/{c:02d}/{i:03d}", c) for c in range(len(names))
+                   for i in range(per_class)]
+        train = split == "train" if train is None else train
+        super().__init__(samples, names, frames, size, train, clips, crops)
         self.seed, self.names = seed, names  # names by original id: subset_classes() relabels
 
     def load(self, key, rng=None):
         classname = self.names[int(key.split("/")[1])]
         video = render_synthetic(classname, f"{self.seed}/{key}", self.frames, self.size)
-        return video[None].expand(1 if self.train else self.clips * self.crops, *video.shape), NO_COLOUR
+        views = 1 if self.train else self.clips * self.crops
+        return video[None].expand(views, *video.shape), NO_COLOUR
 
 
 # a library: the dataset commands (check, prepare, synth-ucf) are tools.py's
 if __name__ == "__main__":
     import shlex
     import sys
-    print(f"error: data.py has no commands; check, prepare and synth-ucf are in tools.py: python tools.py "
-          f"{shlex.join(sys.argv[1:]) or '{check,prepare,synth-ucf} ...'}", file=sys.stderr)
+    print(f"error: data.py has no commands; check, prepare and synth-ucf are in tools.py: "
+          f"python tools.py {shlex.join(sys.argv[1:]) or '{check,prepare,synth-ucf} ...'}",
+          file=sys.stderr)
     sys.exit(2)
