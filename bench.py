@@ -673,26 +673,26 @@ def e2e_model(cfg, device, folder):
     return path
 
 
-def bench_e2e(cfg, device, videos, folder, compiled, res, saved):
-    """Trade-off table, worker scaling and train.py's loop into `res`, calling saved() after each.
-    Each has its own subfolder of `folder`: the list dataset indexes the files under its root once,
-    when the first loop runs."""
+def bench_e2e(cfg, device, videos, folder, compiled, results, saved):
+    """Trade-off table, worker scaling and train.py's loop into `results`, calling saved() after
+    each. Each has its own subfolder of `folder`: the list dataset indexes the files under its root
+    once, when the first loop runs."""
     sizes = E2E_GPU if device.type == "cuda" and not cfg["small"] else E2E_CPU
     e2e = cfg["e2e"] = {**sizes, **cfg.get("e2e", {})}
     e2e["model"], e2e["cpu"] = e2e_model(cfg, device, folder), device.type == "cpu"
-    res["prepare"] = bench_prepare(cfg, videos, os.path.join(folder, "grid"))
-    print_prepare(res["prepare"])
+    results["prepare"] = bench_prepare(cfg, videos, os.path.join(folder, "grid"))
+    print_prepare(results["prepare"])
     saved()
     os.makedirs(os.path.join(folder, "prepared"))
     prepared = {name: prepared_copy(videos[name], os.path.join(folder, "prepared"))[0]
                 for name in ("kinetics", "ucf101")}
-    res["workers"] = bench_workers(cfg, videos, prepared)
+    results["workers"] = bench_workers(cfg, videos, prepared)
     saved()
-    res["train_loop"] = bench_train_loop(cfg, videos, prepared, folder, compiled=False)
+    results["train_loop"] = bench_train_loop(cfg, videos, prepared, folder, compiled=False)
     if compiled:
         saved()
-        res["train_loop"].update(bench_train_loop(cfg, videos, prepared, folder, compiled=True))
-    for row in res["train_loop"].values():
+        results["train_loop"].update(bench_train_loop(cfg, videos, prepared, folder, compiled=True))
+    for row in results["train_loop"].values():
         print(f"train.py loop, {row['video']} T={row['T']} {row['files']}"
               f"{' compiled' * row['compiled']}: {fmt(row['clips_per_s'])} clips/s = "
               f"{row['of_bound']:.2f}x the in-memory {fmt(row['in_memory_clips_per_s'])}")
@@ -730,20 +730,20 @@ def print_header(device, bench, tok_name):
           f"{'peak MB':>8s}")
 
 
-def print_summary(res):
+def print_summary(results):
     print()
-    if res.get("peak_unreliable"):
-        print(f"* MFU n/a: a step ran faster than the peak measured ({fmt(res['peak_tflops'])} "
+    if results.get("peak_unreliable"):
+        print(f"* MFU n/a: a step ran faster than the peak measured ({fmt(results['peak_tflops'])} "
               "TFLOP/s), so that peak is unreliable\n  (the machine was busy while it was timed) "
               "and every MFU above is too high; rerun on an idle machine")
-    for row in res["model"].values():
+    for row in results["model"].values():
         if "speedup" in row:
             speedup = row["speedup"]  # the official-style step's time over the lean one's
             how = (f"{speedup:.2f}x faster than" if speedup >= 1 else
                    f"{1 / speedup:.2f}x slower than")
             print(f"the lean eager step is {how}: {row['label']}")
     # peak without checkpointing over peak with it; None where no peak is measured
-    ratio = res["memory_ratio"]
+    ratio = results["memory_ratio"]
     if ratio is None:
         print("activation checkpointing: no memory peak can be measured on this device")
     elif ratio >= 1:
@@ -753,10 +753,10 @@ def print_summary(res):
               f"(without / with = {ratio:.2f})")
     print(f"\n{'data, one worker':18s} {'decode clips/s':>15s} {'pipeline clips/s':>17s} "
           f"{'pipeline/decode':>16s}")
-    for name, rates in res["data"].items():
+    for name, rates in results["data"].items():
         print(f"{name:18s} {fmt(rates['decode_clips_per_s']):>15s} "
               f"{fmt(rates['pipeline_clips_per_s']):>17s} {rates['pipeline_over_decode']:>16.2f}")
-    feed = res["data_feed"]
+    feed = results["data_feed"]
     print(f"{feed['video']}: {feed['workers']} workers x "
           f"{fmt(feed['pipeline_clips_per_s_per_worker'])} clips/s = "
           f"{fmt(feed['pipeline_clips_per_s'])} clips/s (if they scale linearly) vs training at "

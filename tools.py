@@ -97,7 +97,8 @@ def check_lists(args):
     if args.splits == "native":  # as train.py: one error stops it, so it stops check
         train, tests = protocols.datasets(args)
         named_sets = {"train": train, **tests}.items()
-        return {f"{args.dataset} {name}": ds for name, ds in named_sets if ds is not None}
+        return {f"{args.dataset} {name}": dataset for name, dataset in named_sets
+                if dataset is not None}
     roots, sets = protocols.data_roots(args), {}
     for config in [{}] if named else ALL_LISTS:
         run = argparse.Namespace(**{**vars(args), **config})
@@ -140,8 +141,8 @@ def check(args):
     except data.DatasetError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    paths = sorted({path for ds in sets.values() if isinstance(ds, data.VideoDataset)
-                    for path, _ in ds.samples})
+    paths = sorted({path for dataset in sets.values() if isinstance(dataset, data.VideoDataset)
+                    for path, _ in dataset.samples})
     # each video decoded once, however many lists name it; one torch thread per process, as in
     # DataLoader workers: a forked child entering OpenMP after the parent used it can hang (the
     # probe scales frames with torch)
@@ -152,21 +153,22 @@ def check(args):
         errors = dict(zip(paths, bar))
     print(f"{args.dataset} under {args.root} ({protocols.splits_used(args)}):")
     bad = 0
-    for name, ds in sets.items():
-        if isinstance(ds, data.DatasetError):
-            print(f"{name}: {ds}")
+    for name, dataset in sets.items():
+        if isinstance(dataset, data.DatasetError):
+            print(f"{name}: {dataset}")
             bad += 1
             continue
-        unreadable = [errors[path] for path, _ in ds.samples if errors[path]]
-        print(f"{name}: {len(ds) + len(ds.missing)} videos listed in {len(ds.classnames)} classes, "
-              f"{len(ds)} found, {len(ds.missing)} missing, {len(unreadable)} unreadable")
-        if ds.missing:
-            print(f"  missing: {_names(ds.missing)}")
+        unreadable = [errors[path] for path, _ in dataset.samples if errors[path]]
+        listed = len(dataset) + len(dataset.missing)
+        print(f"{name}: {listed} videos listed in {len(dataset.classnames)} classes, "
+              f"{len(dataset)} found, {len(dataset.missing)} missing, {len(unreadable)} unreadable")
+        if dataset.missing:
+            print(f"  missing: {_names(dataset.missing)}")
         for reason in unreadable[:3]:
             print(f"  unreadable: {reason}")
         if len(unreadable) > 3:
             print(f"  and {len(unreadable) - 3} more unreadable")
-        bad += bool(ds.missing or unreadable)
+        bad += bool(dataset.missing or unreadable)
     print(f"{bad} of {len(sets)} lists name videos that train.py cannot read" if bad else
           f"all {len(sets)} lists complete: {len(paths)} videos, every one readable")
     return 1 if bad else 0
@@ -308,7 +310,7 @@ def prepare_locked(args, root, out):
                    unit="video", smoothing=0.05, disable=not sys.stderr.isatty())
         for before, after, error in bar:
             (errors.append(error) if error else sizes.append((before, after)))
-    before, after = (sum(s) for s in zip(*sizes)) if sizes else (0, 0)
+    before, after = (sum(column) for column in zip(*sizes)) if sizes else (0, 0)
     # os.walk follows no link to a folder; a link to a file is checked as the videos are
     others = []
     for src in (os.path.join(folder, name) for folder, _, names in os.walk(root) for name in names):
