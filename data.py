@@ -3,15 +3,15 @@ the datasets of the paper (UCF101, HMDB51, Kinetics-400/600, Something-Something
 list files) and a synthetic one rendered in memory, few-shot / base-to-novel / zero-shot splits, and
 bad-file handling.
 
-A sample is a dict: "video" uint8, (T, 3, H, W) when training and (V, T, 3, H, W) when testing, V =
-clips x crops views (V = 1 too); "colour" float32 (2, 3, 3), the clip's colour jitter (identity when
-testing); "label" and "index" ints; "failed" str (below). Clips stay uint8 until they reach the
-device (4x less to copy than float), where the consumer calls `normalize(batch["video"], mean, std,
-colour=batch["colour"])`, which applies the colour jitter (see colour_matrix) and the normalization
-there. Everything else (sampling, crop, resize, flip) happens in the DataLoader workers.
-CLIP_MEAN/CLIP_STD and IMAGENET_MEAN/IMAGENET_STD are on the 0-1 scale, as published; `normalize`
-rescales. The official ViFi-CLIP checkpoints were trained with ImageNet's constants, so evaluating
-them needs those.
+A sample is a dict: "video" uint8, (T, 3, H, W) when training and (V, T, 3, H, W) when testing,
+V = clips x crops views (V = 1 too); "colour" float32 (2, 3, 3), the clip's colour jitter (identity
+when testing); "label" and "index" ints; "failed" str (below). Clips stay uint8 until they reach the
+device (4x less to copy than float), where the consumer calls
+`normalize(batch["video"], mean, std, colour=batch["colour"])`, which applies the colour jitter
+(see colour_matrix) and the normalization there. Everything else (sampling, crop, resize, flip)
+happens in the DataLoader workers. CLIP_MEAN/CLIP_STD and IMAGENET_MEAN/IMAGENET_STD are on the 0-1
+scale, as published; `normalize` rescales. The official ViFi-CLIP checkpoints were trained with
+ImageNet's constants, so evaluating them needs those.
 
 Bad files. A video that cannot be read (missing, empty, truncated, not a video, undecodable) raises
 VideoError. A training set then loads the next index instead, up to `max_retries` in a row; a test
@@ -253,8 +253,8 @@ class VideoReader:
 
     def _output_size(self, frame, short_side):
         """(height, width) of the frames read returns: the frame's own, or its short side scaled to
-        `short_side` and the other rounded as mmaction's Resize(scale=(-1, S)) rounds it, int(side *
-        S / short + 0.5)."""
+        `short_side` and the other rounded as mmaction's Resize(scale=(-1, S)) rounds it,
+        int(side * S / short + 0.5)."""
         height, width = frame.height, frame.width
         if short_side is None:
             return height, width
@@ -350,8 +350,8 @@ def parse_views(text):
     test video."""
     clips, _, crops = text.partition("x")
     if not (clips.isdigit() and int(clips) > 0 and crops in ("1", "3")):
-        raise DatasetError(f"--views {text!r}: expected CLIPSxCROPS with CROPS 1 or 3, e.g. 1x1 or "
-                           "4x3")
+        raise DatasetError(f"--views {text!r}: expected CLIPSxCROPS with CROPS 1 or 3, "
+                           "e.g. 1x1 or 4x3")
     return int(clips), int(crops)
 
 
