@@ -323,8 +323,8 @@ def prepare_locked(args, root, out):
     for src in others:
         dst = os.path.join(out, os.path.relpath(src, root))
         os.makedirs(os.path.dirname(dst), exist_ok=True)
-        with open(src, "rb") as source, archive.replacing(dst, "wb") as copy:
-            shutil.copyfileobj(source, copy)
+        with open(src, "rb") as source, archive.replacing(dst, "wb") as target:
+            shutil.copyfileobj(source, target)
     print(f"{len(sizes)} of {len(tasks)} videos in {out}, {len(errors)} unreadable and left out: "
           f"{before / 1e9:.3g} GB -> {after / 1e9:.3g} GB ({after / max(before, 1):.2f}x); "
           f"{len(others)} other files copied; {time.time() - start:.0f} s")
