@@ -31,6 +31,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import termios
 import time
 import urllib.error
 import urllib.request
@@ -4085,6 +4086,31 @@ def test_a_link_to_a_sibling_whose_name_extends_roots_is_outside(tmp_path):
     assert tools.outside(str(root / "in"), str(root)) == ""
 
 
+def test_prepare_and_check_draw_bars_only_on_a_terminal(tmp_path):
+    # as train.py's: piped output gets no carriage returns or escape codes; a terminal gets the bar
+    src = str(tmp_path / "src")
+    flags = list_dataset(src, ["v.avi"])
+    lists = ["--test-list", os.path.join(src, "list.txt"), "--labels", os.path.join(src, "labels.csv")]
+    check = ["tools.py", "check", "--dataset", "list", "--root", src, *lists, "--workers", "1"]
+    prepare = ["tools.py", "prepare", *flags, "--root", src, "--workers", "1", "--out"]
+    for argv in (check, prepare + [str(tmp_path / "piped")]):
+        run = subprocess.run([sys.executable, *argv], cwd=HERE, capture_output=True, timeout=300)  # bytes: "\r" kept
+        output = run.stdout + run.stderr
+        assert run.returncode == 0 and b"\r" not in output and b"\x1b" not in output, output
+        assert b"checking" not in output and b"preparing" not in output, output
+    leader, follower = os.openpty()
+    termios.tcsetwinsize(follower, (24, 80))  # a new pty is 0 columns wide: tqdm would draw an empty bar
+    with subprocess.Popen([sys.executable, *prepare, str(tmp_path / "tty")], cwd=HERE,
+                          stdout=subprocess.DEVNULL, stderr=follower) as process:
+        os.close(follower)
+        seen = b""
+        with contextlib.suppress(OSError):  # EIO once the process has closed its end
+            while chunk := os.read(leader, 4096):
+                seen += chunk
+    os.close(leader)
+    assert process.returncode == 0 and b"preparing" in seen and b"\r" in seen, seen
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # bench.py
 
@@ -4133,6 +4159,7 @@ def test_bench_small_runs_and_writes_finite_numbers(tmp_path):
                          env=env, capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "frames/s" in run.stdout and "pipeline clips/s" in run.stdout and "train.py loop" in run.stdout
+    assert run.stdout.count("prepared Kinetics-like, T=16") == 1, run.stdout  # the trade-off table, once
     # the benchmark's tables only: none of the inner train.py runs' output (bars, warnings, tables, results paths)
     assert "\r" not in run.stdout + run.stderr and "results in" not in run.stdout and not re.search(r"^set +videos", run.stdout, re.M)
     assert "warning" not in run.stdout + run.stderr, run.stderr[-3000:]
