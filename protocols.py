@@ -1,27 +1,22 @@
 """
-The paper's protocols, as the official code (github.com/muzairkhattak/ViFi-CLIP at commit e2d1948) runs them.
+The paper's protocols, as the official code (github.com/muzairkhattak/ViFi-CLIP at commit e2d1948)
+runs them: which videos, classes and settings each of the paper's tables uses.
 
-A protocol is four things:
-- its settings (PRESETS): frames, batch, learning rate, epochs, test views, how often it evaluates, and which
-  evaluation the paper's tables report (REPORTED);
-- its training recipe: mixup / cutmix with label smoothing (mix, as the official datasets/blending.py) and the
-  warm-up + cosine schedule (learning_rate, as the timm class the official code calls);
-- its videos and class names: the official repository's list and label files (official_sets), pinned by sha256
-  in official_splits.sha256 beside this file, fetched once (fetch_splits) and read under the user's --root, where
-  videos are found by file name; or, with --splits native, a dataset's own lists and a seeded draw (not the
-  paper's split, and results.json says so);
+A protocol is three things:
+- its settings (PRESETS): frames, batch, learning rate, epochs, test views, how often it evaluates,
+  and which evaluation the paper's tables report (REPORTED); engine.py's recipe runs them;
+- its videos and class names: the official repository's list and label files (official_sets),
+  pinned by sha256 in official_splits.sha256 beside this file, fetched once (fetch_splits) and read
+  under the user's --root, where videos are found by file name; or, with --splits native, a
+  dataset's own lists and a seeded draw (not the paper's split, and results.json says so);
 - its test sets: one, base and novel halves, or three folds / subsets reported as mean and std.
 
-`resolve(args)` turns the command line into a protocol and its settings; `datasets(args, folder)` builds the
-training set and the test sets. train.py runs them; nothing here knows about models.
+`resolve(args)` turns the command line into a protocol and its settings; `datasets(args, folder)`
+builds the training set and the test sets. train.py runs them; nothing here knows about models.
 """
 import hashlib
-import math
 import os
-import random
 import sys
-
-import torch
 
 import archive
 import data
@@ -95,60 +90,6 @@ def resolve(args):
         args.root = args.root or default_root(args.dataset)
     args.out = args.out or os.path.join("runs", f"{args.dataset}-{args.protocol}")
     return args
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The training recipe of the official code: its mixup / cutmix with label smoothing, and timm's cosine schedule
-
-MIX_GROUP = 4  # clips per GPU in the official runs: each GPU mixes its own batch of 4
-
-
-def mix(video, labels, num_classes, args):
-    """Mixup / CutMix with label smoothing as the official datasets/blending.py (CutmixMixupBlending, called from
-    main.py; not timm's): the clips are mixed within groups of MIX_GROUP, the official per-GPU batch, whatever
-    --micro-batch is, each group with its own draws (mix_group). The same box for every frame.
-    video: (B, T, 3, H, W) float, labels: (B,) -> mixed video, soft targets (B, C)."""
-    off = args.label_smoothing / num_classes
-    target = torch.full((len(labels), num_classes), off, device=video.device)
-    target.scatter_(1, labels[:, None], 1 - args.label_smoothing + off)
-    groups = [mix_group(v, t, args) for v, t in zip(video.split(MIX_GROUP), target.split(MIX_GROUP))]
-    return torch.cat([v for v, _ in groups]), torch.cat([t for _, t in groups])
-
-
-def mix_group(video, target, args):
-    """One group: CutMix with probability mix_switch, else Mixup; lambda ~ Beta(alpha, alpha); each clip's partner
-    from a random permutation of the group (a clip may meet itself, as with the official torch.randperm). CutMix:
-    a box of sides sqrt(1 - lambda) of the frame's, centred on a uniform pixel and cut at the borders (so on
-    average 0.32 of the frame is pasted, not 0.5), and lambda recomputed from the box that was pasted."""
-    use_cutmix = args.cutmix > 0 and (args.mixup <= 0 or random.random() < args.mix_switch)
-    alpha = args.cutmix if use_cutmix else args.mixup
-    if alpha <= 0:
-        return video, target
-    lam = random.betavariate(alpha, alpha)
-    partner = torch.tensor(random.sample(range(len(video)), len(video)), device=video.device)
-    if use_cutmix:
-        H, W = video.shape[-2:]
-        h, w = int(H * math.sqrt(1 - lam)), int(W * math.sqrt(1 - lam))
-        cx, cy = random.randrange(W), random.randrange(H)
-        x0, x1, y0, y1 = max(cx - w // 2, 0), min(cx + w // 2, W), max(cy - h // 2, 0), min(cy + h // 2, H)
-        video = video.clone()
-        video[..., y0:y1, x0:x1] = video[partner][..., y0:y1, x0:x1]
-        lam = 1 - (y1 - y0) * (x1 - x0) / (H * W)  # the share of the pixels kept
-    else:
-        video = lam * video + (1 - lam) * video[partner]
-    return video, lam * target + (1 - lam) * target[partner]
-
-
-def learning_rate(progress, args):
-    """The official schedule (timm's CosineLRScheduler as the official code sets it up) after `progress` epochs of
-    training: a linear warm-up from 0 over warmup_epochs, and a cosine from --lr down to --lr / 100 over the whole
-    run. The cosine is measured from the run's start, not from the warm-up's end (timm's warmup_prefix is off), so
-    right after the warm-up the rate is already below the peak. A function of progress alone: the same curve on any
-    number of GPUs and any micro-batch."""
-    if progress < args.warmup_epochs:
-        return args.lr * progress / args.warmup_epochs
-    floor = args.lr / 100
-    return floor + 0.5 * (args.lr - floor) * (1 + math.cos(math.pi * min(progress / args.epochs, 1.0)))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ the split lists to `--out`.
 """
 import argparse
 import contextlib
+import dataclasses
 import glob
 import json
 import os
@@ -240,12 +241,12 @@ def pick_device(name, local_rank):
     return torch.device(f"cuda:{local_rank}" if name == "cuda" else name)
 
 
-def rank0_first(fetch, rt):
+def rank0_first(fetch, runtime):
     """fetch() on rank 0, then on the others, which find its downloads in place: no two processes write one file."""
-    result = fetch() if rt.rank == 0 else None
+    result = fetch() if runtime.rank == 0 else None
     if dist.is_initialized():
         dist.barrier()
-    return fetch() if rt.rank > 0 else result
+    return fetch() if runtime.rank > 0 else result
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -258,14 +259,14 @@ def load_clip(args):
     return clip_model.load(args.model)
 
 
-def setup_model(args, train_set, tests, rt):
-    """The ViFiCLIP to train or evaluate, on rt's device. The datasets get the input size it takes (they were
+def setup_model(args, train_set, tests, runtime):
+    """The ViFiCLIP to train or evaluate, on runtime's device. The datasets get the input size it takes (they were
     built before the model was known, so that a wrong --root costs no download)."""
     # An own checkpoint holds its whole model; an official one needs the base CLIP (--model) it was trained from.
     ck = vifi.read_checkpoint(args.checkpoint) if args.checkpoint else None
     own = vifi.load_checkpoint(args.checkpoint, ck=ck) if ck and "vifi" in ck else None
     need_vocab = args.model != "scratch"  # the scratch CLIP reads bytes
-    rank0_first(lambda: vifi.fetch_model_files(None if own else args.model, need_vocab), rt)  # own: holds its CLIP
+    rank0_first(lambda: vifi.fetch_model_files(None if own else args.model, need_vocab), runtime)  # own: holds its CLIP
     clip = own.clip if own else load_clip(args)
     args.input_size = args.input_size or clip.config.image_resolution
     if args.input_size < clip.config.patch_size:
@@ -275,7 +276,7 @@ def setup_model(args, train_set, tests, rt):
         if dataset is not None:
             dataset.size = args.input_size
     classnames = (train_set or next(iter(tests.values()))).classnames
-    return build_model(args, clip, classnames, own, ck).to(rt.device)
+    return build_model(args, clip, classnames, own, ck).to(runtime.device)
 
 
 def build_model(args, clip, classnames, own=None, ck=None):
@@ -304,12 +305,12 @@ def build_model(args, clip, classnames, own=None, ck=None):
 # ----------------------------------------------------------------------------------------------------------------
 # Training: the epochs, last.pt and --resume (engine.py runs each epoch)
 
-def checkpoint(t, args):
+def checkpoint(state, args):
     """last.pt: the weights and what rebuilds their model, the optimizer and scaler, progress, rngs and flags."""
     rng = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    return {"model": t.model.state_dict(), "vifi": vifi.checkpoint_config(t.model),
-            "optimizer": t.optimizer.state_dict(), "scaler": t.scaler.state_dict(), "epoch": t.epoch, "step": t.step,
-            "best_top1": t.best_top1, "best_epoch": t.best_epoch, "log": t.log, "rng": rng,
+    return {"model": state.model.state_dict(), "vifi": vifi.checkpoint_config(state.model),
+            "optimizer": state.optimizer.state_dict(), "scaler": state.scaler.state_dict(), "epoch": state.epoch, "step": state.step,
+            "best_top1": state.best_top1, "best_epoch": state.best_epoch, "log": state.log, "rng": rng,
             "args": {k: v for k, v in vars(args).items() if not k.startswith("_")}}
 
 
@@ -330,79 +331,92 @@ def read_last(path):
         ("log", isinstance(log, list) and all(isinstance(r, dict) and type(r.get("epoch")) is int and all(
             isinstance(v, (int, float, str)) for v in r.values()) for r in log))) if not ok]
     if malformed:
-        raise archive.CheckpointError(f"--resume {path}: its {malformed[0]} entry is not what train.py writes (the "
-                                      "file was edited or written by other code); resume from another last.pt, or "
-                                      "start from its weights with --checkpoint")
+        raise not_from_train(path, malformed[0], "the file was edited or written by other code")
     return ck
 
 
-def resume(t, path, args):
-    """Continue t from a last.pt written by a run of the same settings: weights, optimizer, scaler, progress, rngs."""
+def not_from_train(path, entry, why):
+    """The refusal of a last.pt whose `entry` is not what checkpoint() writes."""
+    return archive.CheckpointError(f"--resume {path}: its {entry} entry is not what train.py writes "
+                                   f"({why}); resume from another last.pt, or start from its weights "
+                                   "with --checkpoint")
+
+
+def resume(state, path, args):
+    """Continue state from a last.pt written by a run of the same settings: weights, optimizer, scaler, progress, rngs."""
     ck = read_last(path)
     saved = (ck["args"].get("dataset"), ck["args"].get("protocol"), ck["vifi"].get("classnames"))
-    if saved != (args.dataset, args.protocol, t.model.classnames):
+    if saved != (args.dataset, args.protocol, state.model.classnames):
         raise archive.CheckpointError(
             f"--resume {path} continues a {saved[1]} run on {saved[0]} ({len(saved[2] or [])} classes), not this "
-            f"{args.protocol} run on {args.dataset} ({len(t.model.classnames)} classes): resume with the flags "
+            f"{args.protocol} run on {args.dataset} ({len(state.model.classnames)} classes): resume with the flags "
             "of the run that wrote it, or start from its weights with --checkpoint")
-    clip_model.check_state_dict(ck["model"], t.model.state_dict(), path,
+    clip_model.check_state_dict(ck["model"], state.model.state_dict(), path,
                                 "the model these flags build: resume with the flags of the run that wrote it")
-    t.model.load_state_dict(ck["model"])
+    state.model.load_state_dict(ck["model"])
     try:
-        t.optimizer.load_state_dict(ck["optimizer"])
+        state.optimizer.load_state_dict(ck["optimizer"])
     except ValueError as e:  # the same weights, but other ones train (--mode, --towers)
         raise archive.CheckpointError(f"--resume {path}: its optimizer state does not fit what these flags "
                                       f"train ({e}); resume with the run's flags") from None
-    t.scaler.load_state_dict(ck["scaler"])
-    t.epoch, t.step, t.best_top1, t.best_epoch, t.log = (
+    state.scaler.load_state_dict(ck["scaler"])
+    state.epoch, state.step, state.best_top1, state.best_epoch, state.log = (
         ck["epoch"] + 1, ck["step"], ck["best_top1"], ck["best_epoch"], ck["log"])
     try:
         random.setstate(ck["rng"]["python"])
         torch.set_rng_state(ck["rng"]["torch"])
     except (TypeError, ValueError, RuntimeError) as e:  # the right types, the wrong contents
-        raise archive.CheckpointError(f"--resume {path}: its rng entry is not what train.py writes ({e}); resume "
-                                      "from another last.pt, or start from its weights with --checkpoint") from None
+        raise not_from_train(path, "rng", e) from None
     return ck
 
 
-def fit(model, train_set, tests, args, rt):
-    """Train from the first epoch (or --resume's) to the last; evaluate as the protocol says; save last.pt (and
-    best.pt, log.jsonl, curves.svg) after each epoch. Returns the Training and the final evaluation."""
-    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=args.lr, betas=(0.9, 0.98), eps=1e-8,
-                                  weight_decay=args.weight_decay, fused=rt.device.type == "cuda")
-    t = engine.Training(model, optimizer, torch.amp.GradScaler(rt.device.type, enabled=args.precision == "fp16"))
+def recipe_of(args):
+    """The settings engine.py's recipe and loops read, taken once from the resolved flags."""
+    return engine.Recipe(**{f.name: getattr(args, f.name) for f in dataclasses.fields(engine.Recipe)})
+
+
+def fit(model, train_set, tests, args, recipe, runtime):
+    """Train from the first epoch (or --resume's) to the last; evaluate as the protocol says; save
+    last.pt (and best.pt, log.jsonl, curves.svg) after each epoch. Returns the Training and the final
+    evaluation."""
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=recipe.lr, betas=(0.9, 0.98),
+                                  eps=1e-8, weight_decay=args.weight_decay,
+                                  fused=runtime.device.type == "cuda")
+    scaler = torch.amp.GradScaler(runtime.device.type, enabled=args.precision == "fp16")
+    state = engine.Training(model, optimizer, scaler)
     if args.resume:
-        ck = resume(t, args.resume, args)
-        if rt.rank == 0:  # whatever a kill right after last.pt's rename left unwritten
+        ck = resume(state, args.resume, args)
+        if runtime.rank == 0:  # whatever a kill right after last.pt's rename left unwritten
             write_outputs(ck, args.out)
-    forward = torch.compile(model) if args.compile else model
+    wrapped_model = torch.compile(model) if args.compile else model
     if dist.is_initialized():
-        forward = torch.nn.parallel.DistributedDataParallel(
-            forward, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
-    train_loader, main, results = engine.loader(train_set, args, rt, train=True), main_set(tests), None
-    if len(train_loader) < args.batch_size // (args.micro_batch * rt.world) and rt.rank == 0:  # micro-batches
-        print(f"warning: {len(train_set)} training videos are less than one batch of {args.batch_size}: each epoch "
-              "takes one optimizer step of all of them (the official code would take none)", file=sys.stderr)
-    for epoch in tqdm(range(t.epoch, args.epochs), desc="epochs", disable=not engine.bars(rt), initial=t.epoch,
-                      total=args.epochs):
-        t.epoch = epoch
-        row = engine.train_one_epoch(t, forward, train_loader, args, rt)
-        if epoch + 1 == args.epochs:  # the final evaluation: every test set, with the protocol's views
-            results = engine.evaluate_all(model, tests, args, rt)
-            row.update(top1=results[main]["top1"], top5=results[main]["top5"])
-        elif args.eval_every and epoch % args.eval_every == 0:  # as the official code: one view, the main set
-            quick = engine.evaluate_all(model, {main: single_view(tests[main])}, args, rt)
-            row.update(top1=quick[main]["top1"], top5=quick[main]["top5"])
-        t.log.append(row)
-        if row.get("top1", -1) > t.best_top1:
-            t.best_top1, t.best_epoch = row["top1"], epoch + 1
-        if rt.rank == 0:
-            ck = checkpoint(t, args)
+        device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+        wrapped_model = torch.nn.parallel.DistributedDataParallel(wrapped_model, device_ids=device_ids)
+    train_loader = engine.loader(train_set, recipe, runtime, train=True)
+    tracked_set, results = main_set(tests), None
+    engine.warn_short_epoch(train_loader, recipe, runtime)
+    for epoch in tqdm(range(state.epoch, recipe.epochs), desc="epochs", initial=state.epoch,
+                      total=recipe.epochs, disable=not engine.bars(runtime)):
+        state.epoch = epoch
+        row = engine.train_one_epoch(state, wrapped_model, train_loader, recipe, runtime)
+        if epoch + 1 == recipe.epochs:  # the final evaluation: every test set, the protocol's views
+            results = engine.evaluate_all(model, tests, recipe, runtime)
+            row.update(top1=results[tracked_set]["top1"], top5=results[tracked_set]["top5"])
+        elif args.eval_every and epoch % args.eval_every == 0:  # as the official code: one view
+            one_view = {tracked_set: single_view(tests[tracked_set])}
+            quick = engine.evaluate_all(model, one_view, recipe, runtime)
+            row.update(top1=quick[tracked_set]["top1"], top5=quick[tracked_set]["top5"])
+        state.log.append(row)
+        if row.get("top1", -1) > state.best_top1:
+            state.best_top1, state.best_epoch = row["top1"], epoch + 1
+        if runtime.rank == 0:
+            ck = checkpoint(state, args)
             save_atomic(ck, os.path.join(args.out, "last.pt"))
             write_outputs(ck, args.out)
-            tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+            tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                for k, v in row.items()))
             sys.stdout.flush()  # a log file or a pipe gets each epoch's line when the epoch ends
-    return t, results
+    return state, results
 
 
 def main_set(tests):
@@ -493,10 +507,10 @@ def save_atomic(obj, path):
             f"another --out. Any earlier {os.path.basename(path)} there is intact.") from None
 
 
-def write_results(args, model, train_set, t, results, wall_time):
-    """results.json and the table on stdout. t: the Training, None when the run only evaluated."""
-    log = t.log if t else []
-    best = dict(set=main_set(results), top1=t.best_top1, epoch=t.best_epoch) if t and t.best_epoch else None
+def write_results(args, model, train_set, state, results, wall_time):
+    """results.json and the table on stdout. state: the Training, None when the run only evaluated."""
+    log = state.log if state else []
+    best = dict(set=main_set(results), top1=state.best_top1, epoch=state.best_epoch) if state and state.best_epoch else None
     summary = dict(protocol=args.protocol, dataset=args.dataset, splits=protocols.splits_used(args), model=args.model,
                    mode=args.mode, checkpoint=args.checkpoint, norm=model.norm, frames=args.frames,
                    input_size=args.input_size, views=args.views,
@@ -532,27 +546,30 @@ def main(args):
     t_start = time.time()
     world = int(os.environ.get("WORLD_SIZE", 1))
     check_args(args, world)
-    rt = start(args, world)
+    runtime = start(args, world)
     # The data first (folders, split files, lists, a readable video), so that a wrong --root costs no download.
     protocols.check_data(args)
     also = [f"{url} -> {path}" for url, path, _ in vifi.model_files(args.model, args.model != "scratch")
             if not os.path.isfile(path)]  # offline: named in the same message as the split files
-    splits_dir = rank0_first(lambda: protocols.fetch_splits(args, also), rt)
+    splits_dir = rank0_first(lambda: protocols.fetch_splits(args, also), runtime)
     train_set, tests = protocols.datasets(args, splits_dir)
     protocols.check_readable({"train": train_set, **tests})
-    model = setup_model(args, train_set, tests, rt)
-    with own_out(args) if rt.rank == 0 else contextlib.nullcontext():
-        if rt.rank == 0:
+    model = setup_model(args, train_set, tests, runtime)
+    recipe = recipe_of(args)
+    with own_out(args) if runtime.rank == 0 else contextlib.nullcontext():
+        if runtime.rank == 0:
             for name, ds in {"train": train_set, **tests}.items():
                 if ds is not None:
                     data.write_list(ds, os.path.join(args.out, f"{name}_list.txt"),
                                     os.path.join(args.out, f"{name}_labels.csv"))
             warn_short_warm_up(args)
-        t, results = fit(model, train_set, tests, args, rt) if not args.eval_only else (None, None)
+        state, results = None, None
+        if not args.eval_only:
+            state, results = fit(model, train_set, tests, args, recipe, runtime)
         if results is None:  # evaluation only, or resumed after the last epoch
-            results = engine.evaluate_all(model, tests, args, rt)
-        if rt.rank == 0:
-            write_results(args, model, train_set, t, results, time.time() - t_start)
+            results = engine.evaluate_all(model, tests, recipe, runtime)
+        if runtime.rank == 0:
+            write_results(args, model, train_set, state, results, time.time() - t_start)
     if dist.is_initialized():
         dist.destroy_process_group()
     return results
