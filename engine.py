@@ -64,7 +64,7 @@ class Training:
     log: list = field(default_factory=list)  # one row per epoch
 
 
-# ------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The training recipe of the official code: its mixup / cutmix with label smoothing, timm's cosine
 # schedule, and the cross-entropy against the mixed targets
 
@@ -130,7 +130,7 @@ def soft_target_cross_entropy(logits, target):
     return torch.sum(-target * logits.float().log_softmax(-1), dim=-1).mean()
 
 
-# ------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Batches
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -215,7 +215,7 @@ class FailureLog:
         return f"{len(self.failures)} unreadable, first: " + "; ".join(lines) if lines else ""
 
 
-# ------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Training and evaluation
 
 def train_one_epoch(state, wrapped_model, loader, recipe, runtime):
