@@ -231,8 +231,7 @@ def train_one_epoch(state, wrapped_model, loader, recipe, runtime):
     group = min(accum, used)  # micro-batches per step: fewer only in an epoch shorter than a batch
     mean, std = data.NORMS[state.model.norm]
     failures, seen, t0, losses = FailureLog(len(loader.dataset)), 0, time.time(), []
-    # The rate in force: the one set after the last optimizer step so far (0 before the first, as
-    # timm's).
+    # The rate in force: the one set after the last optimizer step (0 before the first, as timm's).
     for g in state.optimizer.param_groups:
         g["lr"] = learning_rate(max(state.epoch - 1 / batches, 0.0), recipe)
     ddp = isinstance(wrapped_model, torch.nn.parallel.DistributedDataParallel)
@@ -240,7 +239,7 @@ def train_one_epoch(state, wrapped_model, loader, recipe, runtime):
                leave=False, disable=not bars(runtime))
     for i, batch in enumerate(bar):
         failures.update(batch["failed"])
-        # colour jitter and grayscale here, on the device, each clip its own way (data.normalize)
+        # colour jitter and grayscale happen here, on the device, with each clip's own matrix
         video = data.normalize(batch["video"].to(runtime.device, non_blocking=True), mean, std,
                                colour=batch["colour"].to(runtime.device, non_blocking=True))
         labels = batch["label"].to(runtime.device)

@@ -109,9 +109,10 @@ def resolve(args):
 OFFICIAL_COMMIT = "e2d1948307f582052078eb8a4afbeb50247166f1"
 OFFICIAL_URL = f"https://raw.githubusercontent.com/muzairkhattak/ViFi-CLIP/{OFFICIAL_COMMIT}/"
 OFFICIAL_SHA256 = os.path.join(os.path.dirname(os.path.abspath(__file__)), "official_splits.sha256")
-OFFICIAL_DATASETS = {"ucf101": ("ucf_101", "ucf"), "hmdb51": ("hmdb_51", "hmdb"), "ssv2": ("ssv2", "ssv2"),
-                     # (labels prefix, splits folder)
-                     "k400": ("kinetics_400", "k400"), "k600": (None, "k600")}
+# {dataset: (labels prefix, splits folder)}
+OFFICIAL_DATASETS = {"ucf101": ("ucf_101", "ucf"), "hmdb51": ("hmdb_51", "hmdb"),
+                     "ssv2": ("ssv2", "ssv2"), "k400": ("kinetics_400", "k400"),
+                     "k600": (None, "k600")}
 OFFICIAL_SHOTS = (2, 4, 8, 16)
 
 
@@ -170,8 +171,7 @@ def official_files(args):
     read with the official names)."""
     if args.protocol in ("few-shot", "base-novel", "supervised"):
         sets = official_sets(args.dataset, args.protocol, args.shots, args.seed)
-    # zero-shot evaluation (also of vanilla CLIP): the dataset's zero-shot sets
-    elif args.eval_only:
+    elif args.eval_only:  # zero-shot evaluation (also of vanilla CLIP): its zero-shot sets
         sets = official_sets(args.dataset, "zero-shot")
     else:  # zero-shot training: the whole training set, evaluated on its test list
         sets = official_sets(args.dataset, "supervised")

@@ -148,7 +148,7 @@ def get_args(argv=None):
         if share >= 1:
             divisors = range(1, min(args.micro_batch, share) + 1)
             args.micro_batch = max(d for d in divisors if share % d == 0)
-    # (a --resume that names no file, or comes with --eval-only, check_args refuses)
+    # a --resume that names no file, or comes with --eval-only, is refused by check_args
     if args.resume and os.path.isfile(args.resume) and not args.eval_only:
         restore_settings(args, given)
     args._given = given
@@ -313,7 +313,7 @@ def setup_model(args, train_set, tests, runtime):
     ck = vifi.read_checkpoint(args.checkpoint) if args.checkpoint else None
     own = vifi.load_checkpoint(args.checkpoint, ck=ck) if ck and "vifi" in ck else None
     need_vocab = args.model != "scratch"  # the scratch CLIP reads bytes
-    # own: holds its CLIP
+    # an own checkpoint holds its CLIP: no model to fetch
     rank0_first(lambda: vifi.fetch_model_files(None if own else args.model, need_vocab), runtime)
     clip = own.clip if own else load_clip(args)
     args.input_size = args.input_size or clip.config.image_resolution
@@ -551,8 +551,7 @@ def write_outputs(ck, out):
         f.writelines(json.dumps(row) + "\n" for row in ck["log"])
     try:
         report.write_curves(ck["log"], os.path.join(out, "curves.svg"))
-    # a picture of log.jsonl: not worth stopping a run whose checkpoint is safe
-    except OSError as e:
+    except OSError as e:  # a picture of log.jsonl: not worth stopping a run, its checkpoint is safe
         print(f"warning: could not write {os.path.join(out, 'curves.svg')} ({e.strerror or e}); training goes on, "
               "and log.jsonl holds the same numbers", file=sys.stderr)
 
@@ -564,8 +563,7 @@ def save_atomic(obj, path):
     try:
         with archive.replacing(path, "wb") as f:
             torch.save(obj, f)
-    # torch reports a full disk as RuntimeError("... unexpected pos ...")
-    except (OSError, RuntimeError) as e:
+    except (OSError, RuntimeError) as e:  # torch reports a full disk as RuntimeError("...")
         reason = e.strerror if isinstance(e, OSError) and e.strerror else "the write stopped short"
         free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
         raise archive.CheckpointError(
