@@ -1,27 +1,22 @@
 """
-The paper's protocols, as the official code (github.com/muzairkhattak/ViFi-CLIP at commit e2d1948) runs them.
+The paper's protocols, as the official code (github.com/muzairkhattak/ViFi-CLIP at commit e2d1948)
+runs them: which videos, classes and settings each of the paper's tables uses.
 
-A protocol is four things:
-- its settings (PRESETS): frames, batch, learning rate, epochs, test views, how often it evaluates, and which
-  evaluation the paper's tables report (REPORTED);
-- its training recipe: mixup / cutmix with label smoothing (mix, as the official datasets/blending.py) and the
-  warm-up + cosine schedule (learning_rate, as the timm class the official code calls);
-- its videos and class names: the official repository's list and label files (official_sets), pinned by sha256
-  in official_splits.sha256 beside this file, fetched once (fetch_splits) and read under the user's --root, where
-  videos are found by file name; or, with --splits native, a dataset's own lists and a seeded draw (not the
-  paper's split, and results.json says so);
+A protocol is three things:
+- its settings (PRESETS): frames, batch, learning rate, epochs, test views, how often it evaluates,
+  and which evaluation the paper's tables report (REPORTED); engine.py's recipe runs them;
+- its videos and class names: the official repository's list and label files (official_sets),
+  pinned by sha256 in official_splits.sha256 beside this file, fetched once (fetch_splits) and read
+  under the user's --root, where videos are found by file name; or, with --splits native, a
+  dataset's own lists and a seeded draw (not the paper's split, and results.json says so);
 - its test sets: one, base and novel halves, or three folds / subsets reported as mean and std.
 
-`resolve(args)` turns the command line into a protocol and its settings; `datasets(args, folder)` builds the
-training set and the test sets. train.py runs them; nothing here knows about models.
+`resolve(args)` turns the command line into a protocol and its settings; `datasets(args, folder)`
+builds the training set and the test sets. train.py runs them; nothing here knows about models.
 """
 import hashlib
-import math
 import os
-import random
 import sys
-
-import torch
 
 import archive
 import data
@@ -29,9 +24,10 @@ import data
 PROTOCOLS = ["few-shot", "base-novel", "zero-shot", "supervised", "vanilla-zero-shot"]
 EVAL_DATASETS = ["ucf101", "hmdb51", "k600", "k400", "ssv2"]  # what --eval-datasets may name
 
-# Settings per protocol (Sec. 4 and the official configs); a flag given on the command line wins. eval_every: the
-# official code evaluates after epoch e (0-based) when e % SAVE_FREQ == 0 and after the last one, so a few-shot
-# run evaluates after epochs 1, 11, 21, 31, 41 and 50, a supervised run after every epoch.
+# Settings per protocol (Sec. 4 and the official configs); a flag given on the command line wins.
+# eval_every: the official code evaluates after epoch e (0-based) when e % SAVE_FREQ == 0 and after
+# the last one, so a few-shot run evaluates after epochs 1, 11, 21, 31, 41 and 50, a supervised run
+# after every epoch.
 PRESETS = {
     "few-shot":          dict(frames=32, batch_size=64, lr=2e-6, epochs=50, eval_every=10),
     "few-shot-prompt":   dict(frames=32, batch_size=64, lr=8e-3, epochs=50, eval_every=10, n_ctx=[10], depth=[12]),
@@ -41,27 +37,31 @@ PRESETS = {
     "zero-shot":         dict(frames=32, batch_size=256, lr=8e-6, epochs=10, eval_every=1),
     "supervised":        dict(frames=16, batch_size=512, lr=2.2e-5, epochs=30, eval_every=1, views="4x3"),
     "vanilla-zero-shot": dict(frames=32, epochs=0),
-    # The offline demo: a small CLIP from scratch with the byte-level tokenizer on rendered clips; its base
-    # classes train, its novel classes (unseen combinations of seen words) are only evaluated.
+    # The offline demo: a small CLIP from scratch with the byte-level tokenizer on rendered clips;
+    # its base classes train, its novel classes (unseen combinations of seen words) are only
+    # evaluated.
     "synthetic":         dict(model="scratch", template="{}", frames=8, batch_size=32, micro_batch=32, lr=7e-4,
                               epochs=40, eval_every=5, warmup_epochs=1, label_smoothing=0.0, mixup=0.0, cutmix=0.0,
                               workers=0),
 }
 # Fine-tuning one encoder only (--towers image / text), supervised: the official
-# configs/fully_supervised/k400/16_16_{image,text}_tuned_clip.yaml (4 clips x 8 accumulation x 8 GPUs). Their
-# zero-shot training configs use the zero-shot preset's batch and rate for every --towers.
+# configs/fully_supervised/k400/16_16_{image,text}_tuned_clip.yaml (4 clips x 8 accumulation x 8
+# GPUs). Their zero-shot training configs use the zero-shot preset's batch and rate for every
+# --towers.
 ONE_TOWER = {"supervised": dict(batch_size=256, lr=8e-6)}
 DEFAULTS = dict(model="ViT-B/16", frames=32, batch_size=64, micro_batch=8, lr=2e-6, epochs=10, eval_every=0,
                 warmup_epochs=5, weight_decay=0.001, label_smoothing=0.1, mixup=0.8, cutmix=1.0, mix_switch=0.5,
                 views="1x1", shots=0, n_ctx=[10], depth=[12], workers=min(8, os.cpu_count() or 1))
-# Which evaluation the paper's tables report: few-shot logs the best of its evaluations ("Max accuracy"); the
-# other protocols take the final model (base-to-novel evaluates novel classes with the last epoch's weights).
+# Which evaluation the paper's tables report: few-shot logs the best of its evaluations ("Max
+# accuracy"); the other protocols take the final model (base-to-novel evaluates novel classes with
+# the last epoch's weights).
 REPORTED = {"few-shot": "best", "base-novel": "final", "zero-shot": "final", "supervised": "final",
             "vanilla-zero-shot": "final", "synthetic": "final"}
 
 
 def infer(args):
-    """The protocol the flags describe, when --protocol is not given (--dataset list must give it)."""
+    """The protocol the flags describe, when --protocol is not given (--dataset list must give
+    it)."""
     if args.dataset == "synthetic":
         return "synthetic"
     if args.mode == "zeroshot":
@@ -76,18 +76,21 @@ def infer(args):
 
 
 def resolve(args):
-    """Fill in the protocol and every setting left out on the command line (its preset, then DEFAULTS)."""
+    """Fill in the protocol and every setting left out on the command line (its preset, then
+    DEFAULTS)."""
     args.eval_datasets = [name for name in (args.eval_datasets or "").split(",") if name]
     args.protocol = args.protocol or infer(args)
     args.base_novel = args.protocol == "base-novel"
     preset = args.protocol
-    if args.mode == "prompt" and preset + "-prompt" in PRESETS:  # bridge and prompt: its own rates and sizes
+    # bridge and prompt: its own rates and sizes
+    if args.mode == "prompt" and preset + "-prompt" in PRESETS:
         preset += "-prompt"
     given = {k: v for k, v in vars(args).items() if v is not None}
     towers = ONE_TOWER.get(preset, {}) if args.mode == "finetune" and args.towers != "both" else {}
     for k, v in {**DEFAULTS, **PRESETS[preset], **towers, **given}.items():
         setattr(args, k, v)
-    if args.protocol == "vanilla-zero-shot" or args.mode == "zeroshot":  # vanilla CLIP: nothing trains
+    # vanilla CLIP: nothing trains
+    if args.protocol == "vanilla-zero-shot" or args.mode == "zeroshot":
         args.eval_only = True
     if args.splits is None:
         args.splits = "official" if args.dataset in OFFICIAL_DATASETS else "native"
@@ -97,70 +100,19 @@ def resolve(args):
     return args
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The training recipe of the official code: its mixup / cutmix with label smoothing, and timm's cosine schedule
-
-MIX_GROUP = 4  # clips per GPU in the official runs: each GPU mixes its own batch of 4
-
-
-def mix(video, labels, num_classes, args):
-    """Mixup / CutMix with label smoothing as the official datasets/blending.py (CutmixMixupBlending, called from
-    main.py; not timm's): the clips are mixed within groups of MIX_GROUP, the official per-GPU batch, whatever
-    --micro-batch is, each group with its own draws (mix_group). The same box for every frame.
-    video: (B, T, 3, H, W) float, labels: (B,) -> mixed video, soft targets (B, C)."""
-    off = args.label_smoothing / num_classes
-    target = torch.full((len(labels), num_classes), off, device=video.device)
-    target.scatter_(1, labels[:, None], 1 - args.label_smoothing + off)
-    groups = [mix_group(v, t, args) for v, t in zip(video.split(MIX_GROUP), target.split(MIX_GROUP))]
-    return torch.cat([v for v, _ in groups]), torch.cat([t for _, t in groups])
-
-
-def mix_group(video, target, args):
-    """One group: CutMix with probability mix_switch, else Mixup; lambda ~ Beta(alpha, alpha); each clip's partner
-    from a random permutation of the group (a clip may meet itself, as with the official torch.randperm). CutMix:
-    a box of sides sqrt(1 - lambda) of the frame's, centred on a uniform pixel and cut at the borders (so on
-    average 0.32 of the frame is pasted, not 0.5), and lambda recomputed from the box that was pasted."""
-    use_cutmix = args.cutmix > 0 and (args.mixup <= 0 or random.random() < args.mix_switch)
-    alpha = args.cutmix if use_cutmix else args.mixup
-    if alpha <= 0:
-        return video, target
-    lam = random.betavariate(alpha, alpha)
-    partner = torch.tensor(random.sample(range(len(video)), len(video)), device=video.device)
-    if use_cutmix:
-        H, W = video.shape[-2:]
-        h, w = int(H * math.sqrt(1 - lam)), int(W * math.sqrt(1 - lam))
-        cx, cy = random.randrange(W), random.randrange(H)
-        x0, x1, y0, y1 = max(cx - w // 2, 0), min(cx + w // 2, W), max(cy - h // 2, 0), min(cy + h // 2, H)
-        video = video.clone()
-        video[..., y0:y1, x0:x1] = video[partner][..., y0:y1, x0:x1]
-        lam = 1 - (y1 - y0) * (x1 - x0) / (H * W)  # the share of the pixels kept
-    else:
-        video = lam * video + (1 - lam) * video[partner]
-    return video, lam * target + (1 - lam) * target[partner]
-
-
-def learning_rate(progress, args):
-    """The official schedule (timm's CosineLRScheduler as the official code sets it up) after `progress` epochs of
-    training: a linear warm-up from 0 over warmup_epochs, and a cosine from --lr down to --lr / 100 over the whole
-    run. The cosine is measured from the run's start, not from the warm-up's end (timm's warmup_prefix is off), so
-    right after the warm-up the rate is already below the peak. A function of progress alone: the same curve on any
-    number of GPUs and any micro-batch."""
-    if progress < args.warmup_epochs:
-        return args.lr * progress / args.warmup_epochs
-    floor = args.lr / 100
-    return floor + 0.5 * (args.lr - floor) * (1 + math.cos(math.pi * min(progress / args.epochs, 1.0)))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The official list and label files. Every protocol is a set of them (official_sets), read by the list dataset
-# under each dataset's root. fetch_splits puts them in a folder laid out as the repository (labels/,
-# datasets_splits/), each checked against official_splits.sha256 (`sha256sum` format).
+# --------------------------------------------------------------------------------------------------
+# The official list and label files. Every protocol is a set of them (official_sets), read by the
+# list dataset under each dataset's root. fetch_splits puts them in a folder laid out as the
+# repository (labels/, datasets_splits/), each checked against official_splits.sha256 (`sha256sum`
+# format).
 
 OFFICIAL_COMMIT = "e2d1948307f582052078eb8a4afbeb50247166f1"
 OFFICIAL_URL = f"https://raw.githubusercontent.com/muzairkhattak/ViFi-CLIP/{OFFICIAL_COMMIT}/"
 OFFICIAL_SHA256 = os.path.join(os.path.dirname(os.path.abspath(__file__)), "official_splits.sha256")
-OFFICIAL_DATASETS = {"ucf101": ("ucf_101", "ucf"), "hmdb51": ("hmdb_51", "hmdb"), "ssv2": ("ssv2", "ssv2"),
-                     "k400": ("kinetics_400", "k400"), "k600": (None, "k600")}  # (labels prefix, splits folder)
+# {dataset: (labels prefix, splits folder)}
+OFFICIAL_DATASETS = {"ucf101": ("ucf_101", "ucf"), "hmdb51": ("hmdb_51", "hmdb"),
+                     "ssv2": ("ssv2", "ssv2"), "k400": ("kinetics_400", "k400"),
+                     "k600": (None, "k600")}
 OFFICIAL_SHOTS = (2, 4, 8, 16)
 
 
@@ -172,21 +124,27 @@ def official_hashes():
 
 def official_sets(dataset, protocol, shots=0, seed=1):
     """{set name: (list file, labels file)}, paths inside the official repository, for one protocol:
-    few-shot: 'train' (the K-shot list of split 1) and 'test' (split 1's test list, SSv2's validation list);
-    base-novel: 'train' (16 shots per base class, seeds 1-3), 'base' and 'novel' with their own label files;
-    supervised: 'test' only (the paper trains on the whole training set, which is the dataset's own list);
-    zero-shot: the evaluation sets: the three test folds of UCF101 / HMDB51, the three 160-class Kinetics-600
-    subsets, or the test list (Kinetics-400, SSv2)."""
+    - few-shot: 'train' (the K-shot list of split 1) and 'test' (split 1's test list, SSv2's
+      validation list);
+    - base-novel: 'train' (16 shots per base class, seeds 1-3), 'base' and 'novel' with their own
+      label files;
+    - supervised: 'test' only (the paper trains on the whole training set, the dataset's own list);
+    - zero-shot: the evaluation sets: the three test folds of UCF101 / HMDB51, the three 160-class
+      Kinetics-600 subsets, or the test list (Kinetics-400, SSv2)."""
     if dataset not in OFFICIAL_DATASETS:
-        raise data.DatasetError(f"the official repository has no splits for {dataset!r}; use --splits native")
+        raise data.DatasetError(f"the official repository has no splits for {dataset!r}; use "
+                                "--splits native")
     labels, folder = OFFICIAL_DATASETS[dataset]
     lists = f"datasets_splits/{folder}_splits/"
     full = f"labels/{labels}_labels.csv"
-    test = {"ucf101": "val1.txt", "hmdb51": "val1.txt", "ssv2": "validation.txt", "k400": "val.txt"}.get(dataset)
+    tests = {"ucf101": "val1.txt", "hmdb51": "val1.txt", "ssv2": "validation.txt", "k400": "val.txt"}
+    test = tests.get(dataset)
     if protocol == "few-shot" and dataset in ("ucf101", "hmdb51", "ssv2") and shots in OFFICIAL_SHOTS:
-        return {"train": (lists + f"train1_few_shot_{shots}.txt", full), "test": (lists + test, full)}
+        return {"train": (lists + f"train1_few_shot_{shots}.txt", full),
+                "test": (lists + test, full)}
     if protocol == "base-novel" and dataset != "k600" and seed in (1, 2, 3):
-        b2n, half = f"datasets_splits/base2novel_splits/{folder}_splits/", labels.replace("ssv2", "ssv2_174")
+        b2n = f"datasets_splits/base2novel_splits/{folder}_splits/"
+        half = labels.replace("ssv2", "ssv2_174")
         return {"train": (b2n + f"fs_base_s{seed}_train.txt", f"labels/{half}_base_labels.csv"),
                 "base": (b2n + "base_val.txt", f"labels/{half}_base_labels.csv"),
                 "novel": (b2n + "novel_val.txt", f"labels/{half}_novel_labels.csv")}
@@ -196,56 +154,64 @@ def official_sets(dataset, protocol, shots=0, seed=1):
         if dataset in ("ucf101", "hmdb51"):
             return {f"{dataset}-fold{k}": (lists + f"val{k}.txt", full) for k in (1, 2, 3)}
         if dataset == "k600":
-            return {f"k600-subset{k}": (lists + f"ZS_split{k}_K600_eval.txt", f"labels/ZS_split{k}_K600.csv")
-                    for k in (1, 2, 3)}
+            return {f"k600-subset{k}": (lists + f"ZS_split{k}_K600_eval.txt",
+                                        f"labels/ZS_split{k}_K600.csv") for k in (1, 2, 3)}
         return {"test": (lists + test, full)}
-    given = {"few-shot": f" with --shots {shots}", "base-novel": f" with --seed {seed}"}.get(protocol, "")
-    raise data.DatasetError(f"the paper has no {protocol} split of {dataset}{given} (few-shot: ucf101, hmdb51, ssv2 "
-                            f"with --shots {'/'.join(map(str, OFFICIAL_SHOTS))}; base-novel: ucf101, hmdb51, ssv2, "
-                            "k400 with --seed 1-3; supervised: k400); --splits native draws one from the dataset's "
-                            "own lists")
+    given = {"few-shot": f" with --shots {shots}", "base-novel": f" with --seed {seed}"}
+    given = given.get(protocol, "")
+    raise data.DatasetError(f"the paper has no {protocol} split of {dataset}{given} (few-shot: "
+                            f"ucf101, hmdb51, ssv2 with --shots {'/'.join(map(str, OFFICIAL_SHOTS))}; "
+                            "base-novel: ucf101, hmdb51, ssv2, k400 with --seed 1-3; supervised: "
+                            "k400); --splits native draws one from the dataset's own lists")
 
 
 def official_files(args):
-    """{set name: (dataset, list file, labels file)} of the official repository for this run; 'train' maps to
-    None where the paper trains on a whole training set (the dataset's own list, read with the official names)."""
+    """{set name: (dataset, list file, labels file)} of the official repository for this run;
+    'train' maps to None where the paper trains on a whole training set (the dataset's own list,
+    read with the official names)."""
     if args.protocol in ("few-shot", "base-novel", "supervised"):
         sets = official_sets(args.dataset, args.protocol, args.shots, args.seed)
-    elif args.eval_only:  # zero-shot evaluation (also of vanilla CLIP): the dataset's zero-shot sets
+    elif args.eval_only:  # zero-shot evaluation (also of vanilla CLIP): its zero-shot sets
         sets = official_sets(args.dataset, "zero-shot")
     else:  # zero-shot training: the whole training set, evaluated on its test list
         sets = official_sets(args.dataset, "supervised")
-    files = {"train": None} if args.protocol in ("supervised", "zero-shot") and not args.eval_only else {}
-    files.update((name, (args.dataset, *f)) for name, f in sets.items() if not (args.eval_only and name == "train"))
+    whole = args.protocol in ("supervised", "zero-shot") and not args.eval_only
+    files = {"train": None} if whole else {}
+    files.update((name, (args.dataset, *f)) for name, f in sets.items()
+                 if not (args.eval_only and name == "train"))
     for name in args.eval_datasets:
         files.update((k, (name, *f)) for k, f in official_sets(name, "zero-shot").items())
     return files
 
 
 def check_official_file(folder, path, sha256):
-    """The local copy of an official file, if it is there and intact; None if absent; DatasetError if altered."""
+    """The local copy of an official file, if it is there and intact; None if absent; DatasetError
+    if altered."""
     local = os.path.join(folder, path)
     if not os.path.isfile(local):
         return None
     with open(local, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()
     if digest != sha256:
-        raise data.DatasetError(f"{local} is not the official file (sha256 {digest}, expected {sha256} for {path} at "
-                                f"commit {OFFICIAL_COMMIT[:7]}); restore it, or delete it to fetch it again")
+        raise data.DatasetError(f"{local} is not the official file (sha256 {digest}, expected {sha256} "
+                                f"for {path} at commit {OFFICIAL_COMMIT[:7]}); restore it, or delete "
+                                "it to fetch it again")
     return local
 
 
 def fetch_splits(args, also=()):
-    """The folder holding the official files this run reads (None for --splits native): a copy given with --splits
-    DIR, or the cache, where missing files are downloaded once and checked against their pinned sha256. `also`:
-    other missing downloads ('url -> path' lines), named in the same message when offline."""
+    """The folder holding the official files this run reads (None for --splits native): a copy given
+    with --splits DIR, or the cache, where missing files are downloaded once and checked against
+    their pinned sha256. `also`: other missing downloads ('url -> path' lines), named in the same
+    message when offline."""
     if args.splits == "native" or args.dataset in ("synthetic", "list"):
         return None
     local = args.splits != "official"
     if local and not os.path.isdir(args.splits):
         raise data.DatasetError(f"--splits {args.splits!r}: expected 'official', 'native' or a folder holding the "
                                 "official repository's labels/ and datasets_splits/")
-    folder = args.splits if local else os.path.join(archive.cache_dir(), f"splits-{OFFICIAL_COMMIT[:7]}")
+    folder = (args.splits if local else
+              os.path.join(archive.cache_dir(), f"splits-{OFFICIAL_COMMIT[:7]}"))
     hashes, failed = official_hashes(), []
     for path in sorted({path for f in official_files(args).values() if f for path in f[1:]}):
         if check_official_file(folder, path, hashes[path]) is not None:
@@ -259,8 +225,9 @@ def fetch_splits(args, also=()):
             why = "sha256 mismatch, nothing written" if "corrupt" in str(e) else "no network?"
             failed.append(f"{OFFICIAL_URL + path} -> {os.path.join(folder, path)} ({why})")
     if failed:
-        raise data.DatasetError(f"{len(failed)} of the paper's split files that this run reads could not be found or "
-                                "fetched:\n  " + "\n  ".join(failed) + "\nPlace them there, or clone "
+        raise data.DatasetError(f"{len(failed)} of the paper's split files that this run reads "
+                                "could not be found or fetched:\n  " + "\n  ".join(failed) +
+                                "\nPlace them there, or clone "
                                 "github.com/muzairkhattak/ViFi-CLIP elsewhere and pass --splits CLONE" +
                                 "".join(f"\nThe model needs too: {line}" for line in also))
     return folder
@@ -269,25 +236,30 @@ def fetch_splits(args, also=()):
 def splits_used(args):
     """Where the run's videos and classes came from, for results.json."""
     if args.dataset in ("synthetic", "list"):
-        return "the synthetic set" if args.dataset == "synthetic" else "the given list files, as they are"
+        synthetic = args.dataset == "synthetic"
+        return "the synthetic set" if synthetic else "the given list files, as they are"
     if args.splits == "native":
-        return (f"native: {args.dataset}'s own lists" + (f", seeded draw (seed {args.seed}), NOT the paper's split"
-                                                         if args.protocol in ("few-shot", "base-novel") else ""))
+        drawn = args.protocol in ("few-shot", "base-novel")
+        return (f"native: {args.dataset}'s own lists" +
+                (f", seeded draw (seed {args.seed}), NOT the paper's split" if drawn else ""))
     return f"official: github.com/muzairkhattak/ViFi-CLIP at {OFFICIAL_COMMIT[:7]} ({args.splits})"
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The datasets of a run
 
 def default_root(name):
-    """Where a dataset is looked for without --root / --eval-roots: $VIFI_DATA/<name>, VIFI_DATA defaulting to ./data."""
+    """Where a dataset is looked for without --root / --eval-roots: $VIFI_DATA/<name>, VIFI_DATA
+    defaulting to ./data."""
     return os.path.join(os.environ.get("VIFI_DATA", "data"), name)
 
 
 def data_roots(args):
-    """{dataset: folder} of the training and evaluation sets: --root, --eval-roots, else default_root."""
+    """{dataset: folder} of the training and evaluation sets: --root, --eval-roots, else
+    default_root."""
     given = dict(kv.split("=", 1) for kv in args.eval_roots.split(",") if kv)
-    return {args.dataset: args.root, **{name: given.get(name) or default_root(name) for name in args.eval_datasets}}
+    evaluated = {name: given.get(name) or default_root(name) for name in args.eval_datasets}
+    return {args.dataset: args.root, **evaluated}
 
 
 def check_data(args):
@@ -298,14 +270,16 @@ def check_data(args):
 
 
 def check_readable(sets):
-    """After the lists are read: a video of each set decodes (a copy of the wrong or of empty files stops here)."""
+    """After the lists are read: a video of each set decodes (a copy of the wrong or of empty files
+    stops here)."""
     for name, dataset in sets.items():
         if dataset is None or isinstance(dataset, data.SyntheticVideos):
             continue
         reasons = []
         for path, _ in dataset.samples[:5]:
             try:
-                data.read_frames(path, [0], short_side=256)  # scaled as training reads it: memory stays small
+                # scaled as training reads it: memory stays small
+                data.read_frames(path, [0], short_side=256)
                 break
             except data.VideoError as e:
                 reasons.append(str(e))
@@ -316,19 +290,23 @@ def check_readable(sets):
 
 
 def datasets(args, splits_dir=None):
-    """(train set or None, {name: test set}) of the protocol: the official lists (copies in `splits_dir`) read
-    under each dataset's root, or the dataset's own lists (--splits native, the synthetic set, list files)."""
+    """(train set or None, {name: test set}) of the protocol: the official lists (copies in
+    `splits_dir`) read under each dataset's root, or the dataset's own lists (--splits native, the
+    synthetic set, list files)."""
     clips, crops = data.parse_views(args.views)
-    common = dict(frames=args.frames, size=args.input_size, clips=clips, crops=crops, seed=args.seed)
+    common = dict(frames=args.frames, size=args.input_size, clips=clips, crops=crops,
+                  seed=args.seed)
     roots = data_roots(args)
     if args.splits == "native" or args.dataset in ("synthetic", "list"):
         return native_datasets(args, roots, common)
     files = official_files(args)
-    sets = {name: official_list(roots[f[0]], f, splits_dir, "train" if name == "train" else "test", common)
-            for name, f in files.items() if f}
+    sets = {name: official_list(roots[f[0]], f, splits_dir, "train" if name == "train" else "test",
+                                common) for name, f in files.items() if f}
     train = sets.pop("train", None)
-    if "train" in files and train is None:  # the whole training set: the dataset's own list, the official names
-        train = relabel(data.build_dataset(args.dataset, args.root, "train", **common), sets["test"].classnames)
+    # the whole training set: the dataset's own list, the official names
+    if "train" in files and train is None:
+        own = data.build_dataset(args.dataset, args.root, "train", **common)
+        train = relabel(own, sets["test"].classnames)
     return train, sets
 
 
@@ -345,21 +323,23 @@ def official_list(root, files, splits_dir, split, common):
 
 
 def relabel(dataset, classnames):
-    """The same videos with labels given by name in `classnames` (a dataset's own list read with the official class
-    list); every class of the dataset must be there, by its exact name."""
+    """The same videos with labels given by name in `classnames` (a dataset's own list read with the
+    official class list); every class of the dataset must be there, by its exact name."""
     new_label = {name: i for i, name in enumerate(classnames)}
     unknown = [name for name in dataset.classnames if name not in new_label]
     if unknown:
         raise data.DatasetError(f"{len(unknown)} classes of {dataset.root} are not in the official class list, e.g. "
                                 f"{unknown[:3]}; rename them or use --splits native")
-    return dataset.subset([(path, new_label[dataset.classnames[label]]) for path, label in dataset.samples], classnames)
+    samples = [(path, new_label[dataset.classnames[label]]) for path, label in dataset.samples]
+    return dataset.subset(samples, classnames)
 
 
 def native_datasets(args, roots, common):
-    """The dataset's own train and test lists; base / novel halves and few-shot subsets drawn with the seed
-    (not the paper's); list files as they are."""
+    """The dataset's own train and test lists; base / novel halves and few-shot subsets drawn with
+    the seed (not the paper's); list files as they are."""
     def build(name, split, fold=args.fold):
-        lists = {"train": args.train_list, "test": args.test_list}  # only --dataset list reads these
+        # only --dataset list reads these
+        lists = {"train": args.train_list, "test": args.test_list}
         return data.build_dataset(name, roots.get(name), split, fold=fold, list_file=lists[split],
                                   labels_file=args.labels, **common)
 
@@ -371,16 +351,19 @@ def native_datasets(args, roots, common):
         base, novel = data.base_novel_classes(train or build(args.dataset, "train"))
         train = train and data.subset_classes(train, base)
         tests = {"base": data.subset_classes(test, base), "novel": data.subset_classes(test, novel)}
-    if drawn and train is not None and args.shots and args.protocol in ("few-shot", "base-novel", "synthetic"):
+    few_shot = args.protocol in ("few-shot", "base-novel", "synthetic")
+    if drawn and train is not None and args.shots and few_shot:
         train = data.few_shot(train, args.shots, args.seed)
     if drawn and args.protocol in ("few-shot", "base-novel"):
         print(f"note: --splits native: {args.protocol} videos and classes drawn with seed {args.seed}, not the "
               "paper's lists; its numbers are not comparable with the paper's", file=sys.stderr)
     for name in args.eval_datasets:
-        if name == "k600":  # Kinetics-600 classes absent from Kinetics-400, three seeded subsets of 160
+        # Kinetics-600 classes absent from Kinetics-400, three seeded subsets of 160
+        if name == "k600":
             k600 = build("k600", "test")
             for s in (1, 2, 3):
-                tests[f"k600-subset{s}"] = data.k600_novel_subset(k600, (train or test).classnames, seed=s)
+                known = (train or test).classnames
+                tests[f"k600-subset{s}"] = data.k600_novel_subset(k600, known, seed=s)
         else:
             for fold in (1, 2, 3):
                 tests[f"{name}-fold{fold}"] = build(name, "test", fold=fold)

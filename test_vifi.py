@@ -2465,15 +2465,7 @@ def kinetics_tree(root, video, per_class=20):
     return classes
 
 
-def smoothed(labels, num_classes, smoothing):
-    """One-hot targets with label smoothing, as timm's: 1 - s + s / C on the label, s / C elsewhere."""
-    target = torch.full((len(labels), num_classes), smoothing / num_classes)
-    for i, label in enumerate(labels):
-        target[i, label] = 1 - smoothing + smoothing / num_classes
-    return target
-
-
-# Presets and the learning rate
+# Presets
 
 def test_presets_follow_the_protocol_and_flags_win():
     args = train.get_args(["--dataset", "ucf101", "--root", "x", "--shots", "8"])
@@ -2500,29 +2492,6 @@ def test_presets_follow_the_protocol_and_flags_win():
     for flags, protocol in ((["--shots", "8"], "few-shot"), (["--base-novel"], "base-novel"),
                             (["--mode", "zeroshot"], "vanilla-zero-shot")):  # the flags imply one: no --protocol needed
         assert train.get_args(["--dataset", "list", "--root", "x", *flags]).protocol == protocol
-
-
-def test_lr_is_the_official_timm_schedule_at_every_epoch_end(tmp_path):
-    """timm's CosineLRScheduler(t_initial=E*n, lr_min=lr/100, warmup_lr_init=0, warmup_t=W*n, cycle_limit=1,
-    t_in_epochs=False), stepped with step_update(epoch * n + i) after micro-batch i closes an accumulation group,
-    written out here: at the end of epoch e the rate in force is the one for t = e * n + n - 1."""
-    def timm(t, peak, n, epochs, warmup):
-        warmup_t, t_initial, floor = int(warmup * n), int(epochs * n), peak / 100
-        if t < warmup_t:
-            return peak * t / warmup_t
-        return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * t / t_initial)) if t < t_initial else floor
-
-    run = ["--dataset", "synthetic", "--shots", "2", "--batch-size", "6", "--micro-batch", "3", "--epochs", "4",
-           "--warmup-epochs", "2", "--lr", "0.01", "--eval-every", "0", "--device", "cpu", "--frames", "2"]
-    train.main(train.get_args(run + ["--out", str(tmp_path)]))
-    n = 18 // 3  # 9 base classes x 2 shots, micro-batches of 3
-    log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
-    for e, row in enumerate(log):
-        assert row["lr"] == pytest.approx(timm(e * n + n - 1, 0.01, n, 4, 2), rel=1e-9, abs=0)
-    assert log[2]["lr"] < 0.01 * 0.6  # the cosine counts from step 0: right after warm-up the rate is below the peak
-    args = train.get_args(run)
-    assert protocols.learning_rate(0, args) == 0  # the first optimizer step runs at the warm-up's start value
-    assert protocols.learning_rate(2.0, args) == pytest.approx(0.0001 + 0.5 * 0.0099 * (1 + math.cos(math.pi / 2)))
 
 
 # The official split files: the videos and classes of each of the paper's tables
@@ -2673,120 +2642,6 @@ def test_split_files_are_downloaded_checked_and_named_when_offline(tmp_path, mon
                                            "--splits", str(copy)]))
 
 
-# Mixup and cutmix
-
-def test_mix_targets_sum_to_one_and_keep_frames_aligned():
-    args = argparse.Namespace(label_smoothing=0.1, mixup=0.8, cutmix=1.0, mix_switch=0.5)
-    video = torch.arange(4.0).view(4, 1, 1, 1, 1).expand(4, 3, 3, 8, 8)
-    for _ in range(10):
-        mixed, target = protocols.mix(video, torch.tensor([0, 1, 2, 3]), 5, args)
-        torch.testing.assert_close(target.sum(1), torch.ones(4))
-        assert torch.equal(mixed[:, :1].expand_as(mixed), mixed)  # the same mix for every frame of a clip
-        assert target.max() <= 0.9 + 0.1 / 5 + 1e-6
-
-
-def test_mixup_mixes_video_and_targets_with_the_same_lambda():
-    args = argparse.Namespace(label_smoothing=0.1, mixup=0.8, cutmix=0.0, mix_switch=0.5)
-    torch.manual_seed(0)
-    video, labels = torch.randn(4, 3, 3, 6, 10), torch.tensor([2, 0, 3, 1])
-    target = smoothed([2, 0, 3, 1], 5, 0.1)
-    for seed in range(3):
-        random.seed(seed)
-        mixed, mixed_target = protocols.mix(video, labels, 5, args)
-        random.seed(seed)
-        lam = random.betavariate(0.8, 0.8)  # mixup's draws: lambda, then the partners (a permutation)
-        partner = random.sample(range(4), 4)
-        torch.testing.assert_close(mixed, lam * video + (1 - lam) * video[partner])
-        torch.testing.assert_close(mixed_target, lam * target + (1 - lam) * target[partner])
-
-
-class Draws(random.Random):
-    """protocols' `random` with the partners fixed and, if given, the other draws too."""
-
-    def __init__(self, partner, switch=None, lam=None, centres=()):
-        super().__init__(1)
-        self.partner, self.switch, self.lam, self.centres = partner, switch, lam, list(centres)
-
-    def sample(self, population, k):
-        return self.partner
-
-    def random(self):
-        return super().random() if self.switch is None else self.switch
-
-    def betavariate(self, alpha, beta):
-        return super().betavariate(alpha, beta) if self.lam is None else self.lam
-
-    def randrange(self, n):
-        return self.centres.pop(0) if self.centres else super().randrange(n)
-
-
-def test_cutmix_box_is_cut_at_the_borders_and_lambda_follows_it(monkeypatch):
-    """By hand: 12 x 12 frames, lambda 0.75: sides int(12 * sqrt(0.25)) = 6, half 3; centre x 1, y 10 (drawn in
-    this order, as the official cx, cy): columns max(1 - 3, 0) .. min(1 + 3, 12) = 0..4, rows 7..min(13, 12) = 12,
-    4 x 5 = 20 pixels pasted, so lambda = 1 - 20 / 144. Partners 2, 0, 3, 1."""
-    args = argparse.Namespace(label_smoothing=0.0, mixup=0.8, cutmix=1.0, mix_switch=0.5)
-    monkeypatch.setattr(protocols, "random", Draws([2, 0, 3, 1], switch=0.1, lam=0.75, centres=[1, 10]))
-    video = torch.arange(4.0).view(4, 1, 1, 1, 1).expand(4, 2, 3, 12, 12).contiguous()
-    mixed, target = protocols.mix(video, torch.tensor([0, 1, 2, 3]), 4, args)
-    expect = video.clone()
-    for i, partner in enumerate([2, 0, 3, 1]):
-        expect[i, :, :, 7:12, 0:4] = partner
-    assert torch.equal(mixed, expect)
-    lam, onehot = 1 - 20 / 144, torch.eye(4)
-    torch.testing.assert_close(target, lam * onehot + (1 - lam) * onehot[[2, 0, 3, 1]])
-
-
-def test_mix_partners_are_a_permutation_within_each_group_of_4():
-    """A micro-batch of 8 mixes as two official per-GPU batches of 4: a partner is always in its own group of 4,
-    the partners of a group are a permutation of it (each clip has itself as partner with probability 1/4).
-    Mixup, labels 0..7 without smoothing: row i of the targets is lam e_i + (1 - lam) e_partner. 2000 draws:
-    16000 clips, the share of self-partners has a standard deviation of 0.0034; +-0.02 is 6 of them."""
-    args = argparse.Namespace(label_smoothing=0.0, mixup=0.8, cutmix=0.0, mix_switch=0.5)
-    video, labels = torch.zeros(8, 1, 1, 2, 2), torch.arange(8)
-    random.seed(0)
-    selves, seen = 0, collections.Counter()
-    for _ in range(2000):
-        _, target = protocols.mix(video, labels, 8, args)
-        others = target.clone().fill_diagonal_(0)
-        partners = [int(others[i].argmax()) if others[i].max() > 1e-6 else i for i in range(8)]
-        assert all(p // 4 == i // 4 for i, p in enumerate(partners))
-        assert sorted(partners[:4]) == [0, 1, 2, 3] and sorted(partners[4:]) == [4, 5, 6, 7]
-        selves += sum(p == i for i, p in enumerate(partners))
-        seen.update((i, p) for i, p in enumerate(partners))
-    assert abs(selves / 16000 - 0.25) < 0.02 and len(seen) == 32  # every pair within a group occurs
-
-
-def test_cutmix_pastes_on_average_the_official_share_of_the_frame(monkeypatch):
-    """The official box (sides int(S sqrt(1 - lambda)), halved with //, centre uniform over the pixels, cut at the
-    borders), lambda ~ Beta(1, 1) = U(0, 1): its mean pasted share, integrated here over lambda and the centres,
-    is 0.3101 on 64 x 64 frames (0.3178 on 224 x 224; in the continuum 2 (1/4 - 1/10 + 1/96) = 0.3208, since a
-    side r centred uniformly keeps r - r^2 / 4 on average); a box kept inside the frame pastes E[1 - lambda] = 0.5.
-    2500 draws: the share's standard deviation is below 0.3, the mean's below 0.006; +-0.025 is 4 of them.
-    Partners fixed (none its own), so lambda shows in the targets."""
-    S = 64
-
-    def kept_side(lam):  # the mean length of a side after the cut at the borders, over the S centres
-        half = int(S * math.sqrt(1 - lam)) // 2
-        return sum(min(c + half, S) - max(c - half, 0) for c in range(S)) / S / S
-
-    expected = sum(kept_side((k + 0.5) / 4000) ** 2 for k in range(4000)) / 4000
-    assert abs(expected - 0.3101) < 1e-3
-    args = argparse.Namespace(label_smoothing=0.0, mixup=0.0, cutmix=1.0, mix_switch=0.5)
-    monkeypatch.setattr(protocols, "random", Draws([1, 2, 3, 0]))
-    video, labels = torch.zeros(4, 1, 1, S, S), torch.arange(4)
-    pasted = [1 - protocols.mix(video, labels, 4, args)[1][0, 0].item() for _ in range(2500)]
-    assert abs(sum(pasted) / 2500 - expected) < 0.025, sum(pasted) / 2500
-
-
-def test_mix_switch_is_the_probability_of_cutmix(monkeypatch):
-    args = argparse.Namespace(label_smoothing=0.0, mixup=0.8, cutmix=1.0, mix_switch=0.25)
-    video, labels = torch.randn(4, 1, 3, 12, 20), torch.tensor([0, 1, 2, 3])
-    monkeypatch.setattr(protocols, "random", Draws([1, 2, 3, 0]))  # no clip its own partner
-    # cutmix leaves the pixels outside its box as they were; mixup changes every pixel
-    cutmixed = [bool((protocols.mix(video, labels, 4, args)[0] == video).any()) for _ in range(400)]
-    assert abs(sum(cutmixed) / 400 - 0.25) < 0.07
-
-
 def test_presets_follow_towers_as_the_official_configs():
     """Written out from the official configs: fully_supervised/k400/16_16_vifi_clip.yaml BATCH_SIZE 4,
     ACCUMULATION_STEPS 16 (x 8 GPUs = 512), LR 2.2e-05; 16_16_{image,text}_tuned_clip.yaml 4 x 8 x 8 = 256, LR 8e-06
@@ -2875,26 +2730,6 @@ def test_base_novel_seed_s_trains_on_the_official_list_of_seed_s():
         for dataset, folder in (("ucf101", "ucf"), ("hmdb51", "hmdb"), ("k400", "k400"), ("ssv2", "ssv2")):
             lists = protocols.official_sets(dataset, "base-novel", seed=s)
             assert lists["train"][0] == f"datasets_splits/base2novel_splits/{folder}_splits/fs_base_s{s}_train.txt"
-
-
-def test_cutmix_on_wide_frames_draws_x_over_the_width_and_y_over_the_height(monkeypatch):
-    """By hand, the official rand_bbox on 8 x 16 frames (H x W), lambda 0.75: cut_w int(16 * 0.5) = 8, cut_h
-    int(8 * 0.5) = 4; cx = randint(W) drawn first (15), cy = randint(H) (1): columns 11..16, rows 0..3, 15 of
-    128 pixels pasted, lambda 1 - 15 / 128. Partners 1, 0."""
-    class Ranges(Draws):
-        def randrange(self, n):
-            ranges.append(n)
-            return super().randrange(n)
-    ranges, args = [], argparse.Namespace(label_smoothing=0.0, mixup=0.8, cutmix=1.0, mix_switch=0.5)
-    monkeypatch.setattr(protocols, "random", Ranges([1, 0], switch=0.1, lam=0.75, centres=[15, 1]))
-    video = torch.arange(2.0).view(2, 1, 1, 1, 1).expand(2, 1, 3, 8, 16).contiguous()
-    mixed, target = protocols.mix(video, torch.tensor([0, 1]), 2, args)
-    assert ranges == [16, 8]
-    expect = video.clone()
-    expect[0, :, :, 0:3, 11:16], expect[1, :, :, 0:3, 11:16] = 1, 0
-    assert torch.equal(mixed, expect)
-    lam = 1 - 15 / 128
-    torch.testing.assert_close(target, torch.tensor([[lam, 1 - lam], [1 - lam, lam]]))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -3025,7 +2860,7 @@ def test_gradient_accumulation_equals_the_whole_batch(tmp_path, monkeypatch):
     # is read at micro-batch boundaries): the weights after an epoch must not depend on how each optimizer step's
     # batch is cut into micro-batches. 9 clips in steps of 3: one micro-batch of 3, or three of 1.
     monkeypatch.setattr(torch.optim, "AdamW", lambda params, lr, **kw: torch.optim.SGD(params, lr=lr))
-    monkeypatch.setattr(protocols, "learning_rate", lambda progress, args: args.lr)
+    monkeypatch.setattr(engine, "learning_rate", lambda progress, recipe: recipe.lr)
     evaluate_all = engine.evaluate_all  # not the subject here: on one video per test set
     monkeypatch.setattr(engine, "evaluate_all", lambda model, tests, *a: evaluate_all(
         model, {name: test.subset(test.samples[:1]) for name, test in tests.items()}, *a))
@@ -3069,8 +2904,8 @@ def official_steps(n, batch):
 
 def ours_steps(n, args):
     """The steps of an epoch here: the training loader's micro-batches in whole accumulation groups."""
-    rt = engine.Runtime(torch.device("cpu"), contextlib.nullcontext())
-    return engine.steps_per_epoch(len(engine.loader(list(range(n)), args, rt, train=True)),
+    runtime = engine.Runtime(torch.device("cpu"), contextlib.nullcontext())
+    return engine.steps_per_epoch(len(engine.loader(list(range(n)), train.recipe_of(args), runtime, train=True)),
                                   args.batch_size // args.micro_batch)
 
 
@@ -3141,21 +2976,21 @@ def run_epochs(monkeypatch, n, epochs, **flags):
     """train_one_epoch over `epochs` epochs of DrawRecorder(n) -> (the rate in force at every optimizer step, per
     epoch; the keys the dataset received, per epoch; the log rows)."""
     monkeypatch.setitem(data.NORMS, "identity", NO_NORM)
-    args = argparse.Namespace(**{**dict(batch_size=4, micro_batch=2, lr=0.01, epochs=epochs, warmup_epochs=1,
-                                        label_smoothing=0.0, mixup=0.0, cutmix=0.0, mix_switch=0.5, seed=3,
-                                        workers=0, out="unused"), **flags})
+    recipe = engine.Recipe(**{**dict(batch_size=4, micro_batch=2, lr=0.01, epochs=epochs, warmup_epochs=1,
+                                     label_smoothing=0.0, mixup=0.0, cutmix=0.0, mix_switch=0.5, seed=3,
+                                     workers=0, views="1x1", out="unused"), **flags})
     model, dataset = Scaled(), DrawRecorder(n)
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr)
+    optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr)
     rates, keys, rows = [], [], []
     step = optimizer.step
     optimizer.step = lambda *a, **k: rates[-1].append(optimizer.param_groups[0]["lr"]) or step(*a, **k)
     runtime = engine.Runtime(torch.device("cpu"), contextlib.nullcontext())
-    t = engine.Training(model, optimizer, torch.amp.GradScaler("cpu", enabled=False))
-    train_loader = engine.loader(dataset, args, runtime, train=True)
+    state = engine.Training(model, optimizer, torch.amp.GradScaler("cpu", enabled=False))
+    train_loader = engine.loader(dataset, recipe, runtime, train=True)
     for epoch in range(epochs):
-        t.epoch = epoch
+        state.epoch = epoch
         rates.append([])
-        rows.append(engine.train_one_epoch(t, model, train_loader, args, runtime))
+        rows.append(engine.train_one_epoch(state, model, train_loader, recipe, runtime))
         keys.append(dataset.keys[:])
         dataset.keys.clear()
     return rates, keys, rows
@@ -3198,7 +3033,7 @@ def test_an_epoch_shorter_than_one_batch_takes_one_step_of_all_of_it(tmp_path, m
     # synthetic 1-shot: 9 clips, batch 16 in micro-batches of 1: 9 micro-batches, fewer than the 16 of a step;
     # README: such an epoch takes one step of all 9 (the official code would train nothing). A constant rate (the
     # warm-up starts from nothing) so that the one step moves the weights.
-    monkeypatch.setattr(protocols, "learning_rate", lambda progress, args: args.lr)
+    monkeypatch.setattr(engine, "learning_rate", lambda progress, recipe: recipe.lr)
     evaluate_all = engine.evaluate_all  # not the subject here: on one video per test set
     monkeypatch.setattr(engine, "evaluate_all", lambda model, tests, *a: evaluate_all(
         model, {name: test.subset(test.samples[:1]) for name, test in tests.items()}, *a))
@@ -3210,6 +3045,202 @@ def test_an_epoch_shorter_than_one_batch_takes_one_step_of_all_of_it(tmp_path, m
     start = train.load_clip(train.get_args(["--dataset", "synthetic"])).state_dict()
     assert ck["step"] == 1
     assert any(not torch.equal(v, start[k[5:]]) for k, v in ck["model"].items() if k.startswith("clip."))
+
+
+# The recipe: mixup and cutmix, the learning rate
+
+def smoothed(labels, num_classes, smoothing):
+    """One-hot targets with label smoothing, as timm's: 1 - s + s / C on the label, s / C elsewhere."""
+    target = torch.full((len(labels), num_classes), smoothing / num_classes)
+    for i, label in enumerate(labels):
+        target[i, label] = 1 - smoothing + smoothing / num_classes
+    return target
+
+
+def test_mix_targets_sum_to_one_and_keep_frames_aligned():
+    args = argparse.Namespace(label_smoothing=0.1, mixup=0.8, cutmix=1.0, mix_switch=0.5)
+    video = torch.arange(4.0).view(4, 1, 1, 1, 1).expand(4, 3, 3, 8, 8)
+    for _ in range(10):
+        mixed, target = engine.mix(video, torch.tensor([0, 1, 2, 3]), 5, args)
+        torch.testing.assert_close(target.sum(1), torch.ones(4))
+        assert torch.equal(mixed[:, :1].expand_as(mixed), mixed)  # the same mix for every frame of a clip
+        assert target.max() <= 0.9 + 0.1 / 5 + 1e-6
+
+
+def test_mixup_mixes_video_and_targets_with_the_same_lambda():
+    args = argparse.Namespace(label_smoothing=0.1, mixup=0.8, cutmix=0.0, mix_switch=0.5)
+    torch.manual_seed(0)
+    video, labels = torch.randn(4, 3, 3, 6, 10), torch.tensor([2, 0, 3, 1])
+    target = smoothed([2, 0, 3, 1], 5, 0.1)
+    for seed in range(3):
+        random.seed(seed)
+        mixed, mixed_target = engine.mix(video, labels, 5, args)
+        random.seed(seed)
+        lam = random.betavariate(0.8, 0.8)  # mixup's draws: lambda, then the partners (a permutation)
+        partner = random.sample(range(4), 4)
+        torch.testing.assert_close(mixed, lam * video + (1 - lam) * video[partner])
+        torch.testing.assert_close(mixed_target, lam * target + (1 - lam) * target[partner])
+
+
+class Draws(random.Random):
+    """engine's `random` with the partners fixed and, if given, the other draws too."""
+
+    def __init__(self, partner, switch=None, lam=None, centres=()):
+        super().__init__(1)
+        self.partner, self.switch, self.lam, self.centres = partner, switch, lam, list(centres)
+
+    def sample(self, population, k):
+        return self.partner
+
+    def random(self):
+        return super().random() if self.switch is None else self.switch
+
+    def betavariate(self, alpha, beta):
+        return super().betavariate(alpha, beta) if self.lam is None else self.lam
+
+    def randrange(self, n):
+        return self.centres.pop(0) if self.centres else super().randrange(n)
+
+
+def test_cutmix_box_is_cut_at_the_borders_and_lambda_follows_it(monkeypatch):
+    """By hand: 12 x 12 frames, lambda 0.75: sides int(12 * sqrt(0.25)) = 6, half 3; centre x 1, y 10 (drawn in
+    this order, as the official cx, cy): columns max(1 - 3, 0) .. min(1 + 3, 12) = 0..4, rows 7..min(13, 12) = 12,
+    4 x 5 = 20 pixels pasted, so lambda = 1 - 20 / 144. Partners 2, 0, 3, 1."""
+    args = argparse.Namespace(label_smoothing=0.0, mixup=0.8, cutmix=1.0, mix_switch=0.5)
+    monkeypatch.setattr(engine, "random", Draws([2, 0, 3, 1], switch=0.1, lam=0.75, centres=[1, 10]))
+    video = torch.arange(4.0).view(4, 1, 1, 1, 1).expand(4, 2, 3, 12, 12).contiguous()
+    mixed, target = engine.mix(video, torch.tensor([0, 1, 2, 3]), 4, args)
+    expect = video.clone()
+    for i, partner in enumerate([2, 0, 3, 1]):
+        expect[i, :, :, 7:12, 0:4] = partner
+    assert torch.equal(mixed, expect)
+    lam, onehot = 1 - 20 / 144, torch.eye(4)
+    torch.testing.assert_close(target, lam * onehot + (1 - lam) * onehot[[2, 0, 3, 1]])
+
+
+def test_mix_partners_are_a_permutation_within_each_group_of_4():
+    """A micro-batch of 8 mixes as two official per-GPU batches of 4: a partner is always in its own group of 4,
+    the partners of a group are a permutation of it (each clip has itself as partner with probability 1/4).
+    Mixup, labels 0..7 without smoothing: row i of the targets is lam e_i + (1 - lam) e_partner. 2000 draws:
+    16000 clips, the share of self-partners has a standard deviation of 0.0034; +-0.02 is 6 of them."""
+    args = argparse.Namespace(label_smoothing=0.0, mixup=0.8, cutmix=0.0, mix_switch=0.5)
+    video, labels = torch.zeros(8, 1, 1, 2, 2), torch.arange(8)
+    random.seed(0)
+    selves, seen = 0, collections.Counter()
+    for _ in range(2000):
+        _, target = engine.mix(video, labels, 8, args)
+        others = target.clone().fill_diagonal_(0)
+        partners = [int(others[i].argmax()) if others[i].max() > 1e-6 else i for i in range(8)]
+        assert all(p // 4 == i // 4 for i, p in enumerate(partners))
+        assert sorted(partners[:4]) == [0, 1, 2, 3] and sorted(partners[4:]) == [4, 5, 6, 7]
+        selves += sum(p == i for i, p in enumerate(partners))
+        seen.update((i, p) for i, p in enumerate(partners))
+    assert abs(selves / 16000 - 0.25) < 0.02 and len(seen) == 32  # every pair within a group occurs
+
+
+def test_cutmix_pastes_on_average_the_official_share_of_the_frame(monkeypatch):
+    """The official box (sides int(S sqrt(1 - lambda)), halved with //, centre uniform over the pixels, cut at the
+    borders), lambda ~ Beta(1, 1) = U(0, 1): its mean pasted share, integrated here over lambda and the centres,
+    is 0.3101 on 64 x 64 frames (0.3178 on 224 x 224; in the continuum 2 (1/4 - 1/10 + 1/96) = 0.3208, since a
+    side r centred uniformly keeps r - r^2 / 4 on average); a box kept inside the frame pastes E[1 - lambda] = 0.5.
+    2500 draws: the share's standard deviation is below 0.3, the mean's below 0.006; +-0.025 is 4 of them.
+    Partners fixed (none its own), so lambda shows in the targets."""
+    S = 64
+
+    def kept_side(lam):  # the mean length of a side after the cut at the borders, over the S centres
+        half = int(S * math.sqrt(1 - lam)) // 2
+        return sum(min(c + half, S) - max(c - half, 0) for c in range(S)) / S / S
+
+    expected = sum(kept_side((k + 0.5) / 4000) ** 2 for k in range(4000)) / 4000
+    assert abs(expected - 0.3101) < 1e-3
+    args = argparse.Namespace(label_smoothing=0.0, mixup=0.0, cutmix=1.0, mix_switch=0.5)
+    monkeypatch.setattr(engine, "random", Draws([1, 2, 3, 0]))
+    video, labels = torch.zeros(4, 1, 1, S, S), torch.arange(4)
+    pasted = [1 - engine.mix(video, labels, 4, args)[1][0, 0].item() for _ in range(2500)]
+    assert abs(sum(pasted) / 2500 - expected) < 0.025, sum(pasted) / 2500
+
+
+def test_mix_switch_is_the_probability_of_cutmix(monkeypatch):
+    args = argparse.Namespace(label_smoothing=0.0, mixup=0.8, cutmix=1.0, mix_switch=0.25)
+    video, labels = torch.randn(4, 1, 3, 12, 20), torch.tensor([0, 1, 2, 3])
+    monkeypatch.setattr(engine, "random", Draws([1, 2, 3, 0]))  # no clip its own partner
+    # cutmix leaves the pixels outside its box as they were; mixup changes every pixel
+    cutmixed = [bool((engine.mix(video, labels, 4, args)[0] == video).any()) for _ in range(400)]
+    assert abs(sum(cutmixed) / 400 - 0.25) < 0.07
+
+
+def test_cutmix_on_wide_frames_draws_x_over_the_width_and_y_over_the_height(monkeypatch):
+    """By hand, the official rand_bbox on 8 x 16 frames (H x W), lambda 0.75: cut_w int(16 * 0.5) = 8, cut_h
+    int(8 * 0.5) = 4; cx = randint(W) drawn first (15), cy = randint(H) (1): columns 11..16, rows 0..3, 15 of
+    128 pixels pasted, lambda 1 - 15 / 128. Partners 1, 0."""
+    class Ranges(Draws):
+        def randrange(self, n):
+            ranges.append(n)
+            return super().randrange(n)
+    ranges, args = [], argparse.Namespace(label_smoothing=0.0, mixup=0.8, cutmix=1.0, mix_switch=0.5)
+    monkeypatch.setattr(engine, "random", Ranges([1, 0], switch=0.1, lam=0.75, centres=[15, 1]))
+    video = torch.arange(2.0).view(2, 1, 1, 1, 1).expand(2, 1, 3, 8, 16).contiguous()
+    mixed, target = engine.mix(video, torch.tensor([0, 1]), 2, args)
+    assert ranges == [16, 8]
+    expect = video.clone()
+    expect[0, :, :, 0:3, 11:16], expect[1, :, :, 0:3, 11:16] = 1, 0
+    assert torch.equal(mixed, expect)
+    lam = 1 - 15 / 128
+    torch.testing.assert_close(target, torch.tensor([[lam, 1 - lam], [1 - lam, lam]]))
+
+
+def test_lr_is_the_official_timm_schedule_at_every_epoch_end(tmp_path):
+    """timm's CosineLRScheduler(t_initial=E*n, lr_min=lr/100, warmup_lr_init=0, warmup_t=W*n, cycle_limit=1,
+    t_in_epochs=False), stepped with step_update(epoch * n + i) after micro-batch i closes an accumulation group,
+    written out here: at the end of epoch e the rate in force is the one for t = e * n + n - 1."""
+    def timm(t, peak, n, epochs, warmup):
+        warmup_t, t_initial, floor = int(warmup * n), int(epochs * n), peak / 100
+        if t < warmup_t:
+            return peak * t / warmup_t
+        return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * t / t_initial)) if t < t_initial else floor
+
+    run = ["--dataset", "synthetic", "--shots", "2", "--batch-size", "6", "--micro-batch", "3", "--epochs", "4",
+           "--warmup-epochs", "2", "--lr", "0.01", "--eval-every", "0", "--device", "cpu", "--frames", "2"]
+    train.main(train.get_args(run + ["--out", str(tmp_path)]))
+    n = 18 // 3  # 9 base classes x 2 shots, micro-batches of 3
+    log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    for e, row in enumerate(log):
+        assert row["lr"] == pytest.approx(timm(e * n + n - 1, 0.01, n, 4, 2), rel=1e-9, abs=0)
+    assert log[2]["lr"] < 0.01 * 0.6  # the cosine counts from step 0: right after warm-up the rate is below the peak
+    recipe = train.recipe_of(train.get_args(run))
+    assert engine.learning_rate(0, recipe) == 0  # the first optimizer step runs at the warm-up's start value
+    assert engine.learning_rate(2.0, recipe) == pytest.approx(0.0001 + 0.5 * 0.0099 * (1 + math.cos(math.pi / 2)))
+
+
+# The recipe's settings, and where they come from
+
+def test_engine_imports_no_protocols():
+    """engine.py is the recipe and the loops, read without the paper's protocols: importing it alone, in a
+    fresh process, loads no protocols module."""
+    run = subprocess.run([sys.executable, "-c", "import engine, sys; print('protocols' in sys.modules)"],
+                         cwd=HERE, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.split() == ["False"], run.stderr[-2000:]
+
+
+def test_recipe_is_built_once_from_the_flags_and_frozen():
+    args = train.get_args(["--dataset", "synthetic", "--lr", "0.01", "--mixup", "0.3", "--out", "unused"])
+    recipe = train.recipe_of(args)
+    assert (recipe.lr, recipe.mixup, recipe.cutmix, recipe.label_smoothing, recipe.epochs) == (0.01, 0.3, 0.0, 0.0, 40)
+    assert (recipe.batch_size, recipe.micro_batch, recipe.workers, recipe.out) == (32, 32, 0, "unused")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        recipe.lr = 1.0
+
+
+def test_an_epoch_shorter_than_one_batch_is_said_once_on_rank_0(capsys):
+    """9 micro-batches of 1 and batches of 16: fewer than one optimizer step's 16; 16 of them are enough."""
+    recipe = engine.Recipe(lr=0.01, epochs=1, warmup_epochs=0, label_smoothing=0.0, mixup=0.0, cutmix=0.0,
+                           mix_switch=0.5, batch_size=16, micro_batch=1, seed=1, workers=0, views="1x1", out="o")
+    runtime = engine.Runtime(torch.device("cpu"), contextlib.nullcontext())
+    for n, rank, said in ((9, 0, True), (9, 1, False), (16, 0, False)):
+        engine.warn_short_epoch(engine.loader(list(range(n)), recipe, runtime, train=True), recipe,
+                                dataclasses.replace(runtime, rank=rank))
+        err = capsys.readouterr().err
+        assert (f"warning: {n} training videos are less than one batch of 16" in err) == said, (n, rank, err)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -3528,8 +3559,8 @@ def test_hmdb51_two_shots_take_one_optimizer_step_per_epoch(tmp_path, monkeypatc
     root = tmp_path / "hmdb51"
     link_tree(root, str(video), ["datasets_splits/hmdb_splits/train1_few_shot_2.txt"])
     link_tree(root, str(video), ["datasets_splits/hmdb_splits/val1.txt"], limit=4)
-    mixed, mix = [], protocols.mix
-    monkeypatch.setattr(protocols, "mix", lambda *a: mixed.append(len(a[0])) or mix(*a))  # one call a micro-batch
+    mixed, mix = [], engine.mix
+    monkeypatch.setattr(engine, "mix", lambda *a: mixed.append(len(a[0])) or mix(*a))  # one call a micro-batch
     train.main(train.get_args(["--dataset", "hmdb51", "--shots", "2", "--root", str(root), "--splits", official(),
                                "--model", fixture("clip_tiny_openai_jit.pt"), "--epochs", "1", "--frames", "1",
                                "--towers", "image",  # the text side not trained: its features once, for speed
