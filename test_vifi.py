@@ -3627,6 +3627,30 @@ def test_a_second_run_on_one_out_exits_2_and_ctrl_c_prints_how_to_resume(tmp_pat
     assert sum("interrupted" in line for line in stderr.splitlines()) == 1
 
 
+def test_ctrl_c_during_a_checkpoint_write_waits_for_the_whole_file(tmp_path, monkeypatch):
+    # A SIGINT inside torch.save's writer surfaces as a RuntimeError, which would read as a full disk:
+    # it is held until the file is whole, then raised as the KeyboardInterrupt that exits 130.
+    save = torch.save
+
+    class Interrupting(io.BytesIO):
+        def write(self, b):
+            if self.tell() > 0 and not sent:
+                sent.append(os.kill(os.getpid(), signal.SIGINT))
+            return super().write(b)
+
+    def interrupted_save(obj, f):
+        buffer = Interrupting()
+        save(obj, buffer)
+        f.write(buffer.getvalue())
+
+    sent = []
+    monkeypatch.setattr(torch, "save", interrupted_save)
+    with pytest.raises(KeyboardInterrupt):
+        train.save_atomic({"w": torch.arange(1000.0)}, str(tmp_path / "last.pt"))
+    assert sent and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert torch.equal(torch.load(tmp_path / "last.pt")["w"], torch.arange(1000.0))
+
+
 def test_resume_restores_the_runs_settings(tmp_path, monkeypatch):
     run = ONE_STEP_RUN + ["--epochs", "3", "--lr", "3e-4", "--warmup-epochs", "1", "--label-smoothing", "0.2"]
     train.main(train.get_args(run + ["--out", str(tmp_path / "a")]))

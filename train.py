@@ -21,6 +21,7 @@ import os
 import random
 import shlex
 import shutil
+import signal
 import sys
 import time
 
@@ -556,12 +557,26 @@ def write_outputs(ck, out):
               "and log.jsonl holds the same numbers", file=sys.stderr)
 
 
+@contextlib.contextmanager
+def interrupt_after():
+    """Hold a Ctrl-C until the block ends, then raise it: inside torch.save it would surface as a
+    RuntimeError from torch's writer, indistinguishable from a failed write."""
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda *_: caught.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
+
+
 def save_atomic(obj, path):
     """torch.save through archive.replacing: a crash mid-write never leaves a half checkpoint under
-    the real name, and a failed write (a full disk, a quota) leaves no temp file and says what
-    happened."""
+    the real name, a Ctrl-C waits for the file to be whole, and a failed write (a full disk, a
+    quota) leaves no temp file and says what happened."""
     try:
-        with archive.replacing(path, "wb") as f:
+        with interrupt_after(), archive.replacing(path, "wb") as f:
             torch.save(obj, f)
     except (OSError, RuntimeError) as e:  # torch reports a full disk as RuntimeError("...")
         reason = e.strerror if isinstance(e, OSError) and e.strerror else "the write stopped short"
