@@ -271,6 +271,39 @@ def readme_commands(script):
 # ---------------------------------------------------------------------------------------------------------------
 # archive.py
 
+def test_archive_reads_offsets_shared_storages_strides_and_every_dtype_as_torch_load(tmp_path):
+    # What torch.save writes beyond the fixtures: views at a nonzero storage offset, several tensors over one
+    # storage, non-contiguous strides, and every storage dtype the reader claims; read back as torch.load reads them.
+    base = torch.arange(-12, 12, dtype=torch.float32)  # one storage of 24 values
+    grid = base.view(4, 6)
+    obj = {"offset": base[5:11], "columns": grid[:, 1::2], "transposed": grid.t(), "whole": base,
+           "scalar": base[7], "nested": [grid[2:, 3:], {"tail": base[-3:]}]}
+    values = [-128, -1, 0, 1, 3, 100, 127]  # int8's ends: a wrong signedness or width changes them
+    for dtype in (torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int32, torch.int16, torch.int8,
+                  torch.uint8, torch.bool):
+        t = torch.tensor([abs(v) for v in values] if dtype == torch.uint8 else values).to(dtype)
+        obj[str(dtype)] = t[1:].view(2, 3).t()  # offset 1 and transposed strides, in each dtype
+    obj["fractions"] = torch.tensor([0.1, -2.5e-3, 1e4, 3.140625]).to(torch.bfloat16)  # bf16's bits, not fp16's
+    path = tmp_path / "views.pt"
+    torch.save(obj, path)
+    assert obj["offset"].storage_offset() == 5 and not obj["columns"].is_contiguous()  # the cases are the real ones
+    ours, theirs = archive.read_archive(str(path), "a test archive"), torch.load(path, weights_only=True)
+
+    def leaves(x, name=""):
+        if isinstance(x, dict):
+            return [leaf for k, v in x.items() for leaf in leaves(v, f"{name}/{k}")]
+        if isinstance(x, list):
+            return [leaf for i, v in enumerate(x) for leaf in leaves(v, f"{name}/{i}")]
+        return [(name, x)]
+    pairs = list(zip(leaves(ours), leaves(theirs)))
+    assert len(pairs) == len(leaves(obj)) == 17
+    for (name, a), (_, b) in pairs:
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        assert torch.equal(a, b), name
+    assert ours["offset"].tolist() == [-7.0, -6.0, -5.0, -4.0, -3.0, -2.0]  # written out: base[5:11]
+    assert ours["torch.int8"].tolist() == [[-1, 3], [0, 100], [1, 127]]
+
+
 def test_the_payloads_run_code_through_torch_loaders(tmp_path):
     """The payloads are live, so the tests below that find no marker show a loader ran no code."""
     files, marker = write_code_payloads(tmp_path)
@@ -540,39 +573,6 @@ def test_views_must_lie_inside_their_record_and_nest_shallowly(tmp_path):
             archive.read_archive(write_archive(tmp_path / f"{name}.pt", pkl=pkl), "a test archive")
 
 
-def test_archive_reads_offsets_shared_storages_strides_and_every_dtype_as_torch_load(tmp_path):
-    # What torch.save writes beyond the fixtures: views at a nonzero storage offset, several tensors over one
-    # storage, non-contiguous strides, and every storage dtype the reader claims; read back as torch.load reads them.
-    base = torch.arange(-12, 12, dtype=torch.float32)  # one storage of 24 values
-    grid = base.view(4, 6)
-    obj = {"offset": base[5:11], "columns": grid[:, 1::2], "transposed": grid.t(), "whole": base,
-           "scalar": base[7], "nested": [grid[2:, 3:], {"tail": base[-3:]}]}
-    values = [-128, -1, 0, 1, 3, 100, 127]  # int8's ends: a wrong signedness or width changes them
-    for dtype in (torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int32, torch.int16, torch.int8,
-                  torch.uint8, torch.bool):
-        t = torch.tensor([abs(v) for v in values] if dtype == torch.uint8 else values).to(dtype)
-        obj[str(dtype)] = t[1:].view(2, 3).t()  # offset 1 and transposed strides, in each dtype
-    obj["fractions"] = torch.tensor([0.1, -2.5e-3, 1e4, 3.140625]).to(torch.bfloat16)  # bf16's bits, not fp16's
-    path = tmp_path / "views.pt"
-    torch.save(obj, path)
-    assert obj["offset"].storage_offset() == 5 and not obj["columns"].is_contiguous()  # the cases are the real ones
-    ours, theirs = archive.read_archive(str(path), "a test archive"), torch.load(path, weights_only=True)
-
-    def leaves(x, name=""):
-        if isinstance(x, dict):
-            return [leaf for k, v in x.items() for leaf in leaves(v, f"{name}/{k}")]
-        if isinstance(x, list):
-            return [leaf for i, v in enumerate(x) for leaf in leaves(v, f"{name}/{i}")]
-        return [(name, x)]
-    pairs = list(zip(leaves(ours), leaves(theirs)))
-    assert len(pairs) == len(leaves(obj)) == 17
-    for (name, a), (_, b) in pairs:
-        assert a.dtype == b.dtype and a.shape == b.shape, name
-        assert torch.equal(a, b), name
-    assert ours["offset"].tolist() == [-7.0, -6.0, -5.0, -4.0, -3.0, -2.0]  # written out: base[5:11]
-    assert ours["torch.int8"].tolist() == [[-1, 3], [0, 100], [1, 127]]
-
-
 def test_view_bounds_and_tuple_depth_are_exact_at_the_limit(tmp_path):
     # a (2, 3) view with strides (3, 1) over 6 elements: offset 0 ends at element 5 (inside); offset 1 ends at 6,
     # one past the end (1 + (2 - 1) * 3 + (3 - 1) * 1 = 6)
@@ -593,6 +593,106 @@ def test_a_prefix_that_itself_starts_as_a_zip_is_still_a_prefix(tmp_path):
     (tmp_path / "pre.pt").write_bytes(b"PK\x03\x04" + bytes(8) + (tmp_path / "ok.pt").read_bytes())
     with pytest.raises(archive.CheckpointError, match="pre.pt: 12 bytes before its zip archive"):
         archive.read_archive(str(tmp_path / "pre.pt"), "a test archive")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tokenizer.py
+
+@pytest.fixture(scope="module")
+def clip_tok(bpe):
+    return Tokenizer(bpe) if bpe else None
+
+
+NO_BPE = "no BPE vocab (set $VIFI_BPE to bpe_simple_vocab_16e6.txt.gz)"
+
+
+def test_tokenizer_ids_match_openai_parity(clip_tok):
+    if clip_tok is None:
+        pytest.skip(f"tokenizer parity: {NO_BPE}")
+    with open(fixture("tokenizer_cases.json")) as f:
+        cases = json.load(f)["cases"]
+    assert (clip_tok.sot, clip_tok.eot, clip_tok.vocab_size) == (49406, 49407, 49408)
+    rows = tokenize([c["text"] for c in cases], tokenizer=clip_tok)
+    for case, row in zip(cases, rows):
+        assert clip_tok.encode(case["text"]) == case["bpe"], case["text"]
+        assert row[row != 0].tolist() == case["ids77"], case["text"]
+
+
+def test_decode_round_trips(clip_tok):
+    if clip_tok is None:
+        pytest.skip(NO_BPE)
+    for text in ["a photo of a cat", "naïve café résumé", "数字 动作 识别", "😀 emoji 🎉 test"]:
+        assert clip_tok.decode(clip_tok.encode(text)) == text
+
+
+def test_byte_level_tokenizer_offline(monkeypatch):
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: pytest.fail("byte-level must not download"))
+    tok = Tokenizer(byte_level=True)
+    assert (tok.sot, tok.eot, tok.vocab_size) == (512, 513, 514)
+    ids = tok.encode("Hi  数字 😀!")
+    assert len(ids) == len("hi 数字 😀!".replace(" ", "").encode())  # one token per byte, no merges
+    assert tok.decode(ids) == "hi 数字 😀!"
+
+
+def test_truncation_keeps_eot_and_strict_mode_raises():
+    tok = Tokenizer(byte_level=True)
+    row = tokenize("x" * 100, tokenizer=tok)[0]
+    assert row.shape == (77,) and row[0] == tok.sot and row[-1] == tok.eot and (row != 0).all()
+    assert tokenize(["ab", "c"], tokenizer=tok)[1, :3].tolist() == [tok.sot, tok.encode("c")[0], tok.eot]
+    with pytest.raises(ValueError, match=r"'xxxx.*102 tokens.*context_length=77"):
+        tokenize("x" * 100, truncate=False, tokenizer=tok)
+
+
+def test_bad_vocab_path_names_the_file(tmp_path, monkeypatch):
+    with pytest.raises(tokenizer.VocabError, match="nowhere.txt.gz"):
+        Tokenizer(str(tmp_path / "nowhere.txt.gz"))
+    not_gzip = tmp_path / "vocab.txt.gz"
+    not_gzip.write_text("i n\n")
+    monkeypatch.setenv("VIFI_BPE", str(not_gzip))
+    with pytest.raises(tokenizer.VocabError, match="vocab.txt.gz"):
+        Tokenizer()
+
+
+def test_no_vocab_error_names_where_it_looked_and_the_url_without_downloading(tmp_path, monkeypatch):
+    cache = offline_cache(tmp_path, monkeypatch, lambda *a, **k: pytest.fail("the tokenizer downloaded"))
+    with pytest.raises(tokenizer.VocabError) as err:
+        Tokenizer()
+    assert BPE_URL in str(err.value) and str(cache / BPE_FILE) in str(err.value) and "$VIFI_BPE" in str(err.value)
+    assert os.listdir(cache) == []
+
+
+def test_vocab_in_the_cache_is_read_when_vifi_bpe_is_unset(bpe, tmp_path, monkeypatch):
+    if bpe is None:
+        pytest.skip(NO_BPE)
+    cache = offline_cache(tmp_path, monkeypatch, lambda *a, **k: pytest.fail("the tokenizer downloaded"))
+    shutil.copy(bpe, cache / BPE_FILE)
+    assert Tokenizer().encode("a photo of a cat.") == Tokenizer(str(bpe)).encode("a photo of a cat.")
+
+
+def test_default_tokenizer_is_built_once(bpe, monkeypatch):
+    if bpe is None:
+        pytest.skip(NO_BPE)
+    monkeypatch.setenv("VIFI_BPE", str(bpe))
+    tokenizer.default_tokenizer.cache_clear()
+    tokenize("a cat")
+    tokenize("a dog")
+    assert tokenizer.default_tokenizer.cache_info().misses == 1
+
+
+def test_clean_like_clip():
+    # ftfy repairs mojibake (and leaves entities alone once the text holds a "<"), entities are then unescaped
+    # twice, whitespace collapses, then lower-case
+    assert tokenizer.clean("  Ã©tÃ© <I>\t&amp;lt;B&amp;gt;\n ") == "été <i> <b>"
+
+
+def test_special_tokens_inside_a_text_are_their_ids(bpe):
+    # CLIP's tokenizer maps '<|startoftext|>' and '<|endoftext|>' written in a text to SOT and EOT, not to spelled-out
+    # pieces: 49406 and 49407 in OpenAI's vocabulary (its last two ids), 512 and 513 in the byte-level one (after
+    # its 256 byte symbols and their 256 word-end forms).
+    byte_level = Tokenizer(byte_level=True)
+    assert byte_level.encode("<|endoftext|>") == [513] and byte_level.encode("<|startoftext|>") == [512]
+    if bpe is not None:
+        assert Tokenizer(str(bpe)).encode("a <|endoftext|>") == [320, 49407]  # 'a</w>' is 320 in OpenAI's vocabulary
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -846,106 +946,6 @@ def test_load_refuses_non_finite_weights_naming_the_key(tmp_path, tiny_clip):
         torch.save(weights, tmp_path / f"{name}.pt")
         with pytest.raises(clip_model.ModelError, match=f"{name}.pt: key 'visual.proj' holds NaN or inf values"):
             clip_model.load(str(tmp_path / f"{name}.pt"))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# tokenizer.py
-
-@pytest.fixture(scope="module")
-def clip_tok(bpe):
-    return Tokenizer(bpe) if bpe else None
-
-
-NO_BPE = "no BPE vocab (set $VIFI_BPE to bpe_simple_vocab_16e6.txt.gz)"
-
-
-def test_tokenizer_ids_match_openai_parity(clip_tok):
-    if clip_tok is None:
-        pytest.skip(f"tokenizer parity: {NO_BPE}")
-    with open(fixture("tokenizer_cases.json")) as f:
-        cases = json.load(f)["cases"]
-    assert (clip_tok.sot, clip_tok.eot, clip_tok.vocab_size) == (49406, 49407, 49408)
-    rows = tokenize([c["text"] for c in cases], tokenizer=clip_tok)
-    for case, row in zip(cases, rows):
-        assert clip_tok.encode(case["text"]) == case["bpe"], case["text"]
-        assert row[row != 0].tolist() == case["ids77"], case["text"]
-
-
-def test_decode_round_trips(clip_tok):
-    if clip_tok is None:
-        pytest.skip(NO_BPE)
-    for text in ["a photo of a cat", "naïve café résumé", "数字 动作 识别", "😀 emoji 🎉 test"]:
-        assert clip_tok.decode(clip_tok.encode(text)) == text
-
-
-def test_byte_level_tokenizer_offline(monkeypatch):
-    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: pytest.fail("byte-level must not download"))
-    tok = Tokenizer(byte_level=True)
-    assert (tok.sot, tok.eot, tok.vocab_size) == (512, 513, 514)
-    ids = tok.encode("Hi  数字 😀!")
-    assert len(ids) == len("hi 数字 😀!".replace(" ", "").encode())  # one token per byte, no merges
-    assert tok.decode(ids) == "hi 数字 😀!"
-
-
-def test_truncation_keeps_eot_and_strict_mode_raises():
-    tok = Tokenizer(byte_level=True)
-    row = tokenize("x" * 100, tokenizer=tok)[0]
-    assert row.shape == (77,) and row[0] == tok.sot and row[-1] == tok.eot and (row != 0).all()
-    assert tokenize(["ab", "c"], tokenizer=tok)[1, :3].tolist() == [tok.sot, tok.encode("c")[0], tok.eot]
-    with pytest.raises(ValueError, match=r"'xxxx.*102 tokens.*context_length=77"):
-        tokenize("x" * 100, truncate=False, tokenizer=tok)
-
-
-def test_bad_vocab_path_names_the_file(tmp_path, monkeypatch):
-    with pytest.raises(tokenizer.VocabError, match="nowhere.txt.gz"):
-        Tokenizer(str(tmp_path / "nowhere.txt.gz"))
-    not_gzip = tmp_path / "vocab.txt.gz"
-    not_gzip.write_text("i n\n")
-    monkeypatch.setenv("VIFI_BPE", str(not_gzip))
-    with pytest.raises(tokenizer.VocabError, match="vocab.txt.gz"):
-        Tokenizer()
-
-
-def test_no_vocab_error_names_where_it_looked_and_the_url_without_downloading(tmp_path, monkeypatch):
-    cache = offline_cache(tmp_path, monkeypatch, lambda *a, **k: pytest.fail("the tokenizer downloaded"))
-    with pytest.raises(tokenizer.VocabError) as err:
-        Tokenizer()
-    assert BPE_URL in str(err.value) and str(cache / BPE_FILE) in str(err.value) and "$VIFI_BPE" in str(err.value)
-    assert os.listdir(cache) == []
-
-
-def test_vocab_in_the_cache_is_read_when_vifi_bpe_is_unset(bpe, tmp_path, monkeypatch):
-    if bpe is None:
-        pytest.skip(NO_BPE)
-    cache = offline_cache(tmp_path, monkeypatch, lambda *a, **k: pytest.fail("the tokenizer downloaded"))
-    shutil.copy(bpe, cache / BPE_FILE)
-    assert Tokenizer().encode("a photo of a cat.") == Tokenizer(str(bpe)).encode("a photo of a cat.")
-
-
-def test_default_tokenizer_is_built_once(bpe, monkeypatch):
-    if bpe is None:
-        pytest.skip(NO_BPE)
-    monkeypatch.setenv("VIFI_BPE", str(bpe))
-    tokenizer.default_tokenizer.cache_clear()
-    tokenize("a cat")
-    tokenize("a dog")
-    assert tokenizer.default_tokenizer.cache_info().misses == 1
-
-
-def test_clean_like_clip():
-    # ftfy repairs mojibake (and leaves entities alone once the text holds a "<"), entities are then unescaped
-    # twice, whitespace collapses, then lower-case
-    assert tokenizer.clean("  Ã©tÃ© <I>\t&amp;lt;B&amp;gt;\n ") == "été <i> <b>"
-
-
-def test_special_tokens_inside_a_text_are_their_ids(bpe):
-    # CLIP's tokenizer maps '<|startoftext|>' and '<|endoftext|>' written in a text to SOT and EOT, not to spelled-out
-    # pieces: 49406 and 49407 in OpenAI's vocabulary (its last two ids), 512 and 513 in the byte-level one (after
-    # its 256 byte symbols and their 256 word-end forms).
-    byte_level = Tokenizer(byte_level=True)
-    assert byte_level.encode("<|endoftext|>") == [513] and byte_level.encode("<|startoftext|>") == [512]
-    if bpe is not None:
-        assert Tokenizer(str(bpe)).encode("a <|endoftext|>") == [320, 49407]  # 'a</w>' is 320 in OpenAI's vocabulary
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -2206,6 +2206,22 @@ def test_heat_overlay_is_four_tenths_frame_and_six_tenths_heat_colour():
 # predict.py
 
 @pytest.mark.parametrize("mode", ["finetune", "prompt"])
+def test_relevance_rollout_matches_a_written_out_rollout(mode):
+    # Three vision blocks with prompts in the first two: the deep prompt enters before block 1 only, and block 2 keeps
+    # it; the map is the class token's row over the 4 x 4 patches (not the class token, not the prompt tokens).
+    clip = small_clip(vocab_size=Tokenizer(byte_level=True).vocab_size, vision_layers=3)
+    model = vifi.ViFiCLIP(clip, CLASSES, mode=mode, depth_text=1, depth_vision=2, n_ctx_vision=3).eval()
+    torch.manual_seed(1)
+    video = torch.randn(3, 3, 32, 32)
+    for target in (None, 1):
+        logits, relevance, top = written_out_relevance(model, video, target)
+        out = predict.votes_and_relevance(model, video, target)
+        assert out["target"] == top and out["relevance"].shape == (3, 4, 4)
+        torch.testing.assert_close(out["logits"], logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out["relevance"], relevance, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["finetune", "prompt"])
 def test_frame_votes_sum_to_the_logit_and_relevance_covers_the_patch_grid(mode):
     model = vifi.ViFiCLIP(byte_clip(), CLASSES, mode=mode, depth_text=2, depth_vision=2).eval()
     video = torch.randn(5, 3, 32, 32)
@@ -2261,22 +2277,6 @@ def written_out_relevance(model, video, target=None):
         relevance = relevance + (g * a).clamp(min=0).mean(dim=1) @ relevance  # (T, L, L)
     patches = relevance[:, 0, 1:n]  # the class token's row, over the patches only
     return logits.detach(), patches.reshape(T, gh, gw).detach(), target
-
-
-@pytest.mark.parametrize("mode", ["finetune", "prompt"])
-def test_relevance_rollout_matches_a_written_out_rollout(mode):
-    # Three vision blocks with prompts in the first two: the deep prompt enters before block 1 only, and block 2 keeps
-    # it; the map is the class token's row over the 4 x 4 patches (not the class token, not the prompt tokens).
-    clip = small_clip(vocab_size=Tokenizer(byte_level=True).vocab_size, vision_layers=3)
-    model = vifi.ViFiCLIP(clip, CLASSES, mode=mode, depth_text=1, depth_vision=2, n_ctx_vision=3).eval()
-    torch.manual_seed(1)
-    video = torch.randn(3, 3, 32, 32)
-    for target in (None, 1):
-        logits, relevance, top = written_out_relevance(model, video, target)
-        out = predict.votes_and_relevance(model, video, target)
-        assert out["target"] == top and out["relevance"].shape == (3, 4, 4)
-        torch.testing.assert_close(out["logits"], logits, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(out["relevance"], relevance, atol=1e-6, rtol=1e-4)
 
 
 def test_readme_vifi_command_parses_and_runs(tmp_path):
@@ -2465,35 +2465,6 @@ def kinetics_tree(root, video, per_class=20):
     return classes
 
 
-# Presets
-
-def test_presets_follow_the_protocol_and_flags_win():
-    args = train.get_args(["--dataset", "ucf101", "--root", "x", "--shots", "8"])
-    assert (args.protocol, args.frames, args.batch_size, args.lr, args.epochs, args.eval_every) == ("few-shot", 32, 64, 2e-6, 50, 10)
-    assert args.splits == "official" and args.norm is None  # None: a checkpoint's own, else imagenet (build_model)
-    args = train.get_args(["--dataset", "hmdb51", "--root", "x", "--base-novel", "--mode", "prompt", "--lr", "0.01"])
-    assert (args.protocol, args.lr, args.n_ctx, args.depth, args.epochs) == ("base-novel", 0.01, [16], [9], 11)
-    args = train.get_args(["--dataset", "k400", "--root", "x"])
-    assert (args.protocol, args.frames, args.batch_size, args.views, args.shots, args.eval_every) == ("supervised", 16, 512, "4x3", 0, 1)
-    args = train.get_args(["--dataset", "k400", "--root", "x", "--eval-datasets", "ucf101,hmdb51,k600"])
-    assert (args.protocol, args.batch_size, args.lr, args.shots) == ("zero-shot", 256, 8e-6, 0)
-    args = train.get_args(["--dataset", "ucf101", "--root", "x", "--mode", "zeroshot"])
-    assert args.protocol == "vanilla-zero-shot" and args.eval_only and args.template is None  # "{}" by the mode
-    args = train.get_args(["--dataset", "hmdb51", "--root", "x", "--protocol", "base-novel", "--mode", "zeroshot",
-                           "--eval-only"])  # vanilla CLIP on the official base / novel halves
-    assert (args.protocol, args.frames) == ("base-novel", 32)
-    # --eval-only keeps the protocol's frames and views: UCF101 alone is the zero-shot evaluation, not supervised
-    args = train.get_args(["--dataset", "ucf101", "--root", "x", "--eval-only", "--checkpoint", "c.pth"])
-    assert (args.protocol, args.frames, args.views) == ("zero-shot", 32, "1x1")
-    args = train.get_args(["--dataset", "list", "--protocol", "base-novel", "--root", "x"])
-    assert (args.protocol, args.base_novel, args.splits, args.epochs) == ("base-novel", True, "native", 11)
-    with pytest.raises(vifi.ConfigError, match="--protocol"):
-        train.get_args(["--dataset", "list", "--root", "x"])
-    for flags, protocol in ((["--shots", "8"], "few-shot"), (["--base-novel"], "base-novel"),
-                            (["--mode", "zeroshot"], "vanilla-zero-shot")):  # the flags imply one: no --protocol needed
-        assert train.get_args(["--dataset", "list", "--root", "x", *flags]).protocol == protocol
-
-
 # The official split files: the videos and classes of each of the paper's tables
 
 @pytest.mark.parametrize("dataset, folder, test", [("ucf101", "ucf", "val1.txt"), ("hmdb51", "hmdb", "val1.txt"),
@@ -2574,6 +2545,44 @@ def test_supervised_and_zero_shot_train_on_every_listed_video_with_official_name
     assert res["test_clips"].startswith("1 clip: the centre frame")  # 4x3: 4 seeded draws, data.describe_test_clips
     assert open(out / "train_labels.csv").read().splitlines()[1:4] == [f"{i},{n}" for i, n in enumerate(k400_names[:3])]
 
+
+def test_base_novel_seed_s_trains_on_the_official_list_of_seed_s():
+    for s in (1, 2, 3):
+        for dataset, folder in (("ucf101", "ucf"), ("hmdb51", "hmdb"), ("k400", "k400"), ("ssv2", "ssv2")):
+            lists = protocols.official_sets(dataset, "base-novel", seed=s)
+            assert lists["train"][0] == f"datasets_splits/base2novel_splits/{folder}_splits/fs_base_s{s}_train.txt"
+
+
+# Presets
+
+def test_presets_follow_the_protocol_and_flags_win():
+    args = train.get_args(["--dataset", "ucf101", "--root", "x", "--shots", "8"])
+    assert (args.protocol, args.frames, args.batch_size, args.lr, args.epochs, args.eval_every) == ("few-shot", 32, 64, 2e-6, 50, 10)
+    assert args.splits == "official" and args.norm is None  # None: a checkpoint's own, else imagenet (build_model)
+    args = train.get_args(["--dataset", "hmdb51", "--root", "x", "--base-novel", "--mode", "prompt", "--lr", "0.01"])
+    assert (args.protocol, args.lr, args.n_ctx, args.depth, args.epochs) == ("base-novel", 0.01, [16], [9], 11)
+    args = train.get_args(["--dataset", "k400", "--root", "x"])
+    assert (args.protocol, args.frames, args.batch_size, args.views, args.shots, args.eval_every) == ("supervised", 16, 512, "4x3", 0, 1)
+    args = train.get_args(["--dataset", "k400", "--root", "x", "--eval-datasets", "ucf101,hmdb51,k600"])
+    assert (args.protocol, args.batch_size, args.lr, args.shots) == ("zero-shot", 256, 8e-6, 0)
+    args = train.get_args(["--dataset", "ucf101", "--root", "x", "--mode", "zeroshot"])
+    assert args.protocol == "vanilla-zero-shot" and args.eval_only and args.template is None  # "{}" by the mode
+    args = train.get_args(["--dataset", "hmdb51", "--root", "x", "--protocol", "base-novel", "--mode", "zeroshot",
+                           "--eval-only"])  # vanilla CLIP on the official base / novel halves
+    assert (args.protocol, args.frames) == ("base-novel", 32)
+    # --eval-only keeps the protocol's frames and views: UCF101 alone is the zero-shot evaluation, not supervised
+    args = train.get_args(["--dataset", "ucf101", "--root", "x", "--eval-only", "--checkpoint", "c.pth"])
+    assert (args.protocol, args.frames, args.views) == ("zero-shot", 32, "1x1")
+    args = train.get_args(["--dataset", "list", "--protocol", "base-novel", "--root", "x"])
+    assert (args.protocol, args.base_novel, args.splits, args.epochs) == ("base-novel", True, "native", 11)
+    with pytest.raises(vifi.ConfigError, match="--protocol"):
+        train.get_args(["--dataset", "list", "--root", "x"])
+    for flags, protocol in ((["--shots", "8"], "few-shot"), (["--base-novel"], "base-novel"),
+                            (["--mode", "zeroshot"], "vanilla-zero-shot")):  # the flags imply one: no --protocol needed
+        assert train.get_args(["--dataset", "list", "--root", "x", *flags]).protocol == protocol
+
+
+# The official split files: what is refused, what is fetched
 
 def test_own_list_with_unknown_class_names_is_refused(tmp_path):
     (tmp_path / "v.mp4").touch()
@@ -2725,13 +2734,6 @@ def test_native_k600_evaluation_draws_subset_s_with_seed_s(monkeypatch):
     assert drawn[0] != drawn[1] != drawn[2] != drawn[0]
 
 
-def test_base_novel_seed_s_trains_on_the_official_list_of_seed_s():
-    for s in (1, 2, 3):
-        for dataset, folder in (("ucf101", "ucf"), ("hmdb51", "hmdb"), ("k400", "k400"), ("ssv2", "ssv2")):
-            lists = protocols.official_sets(dataset, "base-novel", seed=s)
-            assert lists["train"][0] == f"datasets_splits/base2novel_splits/{folder}_splits/fs_base_s{s}_train.txt"
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # engine.py
 
@@ -2765,6 +2767,64 @@ class CodedViews(torch.utils.data.Dataset):
         codes = torch.arange(i * self.views, (i + 1) * self.views, dtype=torch.uint8)
         video = codes.view(-1, 1, 1, 1, 1).expand(self.views, 2, 3, 4, 6).clone()
         return {"video": video, "colour": data.NO_COLOUR, "label": self.labels[i], "index": i, "failed": ""}
+
+
+def test_steps_per_epoch_are_the_official_ones_for_every_protocol_of_the_readme_table():
+    """docs/protocols.md's table: its videos are the official lists' lines, its steps the official formula's, and an
+    epoch here takes as many at the protocol's preset (--micro-batch 8, one process)."""
+    datasets = {"ucf": "ucf101", "hmdb": "hmdb51", "ssv2": "ssv2", "k400": "k400"}
+    with open(os.path.join(HERE, "docs", "protocols.md")) as f:
+        rows = re.findall(r"^\| ([^|]+) \| `([^`]+)` \| ([\d /]+) \| (\d+) \| ([\d /]+) \|$", f.read(), re.M)
+    assert len(rows) == 7
+    checked = 0
+    for name, path, videos, batch, steps in rows:
+        ks = ["2", "4", "8", "16"] if "_K.txt" in path else ["1", "2", "3"]
+        dataset = datasets[re.search(r"(ucf|hmdb|ssv2|k400)_splits", path).group(1)]
+        for j, k in enumerate(ks):
+            rel = "datasets_splits/" + path.replace("_K.txt", f"_{k}.txt").replace("_sS_", f"_s{k}_")
+            n = len(official_lines(rel))
+            flags = ["--shots", k] if "_K.txt" in path else ["--base-novel", "--seed", k]
+            args = train.get_args(["--dataset", dataset, "--root", "x", *flags])
+            row_videos = videos.split(" / ")[j if "_K.txt" in path else 0]
+            row_steps = steps.split(" / ")[j if "_K.txt" in path else 0]
+            assert (n, args.batch_size) == (int(row_videos), int(batch)), (name, k)
+            assert ours_steps(n, args) == official_steps(n, args.batch_size) == int(row_steps), (name, k)
+            checked += 1
+    assert checked == 12 + 12
+    # the four the issue named: HMDB51 2-shot 1 step, UCF101 8-shot 12, SSv2 16-shot 43, HMDB51 base-to-novel 6
+    assert [official_steps(n, 64) for n in (102, 808, 2784, 416)] == [1, 12, 43, 6]
+
+
+def test_steps_per_epoch_equal_the_official_formula_for_any_list_size():
+    """README's claim for the whole-training-set protocols (and any list): at --micro-batch 8 on one process the
+    count is the official one, (N + 7) // batch, for every N that gives at least one step."""
+    for batch in (64, 256, 512):
+        args = train.get_args(["--dataset", "k400", "--root", "x", "--batch-size", str(batch)])
+        for n in list(range(batch - 7, 3 * batch + 9)) + [240436]:
+            assert ours_steps(n, args) == official_steps(n, batch) == (n + 7) // batch, (batch, n)
+
+
+def test_lr_is_the_official_timm_schedule_at_every_epoch_end(tmp_path):
+    """timm's CosineLRScheduler(t_initial=E*n, lr_min=lr/100, warmup_lr_init=0, warmup_t=W*n, cycle_limit=1,
+    t_in_epochs=False), stepped with step_update(epoch * n + i) after micro-batch i closes an accumulation group,
+    written out here: at the end of epoch e the rate in force is the one for t = e * n + n - 1."""
+    def timm(t, peak, n, epochs, warmup):
+        warmup_t, t_initial, floor = int(warmup * n), int(epochs * n), peak / 100
+        if t < warmup_t:
+            return peak * t / warmup_t
+        return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * t / t_initial)) if t < t_initial else floor
+
+    run = ["--dataset", "synthetic", "--shots", "2", "--batch-size", "6", "--micro-batch", "3", "--epochs", "4",
+           "--warmup-epochs", "2", "--lr", "0.01", "--eval-every", "0", "--device", "cpu", "--frames", "2"]
+    train.main(train.get_args(run + ["--out", str(tmp_path)]))
+    n = 18 // 3  # 9 base classes x 2 shots, micro-batches of 3
+    log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    for e, row in enumerate(log):
+        assert row["lr"] == pytest.approx(timm(e * n + n - 1, 0.01, n, 4, 2), rel=1e-9, abs=0)
+    assert log[2]["lr"] < 0.01 * 0.6  # the cosine counts from step 0: right after warm-up the rate is below the peak
+    recipe = train.recipe_of(train.get_args(run))
+    assert engine.learning_rate(0, recipe) == 0  # the first optimizer step runs at the warm-up's start value
+    assert engine.learning_rate(2.0, recipe) == pytest.approx(0.0001 + 0.5 * 0.0099 * (1 + math.cos(math.pi / 2)))
 
 
 def test_sampler_shares_are_disjoint_equal_and_seeded_by_epoch():
@@ -2907,41 +2967,6 @@ def ours_steps(n, args):
     runtime = engine.Runtime(torch.device("cpu"), contextlib.nullcontext())
     return engine.steps_per_epoch(len(engine.loader(list(range(n)), train.recipe_of(args), runtime, train=True)),
                                   args.batch_size // args.micro_batch)
-
-
-def test_steps_per_epoch_are_the_official_ones_for_every_protocol_of_the_readme_table():
-    """docs/protocols.md's table: its videos are the official lists' lines, its steps the official formula's, and an
-    epoch here takes as many at the protocol's preset (--micro-batch 8, one process)."""
-    datasets = {"ucf": "ucf101", "hmdb": "hmdb51", "ssv2": "ssv2", "k400": "k400"}
-    with open(os.path.join(HERE, "docs", "protocols.md")) as f:
-        rows = re.findall(r"^\| ([^|]+) \| `([^`]+)` \| ([\d /]+) \| (\d+) \| ([\d /]+) \|$", f.read(), re.M)
-    assert len(rows) == 7
-    checked = 0
-    for name, path, videos, batch, steps in rows:
-        ks = ["2", "4", "8", "16"] if "_K.txt" in path else ["1", "2", "3"]
-        dataset = datasets[re.search(r"(ucf|hmdb|ssv2|k400)_splits", path).group(1)]
-        for j, k in enumerate(ks):
-            rel = "datasets_splits/" + path.replace("_K.txt", f"_{k}.txt").replace("_sS_", f"_s{k}_")
-            n = len(official_lines(rel))
-            flags = ["--shots", k] if "_K.txt" in path else ["--base-novel", "--seed", k]
-            args = train.get_args(["--dataset", dataset, "--root", "x", *flags])
-            row_videos = videos.split(" / ")[j if "_K.txt" in path else 0]
-            row_steps = steps.split(" / ")[j if "_K.txt" in path else 0]
-            assert (n, args.batch_size) == (int(row_videos), int(batch)), (name, k)
-            assert ours_steps(n, args) == official_steps(n, args.batch_size) == int(row_steps), (name, k)
-            checked += 1
-    assert checked == 12 + 12
-    # the four the issue named: HMDB51 2-shot 1 step, UCF101 8-shot 12, SSv2 16-shot 43, HMDB51 base-to-novel 6
-    assert [official_steps(n, 64) for n in (102, 808, 2784, 416)] == [1, 12, 43, 6]
-
-
-def test_steps_per_epoch_equal_the_official_formula_for_any_list_size():
-    """README's claim for the whole-training-set protocols (and any list): at --micro-batch 8 on one process the
-    count is the official one, (N + 7) // batch, for every N that gives at least one step."""
-    for batch in (64, 256, 512):
-        args = train.get_args(["--dataset", "k400", "--root", "x", "--batch-size", str(batch)])
-        for n in list(range(batch - 7, 3 * batch + 9)) + [240436]:
-            assert ours_steps(n, args) == official_steps(n, batch) == (n + 7) // batch, (batch, n)
 
 
 class DrawRecorder(torch.utils.data.Dataset):
@@ -3189,29 +3214,6 @@ def test_cutmix_on_wide_frames_draws_x_over_the_width_and_y_over_the_height(monk
     torch.testing.assert_close(target, torch.tensor([[lam, 1 - lam], [1 - lam, lam]]))
 
 
-def test_lr_is_the_official_timm_schedule_at_every_epoch_end(tmp_path):
-    """timm's CosineLRScheduler(t_initial=E*n, lr_min=lr/100, warmup_lr_init=0, warmup_t=W*n, cycle_limit=1,
-    t_in_epochs=False), stepped with step_update(epoch * n + i) after micro-batch i closes an accumulation group,
-    written out here: at the end of epoch e the rate in force is the one for t = e * n + n - 1."""
-    def timm(t, peak, n, epochs, warmup):
-        warmup_t, t_initial, floor = int(warmup * n), int(epochs * n), peak / 100
-        if t < warmup_t:
-            return peak * t / warmup_t
-        return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * t / t_initial)) if t < t_initial else floor
-
-    run = ["--dataset", "synthetic", "--shots", "2", "--batch-size", "6", "--micro-batch", "3", "--epochs", "4",
-           "--warmup-epochs", "2", "--lr", "0.01", "--eval-every", "0", "--device", "cpu", "--frames", "2"]
-    train.main(train.get_args(run + ["--out", str(tmp_path)]))
-    n = 18 // 3  # 9 base classes x 2 shots, micro-batches of 3
-    log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
-    for e, row in enumerate(log):
-        assert row["lr"] == pytest.approx(timm(e * n + n - 1, 0.01, n, 4, 2), rel=1e-9, abs=0)
-    assert log[2]["lr"] < 0.01 * 0.6  # the cosine counts from step 0: right after warm-up the rate is below the peak
-    recipe = train.recipe_of(train.get_args(run))
-    assert engine.learning_rate(0, recipe) == 0  # the first optimizer step runs at the warm-up's start value
-    assert engine.learning_rate(2.0, recipe) == pytest.approx(0.0001 + 0.5 * 0.0099 * (1 + math.cos(math.pi / 2)))
-
-
 # The recipe's settings, and where they come from
 
 def test_engine_imports_no_protocols():
@@ -3256,6 +3258,32 @@ def file_run(root, *extra):
 # A full disk as the OS reports it, and as torch.save (2.13) reports it when the disk fills mid-write.
 FULL_DISK = [OSError(errno.ENOSPC, "No space left on device"),
              RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")]
+
+
+# Official checkpoints, evaluated as they are
+
+def test_eval_only_official_checkpoint(tmp_path, expected):
+    out = tmp_path / "ev"
+    results = train.main(train.get_args(["--dataset", "synthetic", "--eval-only", "--model", fixture("clip_tiny_openai_jit.pt"),
+                                         "--checkpoint", fixture("vifi_official_prompt_ckpt.pth"), "--out", str(out),
+                                         "--device", "cpu", "--frames", "2"]))
+    assert results["base"]["videos"] == 144 and 0 <= results["base"]["top1"] <= 100
+    assert json.load(open(out / "results.json"))["norm"] == "imagenet"  # official models were trained with it
+
+
+def test_official_checkpoints_and_vanilla_clip_prompt_the_raw_names(tiny_clip):
+    names = ["ApplyEyeMakeup", "brush_hair", "Pouring something into something"]
+    fine = vifi.load_official_checkpoint(fixture("vifi_official_finetune_ckpt.pth"), tiny_clip, names)
+    assert fine.prompts_for(names) == [f"a photo of a {n}." for n in names]
+    prompted = vifi.load_official_checkpoint(fixture("vifi_official_prompt_ckpt.pth"), tiny_clip, names)
+    assert prompted.prompts_for(names)[:2] == ["X X X X X ApplyEyeMakeup.", "X X X X X brush hair."]  # '_' -> ' '
+    assert vifi.ViFiCLIP(tiny_clip, names, "zeroshot").prompts_for(names) == names  # the official "{}"
+    args = train.get_args(["--dataset", "ucf101", "--root", "x", "--eval-only", "--checkpoint",
+                           fixture("vifi_official_finetune_ckpt.pth")])
+    model = train.build_model(args, tiny_clip, names)
+    assert model.prompts_for(names)[0] == "a photo of a ApplyEyeMakeup." and model.norm == "imagenet"
+    args = train.get_args(["--dataset", "ucf101", "--root", "x", "--mode", "zeroshot", "--clean-names"])
+    assert train.build_model(args, tiny_clip, names).prompts_for(names)[0] == "apply eye makeup"
 
 
 # Flags and errors
@@ -3357,30 +3385,6 @@ def test_offline_one_message_lists_every_missing_file(tmp_path, monkeypatch):
 
 
 # Models, checkpoints and resuming
-
-def test_official_checkpoints_and_vanilla_clip_prompt_the_raw_names(tiny_clip):
-    names = ["ApplyEyeMakeup", "brush_hair", "Pouring something into something"]
-    fine = vifi.load_official_checkpoint(fixture("vifi_official_finetune_ckpt.pth"), tiny_clip, names)
-    assert fine.prompts_for(names) == [f"a photo of a {n}." for n in names]
-    prompted = vifi.load_official_checkpoint(fixture("vifi_official_prompt_ckpt.pth"), tiny_clip, names)
-    assert prompted.prompts_for(names)[:2] == ["X X X X X ApplyEyeMakeup.", "X X X X X brush hair."]  # '_' -> ' '
-    assert vifi.ViFiCLIP(tiny_clip, names, "zeroshot").prompts_for(names) == names  # the official "{}"
-    args = train.get_args(["--dataset", "ucf101", "--root", "x", "--eval-only", "--checkpoint",
-                           fixture("vifi_official_finetune_ckpt.pth")])
-    model = train.build_model(args, tiny_clip, names)
-    assert model.prompts_for(names)[0] == "a photo of a ApplyEyeMakeup." and model.norm == "imagenet"
-    args = train.get_args(["--dataset", "ucf101", "--root", "x", "--mode", "zeroshot", "--clean-names"])
-    assert train.build_model(args, tiny_clip, names).prompts_for(names)[0] == "apply eye makeup"
-
-
-def test_eval_only_official_checkpoint(tmp_path, expected):
-    out = tmp_path / "ev"
-    results = train.main(train.get_args(["--dataset", "synthetic", "--eval-only", "--model", fixture("clip_tiny_openai_jit.pt"),
-                                         "--checkpoint", fixture("vifi_official_prompt_ckpt.pth"), "--out", str(out),
-                                         "--device", "cpu", "--frames", "2"]))
-    assert results["base"]["videos"] == 144 and 0 <= results["base"]["top1"] <= 100
-    assert json.load(open(out / "results.json"))["norm"] == "imagenet"  # official models were trained with it
-
 
 def test_checkpoint_flags_run_no_code(payloads, tmp_path):
     files, marker = payloads
@@ -4169,6 +4173,13 @@ def test_prepare_and_check_draw_bars_only_on_a_terminal(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # bench.py
 
+def test_official_style_baseline_computes_the_same_logits():
+    model = vifi.ViFiCLIP(byte_clip(), CLASSES).eval()
+    video = torch.randn(2, 3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(bench.OfficialStyle(model)(video), model(video), atol=1e-4, rtol=0)
+
+
 def test_image_flops_match_the_published_vit_b16_count():
     # ViT-B/16 at 224 is 17.6 GMACs per image (timm's table), i.e. ~35.2 GFLOPs at 2 FLOPs per multiply-add, with
     # all 197 tokens through the last block; this tower's last block computes the class token alone
@@ -4197,13 +4208,6 @@ def test_bench_summary_says_slower_and_leaves_out_what_it_cannot_measure(capsys)
     assert "0.50x" not in out and "cuts peak memory" not in out and "no memory peak can be measured" in out
     bench.print_summary({**res, "memory_ratio": 0.99})
     assert "does not cut peak memory at this size (without / with = 0.99)" in capsys.readouterr().out
-
-
-def test_official_style_baseline_computes_the_same_logits():
-    model = vifi.ViFiCLIP(byte_clip(), CLASSES).eval()
-    video = torch.randn(2, 3, 3, 32, 32)
-    with torch.no_grad():
-        torch.testing.assert_close(bench.OfficialStyle(model)(video), model(video), atol=1e-4, rtol=0)
 
 
 def test_bench_small_runs_and_writes_finite_numbers(tmp_path):
