@@ -96,7 +96,8 @@ def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, backward
         return isinstance(xs, tuple) and all(isinstance(x, int) and x >= 0 for x in xs)
     if not (isinstance(storage, StorageRef) and naturals((offset,)) and naturals(size) and naturals(stride)
             and len(size) == len(stride)):
-        raise pickle.UnpicklingError("a tensor whose storage, offset, size or stride is not what torch.save writes")
+        raise pickle.UnpicklingError("a tensor whose storage, offset, size or stride is not "
+                                     "what torch.save writes")
     return TensorRef(storage, offset, size, stride)
 
 
@@ -114,8 +115,9 @@ class ScriptObject:
     def __setstate__(self, state):
         # pickled by its own __getstate__: only its scripted __setstate__ reads that
         if not isinstance(state, dict):
-            raise pickle.UnpicklingError(f"refusing to restore {type(self).__name__} through its own TorchScript "
-                                         "__setstate__ (the modules of a CLIP release have none)")
+            raise pickle.UnpicklingError(f"refusing to restore {type(self).__name__} through "
+                                         "its own TorchScript __setstate__ (the modules of a "
+                                         "CLIP release have none)")
         self.__dict__.update(state)
 
 
@@ -154,8 +156,8 @@ class _Unpickler(pickle._Unpickler):
     def persistent_load(self, pid):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and pid[1] in STORAGE_DTYPES
                 and isinstance(pid[2], str)):
-            raise pickle.UnpicklingError("a storage reference that is not the ('storage', type, key, device, numel) "
-                                         "torch.save writes")
+            raise pickle.UnpicklingError("a storage reference that is not the ('storage', type, "
+                                         "key, device, numel) torch.save writes")
         # the numel it states is not trusted: the bytes are
         return StorageRef(pid[2], STORAGE_DTYPES[pid[1]])
 
@@ -166,7 +168,8 @@ class _Unpickler(pickle._Unpickler):
         obj = self.stack[-1]
         depth = 1 + max((self.depth.get(id(x), (0,))[0] for x in obj), default=0)
         if depth > MAX_DEPTH:
-            raise pickle.UnpicklingError(f"tuples nested more than {MAX_DEPTH} deep; torch.save writes a few levels")
+            raise pickle.UnpicklingError(f"tuples nested more than {MAX_DEPTH} deep; "
+                                         "torch.save writes a few levels")
         self.depth[id(obj)] = (depth, obj)  # keeps obj alive, so that its id is not reused
 
     def load_build(self):
@@ -177,8 +180,9 @@ class _Unpickler(pickle._Unpickler):
         elif isinstance(inst, self.buildable) and isinstance(state, dict):
             vars(inst).update(state)
         else:
-            raise pickle.UnpicklingError(f"refusing to set the state of a {type(inst).__name__} (torch.save sets only "
-                                         "an instance's attributes, of the containers and modules read here)")
+            raise pickle.UnpicklingError(f"refusing to set the state of a {type(inst).__name__} "
+                                         "(torch.save sets only an instance's attributes, of the "
+                                         "containers and modules read here)")
 
     dispatch[pickle.BUILD[0]] = load_build
 
@@ -239,8 +243,8 @@ def _resolve(root, tensor):
         path.discard(id(obj))
         depth = 1 + max((done[id(c)][1] for c in kids), default=0)
         if depth > MAX_DEPTH:
-            raise pickle.UnpicklingError(f"containers nested more than {MAX_DEPTH} deep; torch.save writes a few "
-                                         "levels")
+            raise pickle.UnpicklingError(f"containers nested more than {MAX_DEPTH} deep; "
+                                         "torch.save writes a few levels")
         if isinstance(obj, TensorRef):
             out = tensor(obj)
         elif isinstance(obj, tuple):
@@ -249,7 +253,8 @@ def _resolve(root, tensor):
         else:
             hashed = obj if isinstance(obj, (set, frozenset)) else obj.keys() if isinstance(obj, dict) else ()
             if any(new(c) is not c for c in hashed):
-                raise pickle.UnpicklingError("a tensor in a dict key or a set, where torch.save never puts one")
+                raise pickle.UnpicklingError("a tensor in a dict key or a set, where "
+                                             "torch.save never puts one")
             if isinstance(obj, list):
                 obj[:] = map(new, obj)
             for values in ([obj] if isinstance(obj, dict) else []) + [_attributes(obj)]:
@@ -267,13 +272,15 @@ def _view(ref, record, key):
     numel, n = math.prod(ref.size), record.numel()
     last = ref.offset + sum((s - 1) * st for s, st in zip(ref.size, ref.stride)) if numel else ref.offset - 1
     if last >= n:
-        raise pickle.UnpicklingError(f"a tensor of size {ref.size}, stride {ref.stride} at offset {ref.offset} "
-                                     f"reaches past the end of its record {key} ({n} elements)")
+        raise pickle.UnpicklingError(f"a tensor of size {ref.size}, stride {ref.stride} at "
+                                     f"offset {ref.offset} reaches past the end of its record "
+                                     f"{key} ({n} elements)")
     # torch.save writes such a view only for an expanded tensor, which no model or optimizer holds
     if numel > n:
-        raise pickle.UnpicklingError(f"a tensor of size {ref.size} ({numel} elements) over record {key} of {n}: a "
-                                     "stride-0 or overlapping view, which no checkpoint of weights holds and whose "
-                                     "copy would take more memory than the file holds")
+        raise pickle.UnpicklingError(f"a tensor of size {ref.size} ({numel} elements) over record "
+                                     f"{key} of {n}: a stride-0 or overlapping view, which no "
+                                     "checkpoint of weights holds and whose copy would take more "
+                                     "memory than the file holds")
     return record.as_strided(ref.size, ref.stride, ref.offset)
 
 
@@ -292,8 +299,8 @@ def read_archive(path, expected, extra_globals=None, script=False):
         archive = zipfile.ZipFile(path)
     # zipfile raises several types for what is not a zip archive; all mean the same here
     except Exception as e:
-        raise fail(f"not a PyTorch checkpoint (not a readable zip archive: {e}); a download or copy may be truncated, "
-                   "or it was saved by torch < 1.6") from None
+        raise fail(f"not a PyTorch checkpoint (not a readable zip archive: {e}); a download or "
+                   "copy may be truncated, or it was saved by torch < 1.6") from None
     with archive as z, open(path, "rb") as f:
         names = z.namelist()
         top = names[0].split("/")[0] if names else ""
@@ -302,19 +309,22 @@ def read_archive(path, expected, extra_globals=None, script=False):
         prefix = min(info.header_offset for info in z.infolist())
         # zipfile reads past a prefix; torch.load would unpickle it
         if prefix or f.read(4) != b"PK\x03\x04":
-            raise fail(f"{prefix} bytes before its zip archive, where torch.save writes none: torch.load reads such "
-                       "a file as a pickle from its first byte, so that prefix would run code in other loaders")
+            raise fail(f"{prefix} bytes before its zip archive, where torch.save writes none: "
+                       "torch.load reads such a file as a pickle from its first byte, so that "
+                       "prefix would run code in other loaders")
         if f"{top}/constants.pkl" in names and not script:
-            raise fail("a TorchScript archive, the format OpenAI releases CLIP in: give it as the base CLIP (--model)")
+            raise fail("a TorchScript archive, the format OpenAI releases CLIP in: give it as "
+                       "the base CLIP (--model)")
         for info in z.infolist():
-            if info.compress_type != zipfile.ZIP_STORED and info.filename[len(top) + 1:].startswith(TORCH_ZIP_MEMBERS):
+            if (info.compress_type != zipfile.ZIP_STORED
+                    and info.filename[len(top) + 1:].startswith(TORCH_ZIP_MEMBERS)):
                 raise fail(f"{info.filename} is compressed ({info.compress_size} bytes inflating to a stated "
                            f"{info.file_size}); torch.save stores records uncompressed, so this file was not "
                            "written by torch and is not read")
         pkl = z.getinfo(f"{top}/data.pkl")
         if max(pkl.file_size, pkl.compress_size) > MAX_PICKLE_BYTES:
-            raise fail(f"its data.pkl holds {pkl.file_size} bytes, more than the {MAX_PICKLE_BYTES} any checkpoint "
-                       "needs (tensors are stored beside it)")
+            raise fail(f"its data.pkl holds {pkl.file_size} bytes, more than the "
+                       f"{MAX_PICKLE_BYTES} any checkpoint needs (tensors are stored beside it)")
         # key -> the record's bytes as a flat tensor of its dtype, read once however many views
         # share it
         records = {}
@@ -324,7 +334,8 @@ def read_archive(path, expected, extra_globals=None, script=False):
             if (key, dtype) not in records:
                 # zipfile raises here if the CRC-32 does not match
                 raw = bytearray(z.read(f"{top}/data/{key}"))
-                records[key, dtype] = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
+                records[key, dtype] = (torch.frombuffer(raw, dtype=dtype) if raw
+                                       else torch.empty(0, dtype=dtype))
             return _view(ref, records[key, dtype], key)
 
         try:
@@ -338,8 +349,8 @@ def read_archive(path, expected, extra_globals=None, script=False):
             raise
         # a CRC-32 mismatch or a damaged record header: the bytes changed on disk
         except zipfile.BadZipFile as e:
-            raise fail(f"corrupt ({e}): the file changed after it was written (a disk, copy or download error); "
-                       "use an intact copy") from None
+            raise fail(f"corrupt ({e}): the file changed after it was written (a disk, copy or "
+                       "download error); use an intact copy") from None
         except pickle.UnpicklingError as e:
             raise fail(str(e)) from None
         # a crafted pickle can fail in any of Python's ways; none of them runs code
@@ -388,8 +399,8 @@ def download(url, path, sha256):
     if os.path.isfile(path):
         found = file_sha256(path)
         if found != sha256:
-            warnings.warn(f"{path} is not OpenAI's release (sha256 {found}, expected {sha256}); loading it anyway. "
-                          f"Delete it to download the release from {url}.")
+            warnings.warn(f"{path} is not OpenAI's release (sha256 {found}, expected {sha256}); "
+                          f"loading it anyway. Delete it to download the release from {url}.")
         return path
     folder, name = os.path.split(path)
     os.makedirs(folder, exist_ok=True)
@@ -403,12 +414,14 @@ def download(url, path, sha256):
                     digest.update(chunk)
                     bar.update(len(chunk))
             if digest.hexdigest() != sha256:
-                raise CheckpointError(f"Checksum mismatch: the download of {url} is corrupt (sha256 "
-                                      f"{digest.hexdigest()}, expected {sha256}). Nothing was written to {path}; try "
+                raise CheckpointError(f"Checksum mismatch: the download of {url} is "
+                                      f"corrupt (sha256 {digest.hexdigest()}, expected "
+                                      f"{sha256}). Nothing was written to {path}; try "
                                       "again, or place a good copy there.")
     except OSError as e:  # no network (URLError is an OSError), a timeout, a reset, a full disk
-        raise CheckpointError(f"Could not download {url} ({e}). Without network, fetch it elsewhere and place it at "
-                              f"{path} (or set $VIFI_CACHE to the folder that holds it).") from None
+        raise CheckpointError(f"Could not download {url} ({e}). Without network, fetch it "
+                              f"elsewhere and place it at {path} (or set $VIFI_CACHE to the "
+                              "folder that holds it).") from None
     return path
 
 
@@ -463,15 +476,15 @@ def lock_folder(folder, what):
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
     except OSError as e:
-        raise FolderInUse(f"{what} {folder}: cannot open its lock file {path} ({e.strerror}); remove it if it is "
-                          "a link, or choose another folder") from None
+        raise FolderInUse(f"{what} {folder}: cannot open its lock file {path} ({e.strerror}); "
+                          "remove it if it is a link, or choose another folder") from None
     with open(fd, "r+", encoding="utf-8") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = f.read().strip() or "a process that has not yet written its name"
-            raise FolderInUse(f"{what} {folder} is in use by another run ({holder}): wait for it to end, or choose "
-                              f"another {what}") from None
+            raise FolderInUse(f"{what} {folder} is in use by another run ({holder}): wait for it "
+                              f"to end, or choose another {what}") from None
         f.truncate(0)
         f.write(f"pid {os.getpid()}: {' '.join([os.path.basename(sys.executable), *sys.argv])}\n")
         f.flush()

@@ -46,10 +46,15 @@ class ModelError(RuntimeError):
 
 # OpenAI's public releases; the folder name in each URL is the file's sha256.
 MODELS = {
-    "ViT-B/32": "https://openaipublic.azureedge.net/clip/models/40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af/ViT-B-32.pt",
-    "ViT-B/16": "https://openaipublic.azureedge.net/clip/models/5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt",
-    "ViT-L/14": "https://openaipublic.azureedge.net/clip/models/b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836/ViT-L-14.pt",
-    "ViT-L/14@336px": "https://openaipublic.azureedge.net/clip/models/3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02/ViT-L-14-336px.pt",
+    "ViT-B/32": "https://openaipublic.azureedge.net/clip/models/"
+                "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af/ViT-B-32.pt",
+    "ViT-B/16": "https://openaipublic.azureedge.net/clip/models/"
+                "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt",
+    "ViT-L/14": "https://openaipublic.azureedge.net/clip/models/"
+                "b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836/ViT-L-14.pt",
+    "ViT-L/14@336px": "https://openaipublic.azureedge.net/clip/models/"
+                      "3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02/"
+                      "ViT-L-14-336px.pt",
 }
 
 
@@ -73,9 +78,11 @@ class CLIPConfig:
         grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
         patch = sd["visual.conv1.weight"].shape[-1]
         return cls(embed_dim=sd["text_projection"].shape[1], image_resolution=patch * grid,
-                   vision_layers=layers("visual.transformer.resblocks."), vision_width=sd["visual.conv1.weight"].shape[0],
+                   vision_layers=layers("visual.transformer.resblocks."),
+                   vision_width=sd["visual.conv1.weight"].shape[0],
                    patch_size=patch, context_length=sd["positional_embedding"].shape[0],
-                   vocab_size=sd["token_embedding.weight"].shape[0], text_width=sd["ln_final.weight"].shape[0],
+                   vocab_size=sd["token_embedding.weight"].shape[0],
+                   text_width=sd["ln_final.weight"].shape[0],
                    text_layers=layers("transformer.resblocks."))
 
 
@@ -183,7 +190,8 @@ class VisionTransformer(nn.Module):
         # run as a matmul
         self.conv1 = nn.Conv2d(3, w, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False)
         self.class_embedding = nn.Parameter(scale * torch.randn(w))
-        self.positional_embedding = nn.Parameter(scale * torch.randn((cfg.image_resolution // cfg.patch_size) ** 2 + 1, w))
+        self.positional_embedding = nn.Parameter(
+            scale * torch.randn((cfg.image_resolution // cfg.patch_size) ** 2 + 1, w))
         self.ln_pre = nn.LayerNorm(w)
         self.transformer = Transformer(w, cfg.vision_layers)
         self.ln_post = nn.LayerNorm(w)
@@ -300,9 +308,9 @@ class CLIP(nn.Module):
 def read_state_dict(path):
     """A TorchScript archive (OpenAI's format), a plain state dict, or a checkpoint holding one
     under 'model'; read by read_archive, so no file can run code whatever it holds."""
-    expected = (f"a CLIP state dict, a checkpoint holding one under 'model', OpenAI's TorchScript release or one of "
-                f"the names {list(MODELS)} (official ViFi-CLIP checkpoints load with vifi.load_official_checkpoint or "
-                "--checkpoint)")
+    expected = ("a CLIP state dict, a checkpoint holding one under 'model', OpenAI's TorchScript "
+                f"release or one of the names {list(MODELS)} (official ViFi-CLIP checkpoints load "
+                "with vifi.load_official_checkpoint or --checkpoint)")
     import archive  # reads the file without running code from it
     obj = archive.read_archive(path, expected, script=True)
     if isinstance(obj, archive.ScriptObject):

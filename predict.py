@@ -87,8 +87,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu, cuda, cuda:N, ... (default: cuda if available)")
     p.add_argument("--explain", metavar="HTML",
-                   help="also write an explanation report (per-frame votes, relevance maps) to this HTML file, "
-                        "and its numbers to the .json beside it")
+                   help="also write an explanation report (per-frame votes, relevance maps) to "
+                        "this HTML file, and its numbers to the .json beside it")
     p.add_argument("--compare-base", action="store_true", help="--explain: add vanilla CLIP's (--model) maps")
     args = p.parse_args(argv)
     if args.explain and args.views != "1x1":

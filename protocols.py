@@ -30,28 +30,30 @@ EVAL_DATASETS = ["ucf101", "hmdb51", "k600", "k400", "ssv2"]  # what --eval-data
 # after every epoch.
 PRESETS = {
     "few-shot":          dict(frames=32, batch_size=64, lr=2e-6, epochs=50, eval_every=10),
-    "few-shot-prompt":   dict(frames=32, batch_size=64, lr=8e-3, epochs=50, eval_every=10, n_ctx=[10], depth=[12]),
+    "few-shot-prompt":   dict(frames=32, batch_size=64, lr=8e-3, epochs=50, eval_every=10, n_ctx=[10],
+                              depth=[12]),
     "base-novel":        dict(frames=32, batch_size=64, lr=2e-6, epochs=11, eval_every=10, shots=16),
-    "base-novel-prompt": dict(frames=32, batch_size=64, lr=4e-2, epochs=11, eval_every=10, shots=16, n_ctx=[16],
-                              depth=[9]),
+    "base-novel-prompt": dict(frames=32, batch_size=64, lr=4e-2, epochs=11, eval_every=10, shots=16,
+                              n_ctx=[16], depth=[9]),
     "zero-shot":         dict(frames=32, batch_size=256, lr=8e-6, epochs=10, eval_every=1),
     "supervised":        dict(frames=16, batch_size=512, lr=2.2e-5, epochs=30, eval_every=1, views="4x3"),
     "vanilla-zero-shot": dict(frames=32, epochs=0),
     # The offline demo: a small CLIP from scratch with the byte-level tokenizer on rendered clips;
     # its base classes train, its novel classes (unseen combinations of seen words) are only
     # evaluated.
-    "synthetic":         dict(model="scratch", template="{}", frames=8, batch_size=32, micro_batch=32, lr=7e-4,
-                              epochs=40, eval_every=5, warmup_epochs=1, label_smoothing=0.0, mixup=0.0, cutmix=0.0,
-                              workers=0),
+    "synthetic":         dict(model="scratch", template="{}", frames=8, batch_size=32, micro_batch=32,
+                              lr=7e-4, epochs=40, eval_every=5, warmup_epochs=1,
+                              label_smoothing=0.0, mixup=0.0, cutmix=0.0, workers=0),
 }
 # Fine-tuning one encoder only (--towers image / text), supervised: the official
 # configs/fully_supervised/k400/16_16_{image,text}_tuned_clip.yaml (4 clips x 8 accumulation x 8
 # GPUs). Their zero-shot training configs use the zero-shot preset's batch and rate for every
 # --towers.
 ONE_TOWER = {"supervised": dict(batch_size=256, lr=8e-6)}
-DEFAULTS = dict(model="ViT-B/16", frames=32, batch_size=64, micro_batch=8, lr=2e-6, epochs=10, eval_every=0,
-                warmup_epochs=5, weight_decay=0.001, label_smoothing=0.1, mixup=0.8, cutmix=1.0, mix_switch=0.5,
-                views="1x1", shots=0, n_ctx=[10], depth=[12], workers=min(8, os.cpu_count() or 1))
+DEFAULTS = dict(model="ViT-B/16", frames=32, batch_size=64, micro_batch=8, lr=2e-6, epochs=10,
+                eval_every=0, warmup_epochs=5, weight_decay=0.001, label_smoothing=0.1, mixup=0.8,
+                cutmix=1.0, mix_switch=0.5, views="1x1", shots=0, n_ctx=[10], depth=[12],
+                workers=min(8, os.cpu_count() or 1))
 # Which evaluation the paper's tables report: few-shot logs the best of its evaluations ("Max
 # accuracy"); the other protocols take the final model (base-to-novel evaluates novel classes with
 # the last epoch's weights).
@@ -208,8 +210,9 @@ def fetch_splits(args, also=()):
         return None
     local = args.splits != "official"
     if local and not os.path.isdir(args.splits):
-        raise data.DatasetError(f"--splits {args.splits!r}: expected 'official', 'native' or a folder holding the "
-                                "official repository's labels/ and datasets_splits/")
+        raise data.DatasetError(f"--splits {args.splits!r}: expected 'official', 'native' "
+                                "or a folder holding the official repository's labels/ "
+                                "and datasets_splits/")
     folder = (args.splits if local else
               os.path.join(archive.cache_dir(), f"splits-{OFFICIAL_COMMIT[:7]}"))
     hashes, failed = official_hashes(), []
@@ -284,9 +287,10 @@ def check_readable(sets):
             except data.VideoError as e:
                 reasons.append(str(e))
         else:
-            raise data.DatasetError(f"none of the first {len(reasons)} videos of the {name} set could be read, e.g. "
-                                    f"{reasons[0]}; check the copy under {dataset.root} with `python tools.py check "
-                                    f"--dataset NAME --root {dataset.root}`")
+            raise data.DatasetError(f"none of the first {len(reasons)} videos of the {name} set "
+                                    f"could be read, e.g. {reasons[0]}; check the copy under "
+                                    f"{dataset.root} with `python tools.py check --dataset NAME "
+                                    f"--root {dataset.root}`")
 
 
 def datasets(args, splits_dir=None):
@@ -317,8 +321,9 @@ def official_list(root, files, splits_dir, split, common):
         return data.build_dataset("list", root, split, list_file=os.path.join(splits_dir, list_file),
                                   labels_file=os.path.join(splits_dir, labels_file), **common)
     except data.DatasetError as e:
-        raise data.DatasetError(f"{dataset}: the paper's {list_file} does not match the videos under {root}: {e}. "
-                                f"The official lists name {dataset}'s own files; for other videos (such as tools.py "
+        raise data.DatasetError(f"{dataset}: the paper's {list_file} does not match the "
+                                f"videos under {root}: {e}. The official lists name "
+                                f"{dataset}'s own files; for other videos (such as tools.py "
                                 "synth-ucf output) use --splits native") from None
 
 
@@ -328,8 +333,9 @@ def relabel(dataset, classnames):
     new_label = {name: i for i, name in enumerate(classnames)}
     unknown = [name for name in dataset.classnames if name not in new_label]
     if unknown:
-        raise data.DatasetError(f"{len(unknown)} classes of {dataset.root} are not in the official class list, e.g. "
-                                f"{unknown[:3]}; rename them or use --splits native")
+        raise data.DatasetError(f"{len(unknown)} classes of {dataset.root} are not in "
+                                f"the official class list, e.g. {unknown[:3]}; rename "
+                                "them or use --splits native")
     samples = [(path, new_label[dataset.classnames[label]]) for path, label in dataset.samples]
     return dataset.subset(samples, classnames)
 
@@ -355,8 +361,9 @@ def native_datasets(args, roots, common):
     if drawn and train is not None and args.shots and few_shot:
         train = data.few_shot(train, args.shots, args.seed)
     if drawn and args.protocol in ("few-shot", "base-novel"):
-        print(f"note: --splits native: {args.protocol} videos and classes drawn with seed {args.seed}, not the "
-              "paper's lists; its numbers are not comparable with the paper's", file=sys.stderr)
+        print(f"note: --splits native: {args.protocol} videos and classes drawn with "
+              f"seed {args.seed}, not the paper's lists; its numbers are not "
+              "comparable with the paper's", file=sys.stderr)
     for name in args.eval_datasets:
         # Kinetics-600 classes absent from Kinetics-400, three seeded subsets of 160
         if name == "k600":

@@ -146,7 +146,8 @@ def write_report(path, video_path, labels, images, logits, result, settings, bas
                 f"{100 * base['logits'].softmax(-1)[top].item():.2f}%.</p>" if base else "")
     gradient = ",".join(f"rgb({r:.0f},{g:.0f},{b:.0f})" for r, g, b in HEAT_COLOURS.tolist())
     page = f"""<!doctype html><html><head><meta charset="utf-8">
-<title>ViFi-CLIP explanation: {html.escape(os.path.basename(video_path))}</title><style>{STYLE}</style></head><body>
+<title>ViFi-CLIP explanation: {html.escape(os.path.basename(video_path))}</title>\
+<style>{STYLE}</style></head><body>
 <h1>What the model sees in {html.escape(os.path.basename(video_path))}</h1>
 <p class="settings">{html.escape(", ".join(f"{k}: {v}" for k, v in settings.items() if v is not None))}</p>
 <h2>Prediction</h2><table>{top5}</table>{compared}
@@ -162,8 +163,8 @@ def write_report(path, video_path, labels, images, logits, result, settings, bas
     runner_up = dict(label=labels[second], logit=logits[second].item(),
                      votes=votes[:, second].tolist())
     report = dict(video=video_path, settings=settings, top5=top5_entries,
-                  label=labels[top], logit=logits[top].item(), votes=votes[:, top].tolist(), runner_up=runner_up,
-                  relevance=result["relevance"].tolist(),
+                  label=labels[top], logit=logits[top].item(), votes=votes[:, top].tolist(),
+                  runner_up=runner_up, relevance=result["relevance"].tolist(),
                   base_relevance=base["relevance"].tolist() if base else None)
     with open(os.path.splitext(path)[0] + ".json", "w") as f:
         json.dump(report, f, indent=1)

@@ -57,7 +57,8 @@ class VocabError(RuntimeError):
 def bytes_to_unicode():
     """Byte value -> printable character. The dict's order fixes the ids of the first 256 tokens (as
     in CLIP)."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+            *range(ord("®"), ord("ÿ") + 1)]
     moved = [b for b in range(256) if b not in keep]  # space, control characters, soft hyphen, ...
     return {b: chr(b) for b in keep} | {b: chr(256 + i) for i, b in enumerate(moved)}
 
@@ -94,7 +95,8 @@ def load_merges(path):
         with gzip.open(path, "rt", encoding="utf-8") as f:
             lines = f.read().split("\n")
     except (OSError, EOFError, UnicodeDecodeError) as e:  # not gzip, truncated, or not text
-        raise VocabError(f"BPE vocab {path} is not a readable gzip file ({e}); expected OpenAI's {BPE_FILE}.") from e
+        raise VocabError(f"BPE vocab {path} is not a readable gzip file ({e}); expected "
+                         f"OpenAI's {BPE_FILE}.") from e
     merges = [tuple(line.split()) for line in lines[1 : N_MERGES + 1]]
     if "#version" not in lines[0] or any(len(m) != 2 for m in merges):
         raise VocabError(f"BPE vocab {path} is not a merges file (a version line, then one pair per line).")
@@ -119,7 +121,8 @@ class Tokenizer:
         self.ranks = {pair: rank for rank, pair in enumerate(merges)}
         self.sot, self.eot, self.vocab_size = self.encoder[SOT], self.encoder[EOT], len(self.vocab)
         # Decoding: each id back to its bytes, a word end back to a space.
-        self.id_bytes = [bytes(byte_decoder[c] for c in t.removesuffix("</w>")) + (b" " if t.endswith("</w>") else b"")
+        self.id_bytes = [bytes(byte_decoder[c] for c in t.removesuffix("</w>"))
+                         + (b" " if t.endswith("</w>") else b"")
                          for t in self.vocab]
         # word -> ids; the special tokens are seeded so that "<|endoftext|>" in a text maps to EOT,
         # as in CLIP.

@@ -1,7 +1,8 @@
 """
 Train and evaluate ViFi-CLIP on every protocol of the paper, from one command.
 
-    python train.py --dataset synthetic                             # offline demo: a small CLIP from scratch, CPU
+    python train.py --dataset synthetic                             # offline demo: a small CLIP \
+from scratch, CPU
     python train.py --dataset ucf101 --root DIR --shots 8           # few-shot fine-tuning (Table 4)
     python train.py --dataset hmdb51 --root DIR --base-novel --seed 1 --mode prompt --checkpoint K400.pth
     torchrun --nproc_per_node 8 train.py --dataset k400 --root DIR  # fully supervised, 8 GPUs
@@ -255,9 +256,10 @@ def warn_short_warm_up(args):
     to say.)"""
     if not args.eval_only and args.warmup_epochs > args.epochs:
         top = args.lr * args.epochs / args.warmup_epochs
-        print(f"warning: --warmup-epochs {args.warmup_epochs:g} is longer than the run ({args.epochs} epochs): the "
-              f"learning rate peaks at {top:.3g}, below --lr {args.lr:g}; give --warmup-epochs {args.epochs} or "
-              f"fewer to reach it", file=sys.stderr)
+        print(f"warning: --warmup-epochs {args.warmup_epochs:g} is longer than "
+              f"the run ({args.epochs} epochs): the learning rate peaks at "
+              f"{top:.3g}, below --lr {args.lr:g}; give --warmup-epochs "
+              f"{args.epochs} or fewer to reach it", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -319,8 +321,8 @@ def setup_model(args, train_set, tests, runtime):
     clip = own.clip if own else load_clip(args)
     args.input_size = args.input_size or clip.config.image_resolution
     if args.input_size < clip.config.patch_size:
-        raise vifi.ConfigError(f"--input-size {args.input_size} is smaller than one {clip.config.patch_size}-pixel "
-                               "patch of this model")
+        raise vifi.ConfigError(f"--input-size {args.input_size} is smaller than one "
+                               f"{clip.config.patch_size}-pixel patch of this model")
     for dataset in (train_set, *tests.values()):
         if dataset is not None:
             dataset.size = args.input_size
@@ -332,8 +334,9 @@ def build_model(args, clip, classnames, own=None, ck=None):
     """The ViFiCLIP of the flags, with the name of the pixel mean/std it expects in .norm. own: the
     model of an own --checkpoint; ck: the contents of an official one (its weights go onto
     `clip`)."""
-    cfg = vifi.ViFiConfig(mode=args.mode, towers=args.towers, template=args.template, clean_names=args.clean_names,
-                          n_ctx_text=args.n_ctx[0], n_ctx_vision=args.n_ctx[-1], depth_text=args.depth[0],
+    cfg = vifi.ViFiConfig(mode=args.mode, towers=args.towers, template=args.template,
+                          clean_names=args.clean_names, n_ctx_text=args.n_ctx[0],
+                          n_ctx_vision=args.n_ctx[-1], depth_text=args.depth[0],
                           depth_vision=args.depth[-1])
     if not args.checkpoint:
         model = vifi.ViFiCLIP(clip, classnames, cfg=cfg)
@@ -373,8 +376,9 @@ def read_last(path):
     ck = vifi.read_checkpoint(path)
     # best.pt and the official releases lack some of them
     if not {"optimizer", "vifi", "args"} <= ck.keys():
-        raise archive.CheckpointError(f"--resume {path}: not a last.pt written by train.py (no optimizer state, model "
-                                      "config or flags); to start from its weights, use --checkpoint")
+        raise archive.CheckpointError(f"--resume {path}: not a last.pt written by train.py (no "
+                                      "optimizer state, model config or flags); to start from its "
+                                      "weights, use --checkpoint")
     rng, log = ck.get("rng"), ck.get("log")
     python_rng = rng.get("python") if isinstance(rng, dict) else None
     malformed = [name for name, ok in (
@@ -404,9 +408,10 @@ def resume(state, path, args):
     saved = (ck["args"].get("dataset"), ck["args"].get("protocol"), ck["vifi"].get("classnames"))
     if saved != (args.dataset, args.protocol, state.model.classnames):
         raise archive.CheckpointError(
-            f"--resume {path} continues a {saved[1]} run on {saved[0]} ({len(saved[2] or [])} classes), not this "
-            f"{args.protocol} run on {args.dataset} ({len(state.model.classnames)} classes): resume with the flags "
-            "of the run that wrote it, or start from its weights with --checkpoint")
+            f"--resume {path} continues a {saved[1]} run on {saved[0]} ({len(saved[2] or [])} "
+            f"classes), not this {args.protocol} run on {args.dataset} "
+            f"({len(state.model.classnames)} classes): resume with the flags of the run that wrote "
+            "it, or start from its weights with --checkpoint")
     clip_model.check_state_dict(ck["model"], state.model.state_dict(), path,
                                 "the model these flags build: resume with the flags of the run that wrote it")
     state.model.load_state_dict(ck["model"])
@@ -515,7 +520,8 @@ def check_out(args):
     never lost silently (checked with the flags, and again under the folder's lock)."""
     found = earlier_run(args)
     if found and not args.overwrite:
-        resume = f"continue it with --resume {os.path.join(args.out, 'last.pt')}, " if found == "last.pt" else ""
+        resume = (f"continue it with --resume {os.path.join(args.out, 'last.pt')}, "
+                  if found == "last.pt" else "")
         raise vifi.ConfigError(f"--out {args.out} already holds a run ({found}): {resume}replace it with "
                                "--overwrite, or choose another --out")
 
@@ -553,8 +559,8 @@ def write_outputs(ck, out):
     try:
         report.write_curves(ck["log"], os.path.join(out, "curves.svg"))
     except OSError as e:  # a picture of log.jsonl: not worth stopping a run, its checkpoint is safe
-        print(f"warning: could not write {os.path.join(out, 'curves.svg')} ({e.strerror or e}); training goes on, "
-              "and log.jsonl holds the same numbers", file=sys.stderr)
+        print(f"warning: could not write {os.path.join(out, 'curves.svg')} ({e.strerror or e}); "
+              "training goes on, and log.jsonl holds the same numbers", file=sys.stderr)
 
 
 @contextlib.contextmanager
@@ -582,8 +588,9 @@ def save_atomic(obj, path):
         reason = e.strerror if isinstance(e, OSError) and e.strerror else "the write stopped short"
         free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
         raise archive.CheckpointError(
-            f"could not write {path} ({reason}; {free / 2**20:.1f} MiB free on its disk): free some space or choose "
-            f"another --out. Any earlier {os.path.basename(path)} there is intact.") from None
+            f"could not write {path} ({reason}; {free / 2**20:.1f} MiB free on its disk): "
+            "free some space or choose another --out. Any earlier "
+            f"{os.path.basename(path)} there is intact.") from None
 
 
 def write_results(args, model, train_set, state, results, wall_time):
@@ -593,9 +600,9 @@ def write_results(args, model, train_set, state, results, wall_time):
     best = None
     if state and state.best_epoch:
         best = dict(set=main_set(results), top1=state.best_top1, epoch=state.best_epoch)
-    summary = dict(protocol=args.protocol, dataset=args.dataset, splits=protocols.splits_used(args), model=args.model,
-                   mode=args.mode, checkpoint=args.checkpoint, norm=model.norm, frames=args.frames,
-                   input_size=args.input_size, views=args.views,
+    summary = dict(protocol=args.protocol, dataset=args.dataset, splits=protocols.splits_used(args),
+                   model=args.model, mode=args.mode, checkpoint=args.checkpoint, norm=model.norm,
+                   frames=args.frames, input_size=args.input_size, views=args.views,
                    test_clips=data.describe_test_clips(data.parse_views(args.views)[0]),
                    train_videos=len(train_set) if train_set is not None else 0, classes=len(model.classnames),
                    # unreadable videos replaced, all epochs
@@ -617,8 +624,9 @@ def write_results(args, model, train_set, state, results, wall_time):
             print(f"{name:<20}{'mean':>8}{'':>9}{r['mean_top1']:>9.2f}  ± {r['std_top1']:.2f} "
                   f"(over n - 1: {r['std_top1_sample']:.2f})")
     if best:
-        paper = "" if args.protocol == "synthetic" else (f"; the paper's tables report the "
-                                                         f"{protocols.REPORTED[args.protocol]} one for {args.protocol}")
+        paper = "" if args.protocol == "synthetic" else ("; the paper's tables report the "
+                                                         f"{protocols.REPORTED[args.protocol]} "
+                                                         f"one for {args.protocol}")
         print(f"best {best['set']} top-1 {best['top1']:.2f} after epoch {best['epoch']}{paper}")
     print(f"results in {args.out}/results.json")
 
@@ -676,7 +684,8 @@ if __name__ == "__main__":
     except KeyboardInterrupt:
         print(f"\n{interrupted(args)}", file=sys.stderr)
         sys.exit(130)
-    except (data.DatasetError, archive.CheckpointError, clip_model.ModelError, tokenizer.VocabError, vifi.ConfigError) as e:
+    except (data.DatasetError, archive.CheckpointError, clip_model.ModelError, tokenizer.VocabError,
+            vifi.ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except FloatingPointError as e:

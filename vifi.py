@@ -52,7 +52,8 @@ def check_device(name):
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ConfigError(f"--device {name}: not a device name; expected cpu, cuda, cuda:N, mps, ...") from None
+        raise ConfigError(f"--device {name}: not a device name; expected cpu, "
+                          "cuda, cuda:N, mps, ...") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {name}: this machine has no CUDA GPU that torch can use; leave --device "
                           "out to use the CPU")
@@ -99,9 +100,10 @@ def warn_long_prompts(classnames, prompts, tok, context_length):
         length = len(tok.encode(prompt)) + 2  # with SOT and EOT
         if length > context_length and prompt not in _warned_prompts:
             _warned_prompts.add(prompt)
-            print(f"warning: the prompt of class {name!r} is {length} tokens, more than the text encoder's "
-                  f"context of {context_length}: it is cut to fit, keeping its end-of-text token (the official "
-                  "code stops with an error); shorten the class name to keep all of it", file=sys.stderr)
+            print(f"warning: the prompt of class {name!r} is {length} tokens, more than the text "
+                  f"encoder's context of {context_length}: it is cut to fit, keeping its "
+                  "end-of-text token (the official code stops with an error); shorten the class "
+                  "name to keep all of it", file=sys.stderr)
 
 
 @dataclass
