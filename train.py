@@ -1,8 +1,7 @@
 """
 Train and evaluate ViFi-CLIP on every protocol of the paper, from one command.
 
-    python train.py --dataset synthetic                             # offline demo: a small CLIP \
-from scratch, CPU
+    python train.py --dataset synthetic                             # offline demo: a small CLIP on CPU
     python train.py --dataset ucf101 --root DIR --shots 8           # few-shot fine-tuning (Table 4)
     python train.py --dataset hmdb51 --root DIR --base-novel --seed 1 --mode prompt --checkpoint K400.pth
     torchrun --nproc_per_node 8 train.py --dataset k400 --root DIR  # fully supervised, 8 GPUs
