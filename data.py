@@ -266,8 +266,8 @@ class VideoReader:
         OpenCV's bilinear filter without antialiasing (cv2.INTER_LINEAR); torch's
         interpolate(antialias=False) computes the same, within one level. A frame over 4 times the
         output size is first reduced to 4 times it by FFmpeg's area filter, in the conversion to
-        RGB: memory then follows the size asked for, not the source's (README: deliberate
-        differences)."""
+        RGB: memory then follows the size asked for, not the source's (docs/protocols.md:
+        deliberate differences)."""
         h, w = frame.height, frame.width
         short, long = min(h, w), max(h, w)
         if not (MIN_SIDE <= short and long <= MAX_SIDE and long <= MAX_ASPECT * short):

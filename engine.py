@@ -291,9 +291,9 @@ def accumulation(recipe, runtime):
 
 def steps_per_epoch(batches, accum):
     """Optimizer steps of an epoch of `batches` micro-batches, `accum` to a step: the whole groups
-    only, as the official code (8 GPUs x 4 clips with drop_last and accumulation; see README's table
-    for each protocol). An epoch shorter than one batch takes one step of all of it, where the
-    official code would train nothing."""
+    only, as the official code (8 GPUs x 4 clips with drop_last and accumulation; docs/protocols.md
+    has the table for each protocol). An epoch shorter than one batch takes one step of all of it,
+    where the official code would train nothing."""
     return max(batches // accum, 1)
 
 

@@ -3808,7 +3808,7 @@ def test_root_naming_a_file_says_it_must_be_a_folder(tmp_path):
     (tmp_path / "ucf101.zip").write_bytes(b"PK")
     run = run_cli("train.py", "--dataset", "ucf101", "--shots", "2", "--root", str(tmp_path / "ucf101.zip"))
     assert run.returncode == 2 and run.stderr == (f"error: --root {tmp_path / 'ucf101.zip'} is a file: it must name "
-                                                  "the folder that ucf101 unpacks into (see README, Data)\n")
+                                                  "the folder that ucf101 unpacks into (see docs/data.md)\n")
 
 
 def test_help_shows_examples_and_the_default_demo(capsys):

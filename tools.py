@@ -18,8 +18,8 @@ check     reads the lists train.py reads with the same data flags (protocols.py 
 prepare   re-encodes every video the dataset lists (all splits and folds) into --out under the same
           relative path: a short keyframe interval, so a clip's segments decode from a near keyframe
           instead of from the start of a long group of pictures, and x264's fastdecode tuning
-          (README: the trade-off, measured). Other files under --root (annotations) are copied, so
-          `--root FAST` works with every command. Resumable.
+          (docs/speed.md: the trade-off, measured). Other files under --root (annotations) are
+          copied, so `--root FAST` works with every command. Resumable.
 synth-ucf writes data.SyntheticVideos' clips as MPEG-4 AVI files with UCF101's folders and list
           files, so the file path (decoding, parsing UCF101's lists) can be tried end to end without
           a download.
@@ -179,8 +179,8 @@ def check(args):
 
 # Per file extension (kept, so names stay): the container and the encoder PyAV ships for it.
 # Quality: lower is better and bigger; CRF for x264 (0-51) and VP9 (0-63), a fixed quantizer for
-# MPEG-4 (1-31). The defaults here and of prepare_video are chosen from the measurements in README
-# (bench.py --e2e).
+# MPEG-4 (1-31). The defaults here and of prepare_video are chosen from the measurements in
+# docs/speed.md (bench.py --e2e).
 ENCODERS = {".mp4": ("mp4", "libx264"), ".m4v": ("mp4", "libx264"), ".mov": ("mov", "libx264"),
             ".mkv": ("matroska", "libx264"), ".webm": ("webm", "libvpx-vp9"),
             ".avi": ("avi", "mpeg4")}
@@ -212,7 +212,7 @@ def prepare_video(src, dst, keyint=8, quality=None, short_side=256, fast_decode=
             # a fixed quantizer: constant quality
             stream.codec_context.qmin = stream.codec_context.qmax = level
         elif codec == "libx264":
-            # fastdecode: no CABAC, deblocking or weighted B-frames (README: the trade-off)
+            # fastdecode: no CABAC, deblocking or weighted B-frames (docs/speed.md: the trade-off)
             stream.options = {"crf": str(level), "preset": "fast",
                               **({"tune": "fastdecode"} if fast_decode else {})}
         else:
@@ -676,7 +676,7 @@ def main(argv=None):
     prep.add_argument("--labels-file",
                       help="for --dataset list: the 'id,name' CSV of the class names")
     prep.add_argument("--keyint", type=int, default=8,
-                      help="a keyframe every N frames (default 8; README: the trade-off)")
+                      help="a keyframe every N frames (default 8; docs/speed.md: the trade-off)")
     prep.add_argument("--short-side", type=int, default=256,
                       help="scale videos whose short side is longer down to this (default 256; "
                       "0 keeps every size)")

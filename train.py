@@ -51,7 +51,7 @@ def data_flags(g):
                    help="default: synthetic, the offline demo (rendered clips, a small CLIP from "
                    "scratch, no download)")
     g.add_argument("--root", help="folder the dataset unpacks into (default: $VIFI_DATA/<dataset>, "
-                   "VIFI_DATA defaulting to ./data; see README for each layout)")
+                   "VIFI_DATA defaulting to ./data; see docs/data.md for each layout)")
     g.add_argument("--protocol", choices=protocols.PROTOCOLS, help="the paper's protocol (default: "
                    "from --shots, --base-novel, --eval-datasets, --mode zeroshot; else supervised)")
     g.add_argument("--splits", help="'official' (the paper's list and label files, downloaded "
@@ -127,7 +127,7 @@ def get_args(argv=None):
                    help="recompute activations: less memory")
     g.add_argument("--out", help="output folder (default: runs/<dataset>-<protocol>)")
     g.add_argument("--resume",
-                   help="continue from DIR/last.pt, with its run's settings (README: Outputs)")
+                   help="continue from DIR/last.pt, with its run's settings (docs/training.md)")
     g.add_argument("--overwrite", action="store_true", help="replace the run already in --out "
                    "(default: refuse an explicit --out that holds one)")
     g.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint (or the base "
@@ -225,7 +225,7 @@ def check_args(args, world):
          f"--out {args.out} is a file, not a folder"),
         (bool(args.root) and os.path.isfile(args.root),
          f"--root {args.root} is a file: it must name the folder that {args.dataset} unpacks into "
-         "(see README, Data)"),
+         "(see docs/data.md)"),
         (args.input_size is not None and args.input_size < 1,
          f"--input-size {args.input_size}: expected pixels > 0"),
     ]
