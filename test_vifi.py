@@ -2092,6 +2092,16 @@ def test_a_clip_of_openais_vocabulary_fetches_the_vocabulary_once_sha256_checked
     assert model.text_ids[0].tolist() == expected[: model.text_ids.shape[1]].tolist()
 
 
+def test_a_vocabulary_named_by_vifi_bpe_is_never_fetched(tmp_path, monkeypatch):
+    monkeypatch.setenv("VIFI_CACHE", str(tmp_path))
+    monkeypatch.setenv("VIFI_BPE", str(tmp_path / "my_vocab.txt.gz"))
+    assert [url for url, _, _ in vifi.model_files("ViT-B/16")] == [clip_model.MODELS["ViT-B/16"]]
+    assert vifi.model_files("ViT-B/16", need_vocab=False) == vifi.model_files("ViT-B/16")
+    monkeypatch.delenv("VIFI_BPE")
+    assert vifi.model_files("ViT-B/16")[1:] == [(tokenizer.BPE_URL, str(tmp_path / BPE_FILE), vifi.BPE_SHA256)]
+    assert vifi.model_files(None) == [(tokenizer.BPE_URL, str(tmp_path / BPE_FILE), vifi.BPE_SHA256)]
+
+
 def test_a_corrupt_vocabulary_download_is_refused_and_leaves_nothing(tmp_path, monkeypatch):
     cache = offline_cache(tmp_path, monkeypatch, lambda *a, **k: FakeResponse(b"not the vocab"))
     tokenizer.default_tokenizer.cache_clear()
@@ -3231,6 +3241,19 @@ def test_recipe_is_built_once_from_the_flags_and_frozen():
     assert (recipe.batch_size, recipe.micro_batch, recipe.workers, recipe.out) == (32, 32, 0, "unused")
     with pytest.raises(dataclasses.FrozenInstanceError):
         recipe.lr = 1.0
+    # every field from its own flag, each given a value no preset has
+    given = dict(lr=0.003, epochs=7, warmup_epochs=1.5, label_smoothing=0.2, mixup=0.4, cutmix=0.6, mix_switch=0.9,
+                 batch_size=12, micro_batch=3, seed=5, workers=2, views="2x3", out="elsewhere")
+    flags = [x for name, value in given.items() for x in (f"--{name.replace('_', '-')}", str(value))]
+    assert dataclasses.asdict(train.recipe_of(train.get_args(["--dataset", "synthetic", *flags]))) == given
+
+
+def test_accumulation_shares_the_batch_among_the_processes():
+    recipe = engine.Recipe(lr=0.01, epochs=1, warmup_epochs=0, label_smoothing=0.0, mixup=0.0, cutmix=0.0,
+                           mix_switch=0.5, batch_size=64, micro_batch=4, seed=1, workers=0, views="1x1", out="o")
+    for world in (1, 2, 4, 16):  # 64 clips a step: 16 / world micro-batches of 4 on each process
+        runtime = engine.Runtime(torch.device("cpu"), contextlib.nullcontext(), world=world)
+        assert engine.accumulation(recipe, runtime) == 64 // (4 * world)
 
 
 def test_an_epoch_shorter_than_one_batch_is_said_once_on_rank_0(capsys):
