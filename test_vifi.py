@@ -1792,6 +1792,16 @@ def test_official_checkpoint_errors(tmp_path, tiny_clip, expected):
     other_base = small_clip(vocab_size=49408)  # width 64: not the base the checkpoint was trained from
     with pytest.raises(archive.CheckpointError, match="vision_width=128.*but the base CLIP.*vision_width=64.*ViT-B/16"):
         vifi.load_official_checkpoint(fixture("vifi_official_finetune_ckpt.pth"), other_base, expected["classes"])
+    # a prompt checkpoint (layers 0 and 1 on both sides) without one side's layer 0, or with a gap
+    prompted = vifi.read_checkpoint(fixture("vifi_official_prompt_ckpt.pth"))["model"]
+    deep_text = "module.text_encoder.transformer.resblocks.{}.VPT_shallow"
+    cases = {"[1] (text) and [0, 1] (vision)": ("module.prompt_learner.ctx", None),
+             "[0, 1] (text) and [1] (vision)": ("module.image_encoder.VPT", None),
+             "[0, 2] (text) and [0, 1] (vision)": (deep_text.format(1), deep_text.format(2))}
+    for layers, (removed, added) in cases.items():
+        model = {k: v for k, v in prompted.items() if k != removed} | ({added: prompted[removed]} if added else {})
+        with pytest.raises(archive.CheckpointError, match=re.escape(f"prompts for layers {layers}; an official")):
+            vifi.load_official_checkpoint("p.pth", tiny_clip, expected["classes"], ck={"model": model})
 
 
 def test_official_loader_refuses_code_in_pickles(tmp_path, expected, tiny_clip):

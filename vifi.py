@@ -329,6 +329,11 @@ def load_official_checkpoint(path, clip, classnames, clean_names=False, ck=None,
             mapped[k.removeprefix("text_encoder.")] = v
         # prompt_learner.token_prefix/suffix/complete_text_embeddings: the training class list's
         # embedded prompts; prompts are embedded again here for the classes asked for.
+    layers = {"text": sorted(text_p), "vision": sorted(vision_p)}
+    if (text_p or vision_p) and any(not ids or ids != list(range(len(ids))) for ids in layers.values()):
+        raise archive.CheckpointError(
+            f"{path}: prompts for layers {layers['text']} (text) and {layers['vision']} (vision); an "
+            "official prompt checkpoint holds both sides' from layer 0 on, without gaps")
     arch = ((ck.get("config") or {}).get("MODEL") or {}).get("ARCH", "the model it was trained from")
     base = clip.state_dict()
     check_base(path, mapped, base, clip.config, arch)
