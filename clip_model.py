@@ -328,8 +328,8 @@ def clip_state_dict(sd, path="<state dict>"):
     prefixes = [k[: -len(anchor)] for k in sd if isinstance(k, str) and k.endswith(anchor)]
     if not prefixes:
         raise ModelError(f"{path}: not a CLIP ViT state dict (no key ending in '{anchor}'; found e.g. "
-                                      f"{list(sd)[:3]}). Official ViFi-CLIP checkpoints load through "
-                                      "vifi.load_official_checkpoint.")
+                         f"{list(sd)[:3]}). Official ViFi-CLIP checkpoints load through "
+                         "vifi.load_official_checkpoint.")
     p = prefixes[0]
     out = {k[len(p):]: v.float() for k, v in sd.items() if k.startswith(p) and torch.is_tensor(v)}
     # OpenAI's archives carry these; unused
@@ -360,7 +360,7 @@ def check_names(sd, path):
     odd = next((k for k in sd if not isinstance(k, str)), None)
     if odd is not None:
         raise ModelError(f"{path}: its weights are named by a {type(odd).__name__} key ({str(odd)[:60]}); "
-                                      "a state dict names each tensor by a str")
+                         "a state dict names each tensor by a str")
 
 
 def check_finite(sd, keys, path):
@@ -370,7 +370,7 @@ def check_finite(sd, keys, path):
     for k in keys:
         if torch.is_floating_point(sd[k]) and not torch.isfinite(sd[k]).all():
             raise ModelError(f"{path}: key {k!r} holds NaN or inf values; use a checkpoint saved before "
-                                          "the weights diverged")
+                             "the weights diverged")
 
 
 def check_state_dict(sd, expected, path, model):
@@ -383,11 +383,11 @@ def check_state_dict(sd, expected, path, model):
         found = tuple(sd[k].shape) if torch.is_tensor(sd[k]) else type(sd[k]).__name__
         if found != tuple(v.shape):
             raise ModelError(f"{path}: key {k!r} has shape {found}, expected {tuple(v.shape)} for "
-                                          f"{model}")
+                             f"{model}")
     unexpected = [k for k in sd if k not in expected]
     if unexpected:
         raise ModelError(f"{path}: unexpected key {unexpected[0]!r} ({len(unexpected)} in all) for "
-                                      f"{model}")
+                         f"{model}")
     check_finite(sd, expected, path)
 
 
